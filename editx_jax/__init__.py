@@ -1,0 +1,3 @@
+"""editx-jax: Step-Audio-EditX in JAX/Flax."""
+
+__version__ = "0.1.0"

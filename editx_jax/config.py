@@ -1,0 +1,251 @@
+"""Configs: one frozen dataclass per component, YAML presets, `--set a.b=c` overrides.
+
+Frozen dataclasses are hashable, so a config can be a static argument of a jitted function.
+Unknown keys are errors that name the key; bad values are errors that name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import typing
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, an override or a field value is wrong; the message says which."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "minimal")
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _check(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """The Step1 decoder-only LLM (architecture.md §1). Defaults are the released sizes."""
+
+    vocab_size: int = 74752
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_heads: int = 48
+    num_groups: int = 4  # key/value heads
+    num_layers: int = 32
+    rms_norm_eps: float = 1e-5
+    max_seq_len: int = 32768
+    bos_id: int = 1
+    pad_id: int = 0
+    eos_id: int = 3
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; norms, softmax and the ALiBi bias stay float32
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_groups",
+                     "num_layers", "max_seq_len"):
+            _check(getattr(self, name) > 0, f"llm.{name}", f"must be positive, got {getattr(self, name)}")
+        _check(self.hidden_size % self.num_heads == 0, "llm.num_heads",
+               f"{self.num_heads} heads do not divide hidden_size {self.hidden_size}")
+        _check(self.num_heads % self.num_groups == 0, "llm.num_groups",
+               f"{self.num_groups} groups do not divide num_heads {self.num_heads}")
+        _check(self.rms_norm_eps > 0, "llm.rms_norm_eps", "must be positive")
+        _check(self.param_dtype in DTYPES, "llm.param_dtype", f"one of {DTYPES}, got {self.param_dtype!r}")
+        _check(self.dtype in DTYPES, "llm.dtype", f"one of {DTYPES}, got {self.dtype!r}")
+        _check(self.remat_policy in REMAT_POLICIES, "llm.remat_policy",
+               f"one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        for name in ("bos_id", "pad_id", "eos_id"):
+            _check(0 <= getattr(self, name) < self.vocab_size, f"llm.{name}", "outside the vocabulary")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_params(self) -> int:
+        e, f, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        per_layer = 2 * e + e * self.num_heads * d * 2 + 2 * e * self.num_groups * d + 3 * e * f
+        return 2 * v * e + e + self.num_layers * per_layer
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> "LLMConfig":
+        """Our config from the released `config.json` (Step1Config key names)."""
+        if hf.get("tie_word_embeddings"):
+            raise ConfigError("config.json: tie_word_embeddings=true is not a Step1 checkpoint we know "
+                              "(the released model stores a separate lm_head)")
+        try:
+            fields = dict(
+                vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
+                num_groups=hf["num_attention_groups"], num_layers=hf["num_hidden_layers"],
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-5), max_seq_len=hf.get("max_seq_len", 32768),
+                bos_id=hf.get("bos_token_id", 1), pad_id=hf.get("pad_token_id", 0),
+                eos_id=hf.get("eos_token_id", 3))
+        except KeyError as e:
+            raise ConfigError(f"config.json: missing key {e.args[0]!r}") from None
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict:
+        """The released `config.json` layout for this config (for export back to PyTorch)."""
+        return {
+            "architectures": ["Step1ForCausalLM"],
+            "auto_map": {"AutoConfig": "configuration_step1.Step1Config",
+                         "AutoModelForCausalLM": "modeling_step1.Step1ForCausalLM"},
+            "model_type": "step1", "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_attention_heads": self.num_heads,
+            "num_attention_groups": self.num_groups, "num_hidden_layers": self.num_layers,
+            "max_seq_len": self.max_seq_len, "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps, "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id, "pad_token_id": self.pad_id,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling and stopping. Defaults are the official `tts.py` settings (architecture.md §1.9)."""
+
+    greedy: bool = False
+    temperature: float = 0.7
+    top_k: int = 50  # 0 disables
+    top_p: float = 1.0  # 1.0 disables
+    repetition_window: int = 10  # 0 disables the repetition-aware rule
+    repetition_ratio: float = 0.1  # ban the last id when its share of the window exceeds this
+    max_length: int = 8192  # prompt + new tokens
+    max_new_tokens: int = 8192
+    drop_last: bool = True  # the official output drops the final token (EOS or the truncated one)
+    min_prompt_bucket: int = 64  # prompt lengths are rounded up to powers of two from here
+
+    def __post_init__(self):
+        _check(self.temperature > 0, "generation.temperature", "must be > 0 (use greedy: true for argmax)")
+        _check(self.top_k >= 0, "generation.top_k", "must be >= 0")
+        _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+        _check(self.repetition_window >= 0, "generation.repetition_window", "must be >= 0")
+        _check(self.max_length > 0, "generation.max_length", "must be positive")
+        _check(self.max_new_tokens > 0, "generation.max_new_tokens", "must be positive")
+        _check(self.min_prompt_bucket > 0 and _is_pow2(self.min_prompt_bucket),
+               "generation.min_prompt_bucket", "must be a power of two")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes over ('data', 'fsdp', 'tensor'); -1 takes the devices left over."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        _check(all(s == -1 or s > 0 for s in sizes), "mesh", f"sizes must be positive or -1, got {sizes}")
+        _check(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ConfigError(f"mesh: {num_devices} devices are not divisible by {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {num_devices} devices are present")
+        return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole preset: one section per component."""
+
+    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+# ---------------------------------------------------------------- building from dicts / YAML
+
+
+def from_dict(cls, data: dict | None, where: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys are an error naming them."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"known keys{' of ' + where if where else ''}: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        path = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            kwargs[name] = from_dict(typ, value, path)
+        else:
+            kwargs[name] = _coerce(typ, value, path)
+    return cls(**kwargs)
+
+
+def _coerce(typ, value, path):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool):
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` strings to a nested dict; values are parsed as YAML scalars."""
+    data = json.loads(json.dumps(data))  # deep copy
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. llm.num_layers=4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | None = None,
+                cls=Config):
+    """Read a YAML preset (or the defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data)
+
+
+def add_config_args(parser, default: str | None = None) -> None:
+    """The `--config FILE --set a.b=c` pair every CLI takes."""
+    parser.add_argument("--config", default=default, help="YAML preset (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set llm.num_layers=4 (repeatable)")
