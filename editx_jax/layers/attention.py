@@ -1,0 +1,53 @@
+"""sqrt-ALiBi grouped-query attention maths (architecture.md §1.3-1.4), as plain functions.
+
+Masking is by absolute positions, which makes one function serve training, packed training,
+left-padded batches and KV-cached decoding:
+  * a key is visible when 0 <= k_pos <= q_pos (and, with packing, it is in the query's segment);
+  * padding gets position -1, unwritten cache slots a huge position, so neither is ever visible.
+The bias -slope * sqrt(q_pos - k_pos) is computed per call from the positions in float32, never
+as a full L x L table.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Position stored in cache slots that hold nothing yet: larger than any query position.
+EMPTY_POSITION = 2**30
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """Step1's slopes for any head count: (2^(-8/n))^k for k=1..n with n the largest power of two
+    <= H, then (2^(-4/n))^k for k = 1, 3, 5, ... for the remaining H - n heads."""
+    n = 2 ** math.floor(math.log2(num_heads))
+    slopes = [(2.0 ** (-8.0 / n)) ** k for k in range(1, n + 1)]
+    slopes += [(2.0 ** (-4.0 / n)) ** k for k in range(1, 2 * (num_heads - n), 2)]
+    return np.asarray(slopes, np.float32)
+
+
+def alibi_attention(q, k, v, q_pos, k_pos, q_segment=None, k_segment=None, dtype=jnp.float32):
+    """Causal sqrt-ALiBi GQA attention.
+
+    q: [B, T, H, D]; k, v: [B, S, G, D] (grouped, not expanded); q_pos [B, T], k_pos [B, S] int.
+    Query head h reads kv group h // (H // G). Scores, bias and softmax are float32.
+    Returns [B, T, H, D] in `dtype`.
+    """
+    b, t, h, d = q.shape
+    g = k.shape[2]
+    q = q.reshape(b, t, g, h // g, d)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(d))
+    dist = (q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)  # [B, T, S]
+    visible = (k_pos[:, None, :] >= 0) & (dist >= 0)
+    if q_segment is not None:
+        visible &= q_segment[:, :, None] == k_segment[:, None, :]
+    slopes = jnp.asarray(alibi_slopes(h)).reshape(g, h // g)
+    bias = -slopes[None, :, :, None, None] * jnp.sqrt(jnp.maximum(dist, 0.0))[:, None, None]
+    # A finite floor instead of -inf: a query with no visible key (a padding row) gives a uniform
+    # average instead of NaN, and masked keys still get exactly zero weight otherwise.
+    scores = jnp.where(visible[:, None, None], scores + bias, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v.astype(dtype))
+    return out.reshape(b, t, h, d)

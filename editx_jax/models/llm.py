@@ -1,0 +1,207 @@
+"""The Step1 LLM (architecture.md §1): pre-norm decoder, GQA with sqrt-ALiBi, SwiGLU, untied head.
+
+Params tree (layer axis first under `layers`, stacked by `nn.scan`):
+
+    embed/embedding                   [V, E]
+    layers/input_norm/scale           [L, E]
+    layers/attn/{q,k,v}_proj/kernel   [L, E, H|G, D]
+    layers/attn/o_proj/kernel         [L, H, D, E]
+    layers/post_attention_norm/scale  [L, E]
+    layers/mlp/{gate,up}_proj/kernel  [L, E, F]
+    layers/mlp/down_proj/kernel       [L, F, E]
+    final_norm/scale                  [E]
+    lm_head/kernel                    [E, V]
+
+The KV cache is explicit data, not a Flax collection: `{"k", "v": [L, B, S, G, D], "pos": [B, S]}`
+goes in and the updated cache comes out, so prefill and decode are pure functions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from editx_jax.config import LLMConfig
+from editx_jax.layers.attention import EMPTY_POSITION, alibi_attention
+from editx_jax.layers.norms import RMSNorm
+
+ACT = ("activation_batch", "activation_length", "activation_embed")
+
+
+def jnp_dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _init(std: float, axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def remat_policy(name: str):
+    """Named activation-checkpointing policies (config field `llm.remat_policy`)."""
+    cp = jax.checkpoint_policies
+    return {
+        "full": cp.nothing_saveable,
+        "dots_saveable": cp.dots_saveable,
+        "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
+        "minimal": cp.checkpoint_dots_with_no_batch_dims,
+    }[name]
+
+
+class Attention(nn.Module):
+    cfg: LLMConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, layer_cache, cache_positions, cache_index):
+        cfg = self.cfg
+        dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
+        std = cfg.hidden_size ** -0.5
+        dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=dtype, param_dtype=pdtype)
+        h, g, d = cfg.num_heads, cfg.num_groups, cfg.head_dim
+        q = dense((h, d), kernel_init=_init(std, ("embed", "heads", "head_dim")), name="q_proj")(x)
+        k = dense((g, d), kernel_init=_init(std, ("embed", "kv_heads", "head_dim")), name="k_proj")(x)
+        v = dense((g, d), kernel_init=_init(std, ("embed", "kv_heads", "head_dim")), name="v_proj")(x)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+        if layer_cache is None:
+            k_all, v_all, k_pos, k_seg = k, v, positions, segment_ids
+            new_cache = None
+        else:
+            # Write this call's k/v (grouped, not expanded) at [cache_index, cache_index + T).
+            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                                        cache_index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                                        cache_index, axis=1)
+            k_pos, k_seg = cache_positions, None
+            new_cache = {"k": k_all, "v": v_all}
+        out = alibi_attention(q, k_all.astype(dtype), v_all, positions, k_pos,
+                              segment_ids if k_seg is not None else None, k_seg, dtype=dtype)
+        out = dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_init(std, ("heads", "head_dim", "embed")),
+                    name="o_proj")(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: LLMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
+        dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=dtype, param_dtype=pdtype)
+        std = cfg.hidden_size ** -0.5
+        gate = dense(cfg.intermediate_size, kernel_init=_init(std, ("embed", "mlp")), name="gate_proj")(x)
+        up = dense(cfg.intermediate_size, kernel_init=_init(std, ("embed", "mlp")), name="up_proj")(x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense(cfg.hidden_size, kernel_init=_init(cfg.intermediate_size ** -0.5, ("mlp", "embed")),
+                     name="down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    cfg: LLMConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, cache_positions, segment_ids, cache_index):
+        cfg = self.cfg
+        norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=jnp_dtype(cfg.dtype),
+                                 param_dtype=jnp_dtype(cfg.param_dtype))
+        attn_out, new_cache = Attention(cfg, name="attn")(norm(name="input_norm")(x), positions, segment_ids,
+                                                          layer_cache, cache_positions, cache_index)
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(norm(name="post_attention_norm")(x))
+        x = nn.with_logical_constraint(x, ACT)
+        return x, new_cache
+
+
+class Step1(nn.Module):
+    """Step1ForCausalLM. `__call__(tokens, positions, ...)` returns (logits, new_cache).
+
+    tokens, positions: [B, T] int32 (positions are absolute, -1 marks padding).
+    segment_ids: [B, T] for packed training (attention stays inside a segment); None otherwise.
+    cache: None for a plain forward; else a dict from `init_cache` and `cache_index` (scalar) where
+    this call's T tokens are written. Cache positions must be set by the caller (see generate/).
+    """
+
+    cfg: LLMConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, segment_ids=None, cache=None, cache_index=None,
+                 return_hidden: bool = False):
+        cfg = self.cfg
+        dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
+                         embedding_init=_init(1.0, ("vocab", "embed")), name="embed")
+        x = nn.with_logical_constraint(embed(tokens), ACT)
+
+        layer = DecoderLayer
+        if cfg.remat_policy != "none":
+            layer = nn.remat(layer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+        layer_caches, cache_positions = None, None
+        if cache is not None:
+            layer_caches = {"k": cache["k"], "v": cache["v"]}
+            # Positions of every cache slot after this call's write, shared by all layers.
+            cache_positions = jax.lax.dynamic_update_slice_in_dim(
+                cache["pos"], positions.astype(cache["pos"].dtype), cache_index, axis=1)
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, new_layer_caches = stack(cfg, name="layers")(x, layer_caches, positions, cache_positions,
+                                                        segment_ids, cache_index)
+        x = RMSNorm(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
+        if return_hidden:
+            return x
+        logits = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
+                                 kernel_init=_init(cfg.hidden_size ** -0.5, ("embed", "vocab")), name="lm_head")(x)
+        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"], "pos": cache_positions}
+        return logits, new_cache
+
+
+def init_cache(cfg: LLMConfig, batch: int, length: int, dtype=None) -> dict:
+    """An empty KV cache: grouped k/v [L, B, S, G, D] and slot positions [B, S] (all empty)."""
+    dtype = jnp_dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, length, cfg.num_groups, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "pos": jnp.full((batch, length), EMPTY_POSITION, jnp.int32)}
+
+
+def _boxed_abstract_params(cfg: LLMConfig):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: Step1(cfg).init(jax.random.key(0), tokens, tokens)["params"])
+
+
+def abstract_params(cfg: LLMConfig):
+    """The params tree as ShapeDtypeStructs (no allocation)."""
+    return nn.meta.unbox(_boxed_abstract_params(cfg))
+
+
+def param_logical_axes(cfg: LLMConfig):
+    """The params tree with a PartitionSpec of logical axis names per leaf."""
+    return nn.get_partition_spec(_boxed_abstract_params(cfg))
+
+
+def init_params(cfg: LLMConfig, key) -> dict:
+    """Random params as a plain nested dict (logical-axis boxes removed)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.meta.unbox(Step1(cfg).init(key, tokens, tokens)["params"])
+
+
+def check_token_ids(tokens, cfg: LLMConfig) -> None:
+    """Reject ids outside the vocabulary before they reach a gather that would clamp them."""
+    arr = np.asarray(tokens)
+    if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
+        bad = arr[(arr < 0) | (arr >= cfg.vocab_size)]
+        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
+
+
+def forward(params, cfg: LLMConfig, tokens, positions=None, segment_ids=None):
+    """Logits [B, T, V] of a plain forward (no cache). Positions default to 0..T-1."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, _ = Step1(cfg).apply({"params": params}, tokens, positions, segment_ids)
+    return logits
