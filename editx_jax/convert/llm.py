@@ -1,14 +1,27 @@
-"""The Step1 LLM key map: released `model*.safetensors` names <-> our params tree (architecture.md §1.5)."""
+"""The Step1 LLM converter: released `model*.safetensors` names <-> our params tree (architecture.md §1.5).
+
+    convert_llm(SRC, DST, dtype="bfloat16")   released folder (config.json + safetensors) -> checkpoint
+    export_llm(CKPT or params, cfg, DST)      checkpoint -> model-00001.safetensors + index + config.json
+
+Both stream one tensor at a time; torch -> ours -> torch is bit-exact (the layouts only transpose and
+reshape, and a dtype cast happens only when asked for).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
+import time
+from typing import Mapping
 
 import numpy as np
 
-from editx_jax.config import ConfigError, LLMConfig
+from editx_jax.config import DTYPES, ConfigError, LLMConfig
+from editx_jax.convert import keymap
 from editx_jax.convert.keymap import ConversionError, Rule
+from editx_jax.convert.sources import (DEFAULT_IGNORED, FLOAT_DTYPES, INDEX_NAME, SafetensorsSource,
+                                       numpy_dtype, write_safetensors)
 
 LAYER = "model.layers.{layer}."
 
@@ -28,24 +41,169 @@ RULES = [
 ]
 
 # Buffers some Llama-style exports carry; they hold no weights (architecture.md §1.5).
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
+IGNORED_SUFFIXES = DEFAULT_IGNORED
+
+EXPORT_FILE = "model-00001.safetensors"
 
 
-def read_hf_config(folder: pathlib.Path) -> LLMConfig:
-    path = pathlib.Path(folder) / "config.json"
+def read_hf_config(folder: pathlib.Path, **overrides) -> LLMConfig:
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    path = folder / "config.json"
     if not path.is_file():
         raise ConfigError(f"{folder}: no config.json (expected the released Step-Audio-EditX folder)")
-    return LLMConfig.from_hf(json.loads(path.read_text()))
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return LLMConfig.from_hf(hf, **overrides)
 
 
 def to_numpy_dtype(name):
     """numpy dtype for a config dtype name (bfloat16 through ml_dtypes, which jax ships)."""
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-    return np.dtype(ml_dtypes.bfloat16) if str(name) == "bfloat16" else np.dtype(name)
+    return numpy_dtype(name)
 
 
-def check_source_dtypes(source, allowed=("float32", "bfloat16", "float16")) -> None:
+def check_source_dtypes(source, allowed=FLOAT_DTYPES) -> None:
     for name in source.names():
         dt = source.dtype(name) if hasattr(source, "dtype") else None
         if dt is not None and str(dt) not in allowed:
             raise ConversionError(f"tensor {name!r} has dtype {dt}; expected one of {', '.join(allowed)}")
+
+
+# ------------------------------------------------------------------ name/shape plans (no allocation)
+
+
+def source_shapes(rules: list[Rule], abstract: Mapping) -> dict[str, tuple[int, ...]]:
+    """Every source tensor name the rules expect for the params tree `abstract`, with its torch shape."""
+    out = {}
+    for path, spec in keymap.flatten(abstract).items():
+        rule = keymap._rule_for_target(rules, path)
+        shape = tuple(spec.shape)
+        if rule.stack:
+            for i in range(shape[0]):
+                out[rule.source.format(**{rule.stack: i})] = keymap.expected_source_shape(rule, shape[1:])
+        else:
+            out[rule.source] = keymap.expected_source_shape(rule, shape)
+    return out
+
+
+def check_plan(shapes: Mapping[str, tuple[int, ...]], rules: list[Rule], abstract: Mapping) -> None:
+    """Check source names/shapes against the params tree before reading any data, so a bad
+    checkpoint fails in a second rather than after minutes of conversion. Same errors as
+    `keymap.convert`: unknown, misshapen, duplicate or missing tensors, each named."""
+    expected = source_shapes(rules, abstract)
+    unknown = sorted(n for n in shapes if n not in expected and keymap._match(rules, n)[0] is None)
+    if unknown:
+        raise ConversionError(f"unexpected tensor(s) in checkpoint: {', '.join(unknown[:10])}"
+                              + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
+    for name, shape in shapes.items():
+        if name not in expected:  # matches a rule but indexes past the model (e.g. layer 40 of 32)
+            rule, m = keymap._match(rules, name)
+            raise ConversionError(f"tensor {name!r} has no place in the model ({rule.stack} "
+                                  f"{m.group(rule.stack)} is out of range)")
+        if tuple(shape) != expected[name]:
+            raise ConversionError(f"tensor {name!r} has shape {list(shape)}; expected {list(expected[name])}")
+    missing = [f"{n} (shape {list(s)})" for n, s in expected.items() if n not in shapes]
+    if missing:
+        raise ConversionError(f"checkpoint is missing tensor(s): {', '.join(missing[:10])}"
+                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+
+
+# ------------------------------------------------------------------ convert
+
+
+def _tqdm(enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return lambda it: tqdm(it, desc=desc, unit="tensor")
+
+
+def convert_llm_params(source, cfg: LLMConfig, progress: bool = False) -> dict:
+    """Params (nested dict of numpy arrays in cfg.param_dtype) from a tensor source."""
+    from editx_jax.models.llm import abstract_params
+
+    abstract = abstract_params(cfg)
+    check_source_dtypes(source)
+    check_plan({n: tuple(source.shape(n)) for n in source.names()}, RULES, abstract)
+    return keymap.convert(source, RULES, abstract, dtype=numpy_dtype(cfg.param_dtype),
+                          progress=_tqdm(progress, "convert llm"))
+
+
+def convert_llm(src_folder, dst_folder, dtype: str = "bfloat16", progress: bool = True) -> dict:
+    """Convert the released LLM folder (`config.json`, `model*.safetensors`, optional index) into a
+    checkpoint folder at `dst_folder`. Returns a summary (tensors, ignored buffers, bytes, seconds).
+
+    Peak memory is about the converted params plus a few source tensors: target leaves are
+    preallocated numpy arrays filled one source tensor at a time, and Orbax writes them from numpy.
+    """
+    from editx_jax import checkpoint
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    start = time.time()
+    src_folder = pathlib.Path(src_folder)
+    cfg = read_hf_config(src_folder, param_dtype=dtype, dtype=dtype)
+    with SafetensorsSource(src_folder) as source:
+        params = convert_llm_params(source, cfg, progress)
+        n_tensors, ignored = len(source.names()), list(source.ignored)
+        src_dtypes = sorted({source.dtype(n) for n in source.names()})
+    nbytes = sum(a.nbytes for a in keymap.flatten(params).values())
+    meta = {"converted_from": str(src_folder.absolute()), "source_format": "safetensors",
+            "source_dtypes": src_dtypes, "source_tensors": n_tensors, "ignored_buffers": ignored,
+            "num_params": cfg.num_params}
+    checkpoint.save_llm(dst_folder, params, cfg, meta)
+    return {"tensors": n_tensors, "ignored": ignored, "dtype": dtype, "bytes": nbytes,
+            "num_params": cfg.num_params, "seconds": round(time.time() - start, 2),
+            "dst": str(pathlib.Path(dst_folder).absolute())}
+
+
+# ------------------------------------------------------------------ export
+
+
+def export_llm(params_or_folder, cfg: LLMConfig | None, dst_folder, dtype: str | None = None,
+               progress: bool = False) -> dict:
+    """Write `model-00001.safetensors` + `model.safetensors.index.json` + `config.json` with the
+    released names and torch layouts, loadable by the PyTorch Step1ForCausalLM.
+
+    params_or_folder: a params tree (then `cfg` is required) or a checkpoint folder (`cfg` may be
+    None: the folder's own config is used). dtype: None keeps the params' dtype (bit-exact export).
+    """
+    from editx_jax import checkpoint
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if isinstance(params_or_folder, (str, pathlib.Path)):
+        folder_cfg, params = checkpoint.load_llm(params_or_folder)
+        cfg = cfg or folder_cfg
+    else:
+        if cfg is None:
+            raise ValueError("export_llm: a params tree needs its LLMConfig")
+        params = params_or_folder
+    # One host copy of the params (a no-op for numpy leaves); every exported tensor is a view of it
+    # until the writer makes it contiguous, one tensor at a time.
+    import jax
+    params = jax.tree_util.tree_map(np.asarray, params)
+    out_dtype = numpy_dtype(dtype) if dtype else None
+    if out_dtype is None:
+        dtypes = {str(a.dtype) for a in keymap.flatten(params).values()}
+        hf_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
+    else:
+        hf_dtype = dtype
+
+    def tensors():
+        it = keymap.export(params, RULES, dtype=out_dtype)
+        return _tqdm(progress, "export llm")(it) if progress else it
+
+    dst = pathlib.Path(dst_folder)
+    dst.mkdir(parents=True, exist_ok=True)
+    names = [n for n, _ in keymap.export(params, RULES)]  # views only: no data is copied
+    total = write_safetensors(dst / EXPORT_FILE, tensors, metadata={"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": {n: EXPORT_FILE for n in sorted(names)}}
+    (dst / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = hf_dtype
+    (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return {"tensors": len(names), "bytes": total, "dtype": hf_dtype, "dst": str(dst.absolute())}

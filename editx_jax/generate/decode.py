@@ -72,7 +72,7 @@ def decode(params, cfg: LLMConfig, gen: GenerationConfig, cache, last_logits, re
     last_logits [B, V]: the prefill's next-token logits; recent [B, W]: the last ids of each row;
     lengths [B]: ids each row holds; budget [B]: how many new tokens each row may take;
     start: the cache column of the first new token. Returns tokens [B, max_steps] (EOS-padded after
-    a row stops), the number of new tokens per row, optional logits [B, room, V], and steps run.
+    a row stops), the number of new tokens per row, optional logits [B, room, V], steps run, and the cache.
     """
     batch = last_logits.shape[0]
     model = Step1(cfg)
@@ -105,13 +105,18 @@ def decode(params, cfg: LLMConfig, gen: GenerationConfig, cache, last_logits, re
                     lengths=lengths, done=done, count=count, out=out, logit_buf=s["logit_buf"], key=key)
 
     s = jax.lax.while_loop(cond, body, state)
-    return s["out"], s["count"], s["logit_buf"], s["step"]
+    # The cache is returned so that the donated input buffer becomes the output (no copy).
+    return s["out"], s["count"], s["logit_buf"], s["step"], s["cache"]
 
 
 def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Sequence[int]], key=None,
-             return_logits: bool = False) -> GenerateOutput:
-    """Generate for a batch of prompts (lists of ids). Each row's result equals its result alone
-    (same key per row aside, since the draw for a row depends on the batch's key stream)."""
+             return_logits: bool = False, mesh=None) -> GenerateOutput:
+    """Generate for a batch of prompts (lists of ids).
+
+    Under greedy decoding each row's tokens equal that prompt's tokens alone; when sampling, a row's
+    draws depend on the key and its row index. With `mesh`, the KV cache and the batch are sharded
+    by the LLM rules (the batch must divide over data x fsdp); params should already be placed.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     for p in prompts:
@@ -134,8 +139,13 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
         recent[i, window - len(tail):] = tail
 
     cache = init_cache(cfg, len(prompts), cache_len)
+    if mesh is not None:
+        from editx_jax import sharding
+
+        cache = sharding.shard_tree(cache, sharding.cache_shardings(mesh))
+        tokens, positions = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (tokens, positions))
     last_logits, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache)
-    out, count, logit_buf, steps = decode(params, cfg, gen, cache, last_logits, jnp.asarray(recent),
+    out, count, logit_buf, steps, _ = decode(params, cfg, gen, cache, last_logits, jnp.asarray(recent),
                                           jnp.asarray(lengths), jnp.asarray(budget), key, prompt_len,
                                           max_steps, room=cache_len - prompt_len, return_logits=return_logits)
     out, count = np.asarray(out), np.asarray(count)

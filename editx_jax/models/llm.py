@@ -27,6 +27,7 @@ import numpy as np
 
 from editx_jax.config import LLMConfig
 from editx_jax.layers.attention import EMPTY_POSITION, alibi_attention
+from editx_jax.layers.linear import Projection
 from editx_jax.layers.norms import RMSNorm
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -59,11 +60,11 @@ class Attention(nn.Module):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         std = cfg.hidden_size ** -0.5
-        dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=dtype, param_dtype=pdtype)
+        proj = functools.partial(Projection, std=std, dtype=dtype, param_dtype=pdtype)
         h, g, d = cfg.num_heads, cfg.num_groups, cfg.head_dim
-        q = dense((h, d), kernel_init=_init(std, ("embed", "heads", "head_dim")), name="q_proj")(x)
-        k = dense((g, d), kernel_init=_init(std, ("embed", "kv_heads", "head_dim")), name="k_proj")(x)
-        v = dense((g, d), kernel_init=_init(std, ("embed", "kv_heads", "head_dim")), name="v_proj")(x)
+        q = proj((h, d), ("embed", "heads", "head_dim"), name="q_proj")(x)
+        k = proj((g, d), ("embed", "kv_heads", "head_dim"), name="k_proj")(x)
+        v = proj((g, d), ("embed", "kv_heads", "head_dim"), name="v_proj")(x)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         if layer_cache is None:
             k_all, v_all, k_pos, k_seg = k, v, positions, segment_ids
@@ -78,8 +79,7 @@ class Attention(nn.Module):
             new_cache = {"k": k_all, "v": v_all}
         out = alibi_attention(q, k_all.astype(dtype), v_all, positions, k_pos,
                               segment_ids if k_seg is not None else None, k_seg, dtype=dtype)
-        out = dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_init(std, ("heads", "head_dim", "embed")),
-                    name="o_proj")(out)
+        out = proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), in_ndim=2, name="o_proj")(out)
         return out, new_cache
 
 
@@ -90,13 +90,13 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
-        dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=dtype, param_dtype=pdtype)
+        proj = functools.partial(Projection, dtype=dtype, param_dtype=pdtype)
         std = cfg.hidden_size ** -0.5
-        gate = dense(cfg.intermediate_size, kernel_init=_init(std, ("embed", "mlp")), name="gate_proj")(x)
-        up = dense(cfg.intermediate_size, kernel_init=_init(std, ("embed", "mlp")), name="up_proj")(x)
+        gate = proj((cfg.intermediate_size,), ("embed", "mlp"), std=std, name="gate_proj")(x)
+        up = proj((cfg.intermediate_size,), ("embed", "mlp"), std=std, name="up_proj")(x)
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-        return dense(cfg.hidden_size, kernel_init=_init(cfg.intermediate_size ** -0.5, ("mlp", "embed")),
-                     name="down_proj")(hidden)
+        return proj((cfg.hidden_size,), ("mlp", "embed"), std=cfg.intermediate_size ** -0.5,
+                    name="down_proj")(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -152,8 +152,8 @@ class Step1(nn.Module):
         x = RMSNorm(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
         if return_hidden:
             return x
-        logits = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
-                                 kernel_init=_init(cfg.hidden_size ** -0.5, ("embed", "vocab")), name="lm_head")(x)
+        logits = Projection((cfg.vocab_size,), ("embed", "vocab"), std=cfg.hidden_size ** -0.5, dtype=dtype,
+                            param_dtype=pdtype, name="lm_head")(x)
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         new_cache = None
         if cache is not None:
@@ -184,6 +184,7 @@ def param_logical_axes(cfg: LLMConfig):
     return nn.get_partition_spec(_boxed_abstract_params(cfg))
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def init_params(cfg: LLMConfig, key) -> dict:
     """Random params as a plain nested dict (logical-axis boxes removed)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
@@ -198,6 +199,7 @@ def check_token_ids(tokens, cfg: LLMConfig) -> None:
         raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def forward(params, cfg: LLMConfig, tokens, positions=None, segment_ids=None):
     """Logits [B, T, V] of a plain forward (no cache). Positions default to 0..T-1."""
     tokens = jnp.asarray(tokens, jnp.int32)

@@ -80,8 +80,7 @@ class S3TokenizerConfig:
 
     @property
     def precision(self) -> jax.lax.Precision:
-        return jax.lax.Precision(self.matmul_precision.upper() if self.matmul_precision != "default"
-                                 else "DEFAULT")
+        return jax.lax.Precision[self.matmul_precision.upper()]
 
     def token_lengths(self, mel_len):
         """Frames after the conv stem: (T-1)//s1 + 1, then (T1-1)//2 + 1 (0 stays 0)."""
@@ -227,7 +226,11 @@ def quantize(hidden, codebook, precision=jax.lax.Precision.HIGHEST):
 
 def init_params(config: S3TokenizerConfig, key=None) -> dict:
     """Random params {"encoder": ..., "quantizer": {"codebook": [K, D]}} (for tests and benchmarks)."""
-    key = jax.random.PRNGKey(0) if key is None else key
+    return _init_params(config, jax.random.PRNGKey(0) if key is None else key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(config: S3TokenizerConfig, key) -> dict:
     k_enc, k_cb = jax.random.split(key)
     mel = jnp.zeros((1, config.n_mels, 8), jnp.float32)
     enc = S3Encoder(config).init(k_enc, mel, jnp.array([8], jnp.int32))["params"]
@@ -237,7 +240,7 @@ def init_params(config: S3TokenizerConfig, key=None) -> dict:
 
 def abstract_params(config: S3TokenizerConfig) -> dict:
     """Shapes and dtypes of the params tree, without allocating it (for the converters)."""
-    return jax.eval_shape(functools.partial(init_params, config), jax.random.PRNGKey(0))
+    return jax.eval_shape(functools.partial(_init_params, config), jax.random.PRNGKey(0))
 
 
 # ---------------------------------------------------------------------------------------- tokenize
@@ -265,6 +268,10 @@ def tokenize(params, mel, mel_len, config: S3TokenizerConfig = S3TokenizerConfig
         raise S3InputError(f"mel_len must be [{mel.shape[0]}], got shape {tuple(mel_len.shape)}")
     if not jnp.issubdtype(mel_len.dtype, jnp.integer):
         raise S3InputError(f"mel_len must be integers, got {mel_len.dtype}")
+    if not isinstance(mel_len, jax.core.Tracer):  # concrete lengths can be checked (not inside a jit)
+        lens = np.asarray(mel_len)
+        if np.any(lens < 0) or np.any(lens > mel.shape[2]):
+            raise S3InputError(f"mel_len must be within [0, {mel.shape[2]}] frames, got {lens.tolist()}")
     return _tokenize(params, mel, mel_len, config)
 
 
@@ -316,8 +323,9 @@ def tokenize_waveforms(params, waves: Sequence[np.ndarray], config: S3TokenizerC
         mels = [np.asarray(logmel_fn(pieces[j][1]), np.float32) for j in group]
         frames = max(m.shape[-1] for m in mels)
         width = max(_bucket(frames, cap), frames)
-        batch = np.zeros((batch_size, config.n_mels, width), np.float32)  # fixed batch: one compile
-        lens = np.zeros((batch_size,), np.int32)
+        rows = min(batch_size, 1 << (len(group) - 1).bit_length())  # 1, 2, 4, ...: few shapes to compile
+        batch = np.zeros((rows, config.n_mels, width), np.float32)
+        lens = np.zeros((rows,), np.int32)
         for row, m in enumerate(mels):
             if m.ndim != 2 or m.shape[0] != config.n_mels:
                 raise S3InputError(f"log-mel must be [{config.n_mels}, frames], got shape {m.shape}")

@@ -1,0 +1,185 @@
+"""Model checkpoint folders: an Orbax params tree plus the config it was built with.
+
+    <folder>/
+      params/       Orbax (StandardCheckpointHandler) pytree of the params, one array per leaf
+      config.json   the component's config dataclass as a dict (loading never guesses sizes)
+      meta.json     {"format", "version", "component", "dtype", "converted_from", ...}
+
+A folder is written into a hidden sibling and renamed into place, so a conversion that is killed or
+fails never leaves a folder that loads half-written, and an existing checkpoint it replaces stays
+loadable until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Any, Mapping
+
+import numpy as np
+
+from editx_jax.config import ConfigError, LLMConfig, from_dict
+
+FORMAT = "editx-jax checkpoint"
+VERSION = 1
+PARAMS_DIR = "params"
+CONFIG_NAME = "config.json"
+META_NAME = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, incomplete, or does not match the model it is loaded into."""
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+    # Synchronous: conversion is one save, and the caller renames the folder right after it.
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def _write_json(path: pathlib.Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def is_checkpoint(folder: str | pathlib.Path) -> bool:
+    folder = pathlib.Path(folder)
+    return (folder / META_NAME).is_file() and (folder / PARAMS_DIR).is_dir()
+
+
+def save_params(folder: str | pathlib.Path, params: Mapping, config: Mapping | Any,
+                meta: Mapping | None = None) -> pathlib.Path:
+    """Write `params` (nested dict of numpy or jax arrays), `config` (a dataclass or a dict) and
+    `meta` as a checkpoint folder, atomically. An existing checkpoint at `folder` is replaced; any
+    other existing non-empty folder is refused."""
+    folder = pathlib.Path(folder).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not is_checkpoint(folder):
+        raise CheckpointError(f"{folder} exists and is not an editx-jax checkpoint; refusing to overwrite it")
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    meta = {"format": FORMAT, "version": VERSION, **dict(meta or {})}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = folder.parent / f".{folder.name}.tmp-{tag}"
+    try:
+        tmp.mkdir()
+        _write_json(tmp / CONFIG_NAME, dict(config))
+        import orbax.checkpoint as ocp
+        _checkpointer().save(tmp / PARAMS_DIR, args=ocp.args.StandardSave(dict(params)))
+        _write_json(tmp / META_NAME, meta)  # last: its presence marks a complete folder
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{tag}"
+            os.rename(folder, old)
+            os.rename(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_meta(folder: str | pathlib.Path) -> dict:
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    if not (folder / META_NAME).is_file() or not (folder / PARAMS_DIR).is_dir():
+        raise CheckpointError(f"{folder} is not a complete editx-jax checkpoint (no {META_NAME} or "
+                              f"{PARAMS_DIR}/; convert it with tools/convert.py)")
+    return json.loads((folder / META_NAME).read_text())
+
+
+def read_config(folder: str | pathlib.Path) -> dict:
+    folder = pathlib.Path(folder)
+    read_meta(folder)
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{folder}: checkpoint has no {CONFIG_NAME}")
+    return json.loads(path.read_text())
+
+
+def params_metadata(folder: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """'a/b/c' path -> (shape, dtype) of every stored leaf, without reading the arrays."""
+    tree = _checkpointer().metadata(pathlib.Path(folder).absolute() / PARAMS_DIR).item_metadata.tree
+    return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in _flatten(tree).items()}
+
+
+def _check_against(stored: dict, abstract: Mapping, folder) -> None:
+    want = _flatten(abstract)
+    missing = sorted(set(want) - set(stored))
+    extra = sorted(set(stored) - set(want))
+    problems = []
+    if missing:
+        problems.append(f"missing param(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if extra:
+        problems.append(f"unexpected param(s) {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
+    for path in sorted(set(want) & set(stored)):
+        if tuple(want[path].shape) != stored[path][0]:
+            problems.append(f"param {path} has shape {list(stored[path][0])}, the model expects "
+                            f"{list(want[path].shape)}")
+            break
+    if problems:
+        raise CheckpointError(f"{folder}: checkpoint does not match the model: {'; '.join(problems)}")
+
+
+def load_params(folder: str | pathlib.Path, abstract: Mapping | None = None, shardings=None) -> dict:
+    """Restore the params tree of a checkpoint folder.
+
+    abstract: a tree of ShapeDtypeStructs (or arrays) to check against and restore into (a dtype
+      that differs from the stored one is cast on restore). Without it, the stored tree as is.
+    shardings: a tree of `jax.sharding.Sharding` matching the params (or one sharding for every
+      leaf): leaves are read straight into those shardings as jax arrays. Without shardings (and
+      without shardings on `abstract`'s leaves) the leaves come back as numpy arrays.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    folder = pathlib.Path(folder).absolute()
+    read_meta(folder)
+    stored = params_metadata(folder)
+    if abstract is not None:
+        _check_against(stored, abstract, folder)
+        target = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract)
+    else:
+        from editx_jax.convert.keymap import unflatten
+        target = unflatten({p: jax.ShapeDtypeStruct(s, d) for p, (s, d) in stored.items()})
+    if shardings is not None:
+        if isinstance(shardings, jax.sharding.Sharding):
+            shardings = jax.tree_util.tree_map(lambda _: shardings, target)
+        target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                        target, shardings)
+    return _checkpointer().restore(folder / PARAMS_DIR, args=ocp.args.StandardRestore(target))
+
+
+def save_llm(folder, params, cfg: LLMConfig, meta: Mapping | None = None) -> pathlib.Path:
+    return save_params(folder, params, cfg, {"component": "llm", "dtype": cfg.param_dtype, **dict(meta or {})})
+
+
+def load_llm(folder: str | pathlib.Path, shardings=None, **overrides) -> tuple[LLMConfig, dict]:
+    """(LLMConfig, params) of an LLM checkpoint folder. `overrides` replace config fields, e.g.
+    `dtype="float32"`; a different `param_dtype` casts the params on restore."""
+    from editx_jax.models.llm import abstract_params
+
+    meta = read_meta(folder)
+    if meta.get("component", "llm") != "llm":
+        raise CheckpointError(f"{folder} holds a {meta.get('component')!r} checkpoint, not the LLM")
+    cfg = from_dict(LLMConfig, {**read_config(folder), **overrides}, "llm")
+    return cfg, load_params(folder, abstract_params(cfg), shardings)

@@ -1,0 +1,273 @@
+"""The vq02 tokenizer files: FunASR Paraformer checkpoint folder -> our params (architecture.md §2.1, §4 item 5).
+
+Inside `Step-Audio-Tokenizer/`:
+  dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online/
+      model.pt      torch pickle of the whole ASR model; only the 652 `encoder.` tensors are used, the
+                    decoder / CIF predictor tensors are skipped (counted in `ParaformerCheckpoint.ignored`)
+      config.yaml   encoder_conf / frontend_conf -> ParaformerEncoderConfig
+      am.mvn        Kaldi nnet text: <AddShift> and <Rescale> rows, the CMVN after LFR
+  linguistic_tokenizer.npy   the 1024 k-means centroids [1024, 512] float32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Mapping
+
+import numpy as np
+
+from editx_jax.config import ConfigError
+from editx_jax.convert.keymap import ConversionError, DictSource, Rule, convert, export
+from editx_jax.tokenizer.paraformer import ParaformerEncoderConfig, abstract_params
+
+PARAFORMER_SUBDIR = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
+CODEBOOK_FILE = "linguistic_tokenizer.npy"
+PREFIX = "encoder."
+
+
+def _layer_rules(source_prefix: str, target_prefix: str, stack: str | None) -> list[Rule]:
+    parts = [
+        ("self_attn.linear_q_k_v.weight", "self_attn/linear_q_k_v/kernel", "linear"),
+        ("self_attn.linear_q_k_v.bias", "self_attn/linear_q_k_v/bias", "identity"),
+        ("self_attn.linear_out.weight", "self_attn/linear_out/kernel", "linear"),
+        ("self_attn.linear_out.bias", "self_attn/linear_out/bias", "identity"),
+        # depthwise Conv1d [D, 1, k] -> Flax [k, 1, D] with feature_group_count = D
+        ("self_attn.fsmn_block.weight", "self_attn/fsmn_block/kernel", "conv1d"),
+        ("feed_forward.w_1.weight", "feed_forward/w_1/kernel", "linear"),
+        ("feed_forward.w_1.bias", "feed_forward/w_1/bias", "identity"),
+        ("feed_forward.w_2.weight", "feed_forward/w_2/kernel", "linear"),
+        ("feed_forward.w_2.bias", "feed_forward/w_2/bias", "identity"),
+        ("norm1.weight", "norm1/scale", "identity"),
+        ("norm1.bias", "norm1/bias", "identity"),
+        ("norm2.weight", "norm2/scale", "identity"),
+        ("norm2.bias", "norm2/bias", "identity"),
+    ]
+    return [Rule(source_prefix + s, target_prefix + t, layout, stack=stack) for s, t, layout in parts]
+
+
+RULES: list[Rule] = [
+    *_layer_rules(PREFIX + "encoders0.0.", "encoders0/", None),
+    *_layer_rules(PREFIX + "encoders.{layer}.", "encoders/", "layer"),
+    Rule(PREFIX + "after_norm.weight", "after_norm/scale"),
+    Rule(PREFIX + "after_norm.bias", "after_norm/bias"),
+]
+
+
+@dataclasses.dataclass
+class ParaformerCheckpoint:
+    """A converted FunASR folder."""
+
+    config: ParaformerEncoderConfig
+    params: dict
+    cmvn: np.ndarray  # [2, input_size]: row 0 the shift, row 1 the scale; x = (x + shift) * scale
+    ignored: list[str]  # checkpoint tensors outside `encoder.` (decoder, predictor, ...), skipped on purpose
+    codebook: np.ndarray | None = None  # [1024, output_size] when read from the Step-Audio-Tokenizer root
+
+
+# ------------------------------------------------------------------ config.yaml
+
+
+def config_from_funasr(conf: Mapping, **overrides) -> ParaformerEncoderConfig:
+    """Our config from a FunASR `config.yaml` mapping (its `encoder_conf`, `frontend_conf`, `input_size`).
+
+    `chunk_size` and the look-back are arguments of the official driver, not of config.yaml; a top-level
+    `chunk_size` / `encoder_chunk_look_back` (as the fixtures record them) is read when present.
+    """
+    encoder = conf.get("encoder", "SANMEncoderChunkOpt")
+    if encoder != "SANMEncoderChunkOpt":
+        raise ConfigError(f"config.yaml: encoder {encoder!r} is not the streaming SANMEncoderChunkOpt")
+    enc = conf.get("encoder_conf")
+    if not isinstance(enc, Mapping):
+        raise ConfigError("config.yaml: missing the encoder_conf mapping")
+    for key, want in (("input_layer", "pe_online"), ("selfattention_layer_type", "sanm")):
+        if key in enc and enc[key] != want:
+            raise ConfigError(f"config.yaml: encoder_conf.{key} is {enc[key]!r}; only {want!r} is supported")
+    front = conf.get("frontend_conf") or {}
+    input_size = conf.get("input_size")
+    if input_size is None:
+        input_size = int(front.get("n_mels", 80)) * int(front.get("lfr_m", 7))
+    fields = dict(input_size=int(input_size))
+    names = {"output_size": "output_size", "attention_heads": "attention_heads",
+             "linear_units": "linear_units", "num_blocks": "num_blocks", "kernel_size": "kernel_size",
+             "sanm_shfit": "sanm_shift", "normalize_before": "normalize_before"}
+    for theirs, ours in names.items():
+        if theirs in enc:
+            fields[ours] = enc[theirs]
+    if "chunk_size" in conf:
+        fields["chunk_size"] = tuple(conf["chunk_size"])
+    if "encoder_chunk_look_back" in conf:
+        fields["look_back"] = int(conf["encoder_chunk_look_back"])
+    fields.update(overrides)
+    return ParaformerEncoderConfig(**fields)
+
+
+def read_config_yaml(path: pathlib.Path, **overrides) -> ParaformerEncoderConfig:
+    import yaml
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path.parent}: no config.yaml (expected a FunASR Paraformer folder)")
+    try:
+        # FunASR configs are plain YAML (no python tags); BaseLoader-free safe_load is enough.
+        conf = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(conf, Mapping):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return config_from_funasr(conf, **overrides)
+
+
+# ------------------------------------------------------------------ am.mvn
+
+
+def parse_am_mvn(text: str, dim: int | None = None) -> np.ndarray:
+    """[2, D] (shift; scale) from a Kaldi nnet text CMVN file: the vectors after <LearnRateCoef> in the
+    <AddShift> and <Rescale> components.
+
+    Local parser: the front-end module (editx_jax.tokenizer.frontend) owns the CMVN application; this
+    reads the same file format for the converter so that it does not depend on that module's API.
+    """
+    tokens = text.replace("[", " [ ").replace("]", " ] ").split()
+
+    def vector(component: str) -> np.ndarray:
+        if component not in tokens:
+            raise ConversionError(f"am.mvn: no {component} component")
+        i = tokens.index(component)
+        try:
+            start = tokens.index("[", i)
+            end = tokens.index("]", start)
+            return np.array([float(t) for t in tokens[start + 1:end]], np.float32)
+        except ValueError:
+            raise ConversionError(f"am.mvn: the {component} vector is not a [ ... ] list of numbers") from None
+
+    shift, scale = vector("<AddShift>"), vector("<Rescale>")
+    if shift.shape != scale.shape or shift.size == 0:
+        raise ConversionError(f"am.mvn: <AddShift> has {shift.size} values but <Rescale> has {scale.size}")
+    if dim is not None and shift.size != dim:
+        raise ConversionError(f"am.mvn: vectors have {shift.size} values; the encoder input is {dim}")
+    if not (np.isfinite(shift).all() and np.isfinite(scale).all()):
+        raise ConversionError("am.mvn: non-finite values")
+    return np.stack([shift, scale])
+
+
+def read_am_mvn(path: pathlib.Path, dim: int | None = None) -> np.ndarray:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path.parent}: no am.mvn (the CMVN file of the Paraformer front end)")
+    return parse_am_mvn(path.read_text(errors="replace"), dim)
+
+
+# ------------------------------------------------------------------ weights
+
+
+def split_encoder_tensors(names) -> tuple[list[str], list[str]]:
+    """(encoder tensor names, the other names) of a FunASR state_dict."""
+    keep = [n for n in names if n.startswith(PREFIX)]
+    return keep, [n for n in names if not n.startswith(PREFIX)]
+
+
+def convert_state_dict(tensors: Mapping[str, np.ndarray], cfg: ParaformerEncoderConfig,
+                       dtype=None) -> tuple[dict, list[str]]:
+    """(params, ignored names) from a FunASR state_dict (numpy arrays, torch names and layouts)."""
+    keep, ignored = split_encoder_tensors(list(tensors))
+    if not keep:
+        raise ConversionError(f"no {PREFIX!r} tensors in the checkpoint (found {len(ignored)} others)")
+    source = DictSource({n: tensors[n] for n in keep})
+    return convert(source, RULES, abstract_params(cfg), dtype=dtype), ignored
+
+
+def export_state_dict(params: Mapping, dtype=None) -> dict[str, np.ndarray]:
+    """Our params -> the `encoder.` tensors of a FunASR state_dict (torch names and layouts)."""
+    return dict(export(params, RULES, dtype=dtype))
+
+
+def _torch_load(torch, path, mmap):
+    return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
+
+def _unreadable(path, e) -> ConversionError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ConversionError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})")
+
+
+class TorchPickleSource:
+    """The `encoder.` tensors of a torch pickle, memory-mapped, read one at a time."""
+
+    def __init__(self, path: pathlib.Path):
+        import torch  # converters only
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ConversionError(f"{path.parent}: no {path.name}")
+        try:
+            state = _torch_load(torch, path, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise _unreadable(path, e) from None
+            try:  # the legacy (non-zip) format cannot be memory-mapped
+                state = _torch_load(torch, path, mmap=False)
+            except Exception as e2:
+                raise _unreadable(path, e2) from None
+        except Exception as e:  # unpickling errors come in many classes
+            raise _unreadable(path, e) from None
+        for wrapper in ("state_dict", "model"):  # FunASR accepts these wrappers too
+            if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+                state = state[wrapper]
+        if not isinstance(state, Mapping):
+            raise ConversionError(f"{path}: expected a state_dict, got {type(state).__name__}")
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self._tensors = tensors
+        self.encoder_names, self.ignored = split_encoder_tensors(list(tensors))
+        self.ignored += [k for k in state if k not in tensors]
+
+    def names(self):
+        return list(self.encoder_names)
+
+    def shape(self, name):
+        return tuple(self._tensors[name].shape)
+
+    def get(self, name):
+        import torch
+        t = self._tensors[name]
+        if not t.is_floating_point():
+            raise ConversionError(f"tensor {name!r} has dtype {t.dtype}; expected a float tensor")
+        return t.detach().to(torch.float32).numpy()
+
+
+def load_paraformer_dir(folder, dtype=None, **config_overrides) -> ParaformerCheckpoint:
+    """Convert a FunASR Paraformer folder (`model.pt`, `config.yaml`, `am.mvn`)."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise ConversionError(f"not a folder: {folder}")
+    cfg = read_config_yaml(folder / "config.yaml", **config_overrides)
+    cmvn = read_am_mvn(folder / "am.mvn", cfg.input_size)
+    source = TorchPickleSource(folder / "model.pt")
+    if not source.encoder_names:
+        raise ConversionError(f"{folder / 'model.pt'}: no {PREFIX!r} tensors "
+                              f"(found {len(source.ignored)} others)")
+    params = convert(source, RULES, abstract_params(cfg), dtype=dtype)
+    return ParaformerCheckpoint(config=cfg, params=params, cmvn=cmvn, ignored=sorted(source.ignored))
+
+
+def load_codebook(path, dim: int | None = None) -> np.ndarray:
+    """The vq02 k-means centroids (`linguistic_tokenizer.npy`, [1024, 512] float32)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConversionError(f"no codebook file {path}")
+    try:
+        codebook = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ConversionError(f"{path}: not a numpy .npy array ({type(e).__name__})") from None
+    if codebook.ndim != 2 or codebook.shape[0] == 0 or (dim is not None and codebook.shape[1] != dim):
+        raise ConversionError(f"{path}: codebook has shape {list(codebook.shape)}; expected "
+                              f"[codes, {dim if dim is not None else 'dim'}]")
+    if codebook.dtype.kind != "f" or not np.isfinite(codebook).all():
+        raise ConversionError(f"{path}: codebook must hold finite floats (dtype {codebook.dtype})")
+    return codebook.astype(np.float32)
+
+
+def load_step_audio_tokenizer(root, dtype=None, **config_overrides) -> ParaformerCheckpoint:
+    """The vq02 half of `Step-Audio-Tokenizer/`: the Paraformer folder plus `linguistic_tokenizer.npy`."""
+    root = pathlib.Path(root)
+    ckpt = load_paraformer_dir(root / PARAFORMER_SUBDIR, dtype=dtype, **config_overrides)
+    ckpt.codebook = load_codebook(root / CODEBOOK_FILE, ckpt.config.output_size)
+    return ckpt

@@ -1,0 +1,345 @@
+"""The flow model's token encoder: `UpsampleConformerEncoderV2` (architecture.md §3.4.1, §5 items 8-10).
+
+    pairs embedded [B, T, 512]
+      -> embed: Linear + LayerNorm(1e-5), x * sqrt(d), relative position table for T
+      -> pre-lookahead: right-pad 3, conv k4, leaky_relu(0.01), left-pad 2, conv k3, + residual
+      -> 6 conformer layers at the token rate (25 Hz)
+      -> upsample: nearest x2, left-pad 4, conv k5 (causal)
+      -> up_embed: Linear + LayerNorm(1e-5), x * sqrt(d), a fresh position table for 2T
+      -> 4 conformer layers at the mel rate (50 Hz), after_norm LayerNorm(1e-5)
+    = h [B, 2T, 512] and the valid-frame mask [B, 1, 2T]
+
+A conformer layer here is pre-norm attention + pre-norm SiLU feed-forward (LayerNorm eps 1e-12; no
+macaron, no conv module). The attention is ESPnet's relative-position multi-head attention:
+
+    scores = ((q + u) k^T + rel_shift((q + v) p^T)) / sqrt(d_k)
+
+with p = linear_pos(table) over 2T-1 relative distances, row r meaning distance (T-1) - r, and
+rel_shift picking bd[i, j] = bd_raw[i, (T-1) - i + j], i.e. the row of distance i - j.
+
+Ragged batches. Attention masks keys past each item's length. The reference does not zero padded
+frames, so its pre-lookahead conv reads up to 3 padded frames past each item's end and a short item's
+output depends on what its padding holds. `isolate_padding=True` (the default) zeroes padded frames
+before that conv, which makes every item's valid outputs equal its run alone (the conv sees the same
+zeros as the alone run's end padding; the upsample conv is causal and never looks ahead).
+`isolate_padding=False` reproduces the reference bit for bit, padding included (the parity fixture
+compares padded frames too). Batch-1 input is the same either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from editx_jax.config import ConfigError
+
+
+class EncoderInputError(ValueError):
+    """The encoder was given inputs of the wrong shape or lengths."""
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class UpsampleEncoderConfig:
+    """`UpsampleConformerEncoderV2`; defaults are the released cosyvoice.yaml values (§3.4.1)."""
+
+    input_size: int = 512
+    output_size: int = 512
+    attention_heads: int = 8
+    linear_units: int = 2048
+    num_blocks: int = 6  # conformer layers at the token rate
+    num_up_blocks: int = 4  # conformer layers at the mel rate
+    pre_lookahead_len: int = 3
+    up_stride: int = 2
+    up_scale_factor: int = 2
+    key_bias: bool = True
+    layer_eps: float = 1e-12  # LayerNorms inside the conformer layers
+    embed_eps: float = 1e-5  # embed / up_embed LayerNorms and after_norm
+    isolate_padding: bool = True  # see the module docstring; False = the reference's ragged-batch leak
+    # "highest" keeps float32 matmuls exact on GPUs/TPUs (no TF32/bf16 passes).
+    matmul_precision: str = "highest"
+
+    def __post_init__(self):
+        for name in ("input_size", "output_size", "attention_heads", "linear_units", "num_blocks",
+                     "num_up_blocks", "pre_lookahead_len", "up_stride", "up_scale_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"upsample_encoder.{name}: must be a positive integer, got {value!r}")
+        if self.input_size != self.output_size:
+            # up_embed's Linear is input_size -> output_size but is fed output_size features
+            raise ConfigError(f"upsample_encoder.input_size: must equal output_size ({self.output_size}) "
+                              f"as in the reference, got {self.input_size}")
+        if self.output_size % self.attention_heads:
+            raise ConfigError(f"upsample_encoder.attention_heads: {self.attention_heads} heads do not "
+                              f"divide output_size {self.output_size}")
+        if self.output_size % 2:
+            raise ConfigError(f"upsample_encoder.output_size: the sin/cos position table needs an even "
+                              f"width, got {self.output_size}")
+        if self.up_scale_factor != self.up_stride:
+            raise ConfigError(f"upsample_encoder.up_scale_factor: must equal up_stride ({self.up_stride}) "
+                              f"so that lengths and frames agree, got {self.up_scale_factor}")
+        for name in ("layer_eps", "embed_eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"upsample_encoder.{name}: must be positive, got {getattr(self, name)!r}")
+        if self.matmul_precision not in ("default", "high", "highest"):
+            raise ConfigError(f"upsample_encoder.matmul_precision: must be default, high or highest, "
+                              f"got {self.matmul_precision!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.output_size // self.attention_heads
+
+    @property
+    def precision(self) -> jax.lax.Precision:
+        return jax.lax.Precision[self.matmul_precision.upper()]
+
+    def output_lengths(self, lengths):
+        return lengths * self.up_stride
+
+    # The reference constructor args that only choose the (single) implemented variant, and the
+    # dropout rates, which are identity at inference.
+    _FIXED = {"input_layer": "linear", "pos_enc_layer_type": "rel_pos_espnet",
+              "selfattention_layer_type": "rel_selfattn", "normalize_before": True}
+    _IGNORED = ("dropout_rate", "positional_dropout_rate", "attention_dropout_rate")
+
+    @classmethod
+    def from_reference(cls, cfg: dict, **overrides) -> "UpsampleEncoderConfig":
+        """From `UpsampleConformerEncoderV2(**kwargs)` args (the yaml `encoder:` block, fixture configs)."""
+        kwargs = {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in cfg.items():
+            if key in cls._FIXED:
+                if value != cls._FIXED[key]:
+                    raise ConfigError(f"upsample_encoder.{key}: only {cls._FIXED[key]!r} is implemented, "
+                                      f"got {value!r}")
+            elif key in cls._IGNORED:
+                continue
+            elif key in names:
+                kwargs[key] = value
+            else:
+                raise ConfigError(f"upsample_encoder: unknown reference key {key!r}")
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------- maths
+
+
+def rel_position_table(length: int, dim: int) -> np.ndarray:
+    """ESPnet's relative position table [2*length - 1, dim], float32 like the reference buffer.
+
+    Row r encodes the relative distance (length - 1) - r: row 0 is +(length-1), the centre row is 0,
+    the last row is -(length-1). Channels 2i / 2i+1 hold sin / cos of distance * w_i with
+    w_i = exp(-2i ln(10000) / dim). Built directly for any length (the reference's 5000-row table,
+    sliced at its centre, holds the same values).
+    """
+    w = np.exp(np.arange(0, dim, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / dim))
+    # distance * w_i rounded to float32 as the reference does, then sin/cos
+    angle = (np.arange(length, dtype=np.float32)[:, None] * w[None, :]).astype(np.float32)
+    pos = np.zeros((length, dim), np.float32)
+    pos[:, 0::2] = np.sin(angle.astype(np.float64))
+    pos[:, 1::2] = np.cos(angle.astype(np.float64))
+    neg = pos.copy()
+    neg[:, 0::2] = -neg[:, 0::2]  # sin(-x) = -sin(x), cos(-x) = cos(x)
+    return np.concatenate([pos[::-1], neg[1:]], axis=0)
+
+
+def rel_shift(bd_raw):
+    """[..., T, 2T-1] scores over relative-table rows -> [..., T, T] with out[i, j] = in[i, (T-1) - i + j]."""
+    t = bd_raw.shape[-2]
+    index = (t - 1) - np.arange(t)[:, None] + np.arange(t)[None, :]
+    index = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (*bd_raw.shape[:-1], t))
+    return jnp.take_along_axis(bd_raw, index, axis=-1)
+
+
+def valid_mask(lengths, t: int):
+    """[B, t] bool: frame < length."""
+    return jnp.arange(t)[None, :] < lengths[:, None]
+
+
+# ---------------------------------------------------------------------------------------- layers
+
+
+def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
+    # two-pass variance like torch
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+
+
+class RelPositionAttention(nn.Module):
+    """ESPnet relative-position multi-head self-attention with learned biases u (content) and v (position)."""
+
+    config: UpsampleEncoderConfig
+
+    @nn.compact
+    def __call__(self, x, pos_table, key_valid):
+        cfg = self.config
+        b, t, _ = x.shape
+        h, dk = cfg.attention_heads, cfg.head_dim
+        dense = functools.partial(nn.Dense, cfg.output_size, precision=cfg.precision)
+        heads = lambda y: y.reshape(*y.shape[:-1], h, dk)  # noqa: E731
+        q = heads(dense(name="linear_q")(x))
+        k = heads(dense(use_bias=cfg.key_bias, name="linear_k")(x))
+        v = heads(dense(name="linear_v")(x))
+        p = heads(dense(use_bias=False, name="linear_pos")(pos_table))  # [2T-1, H, dk]
+        init = nn.initializers.normal(0.02)
+        pos_bias_u = self.param("pos_bias_u", init, (h, dk), jnp.float32)
+        pos_bias_v = self.param("pos_bias_v", init, (h, dk), jnp.float32)
+        ac = jnp.einsum("bthd,bshd->bhts", q + pos_bias_u, k, precision=cfg.precision)
+        bd = jnp.einsum("bthd,rhd->bhtr", q + pos_bias_v, p, precision=cfg.precision)
+        scores = (ac + rel_shift(bd)) / math.sqrt(dk)
+        keep = key_valid[:, None, None, :]
+        # Padded keys get exactly zero weight; a finite floor (not -inf) keeps a row with no valid key
+        # finite, and zeroing after the softmax then gives it a zero output, as the reference does.
+        scores = jnp.where(keep, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jnp.where(keep, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
+        out = jnp.einsum("bhts,bshd->bthd", probs, v, precision=cfg.precision)
+        return dense(name="linear_out")(out.reshape(b, t, cfg.output_size))
+
+
+class ConformerLayer(nn.Module):
+    """x + MHSA(LN(x)); x + w_2(SiLU(w_1(LN(x)))). Returns (x, None) for nn.scan."""
+
+    config: UpsampleEncoderConfig
+
+    @nn.compact
+    def __call__(self, x, pos_table, key_valid):
+        cfg = self.config
+        x = x + RelPositionAttention(cfg, name="self_attn")(
+            _layer_norm(cfg.layer_eps, "norm_mha")(x), pos_table, key_valid)
+        y = _layer_norm(cfg.layer_eps, "norm_ff")(x)
+        y = nn.Dense(cfg.linear_units, precision=cfg.precision, name="w_1")(y)
+        y = nn.Dense(cfg.output_size, precision=cfg.precision, name="w_2")(nn.silu(y))
+        return x + y, None
+
+
+class FeedForwardNames(nn.Module):
+    pass  # placeholder removed below
+
+
+class LinearEmbed(nn.Module):
+    """LinearNoSubsampling + EspnetRelPositionalEncoding: (LN(Linear(x)) * sqrt(d), table for T)."""
+
+    config: UpsampleEncoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        x = nn.Dense(cfg.output_size, precision=cfg.precision, name="linear")(x)
+        x = _layer_norm(cfg.embed_eps, "norm")(x)
+        x = x * math.sqrt(cfg.output_size)
+        return x, jnp.asarray(rel_position_table(x.shape[1], cfg.output_size))
+
+
+class PreLookahead(nn.Module):
+    """x + conv2(left-pad 2)(leaky_relu(conv1(right-pad L)(x), 0.01)); each frame sees L frames ahead."""
+
+    config: UpsampleEncoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        conv = functools.partial(nn.Conv, cfg.output_size, padding="VALID", precision=cfg.precision)
+        y = jnp.pad(x, ((0, 0), (0, cfg.pre_lookahead_len), (0, 0)))
+        y = nn.leaky_relu(conv(kernel_size=(cfg.pre_lookahead_len + 1,), name="conv1")(y), 0.01)
+        y = jnp.pad(y, ((0, 0), (2, 0), (0, 0)))
+        return x + conv(kernel_size=(3,), name="conv2")(y)
+
+
+class Upsample(nn.Module):
+    """Nearest repeat x stride along time, left-pad 2*stride zeros, conv k = 2*stride + 1 (causal)."""
+
+    config: UpsampleEncoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        s = cfg.up_stride
+        y = jnp.repeat(x, cfg.up_scale_factor, axis=1)
+        y = jnp.pad(y, ((0, 0), (2 * s, 0), (0, 0)))
+        return nn.Conv(cfg.output_size, kernel_size=(2 * s + 1,), padding="VALID", precision=cfg.precision,
+                       name="conv")(y)
+
+
+def _layer_stack(cfg: UpsampleEncoderConfig, length: int, name: str):
+    stack = nn.scan(ConformerLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast), length=length)
+    return stack(cfg, name=name)
+
+
+class UpsampleConformerEncoderV2(nn.Module):
+    """xs [B, T, input_size], xs_lens [B] -> (h [B, 2T, output_size], mask [B, 1, 2T] bool).
+
+    Frames past a length are computed too (they are padding). Params: `embed/{linear,norm}`,
+    `pre_lookahead_layer/{conv1,conv2}`, `encoders/...` (stacked, layer axis first), `up_layer/conv`,
+    `up_embed/{linear,norm}`, `up_encoders/...`, `after_norm`.
+    """
+
+    config: UpsampleEncoderConfig = UpsampleEncoderConfig()
+
+    @nn.compact
+    def __call__(self, xs, xs_lens=None):
+        cfg = self.config
+        if xs.ndim != 3 or xs.shape[-1] != cfg.input_size or xs.shape[1] == 0:
+            raise EncoderInputError(f"xs must be [batch, frames > 0, {cfg.input_size}], got {list(xs.shape)}")
+        b, t, _ = xs.shape
+        if xs_lens is None:
+            xs_lens = jnp.full((b,), t, jnp.int32)
+        elif tuple(xs_lens.shape) != (b,):
+            raise EncoderInputError(f"xs_lens must be [{b}], got shape {list(xs_lens.shape)}")
+        lengths = jnp.asarray(xs_lens).astype(jnp.int32)
+        valid = valid_mask(lengths, t)
+
+        x, pos_table = LinearEmbed(cfg, name="embed")(xs.astype(jnp.float32))
+        if cfg.isolate_padding:
+            x = jnp.where(valid[..., None], x, 0.0)
+        x = PreLookahead(cfg, name="pre_lookahead_layer")(x)
+        x, _ = _layer_stack(cfg, cfg.num_blocks, "encoders")(x, pos_table, valid)
+
+        x = Upsample(cfg, name="up_layer")(x)
+        lengths = cfg.output_lengths(lengths)
+        valid = valid_mask(lengths, x.shape[1])
+        x, pos_table = LinearEmbed(cfg, name="up_embed")(x)
+        x, _ = _layer_stack(cfg, cfg.num_up_blocks, "up_encoders")(x, pos_table, valid)
+        x = _layer_norm(cfg.embed_eps, "after_norm")(x)
+        return x, valid[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------- functional API
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _encode(params, xs, xs_lens, config):
+    return UpsampleConformerEncoderV2(config).apply({"params": params}, xs, xs_lens)
+
+
+def encode(params, xs, xs_lens=None, config: UpsampleEncoderConfig = UpsampleEncoderConfig()):
+    """Jitted forward: (h [B, 2T, D], mask [B, 1, 2T] bool). One compile per (B, T)."""
+    xs = jnp.asarray(xs, jnp.float32)
+    if xs_lens is None:
+        xs_lens = jnp.full((xs.shape[0],), xs.shape[1], jnp.int32)
+    lens = np.asarray(xs_lens)
+    if lens.ndim == 1 and xs.ndim == 3 and ((lens < 0) | (lens > xs.shape[1])).any():
+        raise EncoderInputError(f"xs_lens {lens.tolist()} must lie in [0, {xs.shape[1]}]")
+    return _encode(params, xs, jnp.asarray(lens, jnp.int32), config)
+
+
+def init_params(config: UpsampleEncoderConfig = UpsampleEncoderConfig(), key=None) -> dict:
+    """Random params (for tests and benchmarks)."""
+    key = jax.random.PRNGKey(0) if key is None else key
+    xs = jnp.zeros((1, 4, config.input_size), jnp.float32)
+    return jax.jit(lambda k: UpsampleConformerEncoderV2(config).init(k, xs)["params"])(key)
+
+
+def abstract_params(config: UpsampleEncoderConfig = UpsampleEncoderConfig()) -> dict:
+    """The params tree as ShapeDtypeStructs (no memory), for the converter."""
+    xs = jax.ShapeDtypeStruct((1, 4, config.input_size), jnp.float32)
+    return jax.eval_shape(lambda: UpsampleConformerEncoderV2(config).init(jax.random.PRNGKey(0),
+                                                                          jnp.zeros(xs.shape))["params"])

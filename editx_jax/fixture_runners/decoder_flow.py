@@ -1,0 +1,35 @@
+"""Parity runners for the `dit_estimator` and `flow_inference` fixtures (architecture.md §3.4-3.6).
+
+Fixture arrays are channels-first like the reference ((B, 80, T)); our modules are channels-last, so
+the runners transpose on the way in and out. Matmuls run at full float32 precision so that the
+comparison means the same on CPU, GPU and TPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from editx_jax.convert.flow import convert_dit
+
+
+def _frames_last(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.swapaxes(a, 1, 2))  # (B, C, T) <-> (B, T, C)
+
+
+def run_dit(fx) -> dict[str, np.ndarray]:
+    """out_k = DiT(x, mask, mu, t_k, spks, cond) for every t_k in the inputs, as (B, 80, T)."""
+    from editx_jax.decoder.dit import DiTConfig, apply
+
+    config = DiTConfig.from_reference(fx.config)
+    params = convert_dit(fx.weights(), config)
+    inputs = fx.inputs()
+    x, mu, cond = (_frames_last(inputs[k]) for k in ("x", "mu", "cond"))
+    mask = inputs["mask"][:, 0, :] > 0  # (B, 1, T) float -> (B, T) bool
+    run = jax.jit(lambda p, t: apply(p, config, x, mask, mu, t, inputs["spks"], cond))
+    outputs = {}
+    with jax.default_matmul_precision("highest"):
+        for name in sorted(k for k in inputs if k.startswith("t_")):
+            out = run(params, inputs[name])
+            outputs["out_" + name[2:]] = _frames_last(np.asarray(out))
+    return outputs

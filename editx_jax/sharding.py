@@ -1,0 +1,97 @@
+"""Meshes and the logical-axis rules: the one place that maps logical names to mesh axes.
+
+Layers name logical axes only (`embed`, `heads`, `activation_batch`, ...). A rules table maps each
+to mesh axes of the ('data', 'fsdp', 'tensor') mesh; `None` means replicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from editx_jax.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+# The LLM: batch over data x fsdp, weights' embed dim over fsdp (ZeRO-3 style), heads / kv heads /
+# MLP / vocab over tensor (Megatron style). The KV cache follows the activations.
+LLM_RULES: tuple[tuple[str, object], ...] = (
+    ("activation_batch", BATCH),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("cache_batch", BATCH),
+    ("cache_length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+# Decoder and vocoder: weights replicated, batch and time sharded.
+DECODER_RULES: tuple[tuple[str, object], ...] = (
+    ("activation_batch", BATCH),
+    ("activation_length", "tensor"),
+)
+
+# KV cache arrays of models/llm.py: k, v [L, B, S, G, D] and slot positions [B, S].
+CACHE_AXES = {
+    "k": ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"),
+    "v": ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"),
+    "pos": ("cache_batch", "cache_length"),
+}
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh sized by `cfg` (-1 takes the rest of the devices)."""
+    devices = jax.devices() if devices is None else devices
+    shape = cfg.resolve(len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_sharding(logical_tree, mesh: Mesh, rules=LLM_RULES):
+    """NamedShardings for a tree of logical PartitionSpecs (e.g. `param_logical_axes(cfg)`)."""
+    return nn.logical_to_mesh_sharding(logical_tree, mesh, list(rules))
+
+
+def cache_shardings(mesh: Mesh, rules=LLM_RULES) -> dict:
+    return {k: NamedSharding(mesh, nn.logical_to_mesh_axes(v, list(rules))) for k, v in CACHE_AXES.items()}
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch-major inputs ([B, ...]): batch over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_tree(tree, shardings):
+    """Place a tree of host arrays onto devices with the matching tree of shardings."""
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=LLM_RULES):
+    """Activate a mesh and its rules so `nn.with_logical_constraint` in the layers takes effect."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        yield mesh
+
+
+def split_factor(array) -> int:
+    """How many ways an array is split across devices (1 = fully replicated)."""
+    shard = array.sharding.shard_shape(array.shape)
+    return int(np.prod(array.shape) // max(1, np.prod(shard)))

@@ -1,0 +1,365 @@
+"""The vq02 encoder: FunASR's SANM encoder (Paraformer-large online) in its streaming chunk mode.
+
+architecture.md §2.1.2-2.1.3, §7.5, §7.7. The official tokenizer pushes a whole utterance through the
+streaming path, one call per 3840-sample piece of audio (about 4 LFR frames). Each call:
+
+1. scales the features by sqrt(output_size) and adds 1-based *global* sinusoidal positions;
+2. prefixes the window with the last `chunk_size[0] + chunk_size[2]` embedded frames of the previous
+   window (zeros before the first call, and those zeros are attended to);
+3. runs the layers; each attends over [cached k/v ; this window's k/v] with no causal mask and then
+   appends this window's k/v minus its last `chunk_size[2]` frames to the cache, which keeps the last
+   `look_back * chunk_size[1]` frames (the first call keeps all it appends);
+4. keeps the outputs of the new frames.
+
+The per-call step `encode_chunk` is a jitted pure function of (params, state, feats, lens); the
+cache is the explicit `EncoderState` pytree. Rows of a batch may bring different numbers of new
+frames per call (`lens`, right padding), so several clips can stream together and one compiled step
+serves calls of any length up to the padded width: padded frames are masked out of the attention,
+zeroed before the FSMN convolution, and never enter the caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from editx_jax.config import ConfigError
+
+PRECISIONS = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
+              "highest": jax.lax.Precision.HIGHEST}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParaformerEncoderConfig:
+    """SANMEncoderChunkOpt sizes and the streaming driver settings. Defaults are the released model."""
+
+    input_size: int = 560  # n_mels * lfr_m
+    output_size: int = 512
+    attention_heads: int = 4
+    linear_units: int = 2048
+    num_blocks: int = 50  # 1 `encoders0` layer (input_size -> output_size) + num_blocks-1 `encoders`
+    kernel_size: int = 11  # FSMN depthwise conv
+    sanm_shift: int = 0  # FunASR spells it `sanm_shfit`
+    normalize_before: bool = True
+    layer_norm_eps: float = 1e-12
+    chunk_size: tuple[int, int, int] = (0, 4, 5)  # (left overlap, stride, right overlap) in LFR frames
+    look_back: int = 4  # encoder_chunk_look_back: cached chunks of k/v
+    matmul_precision: str = "highest"  # the reference runs fp32 matmuls; codes must match exactly
+
+    def __post_init__(self):
+        object.__setattr__(self, "chunk_size", tuple(int(c) for c in self.chunk_size))
+        for name in ("input_size", "output_size", "attention_heads", "linear_units", "num_blocks",
+                     "kernel_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"paraformer.{name}: must be positive, got {getattr(self, name)}")
+        if self.output_size % self.attention_heads:
+            raise ConfigError(f"paraformer.attention_heads: {self.attention_heads} heads do not divide "
+                              f"output_size {self.output_size}")
+        if self.input_size % 2:
+            raise ConfigError(f"paraformer.input_size: the sinusoidal positions need an even size, "
+                              f"got {self.input_size}")
+        if not 0 <= self.sanm_shift < self.kernel_size - (self.kernel_size - 1) // 2:
+            raise ConfigError(f"paraformer.sanm_shift: must be in [0, {self.kernel_size - (self.kernel_size - 1) // 2}),"
+                              f" got {self.sanm_shift}")
+        if self.layer_norm_eps <= 0:
+            raise ConfigError("paraformer.layer_norm_eps: must be positive")
+        if len(self.chunk_size) != 3 or self.chunk_size[0] < 0 or self.chunk_size[1] <= 0 or self.chunk_size[2] <= 0:
+            # chunk_size[2] = 0 would make the official cache update `k[:, :, :-0]` empty: not a mode we copy
+            raise ConfigError(f"paraformer.chunk_size: expected (left >= 0, stride > 0, right > 0), "
+                              f"got {self.chunk_size}")
+        if self.look_back <= 0:
+            raise ConfigError(f"paraformer.look_back: only a positive encoder look-back is supported, "
+                              f"got {self.look_back}")
+        if self.matmul_precision not in PRECISIONS:
+            raise ConfigError(f"paraformer.matmul_precision: one of {sorted(PRECISIONS)}, "
+                              f"got {self.matmul_precision!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.output_size // self.attention_heads
+
+    @property
+    def overlap_frames(self) -> int:
+        """Embedded input frames carried from one call's window to the next (5 when released)."""
+        return self.chunk_size[0] + self.chunk_size[2]
+
+    @property
+    def cache_frames(self) -> int:
+        """K/V frames kept after the second call on: look_back * stride (16 when released)."""
+        return self.look_back * self.chunk_size[1]
+
+    @property
+    def input_scale(self) -> float:
+        return math.sqrt(self.output_size)  # sqrt(output_size), not sqrt(input_size)
+
+    @property
+    def fsmn_padding(self) -> tuple[int, int]:
+        left = (self.kernel_size - 1) // 2 + self.sanm_shift
+        return left, self.kernel_size - 1 - left
+
+
+class EncoderState(NamedTuple):
+    """The streaming caches of a batch of clips (a pytree).
+
+    start_idx [B]: LFR frames encoded so far (the next position is start_idx + 1).
+    overlap [B, P, input_size]: the last P embedded frames of the previous window.
+    k, v [num_blocks, B, heads, L, head_dim]: cached raw key/value projections, right aligned.
+    cache_len [B]: how many of the L cache slots are valid (the rightmost ones).
+    """
+
+    start_idx: jax.Array
+    overlap: jax.Array
+    k: jax.Array
+    v: jax.Array
+    cache_len: jax.Array
+
+
+def init_state(cfg: ParaformerEncoderConfig, batch: int = 1, first_chunk_frames: int = 0) -> EncoderState:
+    """Empty caches. The first call keeps all `chunk_size[0] + n` k/v frames it appends (the official
+    code truncates only from the second call on), so the buffer holds at least that many."""
+    slots = max(cfg.cache_frames, cfg.chunk_size[0] + first_chunk_frames)
+    kv_shape = (cfg.num_blocks, batch, cfg.attention_heads, slots, cfg.head_dim)
+    return EncoderState(
+        start_idx=jnp.zeros((batch,), jnp.int32),
+        overlap=jnp.zeros((batch, cfg.overlap_frames, cfg.input_size), jnp.float32),
+        k=jnp.zeros(kv_shape, jnp.float32), v=jnp.zeros(kv_shape, jnp.float32), cache_len=jnp.zeros((batch,), jnp.int32))
+
+
+def sinusoid_inv_timescales(depth: int) -> np.ndarray:
+    """exp(-k ln(10000) / (depth/2 - 1)), k = 0..depth/2-1, rounded once to float32."""
+    k = np.arange(depth // 2, dtype=np.float64)
+    return np.exp(-k * np.log(10000.0) / (depth / 2 - 1)).astype(np.float32)
+
+
+def stream_positions(positions: jax.Array, depth: int) -> jax.Array:
+    """StreamSinusoidalPositionEncoder: [sin | cos] (concatenated, not interleaved) of float32 positions."""
+    scaled = positions.astype(jnp.float32)[..., None] * jnp.asarray(sinusoid_inv_timescales(depth))
+    return jnp.concatenate([jnp.sin(scaled), jnp.cos(scaled)], axis=-1)
+
+
+class CallMasks(NamedTuple):
+    """Per-call bookkeeping shared by every layer."""
+
+    cache_valid: jax.Array  # [B, L] which cache slots hold frames
+    window_valid: jax.Array  # [B, W] which window frames are real (overlap + new frames)
+    append: jax.Array  # [B] frames each row appends to its k/v cache this call
+
+
+class SANMAttention(nn.Module):
+    """MultiHeadedAttentionSANM.forward_chunk: cached multi-head attention plus the FSMN memory on v."""
+
+    cfg: ParaformerEncoderConfig
+
+    @nn.compact
+    def __call__(self, x, k_cache, v_cache, masks: CallMasks):
+        cfg = self.cfg
+        precision = PRECISIONS[cfg.matmul_precision]
+        b, w, _ = x.shape
+        heads, d_k = cfg.attention_heads, cfg.head_dim
+        qkv = nn.Dense(3 * cfg.output_size, precision=precision, name="linear_q_k_v")(x)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        to_heads = lambda t: t.reshape(b, w, heads, d_k).transpose(0, 2, 1, 3)  # noqa: E731
+        q_h, k_h, v_h = to_heads(q), to_heads(k), to_heads(v)
+
+        # FSMN memory over this window only, zero padded (padded frames zeroed too), no bias.
+        v_real = jnp.where(masks.window_valid[..., None], v, 0.0)
+        fsmn = nn.Conv(cfg.output_size, (cfg.kernel_size,), padding=[cfg.fsmn_padding],
+                       feature_group_count=cfg.output_size, use_bias=False, precision=precision,
+                       name="fsmn_block")(v_real)
+        memory = v_real + fsmn
+
+        # Attention over [cache ; window], no causal mask: a chunk sees its own future frames.
+        keys = jnp.concatenate([k_cache, k_h], axis=2)
+        values = jnp.concatenate([v_cache, v_h], axis=2)
+        key_valid = jnp.concatenate([masks.cache_valid, masks.window_valid], axis=1)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q_h * d_k ** -0.5, keys, precision=precision)
+        scores = jnp.where(key_valid[:, None, None, :], scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1)
+        att = jnp.einsum("bhqk,bhkd->bhqd", probs, values, precision=precision)
+        att = att.transpose(0, 2, 1, 3).reshape(b, w, cfg.output_size)
+        out = nn.Dense(cfg.output_size, precision=precision, name="linear_out")(att) + memory
+
+        # New cache: the valid old frames, then the first `append` window frames (the window minus
+        # its last chunk_size[2] frames), right aligned in the same number of slots.
+        slots = k_cache.shape[2]
+        index = (jnp.arange(slots)[None, :] + masks.append[:, None])[:, None, :, None]
+        new_k = jnp.take_along_axis(keys, index, axis=2)
+        new_v = jnp.take_along_axis(values, index, axis=2)
+        return out, new_k, new_v
+
+
+class FeedForward(nn.Module):
+    cfg: ParaformerEncoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        precision = PRECISIONS[self.cfg.matmul_precision]
+        h = nn.relu(nn.Dense(self.cfg.linear_units, precision=precision, name="w_1")(x))
+        return nn.Dense(self.cfg.output_size, precision=precision, name="w_2")(h)
+
+
+def _layer_norm(cfg, name):
+    # Two-pass variance like torch; 1e-12 everywhere in this model.
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_fast_variance=False, name=name)
+
+
+class SANMEncoderLayer(nn.Module):
+    """EncoderLayerSANM.forward_chunk. The attention residual exists only when in_size == output_size
+    (so the 560 -> 512 `encoders0` layer has none)."""
+
+    cfg: ParaformerEncoderConfig
+    in_size: int
+
+    @nn.compact
+    def __call__(self, x, k_cache, v_cache, masks: CallMasks):
+        cfg = self.cfg
+        residual = x
+        h = _layer_norm(cfg, "norm1")(x) if cfg.normalize_before else x
+        att, new_k, new_v = SANMAttention(cfg, name="self_attn")(h, k_cache, v_cache, masks)
+        x = residual + att if self.in_size == cfg.output_size else att
+        if not cfg.normalize_before:
+            x = _layer_norm(cfg, "norm1")(x)
+        residual = x
+        h = _layer_norm(cfg, "norm2")(x) if cfg.normalize_before else x
+        x = residual + FeedForward(cfg, name="feed_forward")(h)
+        if not cfg.normalize_before:
+            x = _layer_norm(cfg, "norm2")(x)
+        return x, (new_k, new_v)
+
+
+class ParaformerEncoder(nn.Module):
+    """SANMEncoderChunkOpt.forward_chunk for one call. Params: `encoders0/...`, `encoders/...` (the
+    num_blocks-1 same-size layers, stacked on a leading axis for nn.scan) and `after_norm`."""
+
+    cfg: ParaformerEncoderConfig
+
+    @nn.compact
+    def __call__(self, feats, lens, state: EncoderState):
+        """feats [B, n, input_size] new LFR frames (row b's first lens[b] are real) ->
+        (outputs [B, n, output_size] for those frames, new state)."""
+        cfg = self.cfg
+        p = cfg.overlap_frames
+        b, n, _ = feats.shape
+        lens = lens.astype(jnp.int32)
+
+        x = feats.astype(jnp.float32) * cfg.input_scale
+        x = x + stream_positions(state.start_idx[:, None] + 1 + jnp.arange(n)[None, :], cfg.input_size)
+        window = jnp.concatenate([state.overlap, x], axis=1)  # [B, p + n, input_size]
+        new_overlap = jnp.take_along_axis(window, (lens[:, None] + jnp.arange(p)[None, :])[..., None], axis=1)
+
+        slots = state.k.shape[3]
+        append = jnp.where(lens > 0, cfg.chunk_size[0] + lens, 0)
+        first = state.start_idx == 0
+        new_len = jnp.where(first, append, jnp.minimum(state.cache_len + append, cfg.cache_frames))
+        new_len = jnp.minimum(jnp.where(lens > 0, new_len, state.cache_len), slots)
+        masks = CallMasks(
+            cache_valid=jnp.arange(slots)[None, :] >= slots - state.cache_len[:, None],
+            window_valid=jnp.arange(p + n)[None, :] < p + lens[:, None],
+            append=append)
+
+        h, (k0, v0) = SANMEncoderLayer(cfg, cfg.input_size, name="encoders0")(
+            window, state.k[0], state.v[0], masks)
+        new_k, new_v = [k0[None]], [v0[None]]
+        if cfg.num_blocks > 1:
+            layers = nn.scan(SANMEncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(0, 0, nn.broadcast), length=cfg.num_blocks - 1)
+            h, (ks, vs) = layers(cfg, cfg.output_size, name="encoders")(h, state.k[1:], state.v[1:], masks)
+            new_k.append(ks)
+            new_v.append(vs)
+        if cfg.normalize_before:
+            h = _layer_norm(cfg, "after_norm")(h)
+
+        new_state = EncoderState(start_idx=state.start_idx + lens, overlap=new_overlap,
+                                 k=jnp.concatenate(new_k), v=jnp.concatenate(new_v), cache_len=new_len)
+        return h[:, p:], new_state
+
+
+def init_params(cfg: ParaformerEncoderConfig, rng=None, chunk_frames: int = 4) -> dict:
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    feats = jnp.zeros((1, chunk_frames, cfg.input_size), jnp.float32)
+    init = jax.jit(ParaformerEncoder(cfg).init)  # eager init of the scanned layers is slow
+    return init(rng, feats, jnp.full((1,), chunk_frames, jnp.int32), init_state(cfg))["params"]
+
+
+def random_params(cfg: ParaformerEncoderConfig, seed: int = 0) -> dict:
+    """Random weights of the right shapes without tracing the model (fast at any size): kernels
+    N(0, 1/fan_in), biases 0.1 N, LayerNorm scales 1 + 0.1 N. For tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, spec):
+        shape, name = spec.shape, path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(shape[-3:-1])) if "fsmn_block" in str(path) else shape[-2]
+            return rng.standard_normal(shape, np.float32) * np.float32(fan_in ** -0.5)
+        base = 1.0 if name == "scale" else 0.0
+        return (base + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract_params(cfg))
+
+
+def abstract_params(cfg: ParaformerEncoderConfig) -> dict:
+    """Shapes and dtypes of the params tree, without allocating it."""
+    return jax.eval_shape(lambda: init_params(cfg))
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="state")
+def encode_chunk(params, state: EncoderState, feats, lens, *, cfg: ParaformerEncoderConfig):
+    """One streaming call: (params, state, feats [B, n, input_size], lens [B]) -> (out, new state)."""
+    return ParaformerEncoder(cfg).apply({"params": params}, feats, lens, state)
+
+
+class StreamError(ValueError):
+    """Features and chunk lengths that do not describe a stream."""
+
+
+def encode_stream(params, cfg: ParaformerEncoderConfig, feats, chunk_lens) -> tuple[np.ndarray, np.ndarray]:
+    """Run the streaming encoder over whole clips, one call per chunk, as the official driver does.
+
+    feats [B, T, input_size]: each row's LFR frames back to back (right padded); chunk_lens
+    [n_chunks] (shared) or [B, n_chunks]: how many frames each call brings per row (0 allowed).
+    Every call is padded to the widest chunk, so one compiled step serves the whole stream.
+    Returns (enc_out [B, T_out, output_size], out_lens [B]) with T_out = max total frames.
+    """
+    feats = np.asarray(feats, np.float32)
+    if feats.ndim != 3 or feats.shape[2] != cfg.input_size:
+        raise StreamError(f"feats must be [batch, frames, {cfg.input_size}], got shape {list(feats.shape)}")
+    batch = feats.shape[0]
+    lens = np.asarray(chunk_lens, np.int64)
+    if lens.ndim == 1:
+        lens = np.broadcast_to(lens, (batch, lens.shape[0]))
+    if lens.ndim != 2 or lens.shape[0] != batch:
+        raise StreamError(f"chunk_lens must be [n_chunks] or [{batch}, n_chunks], got shape {list(lens.shape)}")
+    if lens.size == 0 or (lens < 0).any():
+        raise StreamError("chunk_lens must be non-negative and name at least one chunk")
+    totals = lens.sum(axis=1)
+    if (totals > feats.shape[1]).any():
+        raise StreamError(f"chunk_lens add up to {int(totals.max())} frames but feats has {feats.shape[1]}")
+    width = int(lens.max())
+    if width == 0:
+        return np.zeros((batch, 0, cfg.output_size), np.float32), totals.astype(np.int32)
+
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)  # to the device once, not per call
+    offsets = np.concatenate([np.zeros((batch, 1), np.int64), np.cumsum(lens, axis=1)], axis=1)
+    first = np.array([row[row > 0][0] if (row > 0).any() else 0 for row in lens])
+    state = init_state(cfg, batch, int(first.max()))
+    out = np.zeros((batch, int(totals.max()), cfg.output_size), np.float32)
+    frames = np.arange(width)
+    for i in range(lens.shape[1]):
+        n = lens[:, i]
+        if not n.any():
+            continue
+        index = np.minimum(offsets[:, i, None] + frames[None, :], feats.shape[1] - 1)
+        chunk = np.take_along_axis(feats, index[..., None], axis=1)
+        chunk = np.where((frames[None, :] < n[:, None])[..., None], chunk, 0.0)
+        y, state = encode_chunk(params, state, jnp.asarray(chunk), jnp.asarray(n, jnp.int32), cfg=cfg)
+        y = np.asarray(y)
+        for row in np.flatnonzero(n):
+            out[row, offsets[row, i]:offsets[row, i + 1]] = y[row, :n[row]]
+    return out, totals.astype(np.int32)

@@ -1,0 +1,150 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from editx_jax.config import GenerationConfig, LLMConfig
+from editx_jax.generate import decode, sampling
+from editx_jax.generate.decode import PromptTooLongError, from_padded, generate
+from editx_jax.models import llm
+
+CFG = LLMConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_heads=6, num_groups=2, num_layers=2,
+                max_seq_len=512)
+GREEDY = GenerationConfig(greedy=True, max_new_tokens=10, max_length=512, repetition_window=0, drop_last=False,
+                          min_prompt_bucket=16)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return llm.init_params(CFG, jax.random.key(7))
+
+
+def prompts_of(lengths, seed=0):
+    rng = np.random.RandomState(seed)
+    return [list(map(int, rng.randint(4, 256, n))) for n in lengths]
+
+
+def recompute_greedy(params, prompt, n):
+    """Greedy without a cache: the whole sequence again for every token. The buffer has a fixed
+    length (one compile); causality makes the unfilled tail irrelevant to position len(seq) - 1."""
+    buf = np.zeros((1, len(prompt) + n), np.int32)
+    buf[0, :len(prompt)] = prompt
+    for t in range(len(prompt), len(prompt) + n):
+        buf[0, t] = int(np.argmax(llm.forward(params, CFG, buf)[0, t - 1]))
+    return list(buf[0, len(prompt):])
+
+
+def test_cached_greedy_equals_full_recompute(params):
+    prompt = prompts_of([9])[0]
+    out = generate(params, CFG, GREEDY, [prompt], return_logits=True)
+    assert out.tokens[0] == recompute_greedy(params, prompt, 10)
+    assert out.logits.shape == (1, 10, 256)
+
+
+def test_batch_rows_equal_each_prompt_alone(params):
+    prompts = prompts_of([3, 17, 8, 12], seed=1)
+    batch = generate(params, CFG, GREEDY, prompts).tokens
+    for p, row in zip(prompts, batch):
+        assert row == generate(params, CFG, GREEDY, [p]).tokens[0]
+
+
+def test_left_and_right_padded_arrays(params):
+    prompts = prompts_of([5, 9], seed=2)
+    right = np.zeros((2, 9), np.int64)
+    left = np.zeros((2, 9), np.int64)
+    mask_r, mask_l = np.zeros((2, 9)), np.zeros((2, 9))
+    for i, p in enumerate(prompts):
+        right[i, :len(p)], mask_r[i, :len(p)] = p, 1
+        left[i, 9 - len(p):], mask_l[i, 9 - len(p):] = p, 1
+    assert from_padded(right, mask_r) == prompts == from_padded(left, mask_l)
+    want = generate(params, CFG, GREEDY, prompts).tokens
+    assert generate(params, CFG, GREEDY, from_padded(right, mask_r)).tokens == want
+
+
+def test_lengths_in_one_bucket_do_not_recompile(params):
+    generate(params, CFG, GREEDY, prompts_of([5]))
+    before = (decode.prefill._cache_size(), decode.decode._cache_size())
+    for n in (3, 7, 11, 16):
+        generate(params, CFG, GREEDY, prompts_of([n], seed=n))
+    assert (decode.prefill._cache_size(), decode.decode._cache_size()) == before
+
+
+def test_per_row_stop_on_eos_and_drop_last(params):
+    prompts = prompts_of([6, 6], seed=3)
+    free = generate(params, CFG, GREEDY, prompts).tokens
+    # Make the first row's 4th token the EOS id by biasing the head: instead, pick eos = that token.
+    eos = free[0][3]
+    cfg = LLMConfig(**{**CFG.__dict__, "eos_id": eos})
+    rows = generate(params, cfg, GREEDY, prompts).tokens
+    assert rows[0] == free[0][:free[0].index(eos) + 1]
+    if eos not in free[1]:
+        assert rows[1] == free[1]
+    dropped = generate(params, cfg, GenerationConfig(**{**GREEDY.__dict__, "drop_last": True}), prompts).tokens
+    assert dropped[0] == rows[0][:-1]
+
+
+def test_max_length_counts_the_prompt(params):
+    gen = GenerationConfig(**{**GREEDY.__dict__, "max_length": 20, "max_new_tokens": 100})
+    rows = generate(params, CFG, gen, prompts_of([15, 4], seed=4)).tokens
+    assert [len(r) for r in rows[:1]] == [5]
+    assert len(rows[1]) <= 16
+
+
+def test_prompt_too_long_and_bad_ids(params):
+    gen = GenerationConfig(**{**GREEDY.__dict__, "max_length": 8})
+    with pytest.raises(PromptTooLongError, match="max_length"):
+        generate(params, CFG, gen, prompts_of([8]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(params, CFG, GREEDY, [[1, 2, 300]])
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(params, CFG, GREEDY, [[]])
+
+
+def test_sampling_is_reproducible_with_a_key(params):
+    gen = GenerationConfig(max_new_tokens=12, max_length=512, min_prompt_bucket=16)
+    prompts = prompts_of([7, 4], seed=5)
+    a = generate(params, CFG, gen, prompts, key=jax.random.key(3)).tokens
+    b = generate(params, CFG, gen, prompts, key=jax.random.key(3)).tokens
+    c = generate(params, CFG, gen, prompts, key=jax.random.key(4)).tokens
+    assert a == b and a != c
+
+
+def reference_repetition_rule(seq, logits, window=10, ratio=0.1):
+    """The official processor, written plainly: per row over the whole sequence."""
+    out = logits.copy()
+    if len(seq) >= window:
+        last = seq[-1]
+        if seq[-window:].count(last) / window > ratio:
+            out[last] = -np.inf
+    return out
+
+
+def test_repetition_rule_matches_the_official_processor():
+    rng = np.random.RandomState(0)
+    for trial in range(200):
+        n = rng.randint(1, 16)
+        seq = list(rng.randint(0, 6, n))
+        logits = rng.randn(6).astype(np.float32)
+        recent = np.full(10, -1, np.int32)
+        tail = seq[-10:]
+        recent[10 - len(tail):] = tail
+        got = sampling.ban_repeats(jnp.asarray(logits[None]), jnp.asarray(recent[None]), jnp.asarray([n]), 10, 0.1)
+        np.testing.assert_array_equal(np.asarray(got[0]), reference_repetition_rule(seq, logits))
+
+
+def test_top_k_and_top_p_filters():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    assert np.isfinite(np.asarray(sampling.top_k_filter(logits, 2))).sum() == 2
+    kept = np.isfinite(np.asarray(sampling.top_p_filter(logits, 0.7)))
+    np.testing.assert_array_equal(kept[0], [True, True, False, False])
+    kept = np.isfinite(np.asarray(sampling.top_p_filter(logits, 0.01)))
+    np.testing.assert_array_equal(kept[0], [True, False, False, False])
+
+
+def test_sample_honours_temperature_and_top_k():
+    logits = jnp.asarray([[2.0, 1.0, 0.5, -1.0, -3.0]] * 4000)
+    gen = GenerationConfig(temperature=0.7, top_k=2, repetition_window=0)
+    ids = np.asarray(sampling.sample(logits, jax.random.key(0), gen))
+    assert set(np.unique(ids)) <= {0, 1}
+    p0 = 1 / (1 + np.exp((1.0 - 2.0) / 0.7))
+    assert abs((ids == 0).mean() - p0) < 0.03

@@ -1,0 +1,130 @@
+"""Step1 prefill / decode speed on this machine, against its own memory-bandwidth roofline.
+
+    python tools/bench_llm.py --config configs/llm_300m.yaml --batch 1 --prompt-len 512 --new-tokens 128
+
+Prints compile times, prefill and decode tokens/s, peak memory, and decode speed as a fraction of
+the roofline: each decode step must read every weight (one embedding row) and the whole KV cache once, so its floor is
+(param bytes + cache bytes) / copy bandwidth, with the bandwidth measured here in the same run.
+Random weights; the numbers are about speed, not output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import resource
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from editx_jax.config import add_config_args, load_config  # noqa: E402
+from editx_jax.generate.decode import bucket, decode, prefill  # noqa: E402
+from editx_jax.models import llm  # noqa: E402
+
+
+def tree_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def copy_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes/s of a device-side in-place copy (one read + one write per byte; the buffer is
+    donated, so no fresh allocation is timed)."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
+    x = copy(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x = copy(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n_bytes / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def peak_memory_bytes() -> tuple[str, int]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return "device peak", int(stats["peak_bytes_in_use"])
+    return "host peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_args(parser, default="configs/llm_300m.yaml")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    config = load_config(args.config, args.overrides)
+    # No early stop: an EOS id the random model will practically never sample.
+    cfg = dataclasses.replace(config.llm, eos_id=config.llm.vocab_size - 1)
+    gen = dataclasses.replace(config.generation, max_new_tokens=args.new_tokens)
+    b, p, n = args.batch, bucket(args.prompt_len, 1), args.new_tokens
+    cache_len = bucket(p + n, 1)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  params: {cfg.num_params / 1e6:.1f}M "
+          f"{cfg.param_dtype}/{cfg.dtype}  batch {b}  prompt {p}  new {n}  cache {cache_len}")
+
+    params = llm.init_params(cfg, jax.random.key(0))
+    rng = np.random.RandomState(0)
+    tokens = jnp.asarray(rng.randint(5, 65536, (b, p)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    recent = tokens[:, -max(gen.repetition_window, 1):]
+    lengths = jnp.full((b,), p, jnp.int32)
+    budget = jnp.full((b,), n, jnp.int32)
+
+    t = time.perf_counter()
+    c_prefill = prefill.lower(params, cfg, tokens, positions, llm.init_cache(cfg, b, cache_len)).compile()
+    t_compile_prefill = time.perf_counter() - t
+    last, cache = c_prefill(params, tokens, positions, llm.init_cache(cfg, b, cache_len))
+    decode_args = (params, cfg, gen, cache, last, recent, lengths, budget, jax.random.key(1), p, n)
+    t = time.perf_counter()
+    c_decode = decode.lower(*decode_args, room=cache_len - p).compile()
+    t_compile_decode = time.perf_counter() - t
+
+    prefill_times, decode_times = [], []
+    for _ in range(args.repeats):
+        fresh = llm.init_cache(cfg, b, cache_len)
+        jax.block_until_ready(fresh)
+        t = time.perf_counter()
+        last, cache = c_prefill(params, tokens, positions, fresh)
+        jax.block_until_ready(last)
+        prefill_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out, count, _, steps, cache = c_decode(params, cache, last, recent, lengths, budget, jax.random.key(1), p, n)
+        jax.block_until_ready(out)
+        decode_times.append(time.perf_counter() - t)
+    steps = int(steps)
+    t_prefill, t_decode = min(prefill_times), min(decode_times)
+
+    bandwidth = copy_bandwidth()
+    # Every weight is read once per step except the embedding table, of which one row per sequence is.
+    embedding = params["embed"]["embedding"]
+    bytes_per_step = (tree_bytes(params) - embedding.nbytes + b * embedding[0].nbytes
+                      + tree_bytes({"k": cache["k"], "v": cache["v"]}))
+    step_time = t_decode / max(steps, 1)
+    roofline = bytes_per_step / bandwidth
+    kind, peak = peak_memory_bytes()
+    print(f"compile: prefill {t_compile_prefill:.1f} s, decode {t_compile_decode:.1f} s")
+    print(f"prefill: {b * p / t_prefill:,.0f} tokens/s ({t_prefill * 1e3:.1f} ms for {b}x{p})")
+    print(f"decode:  {b * steps / t_decode:,.1f} tokens/s ({step_time * 1e3:.2f} ms/step over {steps} steps)")
+    print(f"memory bandwidth (measured copy): {bandwidth / 1e9:.1f} GB/s; bytes read per decode step: "
+          f"{bytes_per_step / 1e9:.3f} GB -> roofline {roofline * 1e3:.2f} ms/step")
+    print(f"decode speed = {roofline / step_time:.1%} of the memory-bandwidth roofline")
+    print(f"{kind}: {peak / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

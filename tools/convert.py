@@ -1,0 +1,69 @@
+"""Convert released checkpoints into editx-jax checkpoint folders, and export them back.
+
+    python tools/convert.py llm SRC DST [--dtype bfloat16|float32]
+    python tools/convert.py export-llm CKPT DST [--dtype bfloat16|float32]
+
+Each subcommand is one entry of SUBCOMMANDS: name -> (function, help). The function is called as
+`function(src, dst, progress=..., [dtype=...])` and returns a summary dict that is printed as JSON.
+A new converter adds its entry in a few lines. Bad input prints one `error: ...` line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _llm(src, dst, progress=True, dtype=None):
+    from editx_jax.convert.llm import convert_llm
+    return convert_llm(src, dst, dtype=dtype or "bfloat16", progress=progress)
+
+
+def _export_llm(src, dst, progress=True, dtype=None):
+    from editx_jax.convert.llm import export_llm
+    return export_llm(src, None, dst, dtype=dtype, progress=progress)
+
+
+SUBCOMMANDS = {
+    "llm": (_llm, "released Step1 LLM folder (config.json + model*.safetensors) -> checkpoint folder "
+                  "(default dtype bfloat16)"),
+    "export-llm": (_export_llm, "LLM checkpoint folder -> model-00001.safetensors + index + config.json "
+                                "with the PyTorch names (default: keep the stored dtype)"),
+}
+
+DTYPE_CHOICES = ("bfloat16", "float32", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("src", metavar="SRC")
+        p.add_argument("dst", metavar="DST")
+        p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="dtype of the written params")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    function, _ = SUBCOMMANDS[args.command]
+    from editx_jax.config import ConfigError
+    from editx_jax.convert.keymap import ConversionError
+    try:
+        summary = function(args.src, args.dst, progress=not args.quiet, dtype=args.dtype)
+    except (ConversionError, ConfigError, FileNotFoundError, ValueError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (no partial output was left in place)", file=sys.stderr)
+        return 130
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
