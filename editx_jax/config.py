@@ -164,6 +164,106 @@ class MeshConfig:
         return tuple(sizes)
 
 
+SCHEDULES = ("cosine", "linear", "constant")
+LOSS_NORMS = ("global_token_mean", "micro_batch_mean")
+OVERLONG = ("truncate", "drop", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW on float32 master weights. Defaults are upstream's SFT preset (training.md §1)."""
+
+    learning_rate: float = 2e-5
+    schedule: str = "cosine"  # warmup then cosine / linear decay to end_lr_ratio * lr, or constant
+    warmup_ratio: float = 0.03  # of train.steps; upstream: warmup steps = ceil(ratio * total)
+    end_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0  # global gradient norm; 0 disables
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
+        _check(self.schedule in SCHEDULES, "optimizer.schedule", f"one of {SCHEDULES}, got {self.schedule!r}")
+        _check(0 <= self.warmup_ratio < 1, "optimizer.warmup_ratio", "must be in [0, 1)")
+        _check(0 <= self.end_lr_ratio <= 1, "optimizer.end_lr_ratio", "must be in [0, 1]")
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optimizer.b1", "betas must be in [0, 1)")
+        _check(self.eps > 0, "optimizer.eps", "must be > 0")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+        _check(self.clip_norm >= 0, "optimizer.clip_norm", "must be >= 0 (0 disables clipping)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Upstream JSONL records (training.md §2) -> packed token batches."""
+
+    train: str = ""  # JSONL file(s), comma-separated, read in order
+    eval: str = ""  # held-out JSONL for teacher-forced NLL / accuracy; "" disables
+    text_tokenizer: str = "bytes"  # "bytes" (UTF-8 byte ids, tests/demos) or a tokenizer.model / model folder
+    audio_id_base: int = 65536  # the model's id of <audio_0>; records carry 65536 + code
+    audio_codes: int = 5120  # codes per record id: 1024 vq02 + 4096 vq06
+    max_length: int = 1536  # tokens per sequence (upstream SFT max_length) and per packed row
+    overlong: str = "truncate"  # longer records: truncate the completion (counted), drop, or error
+    pack: bool = True  # first-fit packing with segment ids; false: one example per row, padded
+    packing_bins: int = 0  # first-fit bins held open; 0 = rows per process batch
+    eos_in_loss: bool = True  # train <|EOT|> after every completion (upstream SFT does not)
+    upstream_compat: bool = False  # reproduce upstream SFT exactly: no <|EOT|> in completion or loss
+    strict: bool = False  # fail on the first malformed record instead of counting and skipping it
+    shuffle: bool = True
+    seed: int = 42
+    num_epochs: int = 0  # 0 = repeat forever (train.steps bounds the run)
+    prefetch: int = 2  # batches prefetched by a background thread; 0 disables
+
+    def __post_init__(self):
+        _check(self.max_length > 1, "data.max_length", "must be > 1")
+        _check(self.overlong in OVERLONG, "data.overlong", f"one of {OVERLONG}, got {self.overlong!r}")
+        _check(self.audio_id_base >= 0, "data.audio_id_base", "must be >= 0")
+        _check(self.audio_codes > 0, "data.audio_codes", "must be > 0")
+        _check(self.packing_bins >= 0, "data.packing_bins", "must be >= 0")
+        _check(self.num_epochs >= 0, "data.num_epochs", "must be >= 0")
+        _check(self.prefetch >= 0, "data.prefetch", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax train-state checkpoints (train state + data iterator), written asynchronously."""
+
+    every: int = 100  # steps between saves; a final save always happens at the end
+    keep: int = 2
+    async_save: bool = True
+
+    def __post_init__(self):
+        _check(self.every > 0, "checkpoint.every", "must be > 0")
+        _check(self.keep > 0, "checkpoint.keep", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One SFT run: batch geometry, loss normalisation, logging and evaluation cadence."""
+
+    steps: int = 1000
+    batch_size: int = 128  # rows (packed sequences) per optimizer step, all processes together
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    loss_norm: str = "global_token_mean"  # or "micro_batch_mean" (upstream HF Trainer)
+    seed: int = 42
+    output_dir: str = "runs/sft"
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end (when data.eval is set)
+    eval_batches: int = 0  # 0: the whole held-out set
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.steps > 0, "train.steps", "must be > 0")
+        _check(self.batch_size > 0, "train.batch_size", "must be > 0")
+        _check(self.grad_accum > 0, "train.grad_accum", "must be > 0")
+        _check(self.batch_size % self.grad_accum == 0, "train.grad_accum",
+               f"{self.grad_accum} does not divide batch_size {self.batch_size}")
+        _check(self.loss_norm in LOSS_NORMS, "train.loss_norm", f"one of {LOSS_NORMS}, got {self.loss_norm!r}")
+        _check(self.log_every > 0, "train.log_every", "must be > 0")
+        _check(self.eval_every >= 0 and self.eval_batches >= 0, "train.eval_every", "must be >= 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole preset: one section per component."""
@@ -171,6 +271,10 @@ class Config:
     llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
 
 # ---------------------------------------------------------------- building from dicts / YAML

@@ -40,6 +40,10 @@ RUNNERS: dict[str, str] = {
     "linguistic_kmeans": "editx_jax.fixture_runners.paraformer:run_kmeans",
     "s3tokenizer_v1": "editx_jax.fixture_runners.s3tokenizer:run_tokenizer",
     "dual_codebook_interleave": "editx_jax.fixture_runners.codebook:run_interleave",
+    "dual_codebook_embedding": "editx_jax.fixture_runners.decoder_flow_encoder:run_dual_codebook_embedding",
+    "upsample_encoder_v2": "editx_jax.fixture_runners.decoder_flow_encoder:run_upsample_encoder",
+    "dit_estimator": "editx_jax.fixture_runners.decoder_flow:run_dit",
+    "flow_inference": "editx_jax.fixture_runners.decoder_flow:run_flow_inference",
 }
 
 

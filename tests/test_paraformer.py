@@ -13,7 +13,7 @@ from editx_jax.convert import paraformer as convert_paraformer
 from editx_jax.parity import Fixture, check_fixture
 from editx_jax.tokenizer.codebook import nearest_centroid, quantize_vq02
 from editx_jax.tokenizer.paraformer import (ParaformerEncoderConfig, StreamError, encode_stream,
-                                            init_params)
+                                            random_params, window_plan)
 
 ENCODER_FIXTURE = FIXTURES / "paraformer_encoder"
 
@@ -93,30 +93,28 @@ def _reference_stream(sd, cfg: ParaformerEncoderConfig, feats, chunk_lens):
 
 
 def _random_state_dict(cfg, seed=0):
-    params = init_params(cfg, rng=__import__("jax").random.PRNGKey(seed))
-    rng = np.random.default_rng(seed)
-    sd = convert_paraformer.export_state_dict(params)
-    # LayerNorms and biases start as 1 / 0; randomise them so the test can see a wrong mapping.
-    return {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in sd.items()}
+    return convert_paraformer.export_state_dict(random_params(cfg, seed))
 
 
 @pytest.mark.parametrize("chunk_size,look_back,lens", [
     ((0, 4, 5), 4, [4, 4, 4, 4, 4, 4, 2]),
     ((1, 3, 2), 1, [6, 3, 3, 0, 3, 1]),  # first call longer than the look-back cache; an empty call
 ])
-def test_matches_plain_reference(chunk_size, look_back, lens):
+@pytest.mark.parametrize("method", ["parallel", "sequential"])
+def test_matches_plain_reference(chunk_size, look_back, lens, method):
     cfg = ParaformerEncoderConfig(input_size=24, output_size=16, attention_heads=2, linear_units=20,
                                   num_blocks=3, kernel_size=5, chunk_size=chunk_size, look_back=look_back)
     sd = _random_state_dict(cfg)
     params, _ = convert_paraformer.convert_state_dict(sd, cfg)
     feats = np.random.default_rng(1).standard_normal((sum(lens), cfg.input_size)).astype(np.float32)
     want = _reference_stream(sd, cfg, feats, [n for n in lens if n])
-    got, out_lens = encode_stream(params, cfg, feats[None], lens)
+    got, out_lens = encode_stream(params, cfg, feats[None], lens, method=method)
     assert out_lens.tolist() == [sum(lens)]
     np.testing.assert_allclose(got[0], want, atol=2e-4, rtol=1e-4)
 
 
-def test_batched_rows_match_single_rows():
+@pytest.mark.parametrize("method", ["parallel", "sequential"])
+def test_batched_rows_match_single_rows(method):
     """Clips of different lengths streamed together give each clip's output as alone."""
     fx = Fixture.load(ENCODER_FIXTURE)
     cfg = convert_paraformer.config_from_funasr(fx.config)
@@ -125,10 +123,10 @@ def test_batched_rows_match_single_rows():
     other = np.random.default_rng(3).standard_normal(feats.shape).astype(np.float32)
     short = np.array([3, 4, 4, 4, 1] + [0] * (len(lens) - 5))  # ends early, with a 3-frame first chunk
     batch = np.stack([feats, other])
-    got, out_lens = encode_stream(params, cfg, batch, np.stack([lens, short]))
+    got, out_lens = encode_stream(params, cfg, batch, np.stack([lens, short]), method=method)
     assert out_lens.tolist() == [lens.sum(), short.sum()]
-    alone0, _ = encode_stream(params, cfg, feats[None], lens)
-    alone1, _ = encode_stream(params, cfg, other[None, :short.sum()], short[short > 0])
+    alone0, _ = encode_stream(params, cfg, feats[None], lens, method="sequential")
+    alone1, _ = encode_stream(params, cfg, other[None, :short.sum()], short[short > 0], method="sequential")
     np.testing.assert_allclose(got[0], alone0[0], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got[1, :short.sum()], alone1[0], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got[0], fx.outputs()["enc_out"][0], atol=2e-4, rtol=1e-4)
@@ -136,15 +134,31 @@ def test_batched_rows_match_single_rows():
 
 def test_stream_bad_input():
     cfg = ParaformerEncoderConfig(output_size=16, attention_heads=2, linear_units=8, num_blocks=2)
-    params = init_params(cfg)
+    params = random_params(cfg)
+    with pytest.raises(StreamError, match="method"):
+        encode_stream(params, cfg, np.zeros((1, 8, 560)), [4, 4], method="fast")
+    with pytest.raises(StreamError, match="integers"):
+        encode_stream(params, cfg, np.zeros((1, 8, 560)), [4.0, 4.0])
     with pytest.raises(StreamError, match="feats must be"):
         encode_stream(params, cfg, np.zeros((1, 8, 80)), [4, 4])
     with pytest.raises(StreamError, match="add up to"):
         encode_stream(params, cfg, np.zeros((1, 7, 560)), [4, 4])
     with pytest.raises(StreamError, match="non-negative"):
         encode_stream(params, cfg, np.zeros((1, 8, 560)), [4, -1])
-    out, lens = encode_stream(params, cfg, np.zeros((1, 0, 560)), [0])
-    assert out.shape == (1, 0, 16) and lens.tolist() == [0]
+    for method in ("parallel", "sequential"):
+        out, lens = encode_stream(params, cfg, np.zeros((1, 0, 560)), [0], method=method)
+        assert out.shape == (1, 0, 16) and lens.tolist() == [0]
+
+
+def test_window_plan_replays_the_official_cache():
+    cfg = ParaformerEncoderConfig()  # overlap 5, cache 16 frames
+    plan = window_plan(cfg, np.array([[4, 4, 4, 4, 4, 2]]), frames=22)
+    w = 9  # 5 + 4
+    assert plan.rows[-1] == (0, 20, 2)
+    assert plan.positions[1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # 5 frames before call 2: a zero, then 1..4
+    # call 1 caches window 0's first 4 frames (the zero prefix); call 5 sees the last 16 appended
+    assert plan.cache_index[1].tolist() == [-1] * 12 + [0, 1, 2, 3]
+    assert plan.cache_index[5].tolist() == [w * r + t for r in (1, 2, 3, 4) for t in range(4)]
 
 
 @pytest.mark.parametrize("field,value", [("output_size", 30), ("chunk_size", (0, 4, 0)), ("look_back", 0),
@@ -284,3 +298,16 @@ def test_nearest_centroid_exact_points_and_ties():
     with pytest.raises(ValueError, match="cannot quantize"):
         quantize_vq02(np.zeros((5, 3)), codebook)
     assert quantize_vq02(np.zeros((0, 2)), codebook).shape == (0,)
+
+
+def test_waveform_to_encoder_output():
+    """The fixture's waveform through our online front end and encoder gives the reference enc_out."""
+    frontend = pytest.importorskip("editx_jax.tokenizer.frontend")
+    fx = Fixture.load(ENCODER_FIXTURE)
+    inputs = fx.inputs()
+    feats, lens = frontend.wav_frontend_online(inputs["waveform"], inputs["cmvn"])
+    assert list(lens) == inputs["chunk_lens"].tolist()
+    cfg = convert_paraformer.config_from_funasr(fx.config)
+    params, _ = convert_paraformer.convert_state_dict(fx.weights(), cfg)
+    enc, _ = encode_stream(params, cfg, np.asarray(feats)[None], lens)
+    np.testing.assert_allclose(enc, fx.outputs()["enc_out"], atol=2e-4, rtol=1e-4)

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from editx_jax.convert.keymap import ConversionError, DictSource, Rule, convert, export
+from editx_jax.convert.keymap import ConversionError, Rule, convert, export
 
 # ------------------------------------------------------------------------------------------ rules
 
@@ -74,10 +74,8 @@ def prefixed(rules: list[Rule], source_prefix: str = "", target_prefix: str = ""
 def flow_rules() -> list[Rule]:
     """The whole `flow.pt` key map -> `editx_jax.decoder.flow.FlowModel` params."""
     from editx_jax.convert.flow_encoder import EMBEDDING_RULES, ENCODER_RULES
-    return (prefixed(EMBEDDING_RULES, "input_embedding.", "input_embedding")
-            + prefixed(ENCODER_RULES, "encoder.", "encoder")
-            + HEAD_RULES
-            + prefixed(DIT_RULES, "decoder.estimator.", "estimator"))
+    # their source names and target paths already carry the flow.pt prefixes
+    return EMBEDDING_RULES + ENCODER_RULES + HEAD_RULES + prefixed(DIT_RULES, "decoder.estimator.", "estimator")
 
 
 # ---------------------------------------------------------------------------------------- sources

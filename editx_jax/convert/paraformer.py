@@ -108,7 +108,7 @@ def read_config_yaml(path: pathlib.Path, **overrides) -> ParaformerEncoderConfig
     if not path.is_file():
         raise ConfigError(f"{path.parent}: no config.yaml (expected a FunASR Paraformer folder)")
     try:
-        # FunASR configs are plain YAML (no python tags); BaseLoader-free safe_load is enough.
+        # FunASR configs are plain YAML (no python tags), so safe_load reads them.
         conf = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
@@ -120,41 +120,21 @@ def read_config_yaml(path: pathlib.Path, **overrides) -> ParaformerEncoderConfig
 # ------------------------------------------------------------------ am.mvn
 
 
-def parse_am_mvn(text: str, dim: int | None = None) -> np.ndarray:
-    """[2, D] (shift; scale) from a Kaldi nnet text CMVN file: the vectors after <LearnRateCoef> in the
-    <AddShift> and <Rescale> components.
-
-    Local parser: the front-end module (editx_jax.tokenizer.frontend) owns the CMVN application; this
-    reads the same file format for the converter so that it does not depend on that module's API.
-    """
-    tokens = text.replace("[", " [ ").replace("]", " ] ").split()
-
-    def vector(component: str) -> np.ndarray:
-        if component not in tokens:
-            raise ConversionError(f"am.mvn: no {component} component")
-        i = tokens.index(component)
-        try:
-            start = tokens.index("[", i)
-            end = tokens.index("]", start)
-            return np.array([float(t) for t in tokens[start + 1:end]], np.float32)
-        except ValueError:
-            raise ConversionError(f"am.mvn: the {component} vector is not a [ ... ] list of numbers") from None
-
-    shift, scale = vector("<AddShift>"), vector("<Rescale>")
-    if shift.shape != scale.shape or shift.size == 0:
-        raise ConversionError(f"am.mvn: <AddShift> has {shift.size} values but <Rescale> has {scale.size}")
-    if dim is not None and shift.size != dim:
-        raise ConversionError(f"am.mvn: vectors have {shift.size} values; the encoder input is {dim}")
-    if not (np.isfinite(shift).all() and np.isfinite(scale).all()):
-        raise ConversionError("am.mvn: non-finite values")
-    return np.stack([shift, scale])
-
-
 def read_am_mvn(path: pathlib.Path, dim: int | None = None) -> np.ndarray:
+    """[2, D] (shift; scale) from `am.mvn`, parsed by the front end's reader."""
+    from editx_jax.tokenizer.frontend import FrontendError, parse_am_mvn
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConversionError(f"{path.parent}: no am.mvn (the CMVN file of the Paraformer front end)")
-    return parse_am_mvn(path.read_text(errors="replace"), dim)
+    try:
+        cmvn = parse_am_mvn(path.read_text(encoding="utf-8", errors="replace"))
+    except FrontendError as e:
+        raise ConversionError(str(e)) from None
+    if dim is not None and cmvn.shape[1] != dim:
+        raise ConversionError(f"am.mvn: vectors have {cmvn.shape[1]} values; the encoder input is {dim}")
+    if not np.isfinite(cmvn).all():
+        raise ConversionError("am.mvn: non-finite values")
+    return cmvn
 
 
 # ------------------------------------------------------------------ weights

@@ -97,9 +97,10 @@ def _window(config: MelConfig) -> np.ndarray:
     return np.pad(win, (left, config.n_fft - config.win_size - left)).astype(np.float32)
 
 
-def log_mel_jnp(padded, n_frames: int, config: MelConfig = MelConfig()) -> jax.Array:
-    """Traceable core on an already reflect-padded wave [..., M]: the first `n_frames` frames
-    -> [..., n_frames, num_mels]. M may carry extra zeros past the last frame (a jit bucket)."""
+def log_mel_jnp(padded, config: MelConfig = MelConfig()) -> jax.Array:
+    """Traceable core on an already reflect-padded wave [..., M]: every frame that fits,
+    [..., (M - n_fft)//hop + 1, num_mels]. Callers cut zero-padding frames off (a jit bucket)."""
+    n_frames = (padded.shape[-1] - config.n_fft) // config.hop_size + 1
     idx = np.arange(n_frames)[:, None] * config.hop_size + np.arange(config.n_fft)[None, :]
     frames = padded[..., idx].astype(jnp.float32) * _window(config)  # [..., T, n_fft]
     spec = jnp.fft.rfft(frames, axis=-1)
@@ -117,10 +118,10 @@ def reflect_pad(wave, config: MelConfig = MelConfig()):
 def mel_spectrogram_jnp(wave, config: MelConfig = MelConfig()) -> jax.Array:
     """Fully traceable [..., N] -> [..., T, num_mels] (for use inside your own jit)."""
     padded = jnp.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(config.pad, config.pad)], mode="reflect")
-    return log_mel_jnp(padded, num_mel_frames(wave.shape[-1], config), config)
+    return log_mel_jnp(padded, config)
 
 
-_log_mel_jit = jax.jit(log_mel_jnp, static_argnames=("n_frames", "config"))
+_log_mel_jit = jax.jit(log_mel_jnp, static_argnames=("config",))
 
 
 def mel_spectrogram(wave, config: MelConfig = MelConfig()) -> jax.Array:
@@ -132,7 +133,7 @@ def mel_spectrogram(wave, config: MelConfig = MelConfig()) -> jax.Array:
     """
     wave = np.asarray(wave, np.float32)
     if wave.ndim < 1:
-        raise MelError(f"mel needs a wave [..., N], got a scalar")
+        raise MelError("mel needs a wave [..., N], got a scalar")
     n = wave.shape[-1]
     if n <= config.pad or num_mel_frames(n, config) < 1:
         raise MelError(f"mel needs more than {config.pad} samples (reflect pad) and at least one "
@@ -140,4 +141,4 @@ def mel_spectrogram(wave, config: MelConfig = MelConfig()) -> jax.Array:
     padded = reflect_pad(wave, config)
     bucket = bucket_length(padded.shape[-1])
     padded = np.pad(padded, [(0, 0)] * (wave.ndim - 1) + [(0, bucket - padded.shape[-1])])
-    return _log_mel_jit(padded, num_mel_frames(n, config), config)
+    return _log_mel_jit(padded, config)[..., :num_mel_frames(n, config), :]

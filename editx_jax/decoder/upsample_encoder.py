@@ -214,14 +214,20 @@ class ConformerLayer(nn.Module):
         cfg = self.config
         x = x + RelPositionAttention(cfg, name="self_attn")(
             _layer_norm(cfg.layer_eps, "norm_mha")(x), pos_table, key_valid)
-        y = _layer_norm(cfg.layer_eps, "norm_ff")(x)
-        y = nn.Dense(cfg.linear_units, precision=cfg.precision, name="w_1")(y)
-        y = nn.Dense(cfg.output_size, precision=cfg.precision, name="w_2")(nn.silu(y))
-        return x + y, None
+        x = x + FeedForward(cfg, name="feed_forward")(_layer_norm(cfg.layer_eps, "norm_ff")(x))
+        return x, None
 
 
-class FeedForwardNames(nn.Module):
-    pass  # placeholder removed below
+class FeedForward(nn.Module):
+    """w_2(SiLU(w_1(x)))."""
+
+    config: UpsampleEncoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        y = nn.Dense(cfg.linear_units, precision=cfg.precision, name="w_1")(x)
+        return nn.Dense(cfg.output_size, precision=cfg.precision, name="w_2")(nn.silu(y))
 
 
 class LinearEmbed(nn.Module):
@@ -338,8 +344,8 @@ def init_params(config: UpsampleEncoderConfig = UpsampleEncoderConfig(), key=Non
     return jax.jit(lambda k: UpsampleConformerEncoderV2(config).init(k, xs)["params"])(key)
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_params(config: UpsampleEncoderConfig = UpsampleEncoderConfig()) -> dict:
-    """The params tree as ShapeDtypeStructs (no memory), for the converter."""
-    xs = jax.ShapeDtypeStruct((1, 4, config.input_size), jnp.float32)
-    return jax.eval_shape(lambda: UpsampleConformerEncoderV2(config).init(jax.random.PRNGKey(0),
-                                                                          jnp.zeros(xs.shape))["params"])
+    """The params tree as ShapeDtypeStructs (no memory), for the converter. Cached: do not mutate."""
+    xs = jnp.zeros((1, 4, config.input_size), jnp.float32)
+    return jax.eval_shape(lambda: UpsampleConformerEncoderV2(config).init(jax.random.PRNGKey(0), xs)["params"])

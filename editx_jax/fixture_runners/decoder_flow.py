@@ -7,6 +7,8 @@ comparison means the same on CPU, GPU and TPU.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 
@@ -33,3 +35,22 @@ def run_dit(fx) -> dict[str, np.ndarray]:
             out = run(params, inputs[name])
             outputs["out_" + name[2:]] = _frames_last(np.asarray(out))
     return outputs
+
+
+def run_flow_inference(fx) -> dict[str, np.ndarray]:
+    """feat (1, 80, 2 * token frames) of CausalMaskedDiffWithXvec.inference, and the solver's t_span."""
+    from editx_jax.convert.flow import convert_flow
+    from editx_jax.decoder.flow import FlowConfig, cosine_t_span, inference
+
+    config = FlowConfig.from_reference(fx.config)
+    params = convert_flow(fx.weights(), config)
+    inputs = fx.inputs()
+    # the step count is an argument of the call (`n_timesteps=10`), not part of the config
+    found = re.search(r"n_timesteps\s*=\s*(\d+)", fx.manifest.get("call", ""))
+    n_timesteps = int(found.group(1)) if found else config.n_timesteps
+    lp, lg = int(inputs["prompt_token_len"][0]), int(inputs["token_len"][0])
+    with jax.default_matmul_precision("highest"):
+        feat = inference(params, inputs["token"][:, :lg], inputs["prompt_token"][:, :lp],
+                         inputs["prompt_feat"][:, :int(inputs["prompt_feat_len"][0])], inputs["embedding"],
+                         config, noise=_frames_last(inputs["rand_noise"]), n_timesteps=n_timesteps)
+    return {"feat": _frames_last(np.asarray(feat)), "t_span": np.asarray(cosine_t_span(n_timesteps))}

@@ -1,0 +1,102 @@
+"""Converter for Step's BigVGAN state_dict (architecture.md §3.7.2); NVIDIA's PyPI `bigvgan` v2 uses
+the same key names and shapes.
+
+Weight norm (old `weight_g`/`weight_v`, or the parametrizations kind) is folded by
+`WeightNormSource` (see convert/hift.py). The anti-alias filter buffers
+(`*.upsample.filter`, `*.downsample.lowpass.filter`) are not params: our activation computes the
+Kaiser-sinc filter itself, so the converter checks each stored buffer against it (a mismatch means
+a different filter design, which the model would silently ignore) and consumes it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+from editx_jax.convert.hift import WeightNormSource, _float32, checkpoint_source
+from editx_jax.convert.keymap import ConversionError, DictSource, Rule, TensorSource, convert
+from editx_jax.decoder.bigvgan import BigVGANConfig, abstract_params
+from editx_jax.layers.activations import kaiser_sinc_filter
+
+FILTER_SUFFIXES = (".upsample.filter", ".downsample.lowpass.filter")
+FILTER_ATOL = 1e-6
+
+
+class _WithoutFilters:
+    """A TensorSource view of `inner` without the anti-alias filter buffers, each checked on the way."""
+
+    def __init__(self, inner: TensorSource, ratio: int = 2, kernel_size: int = 12):
+        self.inner = inner
+        want = kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size)
+        self._names = []
+        for name in inner.names():
+            if not name.endswith(FILTER_SUFFIXES):
+                self._names.append(name)
+                continue
+            shape = tuple(inner.shape(name))
+            if shape != (1, 1, kernel_size):
+                raise ConversionError(f"tensor {name!r} has shape {list(shape)}; expected [1, 1, {kernel_size}]")
+            got = np.asarray(inner.get(name), np.float32).reshape(-1)
+            if not np.allclose(got, want, rtol=0, atol=FILTER_ATOL):
+                raise ConversionError(f"tensor {name!r} is not the Kaiser-sinc filter (cutoff {0.5 / ratio}, "
+                                      f"half-width {0.6 / ratio}) this model computes: max diff "
+                                      f"{np.abs(got - want).max():.3g}")
+
+    def names(self):
+        return list(self._names)
+
+    def shape(self, name):
+        return self.inner.shape(name)
+
+    def get(self, name):
+        return self.inner.get(name)
+
+
+def _conv(src: str, dst: str, bias: bool = True) -> list[Rule]:
+    rules = [Rule(f"{src}.weight", f"{dst}/kernel", "conv1d")]
+    if bias:
+        rules.append(Rule(f"{src}.bias", f"{dst}/bias"))
+    return rules
+
+
+def _activation(src: str, dst: str, config: BigVGANConfig) -> list[Rule]:
+    names = ("alpha", "beta") if config.activation == "snakebeta" else ("alpha",)
+    return [Rule(f"{src}.act.{p}", f"{dst}/{p}") for p in names]
+
+
+def rules(config: BigVGANConfig) -> list[Rule]:
+    """torch names (weight norm folded to `<m>.weight`, filters removed) -> our params paths."""
+    out = _conv("conv_pre", "conv_pre") + _conv("conv_post", "conv_post", bias=config.use_bias_at_final)
+    out += _activation("activation_post", "activation_post", config)
+    n_kernels = len(config.resblock_kernel_sizes)
+    two = config.resblock == "1"
+    for i in range(len(config.upsample_rates)):
+        out += _conv(f"ups.{i}.0", f"ups_{i}")  # [in, out, k] -> [k, out, in] (layers/conv.py)
+        for j, dilations in enumerate(config.resblock_dilation_sizes):
+            k = i * n_kernels + j
+            for d in range(len(dilations)):
+                if two:
+                    out += _conv(f"resblocks.{k}.convs1.{d}", f"resblocks_{k}/convs1_{d}")
+                    out += _conv(f"resblocks.{k}.convs2.{d}", f"resblocks_{k}/convs2_{d}")
+                else:
+                    out += _conv(f"resblocks.{k}.convs.{d}", f"resblocks_{k}/convs_{d}")
+            for m in range(len(dilations) * (2 if two else 1)):
+                out += _activation(f"resblocks.{k}.activations.{m}", f"resblocks_{k}/activations_{m}", config)
+    return out
+
+
+def from_source(source: TensorSource, config: BigVGANConfig = BigVGANConfig(), dtype=None) -> dict:
+    return convert(WeightNormSource(_WithoutFilters(source)), rules(config), abstract_params(config), dtype=dtype)
+
+
+def from_state_dict(state_dict: Mapping, config: BigVGANConfig = BigVGANConfig(), dtype=None) -> dict:
+    """Params from a BigVGAN state_dict (torch tensors or numpy arrays)."""
+    return from_source(DictSource({k: _float32(v) for k, v in state_dict.items()}), config, dtype)
+
+
+def from_checkpoint(path: str | os.PathLike, config: BigVGANConfig = BigVGANConfig(), dtype=None) -> dict:
+    """Params from a torch-pickled (NVIDIA's `bigvgan_generator.pt` holds it under 'generator') or
+    safetensors BigVGAN state_dict."""
+    return from_source(checkpoint_source(path), config, dtype)

@@ -1,0 +1,275 @@
+"""Upstream's JSONL training records (upstream-training.md §1) -> token ids and a loss mask.
+
+A record becomes the chat that upstream renders with the Step1 template,
+
+    <s><|BOT|> system\\n{SYS}<|EOT|><|BOT|> human\\n{user}<|EOT|><|BOT|> assistant\\n{target audio}[<|EOT|>]
+
+assembled at the id level: text pieces go through the text tokenizer, audio ids are spliced in as they
+are (never rendered to `<audio_N>` strings and re-tokenised). The loss mask covers the assistant audio
+tokens and, by default, a final `<|EOT|>` (training.md §3; `upstream_compat` drops it, as upstream SFT
+does).
+
+The text tokenizer is anything with `encode(text) -> list[int]` (no special tokens added). "bytes"
+gives a dependency-free byte tokenizer for tests and demos; a path loads the real SentencePiece model
+through `editx_jax.text` when that package is present.
+
+Bad records are never dropped silently: each is counted under a reason (`DataReport`), and
+`strict=True` raises `RecordError` on the first one.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+from editx_jax.config import DataConfig
+
+BOS, EOT, BOT = 1, 3, 4
+AUDIO_BASE = 65536  # records carry LLM ids 65536 + code (upstream-training.md §1.4)
+
+EDIT_SYSTEM_PROMPT = (
+    "As a highly skilled audio editing and tuning specialist, you excel in interpreting user instructions and "
+    "applying precise adjustments to meet their needs. Your expertise spans a wide range of enhancement "
+    "capabilities, including but not limited to:\n"
+    "# Emotional Enhancement\n"
+    "# Speaking Style Transfer\n"
+    "# Non-linguistic Adjustments\n"
+    "# Audio Tuning & Editing\n"
+    "Note: You will receive instructions in natural language and are expected to accurately interpret and execute "
+    "the most suitable audio edits and enhancements.\n")
+
+# Text before and after the speaker's audio tokens in the clone system prompt (trailing spaces matter).
+CLONE_SYSTEM_HEAD = ("Generate audio with the following timbre, prosody and speaking style\n\n[speaker_start]\n"
+                     "speaker name: {speaker}\nspeaker prompt text: \n{prompt_text}\nspeaker audio tokens: \n")
+CLONE_SYSTEM_TAIL = "\n[speaker_end]\n"
+
+_NOISE = ("Remove any noise from the given audio while preserving the voice content clearly. Ensure that the speech "
+          "quality remains intact with minimal distortion, and eliminate all noise from the audio.\n")
+_SILENCE = ("Remove any silent portions from the given audio while preserving the voice content clearly. Ensure that "
+            "the speech quality remains intact with minimal distortion, and eliminate all silence from the audio.\n")
+
+
+class RecordError(ValueError):
+    """A JSONL record cannot become a training example; `reason` is the counted category."""
+
+    def __init__(self, reason: str, detail: str = "", where: str = ""):
+        self.reason, self.detail = reason, detail
+        msg = f"{where}: {reason}" if where else reason
+        super().__init__(f"{msg} ({detail})" if detail else msg)
+
+
+class TextEncoder(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes -> ids 68 + byte: the byte-fallback region of the real vocabulary (`\\n` -> 78).
+    Not the real tokenizer: for tests, demos and synthetic corpora only."""
+
+    offset = 68
+
+    def encode(self, text: str) -> list[int]:
+        return [self.offset + b for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256).decode("utf-8", "replace")
+
+
+def load_text_tokenizer(spec: str) -> TextEncoder:
+    """"bytes", or a tokenizer file / model folder read by `editx_jax.text.TextTokenizer`."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    try:
+        from editx_jax.text import TextTokenizer  # written alongside; optional here
+    except ImportError:
+        raise ValueError(f"data.text_tokenizer={spec!r} needs editx_jax.text.TextTokenizer, which is not "
+                         "available; use 'bytes' for synthetic data") from None
+    for name in ("from_pretrained", "load"):
+        if hasattr(TextTokenizer, name):
+            return getattr(TextTokenizer, name)(spec)
+    return TextTokenizer(spec)
+
+
+def edit_instruction(edit_type: str, edit_info, source_text: str, new_text: str | None = None) -> str:
+    """`_build_audio_edit_instruction` of upstream's SFT/DPO datasets (upstream-training.md §1.2)."""
+    a = source_text.strip()
+    info = "" if edit_info is None else str(edit_info)
+    t = source_text if new_text is None else new_text  # training uses source_text as the "new text"
+    if edit_type in ("emotion", "speed"):
+        if info == "remove":
+            return f"Remove any emotion in the following audio and the reference text is: {a}\n"
+        return f"Make the following audio more {info}. The text corresponding to the audio is: {a}\n"
+    if edit_type == "style":
+        if info == "remove":
+            return f"Remove any speaking styles in the following audio and the reference text is: {a}\n"
+        return f"Make the following audio more {info} style. The text corresponding to the audio is: {a}\n"
+    if edit_type == "denoise":
+        return _NOISE
+    if edit_type == "vad":
+        return _SILENCE
+    if edit_type == "paralinguistic":
+        return (f"Add some non-verbal sounds to make the audio more natural, the new text is : {t}\n"
+                f"  The text corresponding to the audio is: {a}\n")
+    return f"Edit the audio based on text: {a}\n"
+
+
+def clone_speaker(source_text: str, audio_path: str) -> str:
+    """`clone_` + sha256(text bytes ‖ first and last 1000 float32 samples, channel-major)[:16]."""
+    import soundfile as sf
+
+    wav, _ = sf.read(audio_path, dtype="float32", always_2d=True)  # [frames, channels], int PCM / 32768
+    flat = np.ascontiguousarray(wav.T).reshape(-1)
+    sample = np.concatenate([flat[:1000], flat[-1000:]]) if flat.size > 2000 else flat
+    digest = hashlib.sha256(source_text.encode("utf-8") + sample.astype(np.float32).tobytes()).hexdigest()
+    return "clone_" + digest[:16]
+
+
+@dataclasses.dataclass
+class Example:
+    tokens: np.ndarray  # int32 [n]
+    loss_mask: np.ndarray  # bool [n]: token n is a prediction target
+    truncated: bool = False
+
+
+@dataclasses.dataclass
+class DataReport:
+    """What reading a dataset did: examples kept, records skipped per reason, truncations."""
+
+    records: int = 0
+    kept: int = 0
+    truncated: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    first_error: dict = dataclasses.field(default_factory=dict)  # reason -> first message
+
+    def summary(self) -> str:
+        lines = [f"{self.records} records: {self.kept} kept, {sum(self.skipped.values())} skipped, "
+                 f"{self.truncated} truncated"]
+        for reason, n in self.skipped.most_common():
+            lines.append(f"  skipped {n}: {reason} (first: {self.first_error[reason]})")
+        return "\n".join(lines)
+
+
+def _audio_ids(record: dict, key: str, cfg: DataConfig, vocab_size: int) -> np.ndarray:
+    value = record.get(key)
+    if value is None:
+        raise RecordError(f"missing {key}")
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise RecordError(f"{key} is not a list of token ids", f"got {type(value).__name__}")
+    if not value:
+        raise RecordError(f"empty {key}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise RecordError(f"{key} is not a list of token ids", "non-integer entry")
+    ids = np.asarray(value, np.int64)
+    codes = ids - AUDIO_BASE
+    model_ids = codes + cfg.audio_id_base
+    bad = (codes < 0) | (codes >= cfg.audio_codes) | (model_ids >= vocab_size)
+    if bad.any():
+        raise RecordError("token id out of range", f"{key} has {int(ids[bad][0])}; audio ids are "
+                          f"[{AUDIO_BASE}, {AUDIO_BASE + min(cfg.audio_codes, vocab_size - cfg.audio_id_base)})")
+    return model_ids.astype(np.int32)
+
+
+def _text(record: dict, key: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise RecordError(f"missing {key}")
+        return ""
+    if not isinstance(value, str):
+        raise RecordError(f"{key} is not a string")
+    return value
+
+
+def encode_record(record, tok: TextEncoder, cfg: DataConfig, vocab_size: int, speaker_fn=clone_speaker) -> Example:
+    """One upstream record -> tokens + loss mask. Raises RecordError (with a counted reason)."""
+    if not isinstance(record, dict):
+        raise RecordError("record is not a JSON object")
+    for key in ("source_audio", "source_text", "target_text"):
+        _text(record, key)
+    source_text = record["source_text"]
+    src = _audio_ids(record, "source_vq02vq06", cfg, vocab_size)
+    tgt = _audio_ids(record, "target_vq02vq06", cfg, vocab_size)
+    task = record.get("task_type") or "edit"
+    enc = tok.encode
+    if task == "edit":
+        if "edit_type" not in record or "edit_info" not in record:
+            raise RecordError("missing edit_type or edit_info")
+        prefix = edit_instruction(str(record["edit_type"]), record["edit_info"], source_text)
+        system = enc(" system\n" + EDIT_SYSTEM_PROMPT)
+        user = enc(" human\n" + prefix + "\n") + list(src) + enc("\n")
+    else:
+        if "emotion" not in record:
+            raise RecordError("missing emotion (clone record)")
+        try:
+            speaker = speaker_fn(source_text, record["source_audio"])
+        except Exception as e:  # noqa: BLE001 - any unreadable wav is one counted reason
+            raise RecordError("unreadable source_audio", f"{type(e).__name__}: {e}") from None
+        system = (enc(" system\n" + CLONE_SYSTEM_HEAD.format(speaker=speaker, prompt_text=source_text))
+                  + list(src) + enc(CLONE_SYSTEM_TAIL))
+        user = enc(" human\n" + source_text)
+    prompt = [BOS, BOT] + system + [EOT, BOT] + user + [EOT, BOT] + enc(" assistant\n")
+    completion = list(tgt) + ([EOT] if cfg.eos_in_loss and not cfg.upstream_compat else [])
+    tokens = np.asarray(prompt + completion, np.int32)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise RecordError("token id out of range", f"text id {int(tokens.max())} >= vocab {vocab_size}")
+    mask = np.zeros(tokens.size, bool)
+    mask[len(prompt):] = True
+    truncated = False
+    if tokens.size > cfg.max_length:
+        if cfg.overlong == "error":
+            raise RecordError("longer than max_length", f"{tokens.size} > {cfg.max_length} tokens")
+        if cfg.overlong == "drop":
+            raise RecordError("longer than max_length (dropped)", f"{tokens.size} > {cfg.max_length} tokens")
+        tokens, mask, truncated = tokens[:cfg.max_length], mask[:cfg.max_length], True
+        if not mask.any():
+            raise RecordError("no completion left after truncation", f"prompt of {len(prompt)} tokens")
+    return Example(tokens, mask, truncated)
+
+
+def iter_jsonl(paths: str | Sequence[str]) -> Iterable[tuple[str, object]]:
+    """(where, parsed record or a RecordError) for every non-blank line of the files, in order."""
+    if isinstance(paths, (str, pathlib.Path)):
+        paths = [p for p in str(paths).split(",") if p]
+    for path in paths:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+        with path.open("r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    yield where, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield where, RecordError("invalid JSON", str(e), where)
+
+
+def read_examples(paths, tok: TextEncoder, cfg: DataConfig, vocab_size: int, speaker_fn=clone_speaker,
+                  strict: bool | None = None) -> tuple[list[Example], DataReport]:
+    """All examples of the JSONL file(s) and the report of what was skipped or truncated."""
+    strict = cfg.strict if strict is None else strict
+    report = DataReport()
+    examples = []
+    for where, record in iter_jsonl(paths):
+        report.records += 1
+        try:
+            if isinstance(record, RecordError):
+                raise record
+            ex = encode_record(record, tok, cfg, vocab_size, speaker_fn)
+        except RecordError as e:
+            if strict:
+                raise RecordError(e.reason, e.detail, where) from None
+            report.skipped[e.reason] += 1
+            report.first_error.setdefault(e.reason, f"{where}: {e}")
+            continue
+        report.kept += 1
+        report.truncated += ex.truncated
+        examples.append(ex)
+    return examples, report

@@ -1,0 +1,129 @@
+"""Grain pipelines: examples -> seeded shuffle -> per-process shard -> first-fit packing -> batches.
+
+A batch is a dict of numpy arrays shaped [grad_accum, rows_per_micro_batch, max_length]:
+
+    tokens      int32  model inputs (example tokens without their last one)
+    targets     int32  the next token of each input
+    weights     f32    1 where the target is in the loss (assistant audio, <|EOT|>)
+    positions   int32  0, 1, ... restarting at each packed example; -1 on padding
+    segment_ids int32  1, 2, ... per packed example; 0 on padding
+
+The shift happens per example before packing, so no target ever crosses into the next example, and
+with positions restarting and attention confined to a segment, a packed example gets exactly the loss
+it gets alone. The iterator's state (`get_state` / `set_state`) is saved with the train state.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from editx_jax.config import DataConfig
+from editx_jax.data.jsonl import Example
+
+FEATURES = ("tokens", "targets", "weights")
+BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
+
+
+def example_features(ex: Example) -> dict:
+    return {"tokens": ex.tokens[:-1].astype(np.int32), "targets": ex.tokens[1:].astype(np.int32),
+            "weights": ex.loss_mask[1:].astype(np.float32)}
+
+
+def pad_example(feat: dict, length: int) -> dict:
+    """One example alone in a row of `length` (no packing)."""
+    n = feat["tokens"].shape[0]
+    out = {k: np.zeros(length, v.dtype) for k, v in feat.items()}
+    for k, v in feat.items():
+        out[k][:n] = v
+    out["positions"] = np.full(length, -1, np.int32)
+    out["positions"][:n] = np.arange(n)
+    out["segment_ids"] = np.zeros(length, np.int32)
+    out["segment_ids"][:n] = 1
+    return out
+
+
+def _from_packed(row: dict) -> dict:
+    seg = row["tokens_segment_ids"].astype(np.int32)
+    pos = np.where(seg > 0, row["tokens_positions"], -1).astype(np.int32)
+    out = {k: row[k] for k in FEATURES}
+    out["weights"] = np.where(seg > 0, out["weights"], 0).astype(np.float32)
+    return {**out, "positions": pos, "segment_ids": seg}
+
+
+def pack_rows(feats: Sequence[dict], length: int, bins: int) -> list[dict]:
+    """First-fit packing of a list of example features (for tests and tools; the same packer)."""
+    ds = grain.MapDataset.source(list(feats)).to_iter_dataset()
+    ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct={k: length for k in FEATURES},
+                                                    num_packing_bins=bins, shuffle_bins=False)
+    return [_from_packed(r) for r in ds]
+
+
+def _split_micro(batch: dict, grad_accum: int) -> dict:
+    return {k: v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:]) for k, v in batch.items()}
+
+
+def train_dataset(examples: Sequence[Example], cfg: DataConfig, rows: int, grad_accum: int = 1,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The training stream of this process: `rows` sequences per step (its share of the global batch).
+
+    Every process shuffles the whole list with the same seed and takes an equal, disjoint slice.
+    Each epoch repeats the same order (num_epochs=0 repeats forever).
+    """
+    if rows % grad_accum:
+        raise ValueError(f"{rows} rows per process do not split into {grad_accum} micro-batches")
+    if not examples:
+        raise ValueError("no training examples (every record was skipped; see the data report)")
+    ds = grain.MapDataset.source([example_features(e) for e in examples])
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    usable = len(ds) - len(ds) % process_count  # equal slices, so no process runs out first
+    if usable == 0:
+        raise ValueError(f"{len(ds)} examples cannot be split over {process_count} processes")
+    ds = ds[:usable][process_index::process_count]
+    ds = ds.repeat(cfg.num_epochs or None)
+    it = ds.to_iter_dataset()
+    length = cfg.max_length
+    if cfg.pack:
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct={k: length for k in FEATURES}, num_packing_bins=cfg.packing_bins or rows,
+            shuffle_bins=False)
+        it = it.map(_from_packed)
+    else:
+        it = it.map(lambda f: pad_example(f, length))
+    it = it.batch(rows, drop_remainder=True).map(lambda b: _split_micro(b, grad_accum))
+    if cfg.prefetch:
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch)
+    return it
+
+
+def eval_batches(examples: Sequence[Example], length: int, rows: int, process_index: int = 0,
+                 process_count: int = 1) -> list[dict]:
+    """The held-out set, one example per row, in order, the last batch filled with empty rows.
+    Every process gets the same number of batches."""
+    feats = [example_features(e) for e in examples]
+    per_process = -(-len(feats) // process_count)
+    mine = feats[process_index * per_process:(process_index + 1) * per_process]
+    n_batches = -(-per_process // rows)
+    empty = pad_example({k: np.zeros(0, np.float32 if k == "weights" else np.int32) for k in FEATURES}, length)
+    out = []
+    for b in range(n_batches):
+        chunk = [pad_example(f, length) for f in mine[b * rows:(b + 1) * rows]]
+        chunk += [empty] * (rows - len(chunk))
+        out.append({k: np.stack([c[k] for c in chunk])[None] for k in BATCH_KEYS})
+    return out
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """[grad_accum, rows, length]: rows over data x fsdp."""
+    return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
+
+
+def to_global(local: dict, mesh) -> dict:
+    """This process's rows -> global jax arrays (rows of all processes concatenated in order)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in BATCH_KEYS}

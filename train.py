@@ -1,0 +1,68 @@
+"""editx-jax training entry point (SFT).
+
+    python train.py --config configs/sft_tiny.yaml --set data.train=train.jsonl --set train.steps=200
+    python train.py --config configs/sft_step_audio_editx.yaml --init-from ckpt/llm --set data.train=...
+    python train.py --config ... --resume                 # continue from the last checkpoint
+    python train.py --config ... --export out/hf          # also write released-format safetensors
+
+Multi-host: every process runs the same command with `--coordinator HOST:PORT --num-processes N
+--process-id I` (or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID); each reads its own share of the data, only process 0 writes logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from editx_jax.config import ConfigError, add_config_args, load_config
+
+
+def init_distributed(args) -> None:
+    """`jax.distributed.initialize` when a coordinator is given (flag or environment)."""
+    address = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address:
+        return
+    import jax
+    num = args.num_processes if args.num_processes is not None else int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    pid = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "0"))
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_args(parser, default="configs/sft_tiny.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
+    parser.add_argument("--init-from", metavar="DIR", help="start from a converted LLM checkpoint folder")
+    parser.add_argument("--export", metavar="DIR", help="after training, write released-format safetensors here")
+    parser.add_argument("--strict", action="store_true", help="fail on the first malformed data record")
+    parser.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        init_distributed(args)
+        from editx_jax.train.loop import run_sft
+        result = run_sft(cfg, resume=args.resume, init_from=args.init_from)
+        if args.export:
+            import jax
+            from jax.experimental import multihost_utils
+
+            from editx_jax.convert.llm import export_llm
+            params = jax.tree_util.tree_map(
+                lambda x: jax.device_get(multihost_utils.process_allgather(x, tiled=True))
+                if jax.process_count() > 1 else jax.device_get(x), result["state"]["params"])
+            if jax.process_index() == 0:
+                info = export_llm(params, cfg.llm, args.export, dtype="bfloat16")
+                print(f"exported {info['tensors']} tensors to {info['dst']}")
+        return 0
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
