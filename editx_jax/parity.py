@@ -44,6 +44,11 @@ RUNNERS: dict[str, str] = {
     "upsample_encoder_v2": "editx_jax.fixture_runners.decoder_flow_encoder:run_upsample_encoder",
     "dit_estimator": "editx_jax.fixture_runners.decoder_flow:run_dit",
     "flow_inference": "editx_jax.fixture_runners.decoder_flow:run_flow_inference",
+    "mel_24k": "editx_jax.fixture_runners.decoder_prompt:run_mel_24k",
+    "campplus_fbank": "editx_jax.fixture_runners.decoder_prompt:run_campplus_fbank",
+    "campplus": "editx_jax.fixture_runners.decoder_prompt:run_campplus",
+    "hift": "editx_jax.fixture_runners.decoder_vocoder:run_hift",
+    "bigvgan": "editx_jax.fixture_runners.decoder_vocoder:run_bigvgan",
 }
 
 

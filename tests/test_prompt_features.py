@@ -280,6 +280,10 @@ def test_converter_rejects_bad_state_dicts():
     del missing["xvector.block2.tdnnd3.cam_layer.linear2.weight"]
     with pytest.raises(ConversionError, match=r"xvector\.block2\.tdnnd3\.cam_layer\.linear2\.weight"):
         convert_campplus.from_state_dict(missing, config)
+    no_bias = dict(weights)
+    del no_bias["xvector.block1.tdnnd4.cam_layer.linear1.bias"]
+    with pytest.raises(ConversionError, match=r"missing.*tdnnd4\.cam_layer\.linear1\.bias.*\[8\]"):
+        convert_campplus.from_state_dict(no_bias, config)
     bad_bn = dict(weights, **{"head.bn1.running_var": np.ones(7, np.float32)})
     with pytest.raises(ConversionError, match=r"head\.bn1\.running_var.*\[7\].*\[32\]"):
         convert_campplus.from_state_dict(bad_bn, config)

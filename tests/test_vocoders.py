@@ -58,6 +58,40 @@ def test_hift_decode_from_saved_source(hift_fx):
     assert ok, detail
 
 
+def _pipeline_fixture(name):
+    dirs = [d for d in fixture_dirs() if d.name == name]
+    if not dirs:
+        pytest.skip(f"fixture {name} not present")
+    fx = Fixture.load(dirs[0])
+    weights = {k[len("hift."):]: v for k, v in fx.weights().items() if k.startswith("hift.")}
+    return fx, weights
+
+
+def test_hift_on_token2wav_hift_mel():
+    """The vocoder half of token2wav_hift: our HiFT on the fixture's saved flow mel."""
+    fx, weights = _pipeline_fixture("token2wav_hift")
+    config = HiFTConfig.from_reference(fx.config["hift"])
+    inputs, outputs = fx.inputs(), fx.outputs()
+    out = hift_inference(convert_hift.from_state_dict(weights, config), outputs["mel"], config,
+                         noise=NSFNoise(inputs["nsf_phase_rand"], inputs["nsf_sine_noise"]))
+    ok, _, _, detail = compare({"speech": outputs["speech"]}, {"speech": np.asarray(out.speech)},
+                               fx.manifest["atol"], fx.manifest["rtol"])
+    assert ok, detail
+
+
+@pytest.mark.slow
+def test_bigvgan_on_token2wav_mel():
+    """The vocoder half of token2wav: the saved mel, reflect-padded by 3 frames a side, through BigVGAN."""
+    fx, weights = _pipeline_fixture("token2wav")
+    config = BigVGANConfig.from_reference(fx.config["hift"])
+    outputs = fx.outputs()
+    mel = np.pad(outputs["mel"], ((0, 0), (0, 0), (3, 3)), mode="reflect")
+    wav = bigvgan_inference(convert_bigvgan.from_state_dict(weights, config), mel, config)
+    ok, _, _, detail = compare({"speech": outputs["speech"]}, {"speech": np.asarray(wav)},
+                               fx.manifest["atol"], fx.manifest["rtol"])
+    assert ok, detail
+
+
 # ------------------------------------------------------------------------------- lengths
 
 

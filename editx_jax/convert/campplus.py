@@ -66,7 +66,6 @@ def _inventory(config: CAMPPlusConfig) -> list[_Conv | _Affine]:
                 items.append(_Conv(f"{p}.shortcut.0", f"{t}/shortcut", f"{p}.shortcut.1", 2))
     items.append(_Conv("head.conv2", "head/conv2", "head.bn2", 2))
     items.append(_Conv("xvector.tdnn.linear", "xvector/tdnn", "xvector.tdnn.nonlinear.batchnorm"))
-    n_blocks = len(config.num_layers)
     for b, n in enumerate(config.num_layers, 1):
         for i in range(1, n + 1):
             p, t = f"xvector.block{b}.tdnnd{i}", f"xvector/block{b}/tdnnd{i}"
@@ -80,7 +79,6 @@ def _inventory(config: CAMPPlusConfig) -> list[_Conv | _Affine]:
     items += [_Affine("xvector.out_nonlinear.batchnorm", "xvector/out_nonlinear"),
               _Conv("xvector.dense.linear", "xvector/dense", "xvector.dense.nonlinear.batchnorm",
                     bn_affine=False)]
-    assert sum(isinstance(x, _Conv) and x.conv == f"xvector.transit{n_blocks}.linear" for x in items) == 1
     return items
 
 
@@ -167,7 +165,9 @@ def fold_state_dict(tensors, config: CAMPPlusConfig, eps: dict[str, float] | Non
         if item.conv == last_transit and b is not None:
             carried_bias, b = b, None
         if item.bias:
-            out[f"{item.conv}.bias"] = np.zeros(n_out) if b is None else b
+            if b is None:
+                raise ConversionError(f"checkpoint is missing tensor {item.conv + '.bias'!r} (shape [{n_out}])")
+            out[f"{item.conv}.bias"] = b
         elif b is not None:
             raise ConversionError(f"tensor {item.conv + '.bias'!r} is unexpected: {item.conv} has no bias")
         if item.ndim == 2:

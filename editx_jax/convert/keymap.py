@@ -14,6 +14,7 @@ dtype, so peak memory is about the converted size plus the largest source tensor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
@@ -50,10 +51,20 @@ def _conv1d_inv(a, shape):
     return a.reshape(shape[::-1]).transpose(2, 1, 0)
 
 
+def _conv2d(w, shape):
+    # torch Conv2d [out, in, kh, kw] -> Flax Conv [kh, kw, in, out]
+    return w.transpose(2, 3, 1, 0).reshape(shape)
+
+
+def _conv2d_inv(a, shape):
+    return a.reshape(shape[2], shape[3], shape[1], shape[0]).transpose(3, 2, 0, 1)
+
+
 LAYOUTS: dict[str, tuple[Callable, Callable]] = {
     "identity": (_identity, _identity),
     "linear": (_linear, _linear_inv),
     "conv1d": (_conv1d, _conv1d_inv),
+    "conv2d": (_conv2d, _conv2d_inv),
 }
 
 
@@ -69,7 +80,7 @@ class Rule:
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; known: {sorted(LAYOUTS)}")
 
-    @property
+    @functools.cached_property
     def regex(self) -> re.Pattern:
         parts = re.split(r"\{(\w+)\}", self.source)
         pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>\\d+)" for i, p in enumerate(parts))
@@ -126,11 +137,27 @@ def unflatten(flat: Mapping[str, object]) -> dict:
 # ------------------------------------------------------------------ convert / export
 
 
-def _match(rules: Iterable[Rule], name: str):
-    hits = [(r, m) for r in rules if (m := r.regex.match(name))]
-    if len(hits) > 1:
-        raise ConversionError(f"tensor {name!r} matches several rules: {[r.source for r, _ in hits]}")
-    return hits[0] if hits else (None, None)
+class _Matcher:
+    """Finds the one rule for a source name: exact names by lookup, templates by regex."""
+
+    def __init__(self, rules: Iterable[Rule]):
+        self.exact: dict[str, Rule] = {}
+        self.templated: list[Rule] = []
+        for r in rules:
+            if "{" in r.source:
+                self.templated.append(r)
+            elif r.source in self.exact:
+                raise ConversionError(f"two rules read the same tensor {r.source!r}")
+            else:
+                self.exact[r.source] = r
+
+    def __call__(self, name: str):
+        hits = [(r, m) for r in self.templated if (m := r.regex.match(name))]
+        if name in self.exact:
+            hits.append((self.exact[name], None))
+        if len(hits) > 1:
+            raise ConversionError(f"tensor {name!r} matches several rules: {[r.source for r, _ in hits]}")
+        return hits[0] if hits else (None, None)
 
 
 def convert(source: TensorSource, rules: list[Rule], abstract: Mapping, dtype=None,
@@ -144,13 +171,14 @@ def convert(source: TensorSource, rules: list[Rule], abstract: Mapping, dtype=No
     out: dict[str, np.ndarray] = {}
     filled: dict[str, np.ndarray] = {}  # per target: which stack slots (or the single slot) are filled
     names = source.names()
-    unknown = [n for n in names if _match(rules, n)[0] is None]
+    match = _Matcher(rules)
+    unknown = [n for n in names if match(n)[0] is None]
     if unknown:
         raise ConversionError(f"unexpected tensor(s) in checkpoint: {', '.join(sorted(unknown)[:10])}"
                               + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
     iterator = progress(names) if progress else names
     for name in iterator:
-        rule, m = _match(rules, name)
+        rule, m = match(name)
         if rule.target not in specs:
             raise ConversionError(f"rule target {rule.target!r} for tensor {name!r} is not a model param")
         spec = specs[rule.target]
@@ -202,6 +230,8 @@ def expected_source_shape(rule: Rule, slot_shape) -> tuple[int, ...]:
         return (int(np.prod(slot_shape[rule.in_dims:])), int(np.prod(slot_shape[:rule.in_dims])))
     if rule.layout == "conv1d":
         return (int(np.prod(slot_shape[2:])), slot_shape[1], slot_shape[0])
+    if rule.layout == "conv2d":
+        return (slot_shape[3], slot_shape[2], slot_shape[0], slot_shape[1])
     return slot_shape
 
 

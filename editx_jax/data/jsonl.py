@@ -81,10 +81,27 @@ class ByteTokenizer:
         return bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256).decode("utf-8", "replace")
 
 
+class WordHashTokenizer:
+    """A toy for synthetic corpora: each space-separated word (and each newline) -> one id in the
+    byte region [68, 324) by CRC32. Lossy and not the real tokenizer; it keeps prompts short, so
+    CPU tests can train on the real chat layout quickly."""
+
+    def encode(self, text: str) -> list[int]:
+        import zlib
+        ids = []
+        for line_no, line in enumerate(text.split("\n")):
+            if line_no:
+                ids.append(78)  # "\n", as in the real vocabulary
+            ids += [68 + zlib.crc32(w.encode("utf-8")) % 256 for w in line.split(" ") if w]
+        return ids
+
+
 def load_text_tokenizer(spec: str) -> TextEncoder:
-    """"bytes", or a tokenizer file / model folder read by `editx_jax.text.TextTokenizer`."""
+    """"bytes", "words" (toys for synthetic data), or a tokenizer file / model folder read by `editx_jax.text.TextTokenizer`."""
     if spec == "bytes":
         return ByteTokenizer()
+    if spec == "words":
+        return WordHashTokenizer()
     try:
         from editx_jax.text import TextTokenizer  # written alongside; optional here
     except ImportError:
