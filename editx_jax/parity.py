@@ -49,6 +49,8 @@ RUNNERS: dict[str, str] = {
     "campplus": "editx_jax.fixture_runners.decoder_prompt:run_campplus",
     "hift": "editx_jax.fixture_runners.decoder_vocoder:run_hift",
     "bigvgan": "editx_jax.fixture_runners.decoder_vocoder:run_bigvgan",
+    "token2wav": "editx_jax.fixture_runners.decoder_token2wav:run_token2wav",
+    "token2wav_hift": "editx_jax.fixture_runners.decoder_token2wav:run_token2wav_hift",
 }
 
 

@@ -97,8 +97,9 @@ def test_rules_cover_the_released_checkpoint_exactly():
     # torch -> ours: every released name matches exactly one rule, whose target slot fits its shape
     specs = keymap.flatten(abstract)
     hits = {}
+    match = keymap._Matcher(RULES)
     for name, torch_shape in expected.items():
-        rule, m = keymap._match(RULES, name)
+        rule, m = match(name)
         assert rule is not None, name
         full = tuple(specs[rule.target].shape)
         slot = full[1:] if rule.stack else full
@@ -328,6 +329,22 @@ def test_checkpoint_round_trip_and_shardings(tmp_path):
     np.testing.assert_array_equal(np.asarray(got["b"]), _tree()["b"])
 
 
+def test_checkpoint_restores_leaf_batches_and_casts(tmp_path, monkeypatch):
+    folder = checkpoint.save_params(tmp_path / "ck", _tree(), {}, {})
+    monkeypatch.setattr(checkpoint, "RESTORE_BATCH_BYTES", 1)  # one leaf per restore call
+    as_f32 = {"a": {"kernel": jax.ShapeDtypeStruct((3, 4), np.float32)}, "b": jax.ShapeDtypeStruct((8,), np.float32)}
+    got = checkpoint.load_params(folder, as_f32)
+    assert got["b"].dtype == np.float32
+    np.testing.assert_array_equal(got["b"], _tree()["b"].astype(np.float32))
+    np.testing.assert_array_equal(got["a"]["kernel"], _tree()["a"]["kernel"])
+    mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    got = checkpoint.load_params(folder, shardings={"a": {"kernel": jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec())}, "b": shard})
+    assert got["b"].sharding == shard
+    np.testing.assert_array_equal(np.asarray(got["b"]), _tree()["b"])
+
+
 def test_checkpoint_load_errors(tmp_path):
     folder = checkpoint.save_params(tmp_path / "ck", _tree(), {}, {})
     sds = jax.ShapeDtypeStruct
@@ -373,3 +390,21 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert checkpoint.read_config(folder) == {"v": 2}
     np.testing.assert_array_equal(checkpoint.load_params(folder)["a"]["kernel"], new["a"]["kernel"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_source_rejects_ambiguous_shards(tmp_path):
+    from editx_jax.convert.sources import SafetensorsSource
+    state = random_state()
+    src = write_release(tmp_path / "src", state, hf_config(), index=True)
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    moved = sorted(state)[0]  # listed in the wrong shard
+    index["weight_map"][moved] = "model-00002-of-00002.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(keymap.ConversionError, match=rf"{moved!r} is listed .* does not hold it"):
+        SafetensorsSource(src)
+
+    index_path.unlink()  # without an index, a name stored in two files is an error
+    save_file({moved: state[moved]}, str(src / "model-00002-of-00002.safetensors"))
+    with pytest.raises(keymap.ConversionError, match=rf"{moved!r} is stored twice"):
+        SafetensorsSource(src)

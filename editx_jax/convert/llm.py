@@ -94,13 +94,14 @@ def check_plan(shapes: Mapping[str, tuple[int, ...]], rules: list[Rule], abstrac
     checkpoint fails in a second rather than after minutes of conversion. Same errors as
     `keymap.convert`: unknown, misshapen, duplicate or missing tensors, each named."""
     expected = source_shapes(rules, abstract)
-    unknown = sorted(n for n in shapes if n not in expected and keymap._match(rules, n)[0] is None)
+    match = keymap._Matcher(rules)
+    unknown = sorted(n for n in shapes if n not in expected and match(n)[0] is None)
     if unknown:
         raise ConversionError(f"unexpected tensor(s) in checkpoint: {', '.join(unknown[:10])}"
                               + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
     for name, shape in shapes.items():
         if name not in expected:  # matches a rule but indexes past the model (e.g. layer 40 of 32)
-            rule, m = keymap._match(rules, name)
+            rule, m = match(name)
             raise ConversionError(f"tensor {name!r} has no place in the model ({rule.stack} "
                                   f"{m.group(rule.stack)} is out of range)")
         if tuple(shape) != expected[name]:

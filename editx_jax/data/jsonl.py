@@ -58,8 +58,8 @@ _SILENCE = ("Remove any silent portions from the given audio while preserving th
 class RecordError(ValueError):
     """A JSONL record cannot become a training example; `reason` is the counted category."""
 
-    def __init__(self, reason: str, detail: str = "", where: str = ""):
-        self.reason, self.detail = reason, detail
+    def __init__(self, reason: str, detail: str = "", where: str = "", fatal: bool = False):
+        self.reason, self.detail, self.fatal = reason, detail, fatal  # fatal: raised even when not strict
         msg = f"{where}: {reason}" if where else reason
         super().__init__(f"{msg} ({detail})" if detail else msg)
 
@@ -240,7 +240,8 @@ def encode_record(record, tok: TextEncoder, cfg: DataConfig, vocab_size: int, sp
     truncated = False
     if tokens.size > cfg.max_length:
         if cfg.overlong == "error":
-            raise RecordError("longer than max_length", f"{tokens.size} > {cfg.max_length} tokens")
+            raise RecordError("longer than max_length", f"{tokens.size} > {cfg.max_length} tokens "
+                              "(data.overlong=error)", fatal=True)
         if cfg.overlong == "drop":
             raise RecordError("longer than max_length (dropped)", f"{tokens.size} > {cfg.max_length} tokens")
         tokens, mask, truncated = tokens[:cfg.max_length], mask[:cfg.max_length], True
@@ -281,7 +282,7 @@ def read_examples(paths, tok: TextEncoder, cfg: DataConfig, vocab_size: int, spe
                 raise record
             ex = encode_record(record, tok, cfg, vocab_size, speaker_fn)
         except RecordError as e:
-            if strict:
+            if strict or e.fatal:
                 raise RecordError(e.reason, e.detail, where) from None
             report.skipped[e.reason] += 1
             report.first_error.setdefault(e.reason, f"{where}: {e}")

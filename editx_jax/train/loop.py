@@ -152,6 +152,16 @@ def _check_run_config(out: pathlib.Path, cfg: Config, resume: bool) -> None:
                                f"({', '.join(f'{section}.{k}' for k in diff)} differ); nothing was overwritten")
 
 
+def _check_init_from(folder, cfg: Config) -> None:
+    from editx_jax import checkpoint as model_ckpt
+    stored = model_ckpt.read_config(folder)
+    sizes = {k: v for k, v in dataclasses.asdict(cfg.llm).items() if k not in ("dtype", "param_dtype", "remat_policy")}
+    diff = sorted(k for k, v in sizes.items() if stored.get(k, v) != v)
+    if diff:
+        raise RunError(f"--init-from {folder}: its config differs from llm in "
+                       f"{', '.join(f'{k} ({stored[k]} vs {sizes[k]})' for k in diff)}")
+
+
 def _log_fn(log):
     if jax.process_index() == 0:
         return log
@@ -173,6 +183,8 @@ def run_sft(cfg: Config, *, resume: bool = False, init_from: str | None = None, 
         raise RunError(f"train.batch_size {tc.batch_size} / grad_accum {tc.grad_accum} = {micro_rows} rows per "
                        f"micro-batch must divide over data x fsdp = {shards} devices and {pc} processes")
 
+    if init_from and not resume:
+        _check_init_from(init_from, cfg)
     tok = tokenizer or jsonl.load_text_tokenizer(cfg.data.text_tokenizer)
     if not cfg.data.train:
         raise ConfigError("data.train: no training file given")
@@ -198,11 +210,6 @@ def run_sft(cfg: Config, *, resume: bool = False, init_from: str | None = None, 
         log(f"resumed from {out / 'checkpoints' / str(latest)}")
     elif init_from:
         from editx_jax import checkpoint as model_ckpt
-        stored = model_ckpt.read_config(init_from)
-        sizes = {k: v for k, v in dataclasses.asdict(cfg.llm).items() if k not in ("dtype", "param_dtype", "remat_policy")}
-        diff = sorted(k for k, v in sizes.items() if stored.get(k, v) != v)
-        if diff:
-            raise RunError(f"--init-from {init_from}: its config differs from llm in {', '.join(diff)}")
         param_sh = train_state.state_shardings(cfg.llm, tx, mesh)["params"]
         _, params = model_ckpt.load_llm(init_from, shardings=param_sh, param_dtype="float32")
         state = train_state.state_from_loaded_params(params, cfg.llm, tx, mesh)

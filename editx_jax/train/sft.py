@@ -65,7 +65,7 @@ def train_step(state: dict, batch: dict, *, cfg: LLMConfig, tx: optax.GradientTr
     denom = jnp.maximum(total, 1.0)
     metrics = {"loss": jnp.sum(sums["nll_sum"]) / denom, "objective": jnp.sum(objectives),
                "accuracy": jnp.sum(sums["correct"]) / denom, "tokens": total,
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     if schedule is not None:
         metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics

@@ -97,11 +97,14 @@ def create_state(cfg: LLMConfig, tx, mesh, key) -> dict:
 
 def state_from_loaded_params(params, cfg: LLMConfig, tx, mesh) -> dict:
     """A fresh optimizer state around loaded (e.g. converted released) params, sharded."""
-    want = llm.abstract_params(master_config(cfg))
-    got = jax.tree_util.tree_map(lambda p: tuple(p.shape), params)
-    if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(want) or got != \
-            jax.tree_util.tree_map(lambda p: tuple(p.shape), want):
-        raise ConfigError("init-from params do not match llm config (different sizes or names)")
+    def shapes(tree):
+        return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+    want, got = shapes(llm.abstract_params(master_config(cfg))), shapes(params)
+    if want != got:
+        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        raise ConfigError(f"init-from params do not match the llm config: {bad[0]} is {got.get(bad[0])}, "
+                          f"the model expects {want.get(bad[0])}")
     shardings = state_shardings(cfg, tx, mesh)
     with sharding.use_mesh(mesh):
         return jax.jit(lambda p: state_from_params(p, tx), out_shardings=shardings)(params)

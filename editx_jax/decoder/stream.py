@@ -1,0 +1,422 @@
+"""Streaming token2wav: the official `CosyVoice_stream_impl_.token2wav_stream` (architecture.md §3.8).
+
+What the reference does, and this module reproduces (batch 1, one session per `Token2WavStream`):
+
+* Tokens are buffered. Once 5 ids (3 pair frames, the encoder's look-ahead) are there, `setup` runs
+  the flow once on [prompt pairs, 3 look-ahead pairs]: the encoder's look-ahead conv consumes the 3
+  extra frames, so it emits the prompt's 2 Lp mel frames; the DiT runs them (cond = prompt mel, noise
+  frames [0, 2 Lp)) only to fill its caches. Nothing is emitted.
+* Then chunks of `chunk_size_list` = 15, 24, 48, 48, ... pair frames (25, 40, 80 ids), each sent
+  with the next 5 ids as look-ahead (the look-ahead ids are sent again with the next chunk). The
+  final call sends whatever is left and pads the look-ahead with zeros, as the offline encoder does.
+* Encoder caches: the last 2 outputs of the look-ahead conv1, the last 4 upsampled frames, and the
+  K/V of every conformer layer (all past frames, never truncated). A chunk attends to every cached
+  frame and to itself, and never ahead: the encoder is block-causal where the offline one is not.
+  Relative positions use absolute frame offsets.
+* DiT caches, per ODE step, per block, for both CFG halves: the K/V (new frames are put first) and
+  the last 2 input frames of both causal convs. After each chunk the K/V are cut to the 96 newest
+  frames plus the prompt frames. So the DiT is block-causal with a bounded left context.
+* The ODE noise of a chunk is the noise buffer at [offset, offset + frames) with offset = the DiT
+  cache length before the chunk: the absolute frame index until the cache is first cut (prompt + 96
+  frames), then a fixed offset of prompt + 96 frames for every later chunk.
+* Vocoder: the last `mel_cache_len` = 8 mel frames are vocoded again with each chunk. For HiFT the
+  first 8 x 480 samples of the new NSF source are replaced by the previous chunk's last ones; the
+  first 3840 output samples are cross-faded (Hamming window of 7680) with the 3840 samples held back
+  from the previous chunk, and every chunk but the last holds back its last 3840 samples. For
+  BigVGAN the mel is reflect-padded by 3 frames before the first chunk and after the last, and the
+  overlap is (8 - 6) x 480 = 960 samples.
+
+What it equals. Not the offline result: the block-causal attention, the cut DiT context, the
+re-used noise and the vocoder overlap make streaming differ from `token2wav_nonstream` by design
+(tests/test_token2wav.py measures the gap on random weights). The total length is the same:
+480 x 2 x 3 ceil(N / 5) samples. Our encoder and DiT chunk functions with empty caches reproduce the
+offline modules exactly (tested), and the chunking is independent of how ids are pushed: pushing one
+id at a time (the reference's intended use, one call per generated id) or all at once gives the same
+chunks. Unlike the reference, which handles at most one chunk per call, `push` handles every chunk
+that is ready, and a final call with fewer than 5 ids in total still produces audio.
+
+Each chunk is jitted per shape; the encoder's K/V cache grows with every chunk (as in the reference),
+so each chunk compiles once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from editx_jax.decoder.dit import TIME_FREQ_DIM, modulate, mish, timestep_features
+from editx_jax.decoder.flow import FlowConfig, cosine_t_span, noise_from_key
+from editx_jax.decoder.hift import HiFTGenerator, NSFNoise, draw_nsf_noise, hift_decode
+from editx_jax.decoder.upsample_encoder import rel_position_table
+from editx_jax.tokenizer.codebook import GROUP
+
+_HI = jax.lax.Precision.HIGHEST
+LOOKAHEAD_IDS = 5  # the reference's _mixed_len(pre_lookahead_len = 3) = (3 // 3) * 5
+
+
+def mixed_len(frames: int) -> int:
+    """Pair frames -> mixed ids (the reference's `_mixed_len`): (frames // 3) * 5."""
+    return (frames // 3) * GROUP
+
+
+# ------------------------------------------------------------------------------- small layers
+
+
+def _dense(p, x):
+    y = jnp.matmul(x, p["kernel"], precision=_HI)
+    return y + p["bias"] if "bias" in p else y
+
+
+def _layer_norm(x, eps, p=None):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)  # two-pass, like torch
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    return y * p["scale"] + p["bias"] if p is not None else y
+
+
+def _conv_valid(p, x):
+    """Conv1d without padding on NWC x; kernel [k, in, out]."""
+    y = jax.lax.conv_general_dilated(x, p["kernel"], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"),
+                                     precision=_HI)
+    return y + p["bias"]
+
+
+def _layer(tree, i):
+    return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+# ------------------------------------------------------------------------------- encoder chunk
+
+
+def _rel_attention(p, x, k_cache, v_cache, pos, heads):
+    """ESPnet rel-pos attention of chunk x (1, T, D) over [cache, chunk]; returns (out, k_all, v_all)."""
+    b, t, d = x.shape
+    dk = d // heads
+    split = lambda y: y.reshape(b, -1, heads, dk)  # noqa: E731
+    q = split(_dense(p["linear_q"], x))
+    k = jnp.concatenate([k_cache, split(_dense(p["linear_k"], x))], axis=1)
+    v = jnp.concatenate([v_cache, split(_dense(p["linear_v"], x))], axis=1)
+    t2 = k.shape[1]
+    pp = jnp.matmul(pos, p["linear_pos"]["kernel"], precision=_HI).reshape(-1, heads, dk)  # (2 t2 - 1, H, dk)
+    ac = jnp.einsum("bthd,bshd->bhts", q + p["pos_bias_u"], k, precision=_HI)
+    bd = jnp.einsum("bthd,rhd->bhtr", q + p["pos_bias_v"], pp, precision=_HI)
+    # query i sits at absolute frame (t2 - t) + i; key j at j: table row (t - 1) - i + j
+    index = (t - 1) - np.arange(t)[:, None] + np.arange(t2)[None, :]
+    bd = jnp.take_along_axis(bd, jnp.broadcast_to(jnp.asarray(index), bd.shape[:2] + index.shape), axis=-1)
+    probs = jax.nn.softmax((ac + bd) / math.sqrt(dk), axis=-1)
+    out = jnp.einsum("bhts,bshd->bthd", probs, v, precision=_HI).reshape(b, t, d)
+    return _dense(p["linear_out"], out), k, v
+
+
+def _conformer_chunk(stack, x, k_cache, v_cache, pos, heads, eps):
+    """The stacked conformer layers on a chunk, with per-layer K/V caches (L, 1, Tc, H, dk)."""
+    def body(h, layer):
+        p, kc, vc = layer
+        att, k, v = _rel_attention(p["self_attn"], _layer_norm(h, eps, p["norm_mha"]), kc, vc, pos, heads)
+        h = h + att
+        y = _layer_norm(h, eps, p["norm_ff"])
+        h = h + _dense(p["feed_forward"]["w_2"], jax.nn.silu(_dense(p["feed_forward"]["w_1"], y)))
+        return h, (k, v)
+
+    return jax.lax.scan(body, x, (stack, k_cache, v_cache))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "last"))
+def encoder_chunk(params, emb, cnn1, cnn2, k1, v1, k2, v2, config: FlowConfig, last: bool):
+    """`UpsampleConformerEncoderV2.forward_chunk` + `encoder_proj`.
+
+    emb (1, T, D): the dual-codebook embedding of the chunk's pairs (look-ahead included);
+    cnn1 (1, 2, D) / cnn2 (1, 2 stride, D): conv caches (zeros at the start); k1/v1 (L1, 1, Tc, H, dk),
+    k2/v2 (L2, 1, 2 Tc, H, dk): conformer K/V caches. Returns mu (1, 2 (T - 3), 80) (2 T if last) and
+    the new caches.
+    """
+    cfg = config.encoder
+    p = params["encoder"]
+    d, heads, look = cfg.output_size, cfg.attention_heads, cfg.pre_lookahead_len
+    x = _layer_norm(_dense(p["embed"]["linear"], emb), cfg.embed_eps, p["embed"]["norm"]) * math.sqrt(d)
+    if last:
+        x = jnp.pad(x, ((0, 0), (0, look), (0, 0)))
+    # pre-lookahead: conv1 reads `look` frames ahead (no padding), conv2 reads 2 cached frames behind
+    y = jax.nn.leaky_relu(_conv_valid(p["pre_lookahead_layer"]["conv1"], x), 0.01)
+    new_cnn1 = y[:, -2:]
+    y = _conv_valid(p["pre_lookahead_layer"]["conv2"], jnp.concatenate([cnn1, y], axis=1))
+    x = x[:, :x.shape[1] - look] + y
+    offset = k1.shape[2]
+    pos = jnp.asarray(rel_position_table(offset + x.shape[1], d))
+    x, (k1, v1) = _conformer_chunk(p["encoders"], x, k1, v1, pos, heads, cfg.layer_eps)
+    # upsample: nearest x stride, 2 stride cached frames in front, conv k = 2 stride + 1
+    up = jnp.concatenate([cnn2, jnp.repeat(x, cfg.up_scale_factor, axis=1)], axis=1)
+    new_cnn2 = up[:, -cnn2.shape[1]:]
+    x = _conv_valid(p["up_layer"]["conv"], up)
+    x = _layer_norm(_dense(p["up_embed"]["linear"], x), cfg.embed_eps, p["up_embed"]["norm"]) * math.sqrt(d)
+    pos = jnp.asarray(rel_position_table(offset * cfg.up_stride + x.shape[1], d))
+    x, (k2, v2) = _conformer_chunk(p["up_encoders"], x, k2, v2, pos, heads, cfg.layer_eps)
+    x = _layer_norm(x, cfg.embed_eps, p["after_norm"])
+    return _dense(params["encoder_proj"], x), new_cnn1, new_cnn2, k1, v1, k2, v2
+
+
+# ------------------------------------------------------------------------------- DiT chunk
+
+
+def _causal_conv_chunk(p, x, cache):
+    """CausalConv1d.forward_chunk: cache (B, 2, C) in front; the new cache is the last 2 input frames."""
+    full = jnp.concatenate([cache, x], axis=1)
+    return _conv_valid(p, full), full[:, -cache.shape[1]:]
+
+
+def _dit_chunk(p, cfg, x, mu, t, spks, cond, conv1_cache, conv2_cache, k_cache, v_cache):
+    """`DiT.forward_chunk` (no mask): one velocity for the chunk and its new caches.
+
+    x, mu, cond (B, T, 80); t (B,); spks (B, 80); conv caches (depth, B, 2, hidden); K/V caches
+    (depth, B, Tc, H, hd), newest first. Returns (v (B, T, 80), conv1, conv2, k, v) with the new
+    frames' K/V put in front of the cache, as the reference does.
+    """
+    est = cfg
+    b, t_len, _ = x.shape
+    c = _dense(p["t_embedder"]["fc2"], jax.nn.silu(_dense(p["t_embedder"]["fc1"], timestep_features(t, TIME_FREQ_DIM))))
+    c = c[:, None, :]
+    spks_t = jnp.broadcast_to(spks[:, None, :], (b, t_len, spks.shape[-1]))
+    h = _dense(p["in_proj"], jnp.concatenate([x, mu, spks_t, cond], axis=-1))
+
+    def block(h, layer):
+        bp, c1, c2, kc, vc = layer
+        mods = jnp.split(_dense(bp["adaln"], jax.nn.silu(c)), 9, axis=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_conv, scale_conv, gate_conv = mods
+        a = modulate(_layer_norm(h, 1e-6), shift_msa, scale_msa)
+        heads = lambda y: y.reshape(b, t_len, est.num_heads, est.head_dim)  # noqa: E731
+        ap = bp["attn"]
+        q = _layer_norm(heads(_dense(ap["to_q"], a)), 1e-5, ap["q_norm"])
+        k = jnp.concatenate([_layer_norm(heads(_dense(ap["to_k"], a)), 1e-5, ap["k_norm"]), kc], axis=1)
+        v = jnp.concatenate([heads(_dense(ap["to_v"], a)), vc], axis=1)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_HI) / math.sqrt(est.head_dim)
+        att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v, precision=_HI)
+        h = h + gate_msa * _dense(ap["proj"], att.reshape(b, t_len, -1))
+        cp = bp["conv"]
+        y, c1 = _causal_conv_chunk(cp["conv1"], modulate(_layer_norm(h, 1e-6), shift_conv, scale_conv), c1)
+        y, c2 = _causal_conv_chunk(cp["conv2"], mish(_layer_norm(y, 1e-5, cp["norm"])), c2)
+        h = h + gate_conv * y
+        m = modulate(_layer_norm(h, 1e-6), shift_mlp, scale_mlp)
+        m = _dense(bp["mlp"]["fc2"], jax.nn.gelu(_dense(bp["mlp"]["fc1"], m), approximate=True))
+        return h + gate_mlp * m, (c1, c2, k, v)
+
+    h, caches = jax.lax.scan(block, h, (p["blocks"], conv1_cache, conv2_cache, k_cache, v_cache))
+    fp = p["final_layer"]
+    shift, scale = jnp.split(_dense(fp["adaln"], jax.nn.silu(c)), 2, axis=-1)
+    return (_dense(fp["linear"], modulate(_layer_norm(h, 1e-6), shift, scale)),) + caches
+
+
+@functools.partial(jax.jit, static_argnames=("config", "n_timesteps"))
+def dit_chunk_ode(params, z, mu, spks, cond, conv1, conv2, k_cache, v_cache, config: FlowConfig,
+                  n_timesteps: int):
+    """`CausalConditionalCFM.forward_chunk`: Euler with CFG over one chunk, with per-step caches.
+
+    z, mu, cond (1, T, 80); spks (1, 80); conv caches (steps, depth, 2, 2, hidden); K/V caches
+    (steps, depth, 2, Tc, H, hd) (the CFG batch is [conditional, unconditional]). Returns the mel
+    (1, T, 80) and the new caches (K/V with Tc + T frames).
+    """
+    p = params["estimator"]
+    rate = config.inference_cfg_rate
+    mu_in = jnp.concatenate([mu, jnp.zeros_like(mu)], axis=0)
+    spks_in = jnp.concatenate([spks, jnp.zeros_like(spks)], axis=0)
+    cond_in = jnp.concatenate([cond, jnp.zeros_like(cond)], axis=0)
+    t_span = cosine_t_span(n_timesteps)
+
+    def step(carry, per_step):
+        x, t, dt, k = carry
+        c1, c2, kc, vc = per_step
+        v, c1, c2, kn, vn = _dit_chunk(p, config.estimator, jnp.concatenate([x, x], axis=0), mu_in,
+                                       jnp.full((2,), t, jnp.float32), spks_in, cond_in, c1, c2, kc, vc)
+        v = (1.0 + rate) * v[:1] - rate * v[1:]
+        x = x + dt * v
+        t = t + dt
+        dt = t_span[jnp.minimum(k + 2, n_timesteps)] - t  # same float32 rounding as the offline solver
+        return (x, t, dt, k + 1), (c1, c2, kn, vn)
+
+    init = (z.astype(jnp.float32), t_span[0], t_span[1] - t_span[0], 0)
+    (x, _, _, _), caches = jax.lax.scan(step, init, (conv1, conv2, k_cache, v_cache))
+    return (x,) + caches
+
+
+# ------------------------------------------------------------------------------- HiFT pieces
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _hift_source(params, mel_bct, noise, config):
+    def run(m, mel, noise):
+        return m.source(m.predict_f0(mel), noise)
+    return HiFTGenerator(config).apply({"params": params}, jnp.swapaxes(mel_bct, 1, 2), noise, method=run)
+
+
+# ------------------------------------------------------------------------------- the session
+
+
+class Token2WavStream:
+    """One streaming session (batch 1). `push(ids)` returns the speech that is ready (possibly
+    empty); `push(ids, last=True)` / `finish()` flushes the rest. Concatenating every returned
+    piece gives the whole utterance. See the module docstring for what it reproduces.
+
+    noise: the ODE noise buffer (1, >= frames, 80) channels-last, indexed like the reference's
+      `rand_noise`; else `noise_from_key(key)` (default key 0) per absolute frame.
+    vocoder_key: HiFT's NSF draws for chunk i come from fold_in(vocoder_key, i) (default key 0).
+    """
+
+    def __init__(self, decoder, prompt_ids, prompt_mel, spk_embedding, *, noise=None, key=None,
+                 vocoder_key=None):
+        from editx_jax.decoder.token2wav import Token2WavError, _as_sequences, audio_values
+
+        self.decoder = decoder
+        self.cfg = decoder.config
+        self.flow_cfg = decoder.flow_config
+        prompt = _as_sequences(prompt_ids, "prompt_ids")
+        if len(prompt) != 1:
+            raise Token2WavError("a stream is one utterance: give one prompt")
+        if np.asarray(prompt[0]).size == 0:
+            raise Token2WavError("streaming needs prompt ids (the reference's DiT cache cut keeps the prompt frames)")
+        # validation and prompt mel stretch as offline; the generated side gets one dummy group
+        dummy = np.full(GROUP, 65536, np.int64)
+        _, pp, conds, embs = decoder.prepare(dummy, prompt[0], prompt_mel, spk_embedding)
+        self.prompt_pairs, self.prompt_cond, self.embedding = pp[0], conds[0], embs
+        self.noise = None if noise is None else jnp.asarray(noise, jnp.float32)
+        self.key = jax.random.key(0) if key is None else key
+        self.vocoder_key = jax.random.key(0) if vocoder_key is None else vocoder_key
+        self._audio_values = audio_values
+        self.buffer: list[int] = []  # audio values not yet sent
+        self.chunk_sizes = list(self.cfg.chunk_size_list)
+        self.caches = None
+        self.done = False
+        self.chunk_index = 0
+        self.voc_mel = np.zeros((0, self.flow_cfg.output_size), np.float32)
+        self.voc_source = np.zeros((0,), np.float32)
+        self.voc_speech = np.zeros((0,), np.float32)
+        self.voc_first = True
+        self.mels: list[np.ndarray] = []  # the flow's mel per chunk (for inspection)
+
+    # -------------------------------------------------------------------- public
+
+    def push(self, ids, last: bool = False) -> np.ndarray:
+        """Add LLM ids; returns the speech (float32, 24 kHz) completed by them (maybe 0 samples)."""
+        from editx_jax.decoder.token2wav import Token2WavError
+        if self.done:
+            raise Token2WavError("this stream is finished; start a new one")
+        ids = np.atleast_1d(np.asarray(ids, np.int64)) if np.size(ids) else np.zeros((0,), np.int64)
+        self.buffer.extend(int(v) for v in self._audio_values(ids))
+        out = []
+        if self.caches is None and (len(self.buffer) >= LOOKAHEAD_IDS or (last and self.buffer)):
+            self._setup()
+        while self.caches is not None and not last:
+            chunk = mixed_len(self.chunk_sizes[0])
+            if len(self.buffer) < chunk + LOOKAHEAD_IDS:
+                break
+            out.append(self._chunk(self.buffer[:chunk + LOOKAHEAD_IDS], last=False))
+            del self.buffer[:chunk]
+            if len(self.chunk_sizes) > 1:
+                self.chunk_sizes.pop(0)
+        if last:
+            if self.caches is not None:
+                out.append(self._chunk(self.buffer, last=True))
+            self.buffer = []
+            self.done = True
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def finish(self) -> np.ndarray:
+        return self.push([], last=True)
+
+    # -------------------------------------------------------------------- internals
+
+    def _pairs(self, values) -> np.ndarray:
+        from editx_jax.decoder.token2wav import reshape_values
+        return reshape_values(np.asarray(values, np.int64)).astype(np.int32)
+
+    def _embed(self, pairs):
+        from editx_jax.decoder.embedding import DualCodebookEmbedding
+        return DualCodebookEmbedding(self.flow_cfg.embedding).apply(
+            {"params": self.decoder.flow_params["input_embedding"]}, jnp.asarray(pairs)[None])
+
+    def _noise(self, offset: int, frames: int):
+        if self.noise is not None:
+            if self.noise.shape[1] < offset + frames:
+                from editx_jax.decoder.token2wav import Token2WavError
+                raise Token2WavError(f"noise has {self.noise.shape[1]} frames; this chunk needs {offset + frames}")
+            return self.noise[:1, offset:offset + frames]
+        return noise_from_key(self.key, 1, offset + frames, self.flow_cfg.output_size)[:, offset:]
+
+    def _spks(self):
+        norm = np.sqrt(np.sum(np.square(self.embedding), axis=1, keepdims=True))
+        p = self.decoder.flow_params["spk_embed_affine_layer"]
+        return _dense(p, jnp.asarray(self.embedding / np.maximum(norm, 1e-12)))
+
+    def _setup(self):
+        """`flow.setup_cache` on [prompt pairs, look-ahead pairs]: fills the caches, emits nothing."""
+        cfg, enc = self.flow_cfg, self.flow_cfg.encoder
+        lookahead = self._pairs(self.buffer[:LOOKAHEAD_IDS])
+        pairs = np.concatenate([self.prompt_pairs, lookahead], axis=0)
+        d, h = enc.output_size, enc.attention_heads
+        empty = lambda n: jnp.zeros((n, 1, 0, h, d // h), jnp.float32)  # noqa: E731
+        mu, *enc_caches = encoder_chunk(self.decoder.flow_params, self._embed(pairs),
+                                        jnp.zeros((1, 2, d)), jnp.zeros((1, 2 * enc.up_stride, d)),
+                                        empty(enc.num_blocks), empty(enc.num_blocks),
+                                        empty(enc.num_up_blocks), empty(enc.num_up_blocks), cfg, False)
+        est, n = cfg.estimator, self.cfg.n_timesteps
+        conv = jnp.zeros((n, est.depth, 2, 2, est.hidden_size), jnp.float32)
+        kv = jnp.zeros((n, est.depth, 2, 0, est.num_heads, est.head_dim), jnp.float32)
+        frames = mu.shape[1]
+        _, *dit_caches = dit_chunk_ode(self.decoder.flow_params, self._noise(0, frames), mu, self._spks(),
+                                       jnp.asarray(self.prompt_cond[None, :frames]), conv, conv, kv, kv, cfg, n)
+        self.prompt_frames = frames
+        self.caches = [enc_caches, dit_caches]
+
+    def _chunk(self, values, last: bool) -> np.ndarray:
+        """`_token2wav_stream`: flow chunk with caches, DiT cache cut, vocoder with overlap."""
+        cfg = self.flow_cfg
+        enc_caches, dit_caches = self.caches
+        mu, *enc_caches = encoder_chunk(self.decoder.flow_params, self._embed(self._pairs(values)),
+                                        *enc_caches, cfg, last)
+        offset = dit_caches[2].shape[3]
+        frames = mu.shape[1]
+        mel, *dit_caches = dit_chunk_ode(self.decoder.flow_params, self._noise(offset, frames), mu, self._spks(),
+                                         jnp.zeros_like(mu), *dit_caches, cfg, self.cfg.n_timesteps)
+        keep = self.cfg.estimator_left_context
+        if dit_caches[2].shape[3] > self.prompt_frames + keep:  # newest `keep` frames + the prompt frames
+            dit_caches[2:] = [jnp.concatenate([c[:, :, :, :keep], c[:, :, :, c.shape[3] - self.prompt_frames:]], axis=3)
+                              for c in dit_caches[2:]]
+        self.caches = [enc_caches, dit_caches]
+        mel = np.asarray(mel[0])
+        self.mels.append(mel)
+        speech = self._vocode(mel, last)
+        self.chunk_index += 1
+        return speech
+
+    def _vocode(self, mel, last: bool) -> np.ndarray:
+        voc = self.decoder.vocoder_config
+        mel_in = np.concatenate([self.voc_mel, mel], axis=0)
+        mel_bct = mel_in.T[None]
+        if self.cfg.vocoder == "hift":
+            overlap = self.cfg.mel_cache_len * voc.hop
+            noise = draw_nsf_noise(jax.random.fold_in(self.vocoder_key, self.chunk_index), 1, mel_in.shape[0], voc)
+            source = np.array(_hift_source(self.decoder.vocoder_params, jnp.asarray(mel_bct), noise, voc)[0])
+            source[:len(self.voc_source)] = self.voc_source  # the reference's cache_source, against glitches
+            speech = np.asarray(hift_decode(self.decoder.vocoder_params, mel_bct, source[None], voc)[0])
+            self.voc_source = source[-overlap:]
+        else:
+            from editx_jax.decoder.bigvgan import bigvgan_inference
+            from editx_jax.decoder.token2wav import BIGVGAN_CONTEXT
+            overlap = (self.cfg.mel_cache_len - 2 * BIGVGAN_CONTEXT) * voc.hop
+            if self.voc_first and len(mel_bct[0, 0]):
+                mel_bct = np.pad(mel_bct, ((0, 0), (0, 0), (BIGVGAN_CONTEXT, 0)), mode="reflect")
+                self.voc_first = False
+            if last:
+                mel_bct = np.pad(mel_bct, ((0, 0), (0, 0), (0, BIGVGAN_CONTEXT)), mode="reflect")
+            speech = np.asarray(bigvgan_inference(self.decoder.vocoder_params, mel_bct, voc)[0])
+            mel_in = mel_bct[0].T
+        speech = speech.astype(np.float32)
+        if len(self.voc_speech):
+            window = np.hamming(2 * overlap).astype(np.float32)
+            speech = speech.copy()
+            speech[:overlap] = speech[:overlap] * window[:overlap] + self.voc_speech[-overlap:] * window[overlap:]
+        self.voc_mel = mel_in[-self.cfg.mel_cache_len:]
+        self.voc_speech = speech[-overlap:]
+        return speech if last else speech[:-overlap]

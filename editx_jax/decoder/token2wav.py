@@ -1,0 +1,443 @@
+"""token2wav: LLM audio ids + the prompt's features -> 24 kHz speech (architecture.md §0.1 step 6, §3, §5).
+
+The official `CosyVoice_stream_impl_.token2wav_nonstream`, batched:
+
+    LLM ids - 65536 = audio values (vq02 0..1023, vq06 1024..5119)
+      -> `_reshape` into (vq02, vq06) pair frames, 3 per group of 5 (ragged tail padded)
+      -> [prompt pairs, generated pairs] -> flow (encoder, DiT ODE, 10 Euler steps, CFG 0.7)
+      -> the generated part of the mel (B, 2 Lg, 80)
+      -> vocoder: HiFT (the released model) or BigVGAN (mel reflect-padded by 3 frames each side)
+
+Stray ids. The official code does not check the ids. An id below 65536 (a text token) gives a
+negative value; `_reshape` keeps it negative (a vq06 slot adds 1), and `flow.inference` clamps
+every index at 0 before the embedding, so a stray text id reads row 0 (vq02 code 0) whichever slot
+it sits in. We do the same (`clamp_stray=True`). An id at or above 65536 + 5120 would index past the
+5121-row table, which crashes the reference: here it is an `AudioTokenError`.
+
+Batches. Items may have different generated and prompt lengths. Each item is laid out as
+[prompt | generated | padding] and masked: the encoder zeroes padded frames before its look-ahead
+conv and masks padded keys, the DiT masks padded keys and its convs are causal, so an item's frames
+equal its run alone (up to float summation order). The ODE noise is the same for every item, as in
+the reference where one fixed noise buffer serves every call. The vocoders' convolutions look
+both ways, so they run per group of equal mel length (exactly as alone).
+
+Edge cases (tested): no generated ids -> an empty waveform for that item (the reference crashes);
+1-4 ids -> padded to one group like the reference (2880 samples); no prompt ids -> no prompt
+conditioning (the prompt mel is ignored; the reference crashes); a prompt mel whose length is not
+within a factor `max_prompt_stretch` (4) of 2 x the prompt pair frames -> `Token2WavError` (the
+reference stretches anything; a factor 4 mismatch means mel and tokens are not from the same clip);
+a speaker embedding that is not 192 wide -> `Token2WavError`.
+
+`prompt_features(wave, sr)` gives the prompt mel (24 kHz) and the CAM++ x-vector as `tts.py`
+computes them: mono, peak capped at 0.6, then both rounded to bfloat16 and back (`tts.py` passes
+`.to(torch.bfloat16)` and the flow casts back to float32; §5 item 1).
+
+Streaming (`Decoder.stream`, `editx_jax/decoder/stream.py`) reproduces `token2wav_stream`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from editx_jax.config import ConfigError
+from editx_jax.decoder.bigvgan import BigVGANConfig, bigvgan_inference
+from editx_jax.decoder.campplus import CAMPPlusConfig
+from editx_jax.decoder.embedding import PAD_ID, VQ06_SHIFT, dual_frames
+from editx_jax.decoder.flow import (FlowConfig, FlowModel, cfg_velocity, cosine_t_span, noise_from_key,
+                                    solve_euler, stretch_prompt_mel)
+from editx_jax.decoder.hift import HiFTConfig, NSFNoise, draw_nsf_noise, hift_inference
+from editx_jax.decoder.mel import MelConfig
+from editx_jax.tokenizer.codebook import AUDIO_ID_OFFSET, AUDIO_TOKENS, GROUP, VQ02_CODES, AudioTokenError
+
+VOCODERS = ("hift", "bigvgan")
+BIGVGAN_CONTEXT = 3  # mel frames reflect-padded on each side before BigVGAN (its conv_pre has no padding)
+
+
+class Token2WavError(ValueError):
+    """token2wav was given inconsistent inputs (lengths, sizes, batch); the message says which."""
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class Token2WavConfig:
+    """The `CosyVoice(...)` / `CosyVoice_stream_impl_` settings (cli/cosyvoice.py defaults)."""
+
+    vocoder: str = "hift"  # the released cosyvoice.yaml ships HiFT
+    n_timesteps: int = 10
+    chunk_size_list: tuple[int, ...] = (15, 24, 48)  # streaming chunks, in pair frames (0.6, 0.96, 1.92 s)
+    mel_cache_len: int = 8  # streaming vocoder overlap, mel frames
+    estimator_left_context: int = 96  # streaming DiT attention keeps this many newest frames (+ the prompt)
+    max_prompt_stretch: float = 4.0  # see the module docstring
+
+    def __post_init__(self):
+        object.__setattr__(self, "chunk_size_list", tuple(int(c) for c in self.chunk_size_list))
+        if self.vocoder not in VOCODERS:
+            raise ConfigError(f"token2wav.vocoder: one of {VOCODERS}, got {self.vocoder!r}")
+        if not isinstance(self.n_timesteps, int) or self.n_timesteps <= 0:
+            raise ConfigError(f"token2wav.n_timesteps: must be a positive integer, got {self.n_timesteps!r}")
+        if not self.chunk_size_list or any(c <= 0 or c % 3 for c in self.chunk_size_list):
+            raise ConfigError(f"token2wav.chunk_size_list: positive multiples of 3 pair frames (whole token "
+                              f"groups), got {list(self.chunk_size_list)}")
+        if self.mel_cache_len <= 2 * BIGVGAN_CONTEXT or self.mel_cache_len % 2:
+            raise ConfigError(f"token2wav.mel_cache_len: an even number > {2 * BIGVGAN_CONTEXT}, "
+                              f"got {self.mel_cache_len}")
+        if self.estimator_left_context < 0:
+            raise ConfigError(f"token2wav.estimator_left_context: must be >= 0, got {self.estimator_left_context}")
+        if not self.max_prompt_stretch >= 1:
+            raise ConfigError(f"token2wav.max_prompt_stretch: must be >= 1, got {self.max_prompt_stretch}")
+
+
+# ---------------------------------------------------------------------------------------- tokens
+
+
+def audio_values(ids, clamp_stray: bool = True) -> np.ndarray:
+    """LLM ids -> audio values (id - 65536), as tts.py passes them. Values >= 5120 are an error;
+    negative values (stray text ids) are kept here and clamped at the embedding (see module doc)."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise AudioTokenError(f"token ids must be a 1-D integer sequence, got {arr.dtype} shape {list(arr.shape)}")
+    values = arr.astype(np.int64) - AUDIO_ID_OFFSET
+    high = values >= AUDIO_TOKENS
+    if high.any():
+        i = int(np.flatnonzero(high)[0])
+        raise AudioTokenError(f"token id {int(arr[i])} at index {i} is above the audio range "
+                              f"[{AUDIO_ID_OFFSET}, {AUDIO_ID_OFFSET + AUDIO_TOKENS})")
+    if not clamp_stray and (values < 0).any():
+        i = int(np.flatnonzero(values < 0)[0])
+        raise AudioTokenError(f"token id {int(arr[i])} at index {i} is not an audio id (>= {AUDIO_ID_OFFSET})")
+    return values
+
+
+_TAIL = (0, 0, 0, PAD_ID, PAD_ID, PAD_ID)
+
+
+def reshape_values(values) -> np.ndarray:
+    """The official `_reshape` on audio values [N] (negatives allowed) -> pair rows [3 ceil(N/5), 2],
+    then `clamp(min=0)` as `flow.inference` does before the embedding."""
+    v = np.asarray(values, np.int64)
+    pad = (-v.size) % GROUP
+    if pad:
+        v = np.concatenate([v, np.asarray(_TAIL[-pad:], np.int64)])
+    groups = v.reshape(-1, GROUP)
+    vq02 = np.stack([groups[:, 0], groups[:, 1], np.full(len(groups), PAD_ID, np.int64)], axis=1)
+    vq06 = groups[:, 2:] - VQ02_CODES + VQ06_SHIFT
+    return np.maximum(np.stack([vq02.reshape(-1), vq06.reshape(-1)], axis=1), 0)
+
+
+def _as_sequences(x, what: str) -> list:
+    """One sequence, a (B, N) array or a list of sequences -> list of 1-D arrays."""
+    if isinstance(x, (list, tuple)) and (len(x) == 0 or np.ndim(x[0]) == 0):
+        return [np.asarray(x, np.int64)]
+    if isinstance(x, (list, tuple)):
+        return [np.asarray(s) for s in x]
+    arr = np.asarray(x)
+    if arr.ndim == 1:
+        return [arr]
+    if arr.ndim == 2:
+        return list(arr)
+    raise Token2WavError(f"{what} must be a sequence of ids, a (batch, N) array or a list of sequences, "
+                         f"got shape {list(arr.shape)}")
+
+
+def _as_batch_arrays(x, batch: int, inner_ndim: int, what: str) -> list:
+    """An array for one item (broadcast over the batch), a batched array or a list -> list of arrays."""
+    if isinstance(x, (list, tuple)):
+        items = [np.asarray(a, np.float32) for a in x]
+    else:
+        arr = np.asarray(x, np.float32)
+        items = [arr] * batch if arr.ndim == inner_ndim else list(arr) if arr.ndim == inner_ndim + 1 else None
+        if items is None:
+            raise Token2WavError(f"{what} must have {inner_ndim} or {inner_ndim + 1} dims, got shape {list(arr.shape)}")
+    if len(items) == 1 and batch > 1:
+        items = items * batch
+    if len(items) != batch:
+        raise Token2WavError(f"{what}: {len(items)} items for a batch of {batch}")
+    return items
+
+
+def bf16_round(x) -> np.ndarray:
+    """float32 -> bfloat16 -> float32 (round to nearest even), as `tts.py`'s `.to(torch.bfloat16)`."""
+    return np.asarray(jnp.asarray(np.asarray(x, np.float32)).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------- flow
+
+
+def _encode(module: FlowModel, pairs, lengths, embedding):
+    """(mu (B, 2L, 80), spks (B, 80), valid (B, 2L)) with per-item token lengths."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(embedding), axis=1, keepdims=True))
+    spks = module.spk_embed_affine_layer(embedding / jnp.maximum(norm, 1e-12))  # F.normalize, eps 1e-12
+    valid = jnp.arange(pairs.shape[1])[None, :] < lengths[:, None]
+    x = module.input_embedding(pairs) * valid[..., None]  # `* mask` as flow.inference
+    h, mel_valid = module.encoder(x, lengths)
+    return module.encoder_proj(h), spks, mel_valid[:, 0, :]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "n_timesteps"))
+def flow_batch(params, pairs, lengths, embedding, cond, noise, config: FlowConfig, n_timesteps: int):
+    """The flow on a padded batch: pairs (B, L, 2), lengths (B,) -> x at t = 1 (B, 2L, 80), all frames."""
+    model = FlowModel(config)
+    variables = {"params": params}
+    mu, spks, valid = model.apply(variables, pairs, lengths, embedding, method=_encode)
+    z = jnp.broadcast_to(noise[:, :mu.shape[1]], mu.shape).astype(jnp.float32) * config.temperature
+
+    def velocity(x, t):
+        est = lambda *a: model.apply(variables, *a, method=FlowModel.estimate)  # noqa: E731
+        return cfg_velocity(est, x, valid, mu, t, spks, cond, config.inference_cfg_rate)
+
+    return solve_euler(velocity, z, cosine_t_span(n_timesteps))
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+class Token2WavOutput(NamedTuple):
+    speech: np.ndarray  # (B, max samples) float32 at 24 kHz, zero after each item's length
+    lengths: np.ndarray  # (B,) samples per item = 480 * mel_lengths
+    mel: np.ndarray  # (B, max frames, 80) the flow's mel (channels-last), zero after mel_lengths
+    mel_lengths: np.ndarray  # (B,) = 2 * 3 * ceil(N / 5) per item (0 for no ids)
+
+    def item(self, i: int) -> np.ndarray:
+        return self.speech[i, :int(self.lengths[i])]
+
+
+# ---------------------------------------------------------------------------------------- decoder
+
+
+class Decoder:
+    """The released decoder: flow + vocoder (+ CAM++ for prompt features).
+
+    flow_params / flow_config: `editx_jax.decoder.flow` (converted `flow.pt`).
+    vocoder_params / vocoder_config: a `HiFTConfig` (hift.pt) or a `BigVGANConfig`; must agree with
+      `config.vocoder`.
+    campplus_params / campplus_config: optional, only `prompt_features` needs them.
+    """
+
+    def __init__(self, flow_params, flow_config: FlowConfig, vocoder_params, vocoder_config,
+                 campplus_params=None, campplus_config: CAMPPlusConfig | None = None,
+                 config: Token2WavConfig | None = None, mel_config: MelConfig = MelConfig()):
+        kind = "hift" if isinstance(vocoder_config, HiFTConfig) else \
+            "bigvgan" if isinstance(vocoder_config, BigVGANConfig) else None
+        if kind is None:
+            raise ConfigError(f"token2wav.vocoder: a HiFTConfig or BigVGANConfig, got {type(vocoder_config).__name__}")
+        config = config or Token2WavConfig(vocoder=kind)
+        if config.vocoder != kind:
+            raise ConfigError(f"token2wav.vocoder: config says {config.vocoder!r} but the vocoder config is {kind!r}")
+        if (vocoder_config.in_channels if kind == "hift" else vocoder_config.num_mels) != flow_config.output_size:
+            raise ConfigError("token2wav.vocoder: its mel channels differ from the flow's output_size")
+        self.flow_params, self.flow_config = flow_params, flow_config
+        self.vocoder_params, self.vocoder_config = vocoder_params, vocoder_config
+        self.campplus_params = campplus_params
+        self.campplus_config = campplus_config or (CAMPPlusConfig() if campplus_params is not None else None)
+        self.config, self.mel_config = config, mel_config
+
+    # ------------------------------------------------------------------ checkpoint folders
+
+    def save(self, folder, meta: dict | None = None) -> pathlib.Path:
+        """One checkpoint folder (editx_jax/checkpoint.py) holding flow, vocoder and CAM++."""
+        from editx_jax.checkpoint import save_params
+        params = {"flow": self.flow_params, "vocoder": self.vocoder_params}
+        config = {"token2wav": dataclasses.asdict(self.config), "flow": dataclasses.asdict(self.flow_config),
+                  "vocoder": dataclasses.asdict(self.vocoder_config), "mel": dataclasses.asdict(self.mel_config)}
+        if self.campplus_params is not None:
+            params["campplus"] = self.campplus_params
+            config["campplus"] = dataclasses.asdict(self.campplus_config)
+        return save_params(folder, params, config, {"component": "decoder", "dtype": "float32", **dict(meta or {})})
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "Decoder":
+        """Load a folder written by `save` (or `tools/convert.py decoder`)."""
+        from editx_jax.checkpoint import CheckpointError, load_params, read_config, read_meta
+        from editx_jax.config import from_dict
+
+        meta = read_meta(folder)
+        if meta.get("component") != "decoder":
+            raise CheckpointError(f"{folder} holds a {meta.get('component')!r} checkpoint, not the decoder")
+        raw = _tuples(read_config(folder))
+        t2w = from_dict(Token2WavConfig, raw["token2wav"], "token2wav")
+        flow_cfg = from_dict(FlowConfig, raw["flow"], "flow")
+        voc_cls = HiFTConfig if t2w.vocoder == "hift" else BigVGANConfig
+        voc_cfg = from_dict(voc_cls, raw["vocoder"], "vocoder")
+        mel_cfg = from_dict(MelConfig, raw.get("mel", {}), "mel")
+        cam_cfg = from_dict(CAMPPlusConfig, raw["campplus"], "campplus") if "campplus" in raw else None
+        params = load_params(folder)
+        return cls(params["flow"], flow_cfg, params["vocoder"], voc_cfg, params.get("campplus"), cam_cfg,
+                   t2w, mel_cfg)
+
+    # ------------------------------------------------------------------ prompt features
+
+    def prompt_features(self, wave, sr: int) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt mel (T, 80) at 24 kHz, CAM++ x-vector (192,)), both rounded to bf16 like tts.py.
+
+        wave: [N] or [channels, N] float in [-1, 1] at `sr`. Mono mix and the 0.6 peak cap of
+        `preprocess_prompt_wav` come first; the mel resamples to 24 kHz, CAM++ to 16 kHz.
+        """
+        from editx_jax.audio import cap_peak, resample, to_mono
+        from editx_jax.decoder.campplus import speaker_embedding
+        from editx_jax.decoder.mel import mel_spectrogram
+
+        if self.campplus_params is None:
+            raise Token2WavError("prompt_features needs CAM++ params (campplus_params)")
+        wave = cap_peak(to_mono(wave))
+        sr = int(sr)
+        wave24 = wave if sr == self.mel_config.sampling_rate else resample(wave, sr, self.mel_config.sampling_rate)
+        mel = np.asarray(mel_spectrogram(wave24, self.mel_config))
+        emb = np.asarray(speaker_embedding(self.campplus_params, wave, sr, self.campplus_config))
+        return bf16_round(mel), bf16_round(emb)
+
+    # ------------------------------------------------------------------ token2wav
+
+    def prepare(self, gen_ids, prompt_ids, prompt_mel, spk_embedding, clamp_stray: bool = True):
+        """Validate and lay out a batch: (gen pairs list, prompt pairs list, cond mels list, embeddings (B, 192))."""
+        gens = [audio_values(s, clamp_stray) for s in _as_sequences(gen_ids, "gen_ids")]
+        b = len(gens)
+        prompts = _as_sequences(prompt_ids, "prompt_ids")
+        if len(prompts) == 1 and b > 1:
+            prompts = prompts * b
+        if len(prompts) != b:
+            raise Token2WavError(f"prompt_ids: {len(prompts)} sequences for {b} generated sequences")
+        prompts = [audio_values(s, clamp_stray) for s in prompts]
+        mels = _as_batch_arrays(prompt_mel, b, 2, "prompt_mel")
+        embs = _as_batch_arrays(spk_embedding, b, 1, "spk_embedding")
+        dim = self.flow_config.spk_embed_dim
+        for i, e in enumerate(embs):
+            if e.shape != (dim,) or not np.all(np.isfinite(e)):
+                raise Token2WavError(f"spk_embedding[{i}] must be {dim} finite values, got shape {list(e.shape)}")
+        n_mels = self.flow_config.output_size
+        conds = []
+        for i, (p, m) in enumerate(zip(prompts, mels)):
+            frames = 2 * dual_frames(p.size)
+            if m.ndim != 2 or m.shape[1] != n_mels:
+                raise Token2WavError(f"prompt_mel[{i}] must be (frames, {n_mels}), got shape {list(m.shape)}")
+            if frames == 0:
+                conds.append(np.zeros((0, n_mels), np.float32))
+                continue
+            ratio = m.shape[0] / frames
+            s = self.config.max_prompt_stretch
+            if not 1 / s <= ratio <= s:
+                raise Token2WavError(f"prompt_mel[{i}] has {m.shape[0]} frames for {p.size} prompt ids, which "
+                                     f"need {frames}: more than a factor {s:g} apart (mel and tokens of different clips?)")
+            conds.append(stretch_prompt_mel(m[None], frames)[0])
+        gen_pairs = [reshape_values(g) if g.size else np.zeros((0, 2), np.int64) for g in gens]
+        prompt_pairs = [reshape_values(p) if p.size else np.zeros((0, 2), np.int64) for p in prompts]
+        return gen_pairs, prompt_pairs, conds, np.stack(embs).astype(np.float32)
+
+    def flow_mels(self, gen_pairs, prompt_pairs, conds, embeddings, noise=None, key=None) -> list[np.ndarray]:
+        """The generated mels, one (2 Lg_i, 80) array per item (items with no pairs give (0, 80))."""
+        cfg = self.flow_config
+        active = [i for i, g in enumerate(gen_pairs) if len(g)]
+        out = [np.zeros((0, cfg.output_size), np.float32) for _ in gen_pairs]
+        if not active:
+            return out
+        lengths = np.array([len(prompt_pairs[i]) + len(gen_pairs[i]) for i in active], np.int32)
+        width = int(lengths.max())
+        pairs = np.zeros((len(active), width, 2), np.int32)
+        cond = np.zeros((len(active), 2 * width, cfg.output_size), np.float32)
+        for row, i in enumerate(active):
+            seq = np.concatenate([prompt_pairs[i], gen_pairs[i]], axis=0)
+            pairs[row, :len(seq)] = seq
+            cond[row, :len(conds[i])] = conds[i]
+        if noise is None:
+            noise = noise_from_key(jax.random.key(0) if key is None else key, 1, 2 * width, cfg.output_size)
+        noise = jnp.asarray(noise, jnp.float32)
+        if noise.ndim != 3 or noise.shape[0] not in (1, len(active)) or noise.shape[1] < 2 * width \
+                or noise.shape[2] != cfg.output_size:
+            raise Token2WavError(f"noise must be (1, >= {2 * width}, {cfg.output_size}) (channels-last), got "
+                                 f"{list(noise.shape)}")
+        x = flow_batch(self.flow_params, jnp.asarray(pairs), jnp.asarray(lengths), jnp.asarray(embeddings[active]),
+                       jnp.asarray(cond), noise[:, :2 * width], cfg, self.config.n_timesteps)
+        x = np.asarray(x)
+        for row, i in enumerate(active):
+            start = 2 * len(prompt_pairs[i])
+            out[i] = x[row, start:start + 2 * len(gen_pairs[i])]
+        return out
+
+    def vocode(self, mels: Sequence[np.ndarray], key=None, nsf_noise: NSFNoise | None = None) -> list[np.ndarray]:
+        """Mels (T_i, 80) -> waveforms (480 T_i,), batched per group of equal length.
+
+        HiFT's NSF draws come from `key` (default key 0; every item draws with the same key, as it
+        would alone) or from `nsf_noise` for a batch of one (parity with recorded draws).
+        """
+        out = [np.zeros((0,), np.float32) for _ in mels]
+        groups: dict[int, list[int]] = {}
+        for i, m in enumerate(mels):
+            if len(m):
+                groups.setdefault(len(m), []).append(i)
+        if nsf_noise is not None and (len(mels) != 1 or self.config.vocoder != "hift"):
+            raise Token2WavError("nsf_noise is for a single item with the HiFT vocoder")
+        key = jax.random.key(0) if key is None else key
+        for frames, items in groups.items():
+            mel_bct = np.stack([mels[i] for i in items]).transpose(0, 2, 1)
+            if self.config.vocoder == "hift":
+                noise = nsf_noise
+                if noise is None:
+                    one = draw_nsf_noise(key, 1, frames, self.vocoder_config)
+                    noise = NSFNoise(*(jnp.broadcast_to(a, (len(items),) + a.shape[1:]) for a in one))
+                wave = hift_inference(self.vocoder_params, mel_bct, self.vocoder_config, noise=noise).speech
+            else:
+                padded = np.pad(mel_bct, ((0, 0), (0, 0), (BIGVGAN_CONTEXT, BIGVGAN_CONTEXT)), mode="reflect") \
+                    if frames > BIGVGAN_CONTEXT else _reflect_pad_short(mel_bct, BIGVGAN_CONTEXT)
+                wave = bigvgan_inference(self.vocoder_params, padded, self.vocoder_config)
+            wave = np.asarray(wave)
+            for row, i in enumerate(items):
+                out[i] = wave[row]
+        return out
+
+    def token2wav(self, gen_ids, prompt_ids, prompt_mel, spk_embedding, *, noise=None, key=None,
+                  vocoder_key=None, nsf_noise: NSFNoise | None = None, clamp_stray: bool = True) -> Token2WavOutput:
+        """`token2wav_nonstream`, batched.
+
+        gen_ids: LLM output ids (65536 + value, the final EOS already dropped as tts.py does): one
+          sequence, a (B, N) array or a list of B sequences of any lengths.
+        prompt_ids: the prompt's vq0206 ids as LLM ids (65536 + value); one for all items or one per item.
+        prompt_mel: (T, 80) 24 kHz mel of the prompt (or (B, T, 80) / a list), stretched to 2 x its pairs.
+        spk_embedding: (192,) CAM++ x-vector (or (B, 192) / a list).
+        noise: the ODE start noise (1, >= frames, 80) channels-last (the reference's fixed buffer,
+          transposed); else drawn from `key` (default key 0) with `flow.noise_from_key`.
+        vocoder_key / nsf_noise: HiFT's NSF draws (see `vocode`).
+        """
+        gp, pp, conds, embs = self.prepare(gen_ids, prompt_ids, prompt_mel, spk_embedding, clamp_stray)
+        mels = self.flow_mels(gp, pp, conds, embs, noise=noise, key=key)
+        waves = self.vocode(mels, key=vocoder_key, nsf_noise=nsf_noise)
+        return _pack(waves, mels, self.flow_config.output_size)
+
+    def stream(self, prompt_ids, prompt_mel, spk_embedding, **kwargs):
+        """A `Token2WavStream` session (official `token2wav_stream`); see editx_jax/decoder/stream.py."""
+        from editx_jax.decoder.stream import Token2WavStream
+        return Token2WavStream(self, prompt_ids, prompt_mel, spk_embedding, **kwargs)
+
+
+def _reflect_pad_short(mel_bct, pad):
+    """torch refuses a reflect pad >= the length; so does this (a clear error instead)."""
+    raise Token2WavError(f"BigVGAN needs more than {pad} mel frames to reflect-pad, got {mel_bct.shape[-1]}")
+
+
+def _pack(waves, mels, n_mels) -> Token2WavOutput:
+    b = len(waves)
+    lengths = np.array([len(w) for w in waves], np.int64)
+    mel_lengths = np.array([len(m) for m in mels], np.int64)
+    speech = np.zeros((b, int(lengths.max(initial=0))), np.float32)
+    mel = np.zeros((b, int(mel_lengths.max(initial=0)), n_mels), np.float32)
+    for i, (w, m) in enumerate(zip(waves, mels)):
+        speech[i, :len(w)] = w
+        mel[i, :len(m)] = m
+    return Token2WavOutput(speech, lengths, mel, mel_lengths)
+
+
+def _tuples(x):
+    """JSON lists -> tuples (config dataclasses are frozen and hashed as jit static args)."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x

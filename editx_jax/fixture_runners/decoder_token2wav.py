@@ -1,0 +1,69 @@
+"""Parity runners for `token2wav` (flow + BigVGAN) and `token2wav_hift` (flow + HiFT):
+`CosyVoice_stream_impl_.token2wav_nonstream` end to end through `editx_jax.decoder.token2wav.Decoder`.
+
+The fixture's `token` / `prompt_token` are LLM ids - 65536 (what tts.py passes); the Decoder takes
+LLM ids, so 65536 is added back. Weights are the impl's state dict: `flow.*` (= flow.pt) and
+`hift.*` (= hift.pt, or the BigVGAN state dict), converted with our converters.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from editx_jax.tokenizer.codebook import AUDIO_ID_OFFSET
+
+
+def _split(weights: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def _decoder(fx, vocoder: str):
+    from editx_jax.convert.flow import convert_flow
+    from editx_jax.decoder.flow import FlowConfig
+    from editx_jax.decoder.token2wav import Decoder, Token2WavConfig
+
+    cfg = fx.config
+    weights = fx.weights()
+    unknown = sorted(k for k in weights if not k.startswith(("flow.", "hift.")))
+    if unknown:
+        raise KeyError(f"unexpected weight {unknown[0]!r} (expected flow.* and hift.*)")
+    flow_config = FlowConfig.from_reference(cfg["flow"])
+    flow_params = convert_flow(_split(weights, "flow."), flow_config)
+    if vocoder == "hift":
+        from editx_jax.convert.hift import from_state_dict
+        from editx_jax.decoder.hift import HiFTConfig
+        voc_config = HiFTConfig.from_reference(cfg["hift"])
+    else:
+        from editx_jax.convert.bigvgan import from_state_dict
+        from editx_jax.decoder.bigvgan import BigVGANConfig
+        voc_config = BigVGANConfig.from_reference(cfg["hift"])
+    voc_params = from_state_dict(_split(weights, "hift."), voc_config)
+    t2w = Token2WavConfig(vocoder=vocoder, n_timesteps=int(cfg.get("n_timesteps", 10)),
+                          chunk_size_list=tuple(cfg.get("chunk_size_list", (15, 24, 48))),
+                          mel_cache_len=int(cfg.get("mel_cache_len", 8)))
+    return Decoder(flow_params, flow_config, voc_params, voc_config, config=t2w)
+
+
+def _run(fx, vocoder: str) -> dict[str, np.ndarray]:
+    from editx_jax.decoder.hift import NSFNoise
+
+    decoder = _decoder(fx, vocoder)
+    inputs = fx.inputs()
+    nsf = NSFNoise(inputs["nsf_phase_rand"], inputs["nsf_sine_noise"]) if vocoder == "hift" else None
+    with jax.default_matmul_precision("highest"):
+        out = decoder.token2wav(inputs["token"][0] + AUDIO_ID_OFFSET, inputs["prompt_token"][0] + AUDIO_ID_OFFSET,
+                                inputs["prompt_feat"][0], inputs["embedding"][0],
+                                noise=np.swapaxes(inputs["rand_noise"], 1, 2), nsf_noise=nsf)
+    return {"speech": out.speech[:, :int(out.lengths[0])],
+            "mel": np.swapaxes(out.mel[:, :int(out.mel_lengths[0])], 1, 2)}
+
+
+def run_token2wav(fx) -> dict[str, np.ndarray]:
+    """speech (1, 2T*480) and mel (1, 80, 2T): flow + BigVGAN (mel reflect-padded by 3 frames)."""
+    return _run(fx, "bigvgan")
+
+
+def run_token2wav_hift(fx) -> dict[str, np.ndarray]:
+    """speech (1, 2T*480) and mel (1, 80, 2T): flow + HiFT with the recorded NSF draws."""
+    return _run(fx, "hift")

@@ -1,0 +1,135 @@
+"""Upstream JSONL -> token ids and loss masks; malformed records; the Grain pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from _sft_corpus import make_records, write_jsonl
+
+from editx_jax.config import DataConfig
+from editx_jax.data import jsonl, pipeline
+
+TOK = jsonl.ByteTokenizer()
+V = 74752
+
+
+def record(**kw):
+    r = {"source_audio": "a.wav", "source_text": " Hello there ", "target_text": "Hello there",
+         "source_vq02vq06": [65536, 65537, 66560], "target_vq02vq06": [65538, 70655],
+         "task_type": "edit", "edit_type": "emotion", "edit_info": "happy"}
+    r.update(kw)
+    return r
+
+
+def test_edit_record_layout_and_loss_mask():
+    ex = jsonl.encode_record(record(), TOK, DataConfig(), V)
+    toks = ex.tokens.tolist()
+    instr = "Make the following audio more happy. The text corresponding to the audio is: Hello there\n"
+    prompt = ([1, 4] + TOK.encode(" system\n" + jsonl.EDIT_SYSTEM_PROMPT) + [3, 4]
+              + TOK.encode(" human\n" + instr + "\n") + [65536, 65537, 66560] + TOK.encode("\n") + [3, 4]
+              + TOK.encode(" assistant\n"))
+    assert toks == prompt + [65538, 70655, 3]  # audio ids spliced as they are, <|EOT|> trained by default
+    assert ex.loss_mask.tolist() == [False] * len(prompt) + [True] * 3
+    up = jsonl.encode_record(record(), TOK, DataConfig(upstream_compat=True), V)
+    assert up.tokens.tolist() == prompt + [65538, 70655] and up.loss_mask.sum() == 2  # upstream: no EOT
+    # a tiny vocabulary maps audio codes onto its own base
+    small = jsonl.encode_record(record(), TOK, DataConfig(audio_id_base=324, audio_codes=6000), 6000)
+    assert small.tokens[-3:].tolist() == [324 + 2, 324 + 5119, 3]
+
+
+def test_instruction_strings():
+    assert jsonl.edit_instruction("paralinguistic", "x", "a [Laughter]") == (
+        "Add some non-verbal sounds to make the audio more natural, the new text is : a [Laughter]\n"
+        "  The text corresponding to the audio is: a [Laughter]\n")
+    assert jsonl.edit_instruction("style", "remove", " t ").startswith("Remove any speaking styles")
+    assert jsonl.edit_instruction("speed", "faster", "t") == \
+        "Make the following audio more faster. The text corresponding to the audio is: t\n"
+    assert jsonl.edit_instruction("emotion", None, "t").startswith("Make the following audio more . ")
+    assert jsonl.edit_instruction("mask", "empty", "t") == "Edit the audio based on text: t\n"
+
+
+def test_clone_record_uses_the_speaker_hash(tmp_path):
+    wav = tmp_path / "p.wav"
+    sf.write(wav, np.linspace(-0.5, 0.5, 3000, dtype=np.float32), 16000, subtype="PCM_16")
+    rec = record(task_type="clone", source_audio=str(wav), emotion="neutral")
+    ex = jsonl.encode_record(rec, TOK, DataConfig(), V)
+    speaker = jsonl.clone_speaker(" Hello there ", str(wav))
+    assert speaker.startswith("clone_") and len(speaker) == 22
+    text = TOK.decode(ex.tokens.tolist())
+    assert f"speaker name: {speaker}\nspeaker prompt text: \n Hello there \nspeaker audio tokens: \n" in text
+    assert 65537 in ex.tokens.tolist()[:-3]  # the prompt audio sits in the system turn
+    with pytest.raises(jsonl.RecordError, match="unreadable source_audio"):
+        jsonl.encode_record(record(task_type="clone", source_audio=str(tmp_path / "no.wav"), emotion="x"),
+                            TOK, DataConfig(), V)
+
+
+def test_malformed_records_are_counted_per_reason_and_strict_fails(tmp_path):
+    lines = [json.dumps(record()), "{not json", json.dumps(record(source_vq02vq06=[65536, 80000])),
+             json.dumps(record(target_vq02vq06="<audio_1>")), json.dumps({"source_text": "x"}),
+             json.dumps(record(source_vq02vq06=[12])), "", json.dumps(record())]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    examples, report = jsonl.read_examples(str(path), TOK, DataConfig(), V)
+    assert len(examples) == 2 and report.records == 7 and report.kept == 2
+    assert report.skipped == {"invalid JSON": 1, "token id out of range": 2, "missing source_audio": 1,
+                              "target_vq02vq06 is not a list of token ids": 1}
+    assert "d.jsonl:2" in report.summary()
+    with pytest.raises(jsonl.RecordError, match=r"d.jsonl:2: invalid JSON"):
+        jsonl.read_examples(str(path), TOK, DataConfig(strict=True), V)
+
+
+def test_overlong_records_truncate_drop_or_fail(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [record(target_vq02vq06=[65536] * 50)])
+    n_prompt = len(jsonl.encode_record(record(), TOK, DataConfig(), V).tokens) - 3
+    cfg = DataConfig(max_length=n_prompt + 10)
+    (ex,), report = jsonl.read_examples(path, TOK, cfg, V)
+    assert report.truncated == 1 and len(ex.tokens) == n_prompt + 10 and ex.loss_mask.sum() == 10
+    _, report = jsonl.read_examples(path, TOK, DataConfig(max_length=n_prompt + 10, overlong="drop"), V)
+    assert report.kept == 0 and sum(report.skipped.values()) == 1
+    with pytest.raises(jsonl.RecordError, match="longer than max_length"):
+        jsonl.read_examples(path, TOK, DataConfig(max_length=n_prompt + 10, overlong="error"), V)
+
+
+def _examples(n=24):
+    tok = jsonl.WordHashTokenizer()
+    cfg = DataConfig(audio_id_base=324, audio_codes=188, max_length=256)
+    return [jsonl.encode_record(r, tok, cfg, 512) for r in make_records(n, 0)], cfg
+
+
+def test_pipeline_shards_packs_and_resumes():
+    examples, cfg = _examples()
+    # Unpacked: two processes see disjoint halves of the same shuffled order.
+    seen = []
+    for pi in range(2):
+        ds = pipeline.train_dataset(examples, DataConfig(**{**cfg.__dict__, "pack": False, "num_epochs": 1}),
+                                    rows=4, process_index=pi, process_count=2)
+        rows = [tuple(r[r != 0]) for b in ds for r in b["tokens"][0]]
+        assert len(rows) == 12
+        seen.append(set(rows))
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 24
+    # Packed: several examples per row, positions restart, padding is invisible and carries no loss.
+    ds = pipeline.train_dataset(examples, cfg, rows=4, grad_accum=2)
+    it = iter(ds)
+    b = next(it)
+    assert b["tokens"].shape == (2, 2, 256)
+    assert b["segment_ids"].max() >= 2
+    pad = b["segment_ids"] == 0
+    assert (b["positions"][pad] == -1).all() and (b["weights"][pad] == 0).all()
+    # The iterator state restores the exact stream (prefetching included).
+    state = it.get_state()
+    want = [next(it) for _ in range(3)]
+    it2 = iter(pipeline.train_dataset(examples, cfg, rows=4, grad_accum=2))
+    it2.set_state(state)
+    for w in want:
+        got = next(it2)
+        for k in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(got[k], w[k])
+
+
+def test_eval_batches_cover_every_example_once():
+    examples, cfg = _examples(10)
+    batches = pipeline.eval_batches(examples, 256, rows=4)
+    assert len(batches) == 3
+    total = sum(float(b["weights"].sum()) for b in batches)
+    assert total == sum(float(e.loss_mask[1:].sum()) for e in examples)

@@ -1,0 +1,117 @@
+"""Orbax train checkpoints: restore onto another device count, refuse another config, resume after SIGKILL."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from _sft_corpus import TINY_LLM, make_records, write_jsonl
+
+from editx_jax import sharding
+from editx_jax.config import Config, DataConfig, LLMConfig, MeshConfig, OptimizerConfig, load_config
+from editx_jax.data import jsonl, pipeline
+from editx_jax.train import loop
+from editx_jax.train import state as st
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CFG = LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4, num_groups=2, num_layers=2)
+
+
+def _iterator():
+    tok = jsonl.WordHashTokenizer()
+    dcfg = DataConfig(audio_id_base=324, audio_codes=188, max_length=256, prefetch=0)
+    examples = [jsonl.encode_record(r, tok, dcfg, 512) for r in make_records(16, 0)]
+    return iter(pipeline.train_dataset(examples, dcfg, rows=4))
+
+
+def test_restore_onto_fewer_devices_and_refuse_another_config(tmp_path):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 fake devices")
+    cfg = Config(checkpoint=Config().checkpoint.__class__(keep=1, async_save=True))
+    tx = st.make_optimizer(OptimizerConfig(), 10)
+    mesh8 = sharding.make_mesh(MeshConfig(2, 2, 2))
+    state = st.create_state(CFG, tx, mesh8, jax.random.key(3))
+    it = _iterator()
+    next(it)
+    mgr = loop.checkpoint_manager(tmp_path / "ckpt", cfg)
+    loop.save_checkpoint(mgr, 5, state, it)
+    mgr.wait_until_finished()
+    want_next = next(it)
+
+    mesh4 = sharding.make_mesh(MeshConfig(1, 2, 2), jax.devices()[:4])
+    it4 = _iterator()
+    restored = loop.restore_checkpoint(mgr, 5, st.abstract_sharded_state(CFG, tx, mesh4), it4)
+    q = restored["params"]["layers"]["attn"]["q_proj"]["kernel"]
+    assert len(q.sharding.device_set) == 4 and tuple(q.sharding.spec) == (None, "fsdp", "tensor", None)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(next(it4)["tokens"], want_next["tokens"])  # data position restored too
+
+    other = LLMConfig(**{**CFG.__dict__, "hidden_size": 96, "num_heads": 6, "num_groups": 2})
+    with pytest.raises(loop.RunError, match="does not match"):
+        loop.restore_checkpoint(mgr, 5, st.abstract_sharded_state(other, tx, mesh4))
+    mgr.close()
+
+
+def _run_cfg(tmp_path, out, extra=()):
+    train = write_jsonl(tmp_path / "train.jsonl", make_records(64, 0))
+    return ["--config", str(ROOT / "configs/sft_tiny.yaml"), *[f"--set={s}" for s in TINY_LLM],
+            f"--set=data.train={train}", f"--set=train.output_dir={out}", "--set=train.steps=8",
+            "--set=train.batch_size=4", "--set=train.log_every=1", "--set=checkpoint.every=2",
+            "--set=data.max_length=256", "--set=train.progress=false", "--set=mesh.fsdp=2",
+            "--set=optimizer.warmup_ratio=0.0", *extra]
+
+
+def test_existing_run_and_other_config_are_refused(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "4").mkdir(parents=True)
+    (out / "run_config.json").write_text(json.dumps({"llm": LLMConfig().__dict__}))  # the 3.5B sizes
+    args = _run_cfg(tmp_path, out)
+    cfg = load_config(args[1], [a.split("=", 1)[1] for a in args[2:]])
+    with pytest.raises(loop.RunError, match="--resume"):
+        loop.run_sft(cfg)
+    with pytest.raises(loop.RunError, match="another llm config"):
+        loop.run_sft(cfg, resume=True)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4"]  # nothing written
+
+
+def _losses(out):
+    got = {}
+    for row in loop.read_metrics(out):
+        if row["split"] == "train":
+            got[row["step"]] = row["loss"]  # a resumed run re-logs steps after its checkpoint: keep the last
+    return got
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_losses(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, str(ROOT / "train.py")]
+    ref = tmp_path / "ref"
+    subprocess.run(cmd + _run_cfg(tmp_path, ref), env=env, check=True, capture_output=True, cwd=ROOT, timeout=300)
+    want = _losses(ref)
+    assert sorted(want) == list(range(1, 9))
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cmd + _run_cfg(tmp_path, run), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and max(_losses(run), default=0) < 5:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(run))
+    assert 5 <= killed_at < 8, "the run finished before it could be killed"
+    ckpts = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts and max(ckpts) <= killed_at
+    subprocess.run(cmd + _run_cfg(tmp_path, run, ["--resume"]), env=env, check=True, capture_output=True,
+                   cwd=ROOT, timeout=300)
+    got = _losses(run)
+    assert sorted(got) == list(range(1, 9))
+    assert [got[s] for s in range(1, 9)] == [want[s] for s in range(1, 9)]  # bitwise, step for step

@@ -1,0 +1,98 @@
+"""Audio tokenizer speed: seconds of audio tokenized per second, end to end from the files (read,
+resample, normalise, trim, vq02 and vq06 encoders, interleave), at the released sizes with random
+weights (drawn in numpy: no real weights needed), for each batch size.
+
+    python tools/bench_tokenizer.py                          # 5-10 s clips of ../shared/audio, batch 1 and 8
+    python tools/bench_tokenizer.py a.wav b.wav --batch 1 4 --repeats 3 [--tiny]
+
+Prints, per batch size: the first (compiling) pass, then the best of `--repeats` timed passes split
+into preprocessing / vq02 / vq06, the throughput in audio seconds per second, and the real-time
+factor (wall time / audio time; below 1 is faster than real time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import resource
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+
+def default_files() -> list[pathlib.Path]:
+    import soundfile as sf
+    audio = ROOT.parent / "shared" / "audio"
+    files = sorted(p for p in audio.glob("*.wav") if 5.0 <= sf.info(str(p)).duration <= 10.0)
+    if not files:
+        raise SystemExit(f"no 5-10 s wav files in {audio}; pass FILES")
+    return files
+
+
+def run_once(tok, files) -> dict:
+    """One end-to-end pass over `files`, timed per stage (each stage waits for its results)."""
+    from editx_jax.tokenizer import codebook as cb
+    from editx_jax.tokenizer import s3tokenizer as s3
+    from editx_jax.tokenizer.pipeline import vq02_codes_from_features, vq02_features, _logmel
+    import functools
+    cfg = tok.config
+    t0 = time.perf_counter()
+    waves = [tok.load(f) for f in files]
+    t1 = time.perf_counter()
+    feats, lens = zip(*(vq02_features(w, tok.cmvn, cfg.fbank) for w in waves))
+    vq02 = vq02_codes_from_features(tok.paraformer_params, tok.vq02_codebook, cfg.paraformer, feats, lens,
+                                    cfg.vq02_block_calls)
+    t2 = time.perf_counter()
+    vq06 = s3.tokenize_waveforms(tok.s3_params, waves, cfg.s3, batch_size=cfg.vq06_batch,
+                                 logmel_fn=functools.partial(_logmel, config=cfg.whisper_mel))
+    t3 = time.perf_counter()
+    ids = [cb.interleave_ids(a, b) for a, b in zip(vq02, vq06)]
+    t4 = time.perf_counter()
+    return {"pre": t1 - t0, "vq02": t2 - t1, "vq06": t3 - t2, "total": t4 - t0,
+            "tokens": sum(i.size for i in ids)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_tokenizer.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", type=pathlib.Path, help="audio files (default: 5-10 s clips)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes per batch size (best is kept)")
+    parser.add_argument("--tiny", action="store_true", help="tiny encoders instead of the released sizes")
+    args = parser.parse_args(argv)
+
+    import jax
+    import soundfile as sf
+
+    from editx_jax.tokenizer.pipeline import AudioTokenizer, AudioTokenizerConfig
+
+    files = args.files or default_files()
+    config = AudioTokenizerConfig.tiny() if args.tiny else AudioTokenizerConfig()
+    t = time.perf_counter()
+    tok = AudioTokenizer.random(config)
+    n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(tok.params))
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  sizes: "
+          f"{'tiny' if args.tiny else 'released'} ({n_params / 1e6:.1f}M params, random)  "
+          f"init: {time.perf_counter() - t:.1f} s")
+    durations = {f: sf.info(str(f)).duration for f in files}
+    print(f"files: {len(files)}, {min(durations.values()):.1f}-{max(durations.values()):.1f} s each")
+    print(f"{'batch':>5} {'audio s':>8} {'first s':>8} {'pre s':>6} {'vq02 s':>7} {'vq06 s':>7} {'total s':>8} "
+          f"{'audio s/s':>9} {'RTF':>6}")
+    for batch in args.batch:
+        chosen = [files[i % len(files)] for i in range(batch)]
+        audio_seconds = sum(durations[f] for f in chosen)
+        first = run_once(tok, chosen)["total"]  # compiles the shapes of this batch
+        best = min((run_once(tok, chosen) for _ in range(max(1, args.repeats))), key=lambda r: r["total"])
+        rate = audio_seconds / best["total"]
+        print(f"{batch:>5} {audio_seconds:>8.1f} {first:>8.2f} {best['pre']:>6.2f} {best['vq02']:>7.2f} "
+              f"{best['vq06']:>7.2f} {best['total']:>8.2f} {rate:>9.1f} {1 / rate:>6.3f}", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak host memory: {peak:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
