@@ -133,3 +133,52 @@ def test_eval_batches_cover_every_example_once():
     assert len(batches) == 3
     total = sum(float(b["weights"].sum()) for b in batches)
     assert total == sum(float(e.loss_mask[1:].sum()) for e in examples)
+
+
+def test_array_record_shards_round_trip(tmp_path):
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tools"))
+    import prepare_data
+    from editx_jax.config import load_config
+    from _sft_corpus import TINY_LLM
+
+    cfg = load_config(None, TINY_LLM + ["data.max_length=256"])
+    path = write_jsonl(tmp_path / "d.jsonl", make_records(10, 0) + [{"bad": 1}])
+    info = prepare_data.write_shards(path, tmp_path / "shards" / "train", cfg, num_shards=3)
+    assert info["examples"] == 10 and sum(info["report"].skipped.values()) == 1 and len(info["paths"]) == 3
+    src = pipeline.ArrayRecordExamples(str(tmp_path / "shards" / "train-*.array_record"))
+    want, _ = jsonl.read_examples(path, jsonl.WordHashTokenizer(), cfg.data, 512)
+    assert len(src) == 10 and pipeline.is_array_record(str(tmp_path / "shards" / "train-*.array_record"))
+    got = sorted(src[i].tokens.tolist() for i in range(10))
+    assert got == sorted(e.tokens.tolist() for e in want)
+    a = next(iter(pipeline.train_dataset(src, cfg.data, rows=2)))
+    assert a["tokens"].shape == (1, 2, 256)
+
+
+def test_tokenize_manifest_resumes_and_reports_failures(tmp_path):
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tools"))
+    import prepare_data
+
+    class FakeTokenizer:  # the AudioTokenizer.tokenize contract, without running the model
+        calls = 0
+
+        def tokenize(self, paths, errors="keep"):
+            FakeTokenizer.calls += len(paths)
+            return [ValueError(f"{p}: unreadable") if "bad" in p else
+                    type("T", (), {"ids": np.array([65536 + len(p), 66560])})() for p in paths]
+
+    rows = [{"source_audio": f"s{i}.wav", "target_audio": "bad.wav" if i == 2 else f"t{i}.wav",
+             "source_text": "x", "target_text": "x", "edit_type": "emotion", "edit_info": "happy"} for i in range(4)]
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    info = prepare_data.tokenize_manifest(manifest, out, FakeTokenizer(), batch=2, progress=False)
+    assert info["written"] == 3 and info["failed"][0][0] == 3
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:1]) + "\n")  # as if interrupted after the first record
+    FakeTokenizer.calls = 0
+    info = prepare_data.tokenize_manifest(manifest, out, FakeTokenizer(), batch=2, progress=False)
+    assert FakeTokenizer.calls == 6  # only the 3 records not yet written
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["_index"] for r in recs) == [0, 1, 3]
+    assert recs[0]["source_vq02vq06"] == [65536 + 6, 66560] and "target_audio" not in recs[0]

@@ -115,3 +115,33 @@ def test_sigkill_and_resume_gives_the_same_losses(tmp_path):
     got = _losses(run)
     assert sorted(got) == list(range(1, 9))
     assert [got[s] for s in range(1, 9)] == [want[s] for s in range(1, 9)]  # bitwise, step for step
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_of_4_devices_match_one_process_of_8(tmp_path):
+    """Multi-host: jax.distributed over two local processes, each reading its half of every batch."""
+    extra = ["--set=data.pack=false", "--set=train.steps=3", "--set=train.batch_size=8", "--set=mesh.fsdp=-1",
+             "--set=checkpoint.every=100"]
+    cmd = [sys.executable, str(ROOT / "train.py")]
+    env8 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    subprocess.run(cmd + _run_cfg(tmp_path, tmp_path / "one", extra), env=env8, check=True, capture_output=True,
+                   cwd=ROOT, timeout=300)
+    env4 = {**env8, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    port = _free_port()
+    procs = [subprocess.Popen(cmd + _run_cfg(tmp_path, tmp_path / "two", extra)
+                              + ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=env4, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out.decode()[-2000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3]
+    # the same rows in another order: equal up to float32 summation order
+    np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)

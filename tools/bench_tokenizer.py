@@ -5,9 +5,10 @@ weights (drawn in numpy: no real weights needed), for each batch size.
     python tools/bench_tokenizer.py                          # 5-10 s clips of ../shared/audio, batch 1 and 8
     python tools/bench_tokenizer.py a.wav b.wav --batch 1 4 --repeats 3 [--tiny]
 
-Prints, per batch size: the first (compiling) pass, then the best of `--repeats` timed passes split
-into preprocessing / vq02 / vq06, the throughput in audio seconds per second, and the real-time
-factor (wall time / audio time; below 1 is faster than real time).
+Prints the machine's measured GEMM FLOP/s and copy bandwidth, then per batch size: the first
+(compiling) pass, the best of `--repeats` timed passes split into preprocessing / vq02 / vq06, the
+throughput in audio seconds per second, the real-time factor (wall time / audio time; below 1 is
+faster than real time) overall and per stream, and each stream's useful FLOP/s as a share of GEMM.
 """
 
 from __future__ import annotations
@@ -33,6 +34,68 @@ def default_files() -> list[pathlib.Path]:
     return files
 
 
+def gemm_flops(n: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of a float32 n x n x n matmul on this machine (best of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def copy_bandwidth(n_bytes: int = 1 << 27, repeats: int = 5) -> float:
+    """Bytes/s of a device-side in-place copy (one read + one write per byte)."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
+    x = copy(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x = copy(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n_bytes / best
+
+
+def vq02_flops(cfg, chunk_lens) -> float:
+    """Matmul + attention FLOPs the streaming vq02 encoder must do (every call's window of
+    overlap + new frames through every layer, then the k-means distances of the new frames)."""
+    d, f = cfg.output_size, cfg.linear_units
+    total = 0.0
+    for lens in chunk_lens:
+        cache = 0
+        for n in lens:
+            w = cfg.overlap_frames + n
+            keys = cache + w
+            layer = lambda din: 2 * w * (din * 3 * d + d * d + 2 * d * f + d * cfg.kernel_size) + 4 * w * keys * d  # noqa: E731
+            total += layer(cfg.input_size) + (cfg.num_blocks - 1) * layer(d) + 2 * n * d * 1024
+            cache = min(cfg.cache_frames, cache + cfg.chunk_size[0] + n) if cache or n else cache
+    return total
+
+
+def vq06_flops(cfg, waves) -> float:
+    """FLOPs of the S3 encoder and VQ over the official 30 s pieces (no padding counted)."""
+    from editx_jax.tokenizer import s3tokenizer as s3
+    d = cfg.n_audio_state
+    total = 0.0
+    for wave in waves:
+        for piece in s3.split_chunks(wave, cfg):
+            t = piece.shape[0] // cfg.hop_length
+            t1 = s3.conv_out_len(t, cfg.conv1_stride)
+            t2 = s3.conv_out_len(t1, 2)
+            total += 2 * t1 * cfg.n_mels * 3 * d + 2 * t2 * d * 3 * d
+            total += cfg.n_audio_layer * (2 * t2 * 12 * d * d + 4 * t2 * t2 * d)
+            total += 2 * t2 * d * cfg.codebook_size
+    return total
+
+
 def run_once(tok, files) -> dict:
     """One end-to-end pass over `files`, timed per stage (each stage waits for its results)."""
     from editx_jax.tokenizer import codebook as cb
@@ -53,7 +116,8 @@ def run_once(tok, files) -> dict:
     ids = [cb.interleave_ids(a, b) for a, b in zip(vq02, vq06)]
     t4 = time.perf_counter()
     return {"pre": t1 - t0, "vq02": t2 - t1, "vq06": t3 - t2, "total": t4 - t0,
-            "tokens": sum(i.size for i in ids)}
+            "tokens": sum(i.size for i in ids), "vq02_flops": vq02_flops(cfg.paraformer, lens),
+            "vq06_flops": vq06_flops(cfg.s3, waves)}
 
 
 def main(argv=None) -> int:
@@ -77,10 +141,13 @@ def main(argv=None) -> int:
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  sizes: "
           f"{'tiny' if args.tiny else 'released'} ({n_params / 1e6:.1f}M params, random)  "
           f"init: {time.perf_counter() - t:.1f} s")
+    peak = gemm_flops()
+    print(f"machine: float32 GEMM {peak / 1e9:.0f} GFLOP/s, copy bandwidth {copy_bandwidth() / 1e9:.1f} GB/s "
+          f"(measured now; other load on the machine lowers both)")
     durations = {f: sf.info(str(f)).duration for f in files}
     print(f"files: {len(files)}, {min(durations.values()):.1f}-{max(durations.values()):.1f} s each")
     print(f"{'batch':>5} {'audio s':>8} {'first s':>8} {'pre s':>6} {'vq02 s':>7} {'vq06 s':>7} {'total s':>8} "
-          f"{'audio s/s':>9} {'RTF':>6}")
+          f"{'audio s/s':>9} {'RTF':>6} {'RTF02':>6} {'RTF06':>6} {'%GEMM02':>7} {'%GEMM06':>7}")
     for batch in args.batch:
         chosen = [files[i % len(files)] for i in range(batch)]
         audio_seconds = sum(durations[f] for f in chosen)
@@ -88,9 +155,15 @@ def main(argv=None) -> int:
         best = min((run_once(tok, chosen) for _ in range(max(1, args.repeats))), key=lambda r: r["total"])
         rate = audio_seconds / best["total"]
         print(f"{batch:>5} {audio_seconds:>8.1f} {first:>8.2f} {best['pre']:>6.2f} {best['vq02']:>7.2f} "
-              f"{best['vq06']:>7.2f} {best['total']:>8.2f} {rate:>9.1f} {1 / rate:>6.3f}", flush=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak host memory: {peak:.0f} MiB")
+              f"{best['vq06']:>7.2f} {best['total']:>8.2f} {rate:>9.1f} {1 / rate:>6.3f} "
+              f"{best['vq02'] / audio_seconds:>6.3f} {best['vq06'] / audio_seconds:>6.3f} "
+              f"{100 * best['vq02_flops'] / best['vq02'] / peak:>6.0f}% "
+              f"{100 * best['vq06_flops'] / best['vq06'] / peak:>6.0f}%", flush=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak host memory: {rss:.0f} MiB")
+    print("RTF = wall / audio time (RTF02 / RTF06: each stream's stage incl. its front end); %GEMM: the "
+          "stream's useful FLOP/s as a share of the measured GEMM FLOP/s (performance.md targets: "
+          "vq02 RTF <= 0.11, vq06 RTF <= 0.036 on 10 s at batch 1, 2 idle vCPUs)")
     return 0
 
 

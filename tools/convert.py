@@ -2,6 +2,7 @@
 
     python tools/convert.py llm SRC DST [--dtype bfloat16|float32]
     python tools/convert.py export-llm CKPT DST [--dtype bfloat16|float32]
+    python tools/convert.py decoder CosyVoice-300M-25Hz/ DST [--bigvgan CKPT]
 
 Each subcommand is one entry of SUBCOMMANDS: name -> (function, help). The function is called as
 `function(src, dst, progress=..., [dtype=...])` and returns a summary dict that is printed as JSON.
@@ -25,11 +26,24 @@ def _export_llm(src, dst, progress=True, dtype=None):
     return export_llm(src, None, dst, dtype=dtype, progress=progress)
 
 
+def _decoder(src, dst, progress=True, dtype=None, bigvgan=None):
+    from editx_jax.convert.decoder import convert_decoder
+    return convert_decoder(src, dst, bigvgan=bigvgan, progress=progress, dtype=dtype)
+
+
 SUBCOMMANDS = {
     "llm": (_llm, "released Step1 LLM folder (config.json + model*.safetensors) -> checkpoint folder "
                   "(default dtype bfloat16)"),
     "export-llm": (_export_llm, "LLM checkpoint folder -> model-00001.safetensors + index + config.json "
                                 "with the PyTorch names (default: keep the stored dtype)"),
+    "decoder": (_decoder, "released CosyVoice-300M-25Hz/ folder (flow.pt, hift.pt, campplus.onnx, "
+                          "cosyvoice.yaml) -> one decoder checkpoint folder (float32)"),
+}
+
+# Options only some subcommands take: name -> [(flag, argparse kwargs)]. Passed as keyword arguments.
+EXTRA_OPTIONS = {
+    "decoder": [("--bigvgan", {"metavar": "CKPT", "default": None,
+                               "help": "a BigVGAN state dict to use as the vocoder instead of hift.pt"})],
 }
 
 DTYPE_CHOICES = ("bfloat16", "float32", "float16")
@@ -44,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dst", metavar="DST")
         p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="dtype of the written params")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        for flag, kwargs in EXTRA_OPTIONS.get(name, []):
+            p.add_argument(flag, **kwargs)
     return parser
 
 
@@ -53,7 +69,9 @@ def main(argv=None) -> int:
     from editx_jax.config import ConfigError
     from editx_jax.convert.keymap import ConversionError
     try:
-        summary = function(args.src, args.dst, progress=not args.quiet, dtype=args.dtype)
+        extra = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
+                 for flag, _ in EXTRA_OPTIONS.get(args.command, [])}
+        summary = function(args.src, args.dst, progress=not args.quiet, dtype=args.dtype, **extra)
     except (ConversionError, ConfigError, FileNotFoundError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)

@@ -29,6 +29,44 @@ FEATURES = ("tokens", "targets", "weights")
 BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
 
 
+RECORD_MAGIC = b"EXJ1"
+
+
+def encode_example(ex: Example) -> bytes:
+    """An example as one ArrayRecord record: magic, length (uint32), int32 tokens, uint8 loss mask."""
+    tokens = np.asarray(ex.tokens, np.int32)
+    return (RECORD_MAGIC + np.uint32(tokens.size).tobytes() + tokens.tobytes()
+            + np.asarray(ex.loss_mask, np.uint8).tobytes())
+
+
+def decode_example(data: bytes) -> Example:
+    if data[:4] != RECORD_MAGIC:
+        raise ValueError("not an editx-jax example record (wrong magic)")
+    n = int(np.frombuffer(data, np.uint32, 1, 4)[0])
+    return Example(np.frombuffer(data, np.int32, n, 8).copy(),
+                   np.frombuffer(data, np.uint8, n, 8 + 4 * n).astype(bool))
+
+
+class ArrayRecordExamples:
+    """Random-access examples from ArrayRecord shards written by `tools/prepare_data.py shards`."""
+
+    def __init__(self, paths: str | Sequence[str]):
+        import glob
+        if isinstance(paths, str):
+            paths = sorted(p for pat in paths.split(",") if pat for p in (glob.glob(pat) or [pat]))
+        self.source = grain.sources.ArrayRecordDataSource(list(paths))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i) -> Example:
+        return decode_example(self.source[i])
+
+
+def is_array_record(spec: str) -> bool:
+    return any(p.endswith(".array_record") or "array_record" in p.rsplit("/", 1)[-1] for p in spec.split(",") if p)
+
+
 def example_features(ex: Example) -> dict:
     return {"tokens": ex.tokens[:-1].astype(np.int32), "targets": ex.tokens[1:].astype(np.int32),
             "weights": ex.loss_mask[1:].astype(np.float32)}
@@ -76,15 +114,15 @@ def train_dataset(examples: Sequence[Example], cfg: DataConfig, rows: int, grad_
     """
     if rows % grad_accum:
         raise ValueError(f"{rows} rows per process do not split into {grad_accum} micro-batches")
-    if not examples:
+    if not len(examples):
         raise ValueError("no training examples (every record was skipped; see the data report)")
-    ds = grain.MapDataset.source([example_features(e) for e in examples])
+    ds = grain.MapDataset.source(examples)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     usable = len(ds) - len(ds) % process_count  # equal slices, so no process runs out first
     if usable == 0:
         raise ValueError(f"{len(ds)} examples cannot be split over {process_count} processes")
-    ds = ds[:usable][process_index::process_count]
+    ds = ds[:usable][process_index::process_count].map(example_features)
     ds = ds.repeat(cfg.num_epochs or None)
     it = ds.to_iter_dataset()
     length = cfg.max_length

@@ -32,7 +32,9 @@ def top_k_filter(logits, k: int):
     """Keep the k largest logits (ties with the k-th are kept, as HF does)."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = jax.lax.top_k(logits, k)[0][:, -1:]
+    # min over the k values rather than slicing the last one: the same number, but XLA:CPU then
+    # keeps its fast TopK instead of falling back to a full sort (0.2 ms vs 20 ms at V = 74752).
+    kth = jnp.min(jax.lax.top_k(logits, k)[0], axis=-1, keepdims=True)
     return jnp.where(logits < kth, NEG_INF, logits)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -282,8 +281,10 @@ def split_chunks(audio: np.ndarray, config: S3TokenizerConfig = S3TokenizerConfi
 
 
 def _bucket(frames: int, cap: int) -> int:
-    """Padded mel length: the next power of two (at least 64), but never beyond a full chunk."""
-    return min(cap, max(64, 1 << math.ceil(math.log2(max(frames, 1)))))
+    """Padded mel length: the smallest 2^k or 3·2^(k-1) >= frames (at least 64, so at most a third
+    is padding), but never beyond a full chunk."""
+    from editx_jax.tokenizer.frontend import bucket_length
+    return min(cap, bucket_length(frames, 64))
 
 
 def _default_logmel(audio: np.ndarray) -> np.ndarray:

@@ -188,8 +188,12 @@ def run_sft(cfg: Config, *, resume: bool = False, init_from: str | None = None, 
     tok = tokenizer or jsonl.load_text_tokenizer(cfg.data.text_tokenizer)
     if not cfg.data.train:
         raise ConfigError("data.train: no training file given")
-    examples, report = jsonl.read_examples(cfg.data.train, tok, cfg.data, cfg.llm.vocab_size, speaker_fn)
-    log(f"train data: {report.summary()}")
+    if pipeline.is_array_record(cfg.data.train):  # prepared shards (tools/prepare_data.py shards)
+        examples, report = pipeline.ArrayRecordExamples(cfg.data.train), jsonl.DataReport()
+        log(f"train data: {len(examples)} prepared examples in ArrayRecord shards")
+    else:
+        examples, report = jsonl.read_examples(cfg.data.train, tok, cfg.data, cfg.llm.vocab_size, speaker_fn)
+        log(f"train data: {report.summary()}")
     eval_examples = []
     if cfg.data.eval:
         eval_examples, eval_report = jsonl.read_examples(cfg.data.eval, tok, cfg.data, cfg.llm.vocab_size, speaker_fn)

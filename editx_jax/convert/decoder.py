@@ -1,0 +1,193 @@
+"""The released decoder folder `CosyVoice-300M-25Hz/` -> one editx-jax decoder checkpoint folder
+(architecture.md §3.1, §4).
+
+    cosyvoice.yaml   sizes (hyperpyyaml: `!new:` class tags, maybe `!ref <key>`), read by `read_yaml`
+    flow.pt          -> flow params   (editx_jax/convert/flow.py key map)
+    hift.pt          -> vocoder params (editx_jax/convert/hift.py, weight norm folded)
+    campplus.onnx    -> CAM++ params  (editx_jax/convert/campplus.py, sizes read from the graph)
+    --bigvgan CKPT   optional: a BigVGAN state dict used as the vocoder instead of hift.pt (sizes from a
+                     `config.json` beside it, else the class defaults with the width read from conv_pre)
+
+The yaml is read with PyYAML's safe loader taught to ignore every `!tag` (the tagged mapping is kept
+as a plain mapping) and to resolve `!ref <key>` against top-level keys. Only the values that size the
+model are used; training-only keys of the CFM block (`cfm_params`, `n_spks`, ...) are skipped. Without
+a yaml the released sizes (the defaults of FlowConfig / HiFTConfig / MelConfig) are used, and the
+folder's config.json records what was used either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+
+from editx_jax.config import ConfigError
+from editx_jax.convert.keymap import ConversionError
+
+
+# ------------------------------------------------------------------------------------------ yaml
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """cosyvoice.yaml as plain dicts/lists, tags ignored, `!ref <key>` resolved (top-level keys)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def any_tag(loader, suffix, node):
+        if isinstance(node, yaml.MappingNode):
+            return loader.construct_mapping(node, deep=True)
+        if isinstance(node, yaml.SequenceNode):
+            return loader.construct_sequence(node, deep=True)
+        value = loader.construct_scalar(node)
+        return {"__ref__": value} if suffix == "ref" else value
+
+    Loader.add_multi_constructor("!", any_tag)
+    try:
+        data = yaml.load(pathlib.Path(path).read_text(), Loader=Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not readable YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+
+    def resolve(x, depth=0):
+        if depth > 20:
+            raise ConfigError(f"{path}: !ref chain too deep")
+        if isinstance(x, dict) and set(x) == {"__ref__"}:
+            m = re.fullmatch(r"\s*<([^<>\[\]]+)>\s*", str(x["__ref__"]))
+            if not m or m[1] not in data:
+                raise ConfigError(f"{path}: cannot resolve !ref {x['__ref__']!r} (only top-level <key> refs)")
+            return resolve(data[m[1]], depth + 1)
+        if isinstance(x, dict):
+            return {k: resolve(v, depth) for k, v in x.items()}
+        if isinstance(x, list):
+            return [resolve(v, depth) for v in x]
+        return x
+
+    return resolve(data)
+
+
+_CFM_IGNORED = {"in_channels", "n_spks", "spk_emb_dim", "cfm_params", "sigma_min", "solver", "t_scheduler",
+                "training_cfg_rate", "reg_loss_type"}
+
+
+def flow_reference_config(flow: dict) -> dict:
+    """The yaml `flow:` block reduced to what `FlowConfig.from_reference` reads."""
+    flow = dict(flow)
+    decoder = dict(flow.get("decoder") or {})
+    rate = decoder.get("inference_cfg_rate", (decoder.get("cfm_params") or {}).get("inference_cfg_rate"))
+    kept = {k: v for k, v in decoder.items() if k not in _CFM_IGNORED and k != "inference_cfg_rate"}
+    if rate is not None:
+        kept["inference_cfg_rate"] = rate
+    if decoder:
+        flow["decoder"] = kept
+    return flow
+
+
+def configs_from_yaml(data: dict):
+    """(FlowConfig, vocoder config, MelConfig) from a parsed cosyvoice.yaml."""
+    from editx_jax.decoder.bigvgan import BigVGANConfig
+    from editx_jax.decoder.flow import FlowConfig
+    from editx_jax.decoder.hift import HiFTConfig
+    from editx_jax.decoder.mel import MelConfig
+
+    for key in ("flow", "hift"):
+        if key not in data:
+            raise ConfigError(f"cosyvoice.yaml: no `{key}:` entry")
+    flow = FlowConfig.from_reference(flow_reference_config(data["flow"]))
+    hift = dict(data["hift"])
+    vocoder = BigVGANConfig.from_reference(hift) if "upsample_initial_channel" in hift else \
+        HiFTConfig.from_reference(hift)
+    mel = MelConfig.from_reference(data["mel_conf"]) if "mel_conf" in data else MelConfig()
+    return flow, vocoder, mel
+
+
+# ------------------------------------------------------------------------------------------ conversion
+
+
+def _tqdm(progress: bool, desc: str):
+    if not progress:
+        return None
+    from tqdm import tqdm
+    return lambda it: tqdm(it, desc=desc, unit="tensor", leave=False)
+
+
+def _bigvgan_config(path: pathlib.Path, source):
+    from editx_jax.decoder.bigvgan import BigVGANConfig
+    import dataclasses
+    known = {f.name for f in dataclasses.fields(BigVGANConfig)}
+    args = {}
+    cfg_path = path.parent / "config.json"
+    if cfg_path.is_file():
+        raw = json.loads(cfg_path.read_text())
+        args = {k: v for k, v in raw.items() if k in known and k != "conv_pre_padding"}
+    if "upsample_initial_channel" not in args:
+        for name in ("conv_pre.weight", "conv_pre.weight_v", "conv_pre.parametrizations.weight.original1"):
+            if name in source.names():
+                args["upsample_initial_channel"] = int(source.shape(name)[0])
+                break
+    return BigVGANConfig.from_reference(args)
+
+
+def convert_decoder(src, dst, bigvgan: str | os.PathLike | None = None, progress: bool = True,
+                    dtype: str | None = None) -> dict:
+    """Convert `CosyVoice-300M-25Hz/` (flow.pt, hift.pt, campplus.onnx, cosyvoice.yaml) into a decoder
+    checkpoint folder `dst` loadable with `Decoder.from_pretrained`. Returns a summary dict."""
+    from editx_jax.convert.flow import _source, flow_rules
+    from editx_jax.convert.hift import WeightNormSource, checkpoint_source
+    from editx_jax.convert.keymap import convert
+    from editx_jax.decoder.flow import FlowConfig, abstract_params as flow_abstract
+    from editx_jax.decoder.hift import HiFTConfig
+    from editx_jax.decoder.mel import MelConfig
+    from editx_jax.decoder.token2wav import Decoder, Token2WavConfig
+
+    if dtype not in (None, "float32"):
+        raise ConfigError(f"decoder.dtype: the flow and vocoders run in float32 (architecture.md §5), got {dtype!r}")
+    src = pathlib.Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"decoder folder not found: {src}")
+    yaml_path = src / "cosyvoice.yaml"
+    if yaml_path.is_file():
+        flow_cfg, voc_cfg, mel_cfg = configs_from_yaml(read_yaml(yaml_path))
+    else:
+        flow_cfg, voc_cfg, mel_cfg = FlowConfig(), HiFTConfig(), MelConfig()
+    needed = ["flow.pt", "campplus.onnx"] + ([] if bigvgan else ["hift.pt"])
+    missing = [n for n in needed if not (src / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{src}: missing {', '.join(missing)}")
+
+    flow_params = convert(_source(src / "flow.pt"), flow_rules(), flow_abstract(flow_cfg),
+                          progress=_tqdm(progress, "flow.pt"))
+    if bigvgan:
+        from editx_jax.convert.bigvgan import _WithoutFilters, rules as bigvgan_rules
+        from editx_jax.decoder.bigvgan import abstract_params as bigvgan_abstract
+        path = pathlib.Path(bigvgan)
+        source = checkpoint_source(path)
+        voc_cfg = _bigvgan_config(path, source)
+        voc_params = convert(WeightNormSource(_WithoutFilters(source)), bigvgan_rules(voc_cfg),
+                             bigvgan_abstract(voc_cfg), progress=_tqdm(progress, path.name))
+        voc_name = str(path)
+    else:
+        if not isinstance(voc_cfg, HiFTConfig):
+            raise ConversionError("cosyvoice.yaml describes a BigVGAN vocoder: pass its checkpoint with --bigvgan")
+        from editx_jax.convert.hift import rules as hift_rules
+        from editx_jax.decoder.hift import abstract_params as hift_abstract
+        voc_params = convert(WeightNormSource(checkpoint_source(src / "hift.pt")), hift_rules(voc_cfg),
+                             hift_abstract(voc_cfg), progress=_tqdm(progress, "hift.pt"))
+        voc_name = "hift.pt"
+    from editx_jax.convert.campplus import convert_folded, fold_state_dict, onnx_to_state_dict
+    if progress:
+        print("converting campplus.onnx ...", flush=True)
+    tensors, eps, cam_cfg = onnx_to_state_dict(str(src / "campplus.onnx"))
+    cam_params = convert_folded(fold_state_dict(tensors, cam_cfg, eps), cam_cfg)
+    kind = "hift" if isinstance(voc_cfg, HiFTConfig) else "bigvgan"
+    decoder = Decoder(flow_params, flow_cfg, voc_params, voc_cfg, cam_params, cam_cfg,
+                      Token2WavConfig(vocoder=kind), mel_cfg)
+    if progress:
+        print(f"writing {dst} ...", flush=True)
+    folder = decoder.save(dst, {"converted_from": str(src.absolute()), "vocoder_source": voc_name,
+                                "yaml": yaml_path.is_file()})
+    return {"dst": str(folder), "vocoder": kind, "yaml": yaml_path.is_file(),
+            "flow_depth": flow_cfg.estimator.depth, "flow_width": flow_cfg.input_size}

@@ -1,0 +1,89 @@
+"""Speed of the SFT step: tokens/s, step time, and model FLOPs utilisation from XLA's FLOP count.
+
+    python tools/bench_train.py                                   # mid-size config on CPU
+    python tools/bench_train.py --config configs/sft_step_audio_editx.yaml --batch 8 --seq 1536 \\
+        --peak-tflops 989                                         # 3.5B on one H200 (bf16 dense peak)
+
+Random tokens, full loss mask, packed rows of one example each; the state is created on the devices
+(no checkpoint needed). MFU = XLA's FLOPs per step (all devices) / step time / (devices x peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+MID = ["llm.vocab_size=74752", "llm.hidden_size=512", "llm.intermediate_size=1408", "llm.num_heads=8",
+       "llm.num_groups=2", "llm.num_layers=4"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/sft_tiny.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=None, metavar="KEY=VALUE",
+                   help="overrides (default for sft_tiny: a mid-size model, see MID)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (0: not printed)")
+    args = p.parse_args(argv)
+    import jax
+    import numpy as np
+
+    from editx_jax import sharding
+    from editx_jax.config import ConfigError, load_config
+    from editx_jax.data.pipeline import to_global
+    from editx_jax.train import sft
+    from editx_jax.train import state as st
+
+    overrides = args.overrides if args.overrides is not None else (MID if args.config.endswith("sft_tiny.yaml") else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        mesh = sharding.make_mesh(cfg.mesh)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    tx = st.make_optimizer(cfg.optimizer, 1000)
+    state = st.create_state(cfg.llm, tx, mesh, jax.random.key(0))
+    step = sft.make_train_step(cfg.llm, tx, mesh, cfg.train.loss_norm)
+    rng = np.random.RandomState(0)
+    shape = (args.grad_accum, args.batch // args.grad_accum, args.seq)
+    batch = {"tokens": rng.randint(4, cfg.llm.vocab_size, shape).astype(np.int32),
+             "targets": rng.randint(4, cfg.llm.vocab_size, shape).astype(np.int32),
+             "weights": np.ones(shape, np.float32),
+             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), shape).copy(),
+             "segment_ids": np.ones(shape, np.int32)}
+    gbatch = to_global(batch, mesh)
+    with sharding.use_mesh(mesh):
+        compiled = step.jitted.lower(state, gbatch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) * len(mesh.devices.flat)  # cost analysis is per device
+    t0 = time.perf_counter()
+    state, m = step(state, gbatch)
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, m = step(state, gbatch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    tokens = args.batch * args.seq
+    n_params = cfg.llm.num_params
+    print(f"model {n_params / 1e6:.1f}M params ({cfg.llm.dtype} compute), {len(mesh.devices.flat)} "
+          f"{jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}")
+    print(f"batch {args.batch} x {args.seq} tokens: step {dt * 1e3:.1f} ms (first {first:.2f} s), "
+          f"{tokens / dt:,.0f} tokens/s, loss {float(m['loss']):.3f}")
+    print(f"XLA FLOPs/step {flops:.4g} ({flops / dt / 1e12:.3f} TFLOP/s achieved); "
+          f"6*N*tokens = {6 * n_params * tokens:.4g}")
+    if args.peak_tflops:
+        print(f"MFU {flops / dt / (len(mesh.devices.flat) * args.peak_tflops * 1e12) * 100:.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
