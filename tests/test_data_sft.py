@@ -182,3 +182,19 @@ def test_tokenize_manifest_resumes_and_reports_failures(tmp_path):
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(r["_index"] for r in recs) == [0, 1, 3]
     assert recs[0]["source_vq02vq06"] == [65536 + 6, 66560] and "target_audio" not in recs[0]
+
+
+def test_tfds_builder_reads_back_the_same_examples(tmp_path):
+    from _sft_corpus import TINY_LLM
+
+    from editx_jax.config import load_config
+    from editx_jax.data import tfds_builder
+
+    cfg = load_config(None, TINY_LLM + ["data.max_length=256"])
+    path = write_jsonl(tmp_path / "d.jsonl", make_records(6, 0))
+    tfds_builder.build_tfds(cfg, tmp_path / "tfds", train=path)
+    src = tfds_builder.TfdsExamples(tmp_path / "tfds", "train")
+    want, _ = jsonl.read_examples(path, jsonl.WordHashTokenizer(), cfg.data, 512)
+    assert len(src) == 6
+    assert sorted(src[i].tokens.tolist() for i in range(6)) == sorted(e.tokens.tolist() for e in want)
+    assert sorted(int(src[i].loss_mask.sum()) for i in range(6)) == sorted(int(e.loss_mask.sum()) for e in want)

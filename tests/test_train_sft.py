@@ -100,3 +100,25 @@ def test_upstream_preset_and_schedule():
 def test_mesh_that_does_not_divide_the_devices_is_a_clear_error():
     with pytest.raises(ConfigError, match="mesh"):
         sharding.make_mesh(MeshConfig(data=3, fsdp=-1, tensor=1), jax.devices())
+
+
+def test_loss_normalisation_switch():
+    rng = np.random.RandomState(2)
+    batch = random_batch(rng, 2, 2, 16)
+    batch["weights"][0, :, 4:] = 0  # micro-batch 0 has far fewer loss tokens than micro-batch 1
+    tx = st.make_optimizer(OPT, 10)
+    state = st.init_state(CFG, tx, jax.random.key(0))
+
+    def both(s, b):
+        glob = sft.train_step(s, b, cfg=CFG, tx=tx, loss_norm="global_token_mean")[1]["objective"]
+        micro = sft.train_step(s, b, cfg=CFG, tx=tx, loss_norm="micro_batch_mean")[1]["objective"]
+        nll = jax.vmap(lambda m: sft.token_nll(s["params"], CFG, m)[0])(b)
+        return glob, micro, nll
+
+    glob, micro, nll = jax.jit(both)(state, batch)
+    w = batch["weights"]
+    nll = np.asarray(nll)
+    np.testing.assert_allclose(glob, (nll * w).sum() / w.sum(), rtol=1e-5)
+    per_micro = [(nll[i] * w[i]).sum() / w[i].sum() for i in range(2)]
+    np.testing.assert_allclose(micro, np.mean(per_micro), rtol=1e-5)  # upstream: mean of micro-batch means
+    assert abs(float(glob) - float(micro)) > 1e-4

@@ -3,6 +3,7 @@
     python tools/convert.py llm SRC DST [--dtype bfloat16|float32]
     python tools/convert.py export-llm CKPT DST [--dtype bfloat16|float32]
     python tools/convert.py decoder CosyVoice-300M-25Hz/ DST [--bigvgan CKPT]
+    python tools/convert.py tokenizer Step-Audio-Tokenizer/ DST
 
 Each subcommand is one entry of SUBCOMMANDS: name -> (function, help). The function is called as
 `function(src, dst, progress=..., [dtype=...])` and returns a summary dict that is printed as JSON.
@@ -31,6 +32,11 @@ def _decoder(src, dst, progress=True, dtype=None, bigvgan=None):
     return convert_decoder(src, dst, bigvgan=bigvgan, progress=progress, dtype=dtype)
 
 
+def _tokenizer(src, dst, progress=True, dtype=None):
+    from editx_jax.tokenizer.pipeline import convert_tokenizer
+    return convert_tokenizer(src, dst, progress=progress, dtype=dtype)
+
+
 SUBCOMMANDS = {
     "llm": (_llm, "released Step1 LLM folder (config.json + model*.safetensors) -> checkpoint folder "
                   "(default dtype bfloat16)"),
@@ -38,6 +44,8 @@ SUBCOMMANDS = {
                                 "with the PyTorch names (default: keep the stored dtype)"),
     "decoder": (_decoder, "released CosyVoice-300M-25Hz/ folder (flow.pt, hift.pt, campplus.onnx, "
                           "cosyvoice.yaml) -> one decoder checkpoint folder (float32)"),
+    "tokenizer": (_tokenizer, "released Step-Audio-Tokenizer/ folder (FunASR Paraformer, linguistic_tokenizer.npy, "
+                              "speech_tokenizer_v1.onnx) -> one audio tokenizer checkpoint folder (float32)"),
 }
 
 # Options only some subcommands take: name -> [(flag, argparse kwargs)]. Passed as keyword arguments.

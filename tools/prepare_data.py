@@ -4,6 +4,8 @@
     python tools/prepare_data.py tokenize manifest.jsonl out.jsonl --tokenizer ckpt/tokenizer
     # 2. upstream JSONL -> ArrayRecord shards of token ids + loss masks (what train.py reads at scale)
     python tools/prepare_data.py shards out.jsonl shards/train --config configs/sft_step_audio_editx.yaml
+    # or the same examples as a TFDS dataset (tfds.data_source("editx_sft", data_dir=...))
+    python tools/prepare_data.py tfds out.jsonl tfds_data --validation eval.jsonl --config ...
 
 A manifest line holds the upstream fields with audio paths instead of token ids: `source_audio`,
 `source_text`, `target_audio`, `target_text`, `task_type`, `edit_type`, `edit_info`, `emotion`.
@@ -93,6 +95,12 @@ def main(argv=None) -> int:
     s.add_argument("--config", default="configs/sft_step_audio_editx.yaml")
     s.add_argument("--set", dest="overrides", action="append", default=[])
     s.add_argument("--num-shards", type=int, default=1)
+    d = sub.add_parser("tfds", help="upstream JSONL -> an ArrayRecord TFDS dataset (tfds.data_source)")
+    d.add_argument("train")
+    d.add_argument("data_dir")
+    d.add_argument("--validation")
+    d.add_argument("--config", default="configs/sft_step_audio_editx.yaml")
+    d.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
     try:
         if args.command == "tokenize":
@@ -102,6 +110,10 @@ def main(argv=None) -> int:
             print(f"{info['written']} records written to {args.out}; {len(info['failed'])} failed")
             for line, why in info["failed"]:
                 print(f"  {args.manifest}:{line}: {why}")
+        elif args.command == "tfds":
+            from editx_jax.config import load_config
+            from editx_jax.data.tfds_builder import build_tfds
+            print(build_tfds(load_config(args.config, args.overrides), args.data_dir, args.train, args.validation))
         else:
             from editx_jax.config import load_config
             info = write_shards(args.jsonl, args.prefix, load_config(args.config, args.overrides), args.num_shards)

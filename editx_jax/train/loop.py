@@ -162,6 +162,16 @@ def _check_init_from(folder, cfg: Config) -> None:
                        f"{', '.join(f'{k} ({stored[k]} vs {sizes[k]})' for k in diff)}")
 
 
+def _check_ids(batch: dict, vocab_size: int) -> None:
+    # Prepared shards were validated against the config they were written with; a gather would
+    # silently clamp an id the current vocabulary does not have.
+    for key in ("tokens", "targets"):
+        ids = batch[key]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise RunError(f"data: {key} id {int(ids.max() if ids.max() >= vocab_size else ids.min())} is outside "
+                           f"the vocabulary [0, {vocab_size}) (shards prepared for another config?)")
+
+
 def _log_fn(log):
     if jax.process_index() == 0:
         return log
@@ -261,6 +271,7 @@ def run_sft(cfg: Config, *, resume: bool = False, init_from: str | None = None, 
                 if step > start:
                     save_checkpoint(mgr, step, state, iterator)
                 break
+            _check_ids(batch, cfg.llm.vocab_size)
             tokens_since += float(np.sum(batch["segment_ids"] > 0))
             state, metrics = step_fn(state, pipeline.to_global(batch, mesh))
             done = step + 1

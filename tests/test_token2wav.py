@@ -1,0 +1,507 @@
+"""token2wav (offline, batched, streaming), prompt features, the decoder converter and bad input."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import AUDIO, FIXTURES
+from editx_jax.decoder import flow as flow_mod
+from editx_jax.decoder import hift as hift_mod
+from editx_jax.decoder import stream as stream_mod
+from editx_jax.decoder.dit import DiTConfig
+from editx_jax.decoder.embedding import DualCodebookConfig
+from editx_jax.decoder.token2wav import (Decoder, Token2WavConfig, Token2WavError, bf16_round, flow_batch,
+                                         reshape_values)
+from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
+from editx_jax.parity import Fixture, compare
+from editx_jax.tokenizer.codebook import AudioTokenError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OFFSET = 65536
+
+
+# ----------------------------------------------------------------------------------- small models
+
+
+def small_flow_config(depth: int = 2) -> flow_mod.FlowConfig:
+    return flow_mod.FlowConfig(
+        input_size=32, embedding=DualCodebookConfig(input_size=32),
+        encoder=UpsampleEncoderConfig(input_size=32, output_size=32, attention_heads=4, linear_units=64),
+        estimator=DiTConfig(hidden_size=64, depth=depth, num_heads=4, head_dim=16))
+
+
+SMALL_HIFT = hift_mod.HiFTConfig(base_channels=16, f0_cond_channels=16)
+
+
+def random_params(abstract, seed: int, kernel_scale: float = 1.0) -> dict:
+    """Random float32 params from a tree of shapes (no jit compile; the modules' own init is slow on a
+    loaded CPU): kernels N(0, 1/in), embeddings N(0, 1), norm scales 1 + N(0, 0.1), everything else N(0, 0.1)."""
+    rng = np.random.default_rng(seed)
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+
+    def draw(path, leaf):
+        name = str(path[-1].key) if hasattr(path[-1], "key") else ""
+        shape = tuple(leaf.shape)
+        if name == "scale":
+            return (1 + 0.1 * rng.normal(size=shape)).astype(np.float32)
+        if name == "kernel":  # [.., in, out]: scaled by the input width
+            return (kernel_scale * rng.normal(size=shape) / np.sqrt(shape[-2])).astype(np.float32)
+        if name == "embedding":
+            return rng.normal(size=shape).astype(np.float32)
+        return (0.1 * rng.normal(size=shape)).astype(np.float32)
+
+    leaves = [draw(path, leaf) for path, leaf in flat]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
+
+
+@pytest.fixture(scope="module")
+def small_decoder():
+    cfg = small_flow_config()
+    fp = random_params(flow_mod.abstract_params(cfg), 1)
+    # small vocoder kernels keep HiFT out of its chaotic regime (exp magnitudes clipped at 100, f0
+    # in the kHz), where float rounding alone flips samples between +-0.99
+    vp = random_params(hift_mod.abstract_params(SMALL_HIFT), 3, kernel_scale=0.3)
+    return Decoder(fp, cfg, vp, SMALL_HIFT)
+
+
+def ids(n: int, seed: int = 0) -> np.ndarray:
+    """n LLM ids in the group pattern [vq02, vq02, vq06, vq06, vq06]."""
+    rng = np.random.default_rng(seed)
+    out = [OFFSET + (int(rng.integers(0, 1024)) if i % 5 < 2 else 1024 + int(rng.integers(0, 4096))) for i in range(n)]
+    return np.asarray(out, np.int64)
+
+
+def prompt(seed: int = 0, n_ids: int = 20):
+    rng = np.random.default_rng(seed + 100)
+    frames = 2 * 3 * -(-n_ids // 5)
+    return ids(n_ids, seed + 50), rng.normal(-5, 2, (frames + 3, 80)).astype(np.float32), \
+        rng.normal(size=192).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("name", ["token2wav", "token2wav_hift"])
+def test_parity(name):
+    from editx_jax.fixture_runners.decoder_token2wav import run_token2wav, run_token2wav_hift
+    fx = Fixture.load(FIXTURES / name)
+    got = (run_token2wav if name == "token2wav" else run_token2wav_hift)(fx)
+    ok, max_abs, _, detail = compare(fx.outputs(), got, float(fx.manifest["atol"]), float(fx.manifest["rtol"]))
+    assert ok, detail
+    assert max_abs < float(fx.manifest["atol"])
+
+
+# ----------------------------------------------------------------------------------- tokens
+
+
+def test_reshape_and_stray_ids_clamped():
+    values = np.array([5, 6, 1024 + 7, 1024 + 8, 1024 + 9, -3, 2, -10, 1030, 1031])
+    pairs = reshape_values(values)
+    np.testing.assert_array_equal(pairs[:3], [[5, 7 + 1025], [6, 8 + 1025], [1024, 9 + 1025]])
+    # a stray text id (value < 0) reads row 0 in either slot, as clamp(min=0) in flow.inference
+    np.testing.assert_array_equal(pairs[3:], [[0, 0], [2, 6 + 1025], [1024, 7 + 1025]])
+    # ragged tails follow the official padding
+    assert reshape_values(np.array([1, 2, 1024 + 3])).tolist() == [[1, 3 + 1025], [2, 1025], [1024, 1025]]
+    assert reshape_values(np.array([1])).tolist() == [[1, 1025], [0, 1025], [1024, 1025]]
+
+
+def test_stray_text_id_equals_vq02_code_zero(small_decoder):
+    p_ids, p_mel, emb = prompt()
+    gen = ids(10, 1)
+    stray, zero = gen.copy(), gen.copy()
+    stray[0] = 1234  # a text id: 1234 - 65536 < 0
+    zero[0] = OFFSET  # vq02 code 0
+    a = small_decoder.token2wav(stray, p_ids, p_mel, emb)
+    b = small_decoder.token2wav(zero, p_ids, p_mel, emb)
+    np.testing.assert_array_equal(a.speech, b.speech)
+    with pytest.raises(AudioTokenError, match="above the audio range"):
+        small_decoder.token2wav(np.r_[gen, OFFSET + 5120], p_ids, p_mel, emb)
+    with pytest.raises(AudioTokenError, match="not an audio id"):
+        small_decoder.token2wav(stray, p_ids, p_mel, emb, clamp_stray=False)
+
+
+# ----------------------------------------------------------------------------------- batching
+
+
+def test_batch_items_equal_alone(small_decoder):
+    """Different generated and prompt lengths in one batch: every item as alone."""
+    items = [(ids(7, 1), prompt(0, 20)), (ids(23, 2), prompt(1, 10)), (ids(12, 3), prompt(2, 25))]
+    gens = [g for g, _ in items]
+    batch = small_decoder.token2wav(gens, [p[0] for _, p in items], [p[1] for _, p in items],
+                                    [p[2] for _, p in items])
+    for i, (g, (p_ids, p_mel, emb)) in enumerate(items):
+        alone = small_decoder.token2wav(g, p_ids, p_mel, emb)
+        n = 2 * 3 * -(-len(g) // 5)
+        assert batch.mel_lengths[i] == n and batch.lengths[i] == 480 * n
+        np.testing.assert_allclose(batch.mel[i, :n], alone.mel[0], atol=2e-5, rtol=1e-5)
+        # HiFT turns float-rounding mel differences into f0 and phase differences (see the
+        # token2wav_hift fixture notes): its end-to-end tolerance
+        np.testing.assert_allclose(batch.item(i), alone.item(0), atol=1e-3, rtol=1e-3)
+        assert not np.any(batch.speech[i, 480 * n:])  # zero after the item
+
+
+def test_masking_matters(small_decoder):
+    """The flow's mask is load-bearing: without lengths, a short item changes (so the test above can fail)."""
+    g1, g2 = ids(10, 1), ids(40, 2)
+    p_ids, p_mel, emb = prompt()
+    gp, pp, conds, embs = small_decoder.prepare([g1, g2], p_ids, p_mel, emb)
+    seq = [np.concatenate([pp[i], gp[i]]) for i in range(2)]
+    width = max(len(s) for s in seq)
+    pairs = np.zeros((2, width, 2), np.int32)
+    cond = np.zeros((2, 2 * width, 80), np.float32)
+    for i, s in enumerate(seq):
+        pairs[i, :len(s)] = s
+        cond[i, :len(conds[i])] = conds[i]
+    noise = flow_mod.noise_from_key(jax.random.key(0), 1, 2 * width, 80)
+    cfg = small_decoder.flow_config
+    masked = flow_batch(small_decoder.flow_params, pairs, np.array([len(s) for s in seq], np.int32), embs, cond,
+                        noise, cfg, 10)
+    unmasked = flow_batch(small_decoder.flow_params, pairs, np.full(2, width, np.int32), embs, cond, noise, cfg, 10)
+    n = 2 * len(seq[0])
+    assert np.abs(np.asarray(masked[0, :n]) - np.asarray(unmasked[0, :n])).max() > 1e-2
+
+
+def test_bigvgan_vocoder_and_shapes():
+    from editx_jax.decoder.bigvgan import BigVGANConfig, abstract_params
+    cfg = small_flow_config(1)
+    fp = random_params(flow_mod.abstract_params(cfg), 4)
+    vc = BigVGANConfig(upsample_initial_channel=32, upsample_rates=(8, 6, 10), upsample_kernel_sizes=(16, 12, 20))
+    dec = Decoder(fp, cfg, random_params(abstract_params(vc), 5), vc)
+    assert dec.config.vocoder == "bigvgan"
+    p_ids, p_mel, emb = prompt()
+    out = dec.token2wav([ids(7), ids(11)], p_ids, p_mel, emb)
+    assert out.lengths.tolist() == [2 * 3 * 2 * 480, 2 * 3 * 3 * 480]
+    assert np.all(np.abs(out.speech) <= 1.0)
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input(small_decoder):
+    p_ids, p_mel, emb = prompt()
+    # empty generation: an empty waveform (the reference crashes in _reshape)
+    out = small_decoder.token2wav([], p_ids, p_mel, emb)
+    assert out.lengths.tolist() == [0] and out.speech.shape == (1, 0)
+    mixed = small_decoder.token2wav([[], ids(5)], p_ids, p_mel, emb)
+    assert mixed.lengths.tolist() == [0, 2880]
+    # fewer than one group: padded to one group like the reference
+    assert small_decoder.token2wav(ids(3), p_ids, p_mel, emb).lengths.tolist() == [2880]
+    # no prompt ids: no prompt conditioning, still a result
+    assert small_decoder.token2wav(ids(5), [], np.zeros((0, 80), np.float32), emb).lengths.tolist() == [2880]
+    with pytest.raises(Token2WavError, match="factor 4"):
+        small_decoder.token2wav(ids(5), p_ids, p_mel[:5], emb)
+    with pytest.raises(Token2WavError, match="factor 4"):
+        small_decoder.token2wav(ids(5), p_ids, np.concatenate([p_mel] * 5), emb)
+    with pytest.raises(Token2WavError, match=r"prompt_mel\[0\] must be"):
+        small_decoder.token2wav(ids(5), p_ids, p_mel[:, :40], emb)
+    with pytest.raises(Token2WavError, match="192 finite values"):
+        small_decoder.token2wav(ids(5), p_ids, p_mel, emb[:128])
+    with pytest.raises(Token2WavError, match="192 finite values"):
+        small_decoder.token2wav(ids(5), p_ids, p_mel, np.full(192, np.nan, np.float32))
+    with pytest.raises(Token2WavError, match="batch of 2"):
+        small_decoder.token2wav([ids(5), ids(5)], p_ids, p_mel, np.stack([emb] * 3))
+    with pytest.raises(Token2WavError, match="noise must be"):
+        small_decoder.token2wav(ids(5), p_ids, p_mel, emb, noise=np.zeros((1, 3, 80), np.float32))
+    from editx_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="token2wav.vocoder"):
+        Token2WavConfig(vocoder="griffinlim")
+    with pytest.raises(ConfigError, match="chunk_size_list"):
+        Token2WavConfig(chunk_size_list=(10,))
+    with pytest.raises(ConfigError, match="token2wav.vocoder"):
+        Decoder(small_decoder.flow_params, small_decoder.flow_config, small_decoder.vocoder_params, SMALL_HIFT,
+                config=Token2WavConfig(vocoder="bigvgan"))
+
+
+# ----------------------------------------------------------------------------------- streaming
+
+
+def test_stream_chunk_functions_equal_offline_modules(small_decoder):
+    """With empty caches, the chunk encoder and chunk ODE are the offline encoder and ODE."""
+    cfg, p = small_decoder.flow_config, small_decoder.flow_params
+    rng = np.random.default_rng(0)
+    pairs = reshape_values(ids(20, 4) - OFFSET).astype(np.int32)[None]
+    emb = rng.normal(size=(1, 192)).astype(np.float32)
+    from editx_jax.decoder.token2wav import _encode
+    model = flow_mod.FlowModel(cfg)
+    mu_ref, spks, _ = model.apply({"params": p}, pairs, np.array([pairs.shape[1]]), emb, method=_encode)
+    x_emb = model.apply({"params": p}, pairs, method=lambda m, q: m.input_embedding(q))
+    e = lambda n: jnp.zeros((n, 1, 0, 4, 8))  # noqa: E731
+    mu, *_ = stream_mod.encoder_chunk(p, x_emb, jnp.zeros((1, 2, 32)), jnp.zeros((1, 4, 32)), e(6), e(6), e(4),
+                                      e(4), cfg, True)
+    np.testing.assert_allclose(mu, mu_ref, atol=2e-5, rtol=1e-5)
+    t = mu.shape[1]
+    noise = jax.random.normal(jax.random.key(5), (1, t, 80))
+    cond = jnp.zeros((1, t, 80)).at[:, :6].set(1.0)
+    ref = flow_batch(p, pairs, np.array([pairs.shape[1]], np.int32), emb, cond, noise, cfg, 10)
+    conv = jnp.zeros((10, 2, 2, 2, 64))
+    kv = jnp.zeros((10, 2, 2, 0, 4, 16))
+    out, *caches = stream_mod.dit_chunk_ode(p, noise, mu_ref, spks, cond, conv, conv, kv, kv, cfg, 10)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
+    assert caches[2].shape == (10, 2, 2, t, 4, 16)
+
+
+def _stream_decoder(small_decoder, **cfg):
+    t2w = Token2WavConfig(chunk_size_list=(3, 6), estimator_left_context=12, **cfg)
+    return Decoder(small_decoder.flow_params, small_decoder.flow_config, small_decoder.vocoder_params,
+                   small_decoder.vocoder_config, config=t2w)
+
+
+def test_stream_chunking_lengths_and_push_pattern(small_decoder):
+    dec = _stream_decoder(small_decoder)
+    p_ids, p_mel, emb = prompt()
+    gen = ids(37, 7)
+    one = dec.stream(p_ids, p_mel, emb)
+    pieces = [one.push([t]) for t in gen[:-1]] + [one.push(gen[-1:], last=True)]
+    # chunks of 3, 6, 6, 6 pair frames (5, 10, 10, 10 ids + 5 look-ahead), then the rest (2 + 5 ids)
+    assert [m.shape[0] for m in one.mels] == [6, 12, 12, 12, 3 * 2 * 2]
+    speech = np.concatenate(pieces)
+    assert speech.shape == (480 * 2 * 3 * 8,)  # the offline length: 8 groups
+    # pushing everything at once gives the same chunks and speech
+    bulk = dec.stream(p_ids, p_mel, emb)
+    speech_bulk = np.concatenate([bulk.push(gen[:30]), bulk.push(gen[30:], last=True)])
+    np.testing.assert_allclose(speech_bulk, speech, atol=1e-6)
+    # the first chunk needs 3 + 3 pair frames: nothing before the 10th id
+    s = dec.stream(p_ids, p_mel, emb)
+    assert all(s.push([t]).size == 0 for t in gen[:9]) and s.push(gen[9:10]).size > 0
+    with pytest.raises(Token2WavError, match="finished"):
+        one.push(gen[:1])
+    with pytest.raises(Token2WavError, match="prompt ids"):
+        dec.stream([], p_mel, emb)
+    # fewer than 5 ids in all: still audio
+    short = dec.stream(p_ids, p_mel, emb)
+    assert short.push(gen[:3], last=True).shape == (2880,)
+
+
+def test_stream_versus_offline(small_decoder):
+    """Streaming differs from offline by design (block-causal attention, cut DiT context, vocoder
+    overlap); with one chunk after the prompt the flow mel stays close, and the gap is bounded."""
+    dec = _stream_decoder(small_decoder)
+    p_ids, p_mel, emb = prompt()
+    gen = ids(25, 8)
+    st = dec.stream(p_ids, p_mel, emb)
+    st.push(gen[:-1])
+    st.push(gen[-1:], last=True)
+    stream_mel = np.concatenate(st.mels)
+    off = dec.token2wav(gen, p_ids, p_mel, emb)
+    assert stream_mel.shape == off.mel[0].shape
+    gap = np.abs(stream_mel - off.mel[0])
+    assert gap.max() > 1e-3  # not the offline result ...
+    assert np.sqrt(np.mean(gap ** 2)) < 0.5 * np.sqrt(np.mean(off.mel[0] ** 2))  # ... but the same utterance
+
+
+# ----------------------------------------------------------------------------------- prompt features
+
+
+def test_prompt_features_bf16_rounding():
+    from editx_jax.audio import cap_peak, load_audio
+    from editx_jax.convert.campplus import from_state_dict
+    from editx_jax.decoder import campplus, mel
+    fx = Fixture.load(FIXTURES / "campplus")
+    cam_cfg = campplus.CAMPPlusConfig.from_reference(fx.config)
+    dec = Decoder(None, small_flow_config(), None, SMALL_HIFT, from_state_dict(fx.weights(), cam_cfg), cam_cfg)
+    wave, sr = load_audio(AUDIO / "en_happy_prompt.wav", mono=True)
+    feat, emb = dec.prompt_features(wave, sr)
+    assert feat.shape == (mel.num_mel_frames(len(wave) * 24000 // sr), 80) and emb.shape == (192,)
+    for a in (feat, emb):  # bf16-representable: the low 16 bits of every float32 are zero
+        assert not np.any(a.view(np.uint32) & 0xFFFF)
+    mel_ref = fx_mel = Fixture.load(FIXTURES / "mel_24k").outputs()["speech_feat"][0]
+    np.testing.assert_allclose(feat, bf16_round(fx_mel), atol=0, rtol=1 / 128)  # within one bf16 step
+    unrounded = np.asarray(mel.mel_spectrogram(cap_peak(wave), mel.MelConfig()))
+    assert np.abs(unrounded - feat).max() > 0 and np.abs(unrounded - feat).max() <= np.abs(mel_ref).max() / 256
+
+
+# ----------------------------------------------------------------------------------- converter
+
+
+YAML = """mel_conf:
+    num_mels: 80
+    n_fft: 1920
+    hop_size: 480
+    win_size: 1920
+    sampling_rate: !ref <sample_rate>
+    fmin: 0
+    fmax: 8000
+sample_rate: 24000
+flow: !new:stepvocoder.cosyvoice2.flow.flow.CausalMaskedDiffWithXvec
+    input_size: 32
+    output_size: 80
+    spk_embed_dim: 192
+    output_type: 'mel'
+    vocab_size: 5121    # 1024(vq02) + 4096(vq06) + 1(vq02-pad)
+    input_embedding: !new:stepvocoder.cosyvoice2.embedding.dual_codebook.DualCodebookEmbedding
+        vocab_size: 5121
+        input_size: 32
+    encoder: !new:stepvocoder.cosyvoice2.transformer.upsample_encoder_v2.UpsampleConformerEncoderV2
+        input_size: 32
+        output_size: 32
+        input_layer: 'linear'
+        pre_lookahead_len: 3
+        num_blocks: 6
+        num_up_blocks: 4
+        up_stride: 2
+        up_scale_factor: 2
+        attention_heads: 4
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+        key_bias: true
+        linear_units: 64
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0.1
+        normalize_before: True
+    decoder: !new:stepvocoder.cosyvoice2.flow.flow_matching.CausalConditionalCFM
+        in_channels: 80
+        n_spks: 1
+        spk_emb_dim: 192
+        cfm_params: !new:types.SimpleNamespace
+            sigma_min: 1.0e-06
+            solver: euler
+            t_scheduler: cosine
+            training_cfg_rate: 0.2
+            inference_cfg_rate: 0.7
+            reg_loss_type: l1
+        estimator: !new:stepvocoder.cosyvoice2.flow.decoder_dit.DiT
+            in_channels: 320
+            out_channels: 80
+            mlp_ratio: 4.0
+            depth: 2
+            num_heads: 4
+            head_dim: 16
+            hidden_size: 64
+hift: !new:stepvocoder.cosyvoice2.hifigan.generator.HiFTGenerator
+    in_channels: 80
+    base_channels: 16
+    nb_harmonics: 8
+    sampling_rate: !ref <sample_rate>
+    nsf_alpha: 0.1
+    nsf_sigma: 0.003
+    nsf_voiced_threshold: 10
+    upsample_rates: [8, 5, 3]
+    upsample_kernel_sizes: [16, 11, 7]
+    istft_params:
+        n_fft: 16
+        hop_len: 4
+    resblock_kernel_sizes: [3, 7, 11]
+    resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    source_resblock_kernel_sizes: [7, 7, 11]
+    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    lrelu_slope: 0.1
+    audio_limit: 0.99
+    f0_predictor: !new:stepvocoder.cosyvoice2.hifigan.f0_predictor.ConvRNNF0Predictor
+        num_class: 1
+        in_channels: 80
+        cond_channels: 16
+"""
+
+
+def _write_released_folder(root: pathlib.Path, small_decoder) -> dict:
+    """A fake `CosyVoice-300M-25Hz/` in the official names: flow.pt, hift.pt (parametrized weight norm),
+    campplus.onnx (exported from a small torch CAM++), cosyvoice.yaml."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from test_prompt_features import _export_onnx, _torch_campplus
+    from editx_jax.convert.flow import export_flow
+    from editx_jax.convert.hift import to_state_dict
+    from editx_jax.decoder import campplus
+
+    root.mkdir()
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in export_flow(small_decoder.flow_params)},
+               root / "flow.pt")
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in to_state_dict(small_decoder.vocoder_params, SMALL_HIFT).items()},
+               root / "hift.pt")
+    cam_cfg = campplus.CAMPPlusConfig(growth_rate=8, bn_size=2, init_channels=32, num_layers=(2, 3, 2))
+    model = _torch_campplus(cam_cfg)
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if name.endswith("running_var"):
+                p.copy_(torch.rand(p.shape) + 0.5)
+            elif p.dtype.is_floating_point:
+                p.copy_(torch.randn(p.shape) * 0.2)
+    feat = np.random.default_rng(0).normal(size=(1, 60, 80)).astype(np.float32)
+    _export_onnx(model, feat, root / "campplus.onnx")
+    with torch.no_grad():
+        emb = model(torch.from_numpy(feat)).numpy()
+    (root / "cosyvoice.yaml").write_text(YAML)
+    return {"feat": feat, "emb": emb, "cam_cfg": cam_cfg}
+
+
+def test_convert_decoder_folder(small_decoder, tmp_path):
+    made = _write_released_folder(tmp_path / "CosyVoice-300M-25Hz", small_decoder)
+    dst = tmp_path / "decoder_ckpt"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "convert.py"), "decoder",
+                          str(tmp_path / "CosyVoice-300M-25Hz"), str(dst), "--quiet"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["vocoder"] == "hift" and summary["yaml"] is True
+    dec = Decoder.from_pretrained(dst)
+    assert dec.flow_config == small_decoder.flow_config and dec.vocoder_config == SMALL_HIFT
+    assert dec.campplus_config == made["cam_cfg"]
+    for a, b in zip(jax.tree_util.tree_leaves(dec.flow_params), jax.tree_util.tree_leaves(small_decoder.flow_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree_util.tree_leaves(dec.vocoder_params),
+                    jax.tree_util.tree_leaves(small_decoder.vocoder_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)  # weight norm round trip
+    from editx_jax.decoder.campplus import embed_feats
+    np.testing.assert_allclose(np.asarray(embed_feats(dec.campplus_params, made["feat"], dec.campplus_config)),
+                               made["emb"], atol=1e-4, rtol=1e-4)
+    p_ids, p_mel, emb = prompt()
+    np.testing.assert_allclose(dec.token2wav(ids(10), p_ids, p_mel, emb).speech,
+                               small_decoder.token2wav(ids(10), p_ids, p_mel, emb).speech, atol=1e-5)
+
+    # a BigVGAN checkpoint instead of hift.pt; config.json beside it gives the sizes
+    torch = pytest.importorskip("torch")
+    from editx_jax.decoder.bigvgan import BigVGANConfig, abstract_params
+    from editx_jax.convert.bigvgan import rules
+    from editx_jax.convert.keymap import export
+    from editx_jax.layers.activations import kaiser_sinc_filter
+    vc = BigVGANConfig(upsample_initial_channel=32, upsample_rates=(8, 6, 10), upsample_kernel_sizes=(16, 12, 20))
+    vp = random_params(abstract_params(vc), 9)
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in export(vp, rules(vc))}
+    filt = torch.from_numpy(np.asarray(kaiser_sinc_filter(0.25, 0.3, 12), np.float32).reshape(1, 1, 12))
+    for name in list(sd):
+        if ".act." in name and name.endswith(".alpha"):
+            base = name[:-len(".act.alpha")]
+            sd[base + ".upsample.filter"] = filt
+            sd[base + ".downsample.lowpass.filter"] = filt
+    torch.save({"generator": sd}, tmp_path / "bigvgan_generator.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"upsample_rates": [8, 6, 10], "upsample_kernel_sizes": [16, 12, 20],
+                                                      "upsample_initial_channel": 32, "batch_size": 16}))
+    convert_cli = _convert_cli()
+    dst2 = tmp_path / "decoder_bigvgan"
+    assert convert_cli.main(["decoder", str(tmp_path / "CosyVoice-300M-25Hz"), str(dst2), "--quiet",
+                             "--bigvgan", str(tmp_path / "bigvgan_generator.pt")]) == 0
+    dec2 = Decoder.from_pretrained(dst2)
+    assert dec2.config.vocoder == "bigvgan" and dec2.vocoder_config == vc
+    for a, b in zip(jax.tree_util.tree_leaves(dec2.vocoder_params), jax.tree_util.tree_leaves(vp)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert dec2.token2wav(ids(5), p_ids, p_mel, emb).lengths.tolist() == [2880]
+
+
+def _convert_cli():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import convert as convert_cli
+    finally:
+        sys.path.pop(0)
+    return convert_cli
+
+
+def test_convert_decoder_errors(tmp_path, capsys):
+    convert_cli = _convert_cli()
+    assert convert_cli.main(["decoder", str(tmp_path / "nope"), str(tmp_path / "out"), "--quiet"]) == 1
+    assert "decoder folder not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert convert_cli.main(["decoder", str(tmp_path / "empty"), str(tmp_path / "out"), "--quiet"]) == 1
+    assert "missing flow.pt, campplus.onnx, hift.pt" in capsys.readouterr().err
+    (tmp_path / "empty" / "cosyvoice.yaml").write_text("flow: !new:x.Y\n  input_size: 512\n  bogus: 1\nhift: {}\n")
+    assert convert_cli.main(["decoder", str(tmp_path / "empty"), str(tmp_path / "out"), "--quiet"]) == 1
+    assert "flow.bogus" in capsys.readouterr().err
