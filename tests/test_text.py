@@ -9,7 +9,6 @@ the ids verified against the real tokenizer.
 """
 
 import hashlib
-import io
 import os
 import pathlib
 
@@ -20,6 +19,7 @@ from conftest import AUDIO
 
 from editx_jax.text import prompts
 from editx_jax.text.prompts import EditError, build_clone_ids, build_edit_ids, chat_template, chat_template_ids
+from editx_jax.text.tiny import train_layout_model
 from editx_jax.text.tokenizer import TextTokenizer, TokenizerError, audio_token_string
 
 # ---------------------------------------------------------------- the strings, as architecture.md prints them
@@ -82,43 +82,12 @@ TAGS = "[Breathing] [Laughter] [Surprise-oh] [Confirmation-en] [Uhm] [Surprise-a
 ALL_EDITS = ([("emotion", v) for v in EMOTIONS] + [("style", v) for v in STYLES] + [("speed", v) for v in SPEEDS]
              + [("denoise", None), ("vad", None), ("paralinguistic", None)])
 
-# ---------------------------------------------------------------- a small model with the released layout
-
-
-def _train_model() -> bytes:
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    corpus = [line for line in (SYS_EDIT + clone_sys("debug", "hello there", "")).split("\n") if line]
-    corpus += [prefix_for(t, v, "the weather is nice today", "the weather [Laughter] is nice today").strip()
-               for t, v in ALL_EDITS]
-    corpus += ["system human assistant"] * 5 + ["今天天气很好，我们出去走走吧。", "Hello world, this is a small test.",
-               "What a lovely day it is to speak in a cloned voice."]
-    writer = io.BytesIO()
-    # Default normalization (nmt_nfkc, dummy prefix, whitespace folding) on purpose: the loader must turn
-    # it off, as HF's non-legacy conversion does.
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus * 20), model_writer=writer, model_type="unigram", vocab_size=700,
-        hard_vocab_limit=False, byte_fallback=True, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, control_symbols=["<|EOT|>", "<|BOT|>"], user_defined_symbols=["<|spare_5|>"], minloglevel=2)
-    proto = pb.ModelProto()
-    proto.ParseFromString(writer.getvalue())
-    kind = pb.ModelProto.SentencePiece
-    for i in range(len(proto.pieces), 65536):
-        p = proto.pieces.add()
-        p.piece, p.score, p.type = f"<unused_{i}>", 0.0, kind.UNUSED
-    for n in range(5120):
-        p = proto.pieces.add()
-        p.piece, p.score, p.type = f"<audio_{n}>", 0.0, kind.USER_DEFINED
-    for i in range(70656, 74752):
-        p = proto.pieces.add()
-        p.piece, p.score, p.type = f"<reserved_{i}>", 0.0, kind.USER_DEFINED
-    return proto.SerializeToString()
+# ---------------------------------------------------------------- a small model with the released layout (editx_jax.text.tiny)
 
 
 @pytest.fixture(scope="module")
 def model_bytes():
-    return _train_model()
+    return train_layout_model()
 
 
 @pytest.fixture(scope="module")

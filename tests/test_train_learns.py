@@ -1,19 +1,22 @@
-"""Proof that SFT learns: a tiny model on a synthetic speed-edit corpus, on CPU.
+"""Proof that SFT learns: a tiny model trained by `run_sft` on a synthetic emotion-edit corpus, on CPU.
 
-Corpus (tests/_sft_corpus.py): upstream-format edit records, instruction "Make the following audio
-more faster/slower"; the target is the source with every other unit dropped (faster) or every unit
-repeated (slower), 4-8 source units of 16 codes. After 300 steps (batch 8 packed rows of 256
-tokens, about 40 s on 2 CPU cores), measured on 64 held-out records:
-  * teacher-forced next-token accuracy on the target tokens: 0.00 at the start, about 0.8 after;
-  * greedy generations that follow the instruction (shorter than the source for "faster", longer for
-    "slower", ended by <|EOT|>): about 95 %; exactly right: about 40 %.
-The asserted floors are well below these, so the test is not flaky.
+Corpus (tests/_sft_corpus.py): 4000 upstream-format edit records with the real chat layout and
+instruction strings ("Make the following audio more happy/sad. ..."); the source is 4-8 distinct
+codes from [0, 16), the target moves them into the band the instruction names (happy: +16, sad: +32).
+After 300 steps of batch 8 packed rows of 256 tokens (about a minute on 2 CPU cores), on 64
+held-out records (numbers of the run that set the floors):
+  * teacher-forced next-token accuracy on the target tokens (+ <|EOT|>): 0.007 -> about 0.20,
+    NLL 6.65 -> about 2.4;
+  * greedy generations that follow the instruction (a non-empty answer, every unit in the band the
+    instruction names, ended by <|EOT|>): about 95 %. Copying the exact units in order needs an
+    induction circuit that this CPU-sized run does not reach (exact answers: 0 %; the length is
+    right only about 20 % of the time): we assert instruction following, not copying.
 """
 
 import jax
 import numpy as np
 import pytest
-from _sft_corpus import AUDIO_ID_BASE, TINY_LLM, make_records, speed_edit, write_jsonl
+from _sft_corpus import AUDIO_ID_BASE, BANDS, CODES, TINY_LLM, make_records, write_jsonl
 
 from editx_jax.config import GenerationConfig, load_config
 from editx_jax.data import jsonl
@@ -22,7 +25,7 @@ from editx_jax.train.loop import run_sft
 
 
 @pytest.mark.slow
-def test_sft_learns_a_synthetic_speed_edit(tmp_path):
+def test_sft_learns_a_synthetic_emotion_edit(tmp_path):
     train_records, eval_records = make_records(4000, 0), make_records(64, 1)
     overrides = TINY_LLM + [
         f"data.train={write_jsonl(tmp_path / 'train.jsonl', train_records)}",
@@ -35,31 +38,29 @@ def test_sft_learns_a_synthetic_speed_edit(tmp_path):
     first, last = result["eval"][0], result["eval"][-1]
     print(f"held-out next-token accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f}, "
           f"nll {first['nll']:.3f} -> {last['nll']:.3f}")
-    assert first["accuracy"] < 0.05 and last["accuracy"] > 0.0
+    assert first["accuracy"] < 0.05 and last["accuracy"] > 0.12
     assert last["nll"] < first["nll"] - 3.0
 
     params = jax.device_get(result["state"]["params"])
     tok = jsonl.load_text_tokenizer(cfg.data.text_tokenizer)
-    prompts, wants, kinds = [], [], []
+    prompts = []
     for r in eval_records:
         ex = jsonl.encode_record(r, tok, cfg.data, cfg.llm.vocab_size)
-        n_prompt = int(np.argmax(ex.loss_mask))
-        prompts.append(ex.tokens[:n_prompt].tolist())
-        src = [i - 65536 for i in r["source_vq02vq06"]]
-        wants.append([AUDIO_ID_BASE + c for c in speed_edit(src, r["edit_info"])])
-        kinds.append((r["edit_info"], len(src)))
+        prompts.append(ex.tokens[:int(np.argmax(ex.loss_mask))].tolist())  # up to "<|BOT|> assistant\n"
     gen = GenerationConfig(greedy=True, max_new_tokens=24, max_length=256, repetition_window=0,
                            drop_last=False, min_prompt_bucket=16)
     out = generate(params, cfg.llm, gen, prompts).tokens
-    follows = exact = 0
-    for tokens, want, (kind, n_src) in zip(out, wants, kinds):
+    follows = right_length = from_source = units = 0
+    for tokens, r in zip(out, eval_records):
         stopped = 3 in tokens
         body = tokens[:tokens.index(3)] if stopped else tokens
-        is_audio = all(AUDIO_ID_BASE <= t < AUDIO_ID_BASE + 16 for t in body)
-        shorter, longer = len(body) < n_src, len(body) > n_src
-        follows += stopped and is_audio and (shorter if kind == "faster" else longer)
-        exact += body == want
-    rate, exact_rate = follows / len(out), exact / len(out)
-    print(f"greedy generations following the instruction: {rate:.2f}, exactly right: {exact_rate:.2f}")
-    assert rate >= 0.0
-    assert exact_rate >= 0.0
+        band = AUDIO_ID_BASE + BANDS[r["edit_info"]]
+        src = {i - 65536 for i in r["source_vq02vq06"]}
+        follows += stopped and len(body) > 0 and all(band <= t < band + CODES for t in body)
+        right_length += len(body) == len(src)
+        units += len(body)
+        from_source += sum(t - band in src for t in body)
+    rate = follows / len(out)
+    print(f"greedy generations following the instruction: {rate:.2f}; right length {right_length / len(out):.2f}; "
+          f"units taken from the source {from_source / max(units, 1):.2f}")
+    assert rate >= 0.75
