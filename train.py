@@ -4,6 +4,7 @@
     python train.py --config configs/sft_step_audio_editx.yaml --init-from ckpt/llm --set data.train=...
     python train.py --config ... --resume                 # continue from the last checkpoint
     python train.py --config ... --export out/hf          # also write released-format safetensors
+    python train.py --config ... --resume --export out/hf # export the last checkpoint of a finished run
 
 Multi-host: every process runs the same command with `--coordinator HOST:PORT --num-processes N
 --process-id I` (or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,

@@ -275,6 +275,45 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    # The audio side. These config classes live beside their modules, which import this file for
+    # ConfigError; they are resolved lazily (see COMPONENT_SECTIONS) so neither import order breaks.
+    tokenizer: "AudioTokenizerConfig" = dataclasses.field(default_factory=lambda: _component("tokenizer"))
+    flow: "FlowConfig" = dataclasses.field(default_factory=lambda: _component("flow"))
+    hift: "HiFTConfig" = dataclasses.field(default_factory=lambda: _component("hift"))
+    bigvgan: "BigVGANConfig" = dataclasses.field(default_factory=lambda: _component("bigvgan"))
+    campplus: "CAMPPlusConfig" = dataclasses.field(default_factory=lambda: _component("campplus"))
+    token2wav: "Token2WavConfig" = dataclasses.field(default_factory=lambda: _component("token2wav"))
+    editx: "EditXConfig" = dataclasses.field(default_factory=lambda: _component("editx"))
+
+
+COMPONENT_SECTIONS = {
+    "tokenizer": ("editx_jax.tokenizer.pipeline", "AudioTokenizerConfig"),
+    "flow": ("editx_jax.decoder.flow", "FlowConfig"),
+    "hift": ("editx_jax.decoder.hift", "HiFTConfig"),
+    "bigvgan": ("editx_jax.decoder.bigvgan", "BigVGANConfig"),
+    "campplus": ("editx_jax.decoder.campplus", "CAMPPlusConfig"),
+    "token2wav": ("editx_jax.decoder.token2wav", "Token2WavConfig"),
+    "editx": ("editx_jax.pipeline", "EditXConfig"),
+}
+
+
+def _component_class(section: str):
+    import importlib
+
+    module, name = COMPONENT_SECTIONS[section]
+    return getattr(importlib.import_module(module), name)
+
+
+def _component(section: str):
+    return _component_class(section)()
+
+
+def _type_hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:  # the lazily resolved component sections of Config
+        names = {cls_name: _component_class(section) for section, (_, cls_name) in COMPONENT_SECTIONS.items()}
+        return typing.get_type_hints(cls, localns=names)
 
 
 # ---------------------------------------------------------------- building from dicts / YAML
@@ -283,7 +322,7 @@ class Config:
 def from_dict(cls, data: dict | None, where: str = ""):
     """Build dataclass `cls` from a nested dict; unknown keys are an error naming them."""
     data = dict(data or {})
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -303,7 +342,13 @@ def from_dict(cls, data: dict | None, where: str = ""):
     return cls(**kwargs)
 
 
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def _coerce(typ, value, path):
+    if typing.get_origin(typ) is tuple and isinstance(value, list):
+        return _tuples(value)  # YAML lists; tuples keep configs hashable (static jit arguments)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ in (int, float, str, bool):

@@ -198,3 +198,22 @@ def test_tfds_builder_reads_back_the_same_examples(tmp_path):
     assert len(src) == 6
     assert sorted(src[i].tokens.tolist() for i in range(6)) == sorted(e.tokens.tolist() for e in want)
     assert sorted(int(src[i].loss_mask.sum()) for i in range(6)) == sorted(int(e.loss_mask.sum()) for e in want)
+
+
+def test_real_tokenizer_gives_the_training_chat_template(tmp_path):
+    """With a SentencePiece model of the released layout, a record's ids are the chat template string
+    tokenised once (TRL's path), with the completion appended as ids."""
+    from editx_jax.text.prompts import chat_template
+    from editx_jax.text.tiny import train_layout_model
+    from editx_jax.text.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(train_layout_model())
+    ex = jsonl.encode_record(record(), tok, DataConfig(), V)
+    instr = jsonl.edit_instruction("emotion", "happy", " Hello there ")
+    user = instr + "\n<audio_0><audio_1><audio_1024>\n"
+    want = chat_template(jsonl.EDIT_SYSTEM_PROMPT, user, "<audio_2><audio_5119><|EOT|>")
+    assert tok.decode(ex.tokens.tolist()) == want
+    assert ex.tokens[:2].tolist() == [1, 4] and ex.tokens[-3:].tolist() == [65538, 70655, 3]
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(train_layout_model())
+    assert type(jsonl.load_text_tokenizer(str(path))).__name__ == "TextTokenizer"

@@ -215,6 +215,8 @@ def test_bad_input(small_decoder):
         Token2WavConfig(vocoder="griffinlim")
     with pytest.raises(ConfigError, match="chunk_size_list"):
         Token2WavConfig(chunk_size_list=(10,))
+    with pytest.raises(ConfigError, match="mel_cache_len"):
+        Token2WavConfig(chunk_size_list=(3, 6))
     with pytest.raises(ConfigError, match="token2wav.vocoder"):
         Decoder(small_decoder.flow_params, small_decoder.flow_config, small_decoder.vocoder_params, SMALL_HIFT,
                 config=Token2WavConfig(vocoder="bigvgan"))
@@ -249,7 +251,7 @@ def test_stream_chunk_functions_equal_offline_modules(small_decoder):
 
 
 def _stream_decoder(small_decoder, **cfg):
-    t2w = Token2WavConfig(chunk_size_list=(3, 6), estimator_left_context=12, **cfg)
+    t2w = Token2WavConfig(chunk_size_list=(6, 9), estimator_left_context=12, **cfg)
     return Decoder(small_decoder.flow_params, small_decoder.flow_config, small_decoder.vocoder_params,
                    small_decoder.vocoder_config, config=t2w)
 
@@ -257,20 +259,21 @@ def _stream_decoder(small_decoder, **cfg):
 def test_stream_chunking_lengths_and_push_pattern(small_decoder):
     dec = _stream_decoder(small_decoder)
     p_ids, p_mel, emb = prompt()
-    gen = ids(37, 7)
+    gen = ids(52, 7)
     one = dec.stream(p_ids, p_mel, emb)
     pieces = [one.push([t]) for t in gen[:-1]] + [one.push(gen[-1:], last=True)]
-    # chunks of 3, 6, 6, 6 pair frames (5, 10, 10, 10 ids + 5 look-ahead), then the rest (2 + 5 ids)
-    assert [m.shape[0] for m in one.mels] == [6, 12, 12, 12, 3 * 2 * 2]
+    # chunks of 6, 9, 9 pair frames (10, 15, 15 ids + 5 look-ahead), then the last 12 ids (3 groups);
+    # the DiT cache (24 prompt + 12 newest mel frames) is cut after the second chunk
+    assert [m.shape[0] for m in one.mels] == [12, 18, 18, 18]
     speech = np.concatenate(pieces)
-    assert speech.shape == (480 * 2 * 3 * 8,)  # the offline length: 8 groups
+    assert speech.shape == (480 * 2 * 3 * 11,)  # the offline length: 11 groups
     # pushing everything at once gives the same chunks and speech
     bulk = dec.stream(p_ids, p_mel, emb)
-    speech_bulk = np.concatenate([bulk.push(gen[:30]), bulk.push(gen[30:], last=True)])
+    speech_bulk = np.concatenate([bulk.push(gen[:33]), bulk.push(gen[33:], last=True)])
     np.testing.assert_allclose(speech_bulk, speech, atol=1e-6)
-    # the first chunk needs 3 + 3 pair frames: nothing before the 10th id
+    # the first chunk needs 6 + 3 pair frames: nothing before the 15th id
     s = dec.stream(p_ids, p_mel, emb)
-    assert all(s.push([t]).size == 0 for t in gen[:9]) and s.push(gen[9:10]).size > 0
+    assert all(s.push([t]).size == 0 for t in gen[:14]) and s.push(gen[14:15]).size > 0
     with pytest.raises(Token2WavError, match="finished"):
         one.push(gen[:1])
     with pytest.raises(Token2WavError, match="prompt ids"):
@@ -281,11 +284,12 @@ def test_stream_chunking_lengths_and_push_pattern(small_decoder):
 
 
 def test_stream_versus_offline(small_decoder):
-    """Streaming differs from offline by design (block-causal attention, cut DiT context, vocoder
-    overlap); with one chunk after the prompt the flow mel stays close, and the gap is bounded."""
+    """Streaming differs from offline by design (block-causal attention, cut DiT context, re-used
+    noise, vocoder overlap): same mel length, different values. (Against the official
+    token2wav_stream run on CPU the chunk mels agree to 6e-6; see the report.)"""
     dec = _stream_decoder(small_decoder)
     p_ids, p_mel, emb = prompt()
-    gen = ids(25, 8)
+    gen = ids(40, 8)
     st = dec.stream(p_ids, p_mel, emb)
     st.push(gen[:-1])
     st.push(gen[-1:], last=True)
@@ -293,8 +297,11 @@ def test_stream_versus_offline(small_decoder):
     off = dec.token2wav(gen, p_ids, p_mel, emb)
     assert stream_mel.shape == off.mel[0].shape
     gap = np.abs(stream_mel - off.mel[0])
-    assert gap.max() > 1e-3  # not the offline result ...
-    assert np.sqrt(np.mean(gap ** 2)) < 0.5 * np.sqrt(np.mean(off.mel[0] ** 2))  # ... but the same utterance
+    assert gap.max() > 1e-3  # not the offline result
+    # the first chunk sees the prompt and itself only; its mel is the offline one of the same tokens
+    # with attention cut at the chunk end, so it is closer to offline than the later chunks are
+    first = st.mels[0].shape[0]
+    assert np.abs(gap[:first]).mean() < np.abs(gap[first:]).mean()
 
 
 # ----------------------------------------------------------------------------------- prompt features

@@ -145,3 +145,25 @@ def test_two_processes_of_4_devices_match_one_process_of_8(tmp_path):
     assert sorted(two) == [1, 2, 3]
     # the same rows in another order: equal up to float32 summation order
     np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    """Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames when complete: a save killed midway
+    leaves such a folder, which is never taken for a checkpoint."""
+    cfg = Config(checkpoint=Config().checkpoint.__class__(keep=2, async_save=False))
+    tx = st.make_optimizer(OptimizerConfig(), 10)
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    state = st.create_state(CFG, tx, mesh, jax.random.key(1))
+    mgr = loop.checkpoint_manager(tmp_path / "ckpt", cfg)
+    loop.save_checkpoint(mgr, 4, state, _iterator())
+    mgr.close()
+    partial = tmp_path / "ckpt" / "6.orbax-checkpoint-tmp-1234567"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half_written").write_bytes(b"\0" * 100)
+    mgr = loop.checkpoint_manager(tmp_path / "ckpt", cfg)
+    assert mgr.latest_step() == 4
+    restored = loop.restore_checkpoint(mgr, 4, st.abstract_sharded_state(CFG, tx, mesh))
+    assert int(restored["step"]) == 0
+    np.testing.assert_array_equal(np.asarray(restored["params"]["final_norm"]["scale"]),
+                                  np.asarray(state["params"]["final_norm"]["scale"]))
+    mgr.close()

@@ -6,7 +6,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 from _sft_corpus import TINY_LLM, make_records, write_jsonl
 
 from editx_jax import checkpoint
@@ -18,8 +17,8 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
 
-def _args(tmp_path, out, *extra):
-    data = write_jsonl(tmp_path / "train.jsonl", make_records(16, 0))
+def _args(tmp_path, out, *extra, data=None):
+    data = data or write_jsonl(tmp_path / "train.jsonl", make_records(16, 0))
     sets = TINY_LLM + [f"data.train={data}", f"train.output_dir={out}", "train.steps=2", "train.batch_size=8",
                        "train.progress=false", "data.max_length=256", "mesh.fsdp=-1", "data.prefetch=0",
                        "optimizer.learning_rate=1.0e-7", *extra]
@@ -27,12 +26,19 @@ def _args(tmp_path, out, *extra):
 
 
 def test_init_from_checkpoint_and_export(tmp_path):
+    """Also trains from prepared ArrayRecord shards (tools/prepare_data.py shards)."""
     from safetensors import safe_open
-    cfg = load_config(ROOT / "configs/sft_tiny.yaml", TINY_LLM).llm
+    sys.path.insert(0, str(ROOT / "tools"))
+    import prepare_data
+    full = load_config(ROOT / "configs/sft_tiny.yaml", TINY_LLM + ["data.max_length=256"])
+    prepare_data.write_shards(write_jsonl(tmp_path / "d.jsonl", make_records(16, 0)), tmp_path / "shards" / "t",
+                              full, num_shards=2)
+    shards = str(tmp_path / "shards" / "t-*.array_record")
+    cfg = full.llm
     params = jax.device_get(llm.init_params(cfg, jax.random.key(7)))
     checkpoint.save_llm(tmp_path / "init", params, cfg)
     out = tmp_path / "run"
-    assert train.main(_args(tmp_path, out) + ["--init-from", str(tmp_path / "init"),
+    assert train.main(_args(tmp_path, out, "data.text_tokenizer=''", data=shards) + ["--init-from", str(tmp_path / "init"),
                                               "--export", str(tmp_path / "hf")]) == 0
     with safe_open(str(tmp_path / "hf" / "model-00001.safetensors"), "pt") as f:
         got = f.get_tensor("model.embed_tokens.weight").float().numpy()
@@ -53,3 +59,13 @@ def test_bad_mesh_and_bad_init_from_are_clear_errors(tmp_path, capsys):
     assert train.main(_args(tmp_path, tmp_path / "b") + ["--init-from", str(tmp_path / "other")]) == 1
     assert "num_layers" in capsys.readouterr().err
     assert not (tmp_path / "b" / "checkpoints").exists() or not any((tmp_path / "b" / "checkpoints").iterdir())
+
+
+def test_batches_with_ids_outside_the_vocabulary_are_refused():
+    import pytest
+
+    from editx_jax.train import loop
+    ok = {"tokens": np.array([[[5, 511]]]), "targets": np.array([[[511, 3]]])}
+    loop._check_ids(ok, 512)
+    with pytest.raises(loop.RunError, match="outside the vocabulary"):
+        loop._check_ids({**ok, "targets": np.array([[[600, 3]]])}, 512)

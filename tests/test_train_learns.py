@@ -3,14 +3,14 @@
 Corpus (tests/_sft_corpus.py): 4000 upstream-format edit records with the real chat layout and
 instruction strings ("Make the following audio more happy/sad. ..."); the source is 4-8 distinct
 codes from [0, 16), the target moves them into the band the instruction names (happy: +16, sad: +32).
-After 300 steps of batch 8 packed rows of 256 tokens (about a minute on 2 CPU cores), on 64
-held-out records (numbers of the run that set the floors):
-  * teacher-forced next-token accuracy on the target tokens (+ <|EOT|>): 0.007 -> about 0.20,
-    NLL 6.65 -> about 2.4;
+After 300 steps of batch 8 packed rows of 256 tokens (about 50 s on 2 CPU cores), on 64 held-out
+records (the numbers of the run that set the asserted floors):
+  * teacher-forced next-token accuracy on the target tokens (+ <|EOT|>): 0.007 -> 0.204, NLL 6.65 -> 2.60;
   * greedy generations that follow the instruction (a non-empty answer, every unit in the band the
-    instruction names, ended by <|EOT|>): about 95 %. Copying the exact units in order needs an
-    induction circuit that this CPU-sized run does not reach (exact answers: 0 %; the length is
-    right only about 20 % of the time): we assert instruction following, not copying.
+    instruction names, ended by <|EOT|>): 100 % (64/64);
+  * generated units that are source units moved to the band: 91 % (chance: about 37 %).
+Copying the units in order, at the right length, needs an induction circuit this CPU-sized run does
+not reach (right length 2 %, exact answers 0 %): we assert instruction following, not copying.
 """
 
 import jax
@@ -64,3 +64,4 @@ def test_sft_learns_a_synthetic_emotion_edit(tmp_path):
     print(f"greedy generations following the instruction: {rate:.2f}; right length {right_length / len(out):.2f}; "
           f"units taken from the source {from_source / max(units, 1):.2f}")
     assert rate >= 0.75
+    assert from_source / max(units, 1) > 0.6

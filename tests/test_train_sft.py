@@ -104,21 +104,23 @@ def test_mesh_that_does_not_divide_the_devices_is_a_clear_error():
 
 def test_loss_normalisation_switch():
     rng = np.random.RandomState(2)
-    batch = random_batch(rng, 2, 2, 16)
+    batch = random_batch(rng, 2, 4, 16)
     batch["weights"][0, :, 4:] = 0  # micro-batch 0 has far fewer loss tokens than micro-batch 1
+    batch["weights"][1, 2:, 9:] = 0  # and within micro-batch 1, rank 1's rows fewer than rank 0's
     tx = st.make_optimizer(OPT, 10)
     state = st.init_state(CFG, tx, jax.random.key(0))
 
-    def both(s, b):
-        glob = sft.train_step(s, b, cfg=CFG, tx=tx, loss_norm="global_token_mean")[1]["objective"]
-        micro = sft.train_step(s, b, cfg=CFG, tx=tx, loss_norm="micro_batch_mean")[1]["objective"]
-        nll = jax.vmap(lambda m: sft.token_nll(s["params"], CFG, m)[0])(b)
-        return glob, micro, nll
+    def objectives(s, b):
+        out = [sft.train_step(s, b, cfg=CFG, tx=tx, loss_norm=norm, ranks=r)[1]["objective"]
+               for norm, r in (("global_token_mean", 1), ("micro_batch_mean", 1), ("micro_batch_mean", 2))]
+        return out, jax.vmap(lambda m: sft.token_nll(s["params"], CFG, m)[0])(b)
 
-    glob, micro, nll = jax.jit(both)(state, batch)
-    w = batch["weights"]
-    nll = np.asarray(nll)
+    (glob, micro1, micro2), nll = jax.jit(objectives)(state, batch)
+    w, nll = batch["weights"], np.asarray(nll)
     np.testing.assert_allclose(glob, (nll * w).sum() / w.sum(), rtol=1e-5)
-    per_micro = [(nll[i] * w[i]).sum() / w[i].sum() for i in range(2)]
-    np.testing.assert_allclose(micro, np.mean(per_micro), rtol=1e-5)  # upstream: mean of micro-batch means
-    assert abs(float(glob) - float(micro)) > 1e-4
+    mean = lambda x, m: (x * m).sum() / m.sum()  # noqa: E731
+    np.testing.assert_allclose(micro1, np.mean([mean(nll[i], w[i]) for i in range(2)]), rtol=1e-5)
+    # upstream on 2 ranks: each rank's own micro-batch token mean, / micro-batches, averaged over ranks
+    want = np.mean([mean(nll[i, r * 2:(r + 1) * 2], w[i, r * 2:(r + 1) * 2]) for i in range(2) for r in range(2)])
+    np.testing.assert_allclose(micro2, want, rtol=1e-5)
+    assert abs(float(glob) - float(micro1)) > 1e-4 and abs(float(micro1) - float(micro2)) > 1e-5

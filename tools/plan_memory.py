@@ -97,8 +97,11 @@ def main(argv=None) -> int:
         peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                 + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
         print(f"  peak estimate              {peak / GiB:8.2f} GiB")
-    print(f"FLOPs per step (XLA, per device): {flops:.4g}; model FLOPs 6*N*tokens (all devices): "
-          f"{6 * n_params * tokens:.4g}")
+    model_flops = sft.model_flops_per_token(cfg.llm, seq) * tokens
+    print(f"model FLOPs per step (all devices, fwd+bwd, no remat): {model_flops:.4g} "
+          f"({model_flops / len(devices):.4g} per device)")
+    print(f"XLA cost analysis (per device): {flops:.4g} -- counts one layer of one micro-batch, since it "
+          f"counts a loop body once")
     return 0
 
 

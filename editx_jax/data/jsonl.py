@@ -9,9 +9,11 @@ are (never rendered to `<audio_N>` strings and re-tokenised). The loss mask cove
 tokens and, by default, a final `<|EOT|>` (training.md §3; `upstream_compat` drops it, as upstream SFT
 does).
 
-The text tokenizer is anything with `encode(text) -> list[int]` (no special tokens added). "bytes"
-gives a dependency-free byte tokenizer for tests and demos; a path loads the real SentencePiece model
-through `editx_jax.text` when that package is present.
+The ids come from `editx_jax.text.prompts.chat_template_ids` (training's path: the template string
+tokenised once, audio ids spliced in). The text tokenizer is `editx_jax.text.TextTokenizer` (a path)
+or a toy with the same `encode_parts` ("bytes", "words") for tests and demos. The instruction text
+follows upstream's *training* datasets (any edit type, unknown ones get the generic instruction), not
+the validated inference prompts.
 
 Bad records are never dropped silently: each is counted under a reason (`DataReport`), and
 `strict=True` raises `RecordError` on the first one.
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import pathlib
 from typing import Iterable, Protocol, Sequence
@@ -29,25 +30,11 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 
 from editx_jax.config import DataConfig
+from editx_jax.text.prompts import (CLONE_SYSTEM_HEAD, CLONE_SYSTEM_TAIL, EDIT_SYSTEM_PROMPT, chat_template_ids,
+                                    clone_speaker_id_from_file)
 
 BOS, EOT, BOT = 1, 3, 4
 AUDIO_BASE = 65536  # records carry LLM ids 65536 + code (upstream-training.md §1.4)
-
-EDIT_SYSTEM_PROMPT = (
-    "As a highly skilled audio editing and tuning specialist, you excel in interpreting user instructions and "
-    "applying precise adjustments to meet their needs. Your expertise spans a wide range of enhancement "
-    "capabilities, including but not limited to:\n"
-    "# Emotional Enhancement\n"
-    "# Speaking Style Transfer\n"
-    "# Non-linguistic Adjustments\n"
-    "# Audio Tuning & Editing\n"
-    "Note: You will receive instructions in natural language and are expected to accurately interpret and execute "
-    "the most suitable audio edits and enhancements.\n")
-
-# Text before and after the speaker's audio tokens in the clone system prompt (trailing spaces matter).
-CLONE_SYSTEM_HEAD = ("Generate audio with the following timbre, prosody and speaking style\n\n[speaker_start]\n"
-                     "speaker name: {speaker}\nspeaker prompt text: \n{prompt_text}\nspeaker audio tokens: \n")
-CLONE_SYSTEM_TAIL = "\n[speaker_end]\n"
 
 _NOISE = ("Remove any noise from the given audio while preserving the voice content clearly. Ensure that the speech "
           "quality remains intact with minimal distortion, and eliminate all noise from the audio.\n")
@@ -65,7 +52,21 @@ class RecordError(ValueError):
 
 
 class TextEncoder(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode_parts(self, parts, *, prefix_space: bool = True) -> list[int]: ...
+
+
+def _encode_parts(encode, parts) -> list[int]:
+    """Strings tokenized (adjacent ones joined), id runs spliced in as they are."""
+    ids, pending = [], ""
+    for part in parts:
+        if isinstance(part, str):
+            pending += part
+            continue
+        if pending:
+            ids += encode(pending)
+            pending = ""
+        ids += [int(i) for i in np.asarray(part).reshape(-1)]
+    return ids + (encode(pending) if pending else [])
 
 
 class ByteTokenizer:
@@ -76,6 +77,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [self.offset + b for b in text.encode("utf-8")]
+
+    def encode_parts(self, parts, *, prefix_space: bool = True) -> list[int]:
+        return _encode_parts(self.encode, parts)
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256).decode("utf-8", "replace")
@@ -95,6 +99,9 @@ class WordHashTokenizer:
             ids += [68 + zlib.crc32(w.encode("utf-8")) % 256 for w in line.split(" ") if w]
         return ids
 
+    def encode_parts(self, parts, *, prefix_space: bool = True) -> list[int]:
+        return _encode_parts(self.encode, parts)
+
 
 def load_text_tokenizer(spec: str) -> TextEncoder:
     """"bytes", "words" (toys for synthetic data), or a tokenizer file / model folder read by `editx_jax.text.TextTokenizer`."""
@@ -102,6 +109,9 @@ def load_text_tokenizer(spec: str) -> TextEncoder:
         return ByteTokenizer()
     if spec == "words":
         return WordHashTokenizer()
+    if not spec:
+        raise ValueError("data.text_tokenizer is not set: give the released model folder (tokenizer.model) "
+                         "or 'bytes' / 'words' for synthetic data")
     try:
         from editx_jax.text import TextTokenizer  # written alongside; optional here
     except ImportError:
@@ -136,15 +146,7 @@ def edit_instruction(edit_type: str, edit_info, source_text: str, new_text: str 
     return f"Edit the audio based on text: {a}\n"
 
 
-def clone_speaker(source_text: str, audio_path: str) -> str:
-    """`clone_` + sha256(text bytes ‖ first and last 1000 float32 samples, channel-major)[:16]."""
-    import soundfile as sf
-
-    wav, _ = sf.read(audio_path, dtype="float32", always_2d=True)  # [frames, channels], int PCM / 32768
-    flat = np.ascontiguousarray(wav.T).reshape(-1)
-    sample = np.concatenate([flat[:1000], flat[-1000:]]) if flat.size > 2000 else flat
-    digest = hashlib.sha256(source_text.encode("utf-8") + sample.astype(np.float32).tobytes()).hexdigest()
-    return "clone_" + digest[:16]
+clone_speaker = clone_speaker_id_from_file  # (source_text, wav path) -> "clone_<16 hex>"
 
 
 @dataclasses.dataclass
@@ -213,13 +215,11 @@ def encode_record(record, tok: TextEncoder, cfg: DataConfig, vocab_size: int, sp
     src = _audio_ids(record, "source_vq02vq06", cfg, vocab_size)
     tgt = _audio_ids(record, "target_vq02vq06", cfg, vocab_size)
     task = record.get("task_type") or "edit"
-    enc = tok.encode
     if task == "edit":
         if "edit_type" not in record or "edit_info" not in record:
             raise RecordError("missing edit_type or edit_info")
         prefix = edit_instruction(str(record["edit_type"]), record["edit_info"], source_text)
-        system = enc(" system\n" + EDIT_SYSTEM_PROMPT)
-        user = enc(" human\n" + prefix + "\n") + list(src) + enc("\n")
+        system, user = [EDIT_SYSTEM_PROMPT], [prefix + "\n", src, "\n"]
     else:
         if "emotion" not in record:
             raise RecordError("missing emotion (clone record)")
@@ -227,10 +227,9 @@ def encode_record(record, tok: TextEncoder, cfg: DataConfig, vocab_size: int, sp
             speaker = speaker_fn(source_text, record["source_audio"])
         except Exception as e:  # noqa: BLE001 - any unreadable wav is one counted reason
             raise RecordError("unreadable source_audio", f"{type(e).__name__}: {e}") from None
-        system = (enc(" system\n" + CLONE_SYSTEM_HEAD.format(speaker=speaker, prompt_text=source_text))
-                  + list(src) + enc(CLONE_SYSTEM_TAIL))
-        user = enc(" human\n" + source_text)
-    prompt = [BOS, BOT] + system + [EOT, BOT] + user + [EOT, BOT] + enc(" assistant\n")
+        system = [CLONE_SYSTEM_HEAD.format(speaker=speaker, prompt_text=source_text), src, CLONE_SYSTEM_TAIL]
+        user = [source_text]  # training: the prompt's own transcript (upstream-training.md §1.3)
+    prompt = chat_template_ids(tok, system, user)  # ends with "<|BOT|> assistant\n"
     completion = list(tgt) + ([EOT] if cfg.eos_in_loss and not cfg.upstream_compat else [])
     tokens = np.asarray(prompt + completion, np.int32)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):

@@ -303,8 +303,14 @@ class Token2WavStream:
         if self.done:
             raise Token2WavError("this stream is finished; start a new one")
         ids = np.atleast_1d(np.asarray(ids, np.int64)) if np.size(ids) else np.zeros((0,), np.int64)
-        self.buffer.extend(int(v) for v in self._audio_values(ids))
+        values = [int(v) for v in self._audio_values(ids)]
         out = []
+        if last and len(values) > 1:
+            # as if all but the final id came in earlier calls, so that the chunks do not depend on
+            # how the ids were split into calls
+            out.append(self.push(ids[:-1]))
+            values = values[-1:]
+        self.buffer.extend(values)
         if self.caches is None and (len(self.buffer) >= LOOKAHEAD_IDS or (last and self.buffer)):
             self._setup()
         while self.caches is not None and not last:

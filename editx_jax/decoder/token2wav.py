@@ -91,6 +91,11 @@ class Token2WavConfig:
         if self.mel_cache_len <= 2 * BIGVGAN_CONTEXT or self.mel_cache_len % 2:
             raise ConfigError(f"token2wav.mel_cache_len: an even number > {2 * BIGVGAN_CONTEXT}, "
                               f"got {self.mel_cache_len}")
+        if min(self.chunk_size_list) * 2 < self.mel_cache_len:
+            # a chunk's speech must cover the vocoder overlap (the reference fails on shorter ones)
+            raise ConfigError(f"token2wav.chunk_size_list: every chunk needs >= {self.mel_cache_len} mel frames "
+                              f"(mel_cache_len), i.e. >= {self.mel_cache_len // 2} pair frames, got "
+                              f"{list(self.chunk_size_list)}")
         if self.estimator_left_context < 0:
             raise ConfigError(f"token2wav.estimator_left_context: must be >= 0, got {self.estimator_left_context}")
         if not self.max_prompt_stretch >= 1:
@@ -385,8 +390,9 @@ class Decoder:
                     noise = NSFNoise(*(jnp.broadcast_to(a, (len(items),) + a.shape[1:]) for a in one))
                 wave = hift_inference(self.vocoder_params, mel_bct, self.vocoder_config, noise=noise).speech
             else:
-                padded = np.pad(mel_bct, ((0, 0), (0, 0), (BIGVGAN_CONTEXT, BIGVGAN_CONTEXT)), mode="reflect") \
-                    if frames > BIGVGAN_CONTEXT else _reflect_pad_short(mel_bct, BIGVGAN_CONTEXT)
+                if frames <= BIGVGAN_CONTEXT:  # torch refuses a reflect pad this long too
+                    raise Token2WavError(f"BigVGAN needs more than {BIGVGAN_CONTEXT} mel frames, got {frames}")
+                padded = np.pad(mel_bct, ((0, 0), (0, 0), (BIGVGAN_CONTEXT, BIGVGAN_CONTEXT)), mode="reflect")
                 wave = bigvgan_inference(self.vocoder_params, padded, self.vocoder_config)
             wave = np.asarray(wave)
             for row, i in enumerate(items):
@@ -415,11 +421,6 @@ class Decoder:
         """A `Token2WavStream` session (official `token2wav_stream`); see editx_jax/decoder/stream.py."""
         from editx_jax.decoder.stream import Token2WavStream
         return Token2WavStream(self, prompt_ids, prompt_mel, spk_embedding, **kwargs)
-
-
-def _reflect_pad_short(mel_bct, pad):
-    """torch refuses a reflect pad >= the length; so does this (a clear error instead)."""
-    raise Token2WavError(f"BigVGAN needs more than {pad} mel frames to reflect-pad, got {mel_bct.shape[-1]}")
 
 
 def _pack(waves, mels, n_mels) -> Token2WavOutput:

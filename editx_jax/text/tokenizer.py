@@ -66,6 +66,7 @@ class TextTokenizer:
             if not path.is_file():
                 raise TokenizerError(f"text tokenizer model not found: {path}")
             blob, where = path.read_bytes(), str(path)
+        self.model_bytes = blob  # kept so a model folder can be written back out
         proto = model_pb2.ModelProto()
         try:
             proto.ParseFromString(blob)

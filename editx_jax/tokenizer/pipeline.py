@@ -376,6 +376,13 @@ class AudioTokenizer:
         return {"paraformer": self.paraformer_params, "cmvn": self.cmvn, "vq02_codebook": self.vq02_codebook,
                 "s3tokenizer": self.s3_params}
 
+    def save(self, folder, meta: dict | None = None) -> pathlib.Path:
+        """A checkpoint folder `from_pretrained` reads."""
+        from editx_jax import checkpoint
+        params = jax.tree_util.tree_map(np.asarray, self.params)
+        return checkpoint.save_params(folder, params, self.config,
+                                      {"component": COMPONENT, "dtype": "float32", **dict(meta or {})})
+
     # ------------------------------------------------------------------ preprocessing
 
     def load(self, source, sample_rate: int | None = None, name: str | None = None) -> np.ndarray:

@@ -195,7 +195,8 @@ def run_sft(cfg: Config, *, resume: bool = False, init_from: str | None = None, 
 
     if init_from and not resume:
         _check_init_from(init_from, cfg)
-    tok = tokenizer or jsonl.load_text_tokenizer(cfg.data.text_tokenizer)
+    tok = None if pipeline.is_array_record(cfg.data.train) and not cfg.data.eval else \
+        tokenizer or jsonl.load_text_tokenizer(cfg.data.text_tokenizer)  # prepared shards need none
     if not cfg.data.train:
         raise ConfigError("data.train: no training file given")
     if pipeline.is_array_record(cfg.data.train):  # prepared shards (tools/prepare_data.py shards)

@@ -1,0 +1,274 @@
+"""EditX: a wav and an instruction in, an edited wav out (architecture.md §0.1, §1.8-1.10).
+
+    model = EditX.from_pretrained("editx-model/")        # written by tools/convert.py editx
+    wave, sr = model.edit("in.wav", "the transcript", "emotion", "happy")
+    wave, sr = model.clone("prompt.wav", "prompt transcript", "text to speak")
+
+The path follows the official `tts.py`: load, mono, 0.6 peak cap; the audio tokenizer (16 kHz,
+0.999 normalisation, trim, vq02 + vq06, 2:3 interleave) gives the LLM's audio ids; the decoder's
+prompt features (24 kHz mel, CAM++ x-vector) come from the untrimmed capped audio; the prompt is
+assembled exactly as `tts.py` does; the LLM samples until <|EOT|> and the final token is dropped;
+token2wav turns the ids into 24 kHz speech with the source (edit) or the prompt (clone) as the
+speaker prompt.
+
+Ids the LLM writes outside the audio range: text ids are clamped to audio value 0 as the official
+decoder does; ids past the audio range (70656...) would crash the official decoder and are mapped
+to the same value 0 here, and counted in `last_info["stray_ids"]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from editx_jax.config import Config, ConfigError, from_dict, to_dict
+
+OUTPUT_SAMPLE_RATE = 24000
+AUDIO_FIRST, AUDIO_END = 65536, 65536 + 5120
+
+
+@dataclasses.dataclass(frozen=True)
+class EditXConfig:
+    """Pipeline settings that are not any one model's."""
+
+    max_audio_seconds: float = 60.0  # longer inputs are refused with a message, never cut silently
+    keep_prompt_features: bool = False  # iterative edits: keep round 1's speaker prompt (less timbre drift)
+    inner_bos: bool = True  # see editx_jax/text/prompts.py: every enc() of tts.py starts with BOS
+
+    def __post_init__(self):
+        if not self.max_audio_seconds > 0:
+            raise ConfigError(f"editx.max_audio_seconds: must be > 0, got {self.max_audio_seconds}")
+
+
+class EditXError(ValueError):
+    """A request EditX cannot serve (bad audio, unknown edit, missing model part); one line."""
+
+
+@dataclasses.dataclass
+class Request:
+    """One edit (or clone, with edit_type="clone": `audio` is the voice prompt, `audio_text` its
+    transcript, `new_text` the text to speak)."""
+
+    audio: Any  # a path, or a wave [N] / [C, N] with `sample_rate`
+    audio_text: str | None
+    edit_type: str
+    edit_info: str | None = None
+    new_text: str | None = None
+    sample_rate: int | None = None
+    language: str | None = None
+
+
+class EditX:
+    def __init__(self, config: Config, llm_params, text_tokenizer, audio_tokenizer, decoder):
+        self.config = config
+        self.llm_params = llm_params
+        self.text_tokenizer = text_tokenizer
+        self.audio_tokenizer = audio_tokenizer
+        self.decoder = decoder
+        self.last_info: dict = {}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, folder, **generation_overrides) -> "EditX":
+        """Load a folder written by `save` / `tools/convert.py editx`: config.json, llm/,
+        audio_tokenizer/, decoder/, tokenizer.model."""
+        from editx_jax.checkpoint import load_params
+        from editx_jax.decoder.token2wav import Decoder
+        from editx_jax.text.tokenizer import TextTokenizer
+        from editx_jax.tokenizer.pipeline import AudioTokenizer
+
+        folder = pathlib.Path(folder)
+        if not folder.is_dir():
+            raise EditXError(f"model folder not found: {folder}")
+        for part in ("config.json", "llm", "audio_tokenizer", "decoder", "tokenizer.model"):
+            if not (folder / part).exists():
+                raise EditXError(f"model folder {folder} is missing {part} (convert with tools/convert.py editx)")
+        config = from_dict(Config, json.loads((folder / "config.json").read_text()))
+        if generation_overrides:
+            config = dataclasses.replace(config, generation=dataclasses.replace(config.generation,
+                                                                                **generation_overrides))
+        from editx_jax.models.llm import abstract_params
+        llm_params = load_params(folder / "llm", abstract=abstract_params(config.llm))
+        return cls(config, llm_params, TextTokenizer.from_pretrained(folder / "tokenizer.model"),
+                   AudioTokenizer.from_pretrained(folder / "audio_tokenizer"), Decoder.from_pretrained(folder / "decoder"))
+
+    @classmethod
+    def random(cls, config: Config, seed: int = 0) -> "EditX":
+        """Random weights at the sizes of `config` (e.g. configs/tiny.yaml), with a small trained
+        text tokenizer of the released id layout. Produces noise: for demos and tests only."""
+        from editx_jax.decoder import campplus, flow, hift
+        from editx_jax.decoder.token2wav import Decoder
+        from editx_jax.models import llm
+        from editx_jax.random_init import random_params
+        from editx_jax.text.tiny import train_layout_model
+        from editx_jax.text.tokenizer import TextTokenizer
+        from editx_jax.tokenizer.pipeline import AudioTokenizer
+
+        if config.token2wav.vocoder != "hift":
+            raise ConfigError("EditX.random builds the HiFT vocoder; set token2wav.vocoder: hift")
+        llm_params = random_params(llm.abstract_params(config.llm), seed, kernel_scale=1.0)
+        decoder = Decoder(random_params(flow.abstract_params(config.flow), seed + 1), config.flow,
+                          # small vocoder kernels keep random HiFT out of its chaotic regime
+                          random_params(hift.abstract_params(config.hift), seed + 2, kernel_scale=0.3), config.hift,
+                          random_params(campplus.abstract_params(config.campplus), seed + 3), config.campplus,
+                          config.token2wav)
+        return cls(config, llm_params, TextTokenizer(train_layout_model()),
+                   AudioTokenizer.random(config.tokenizer, seed=seed + 4), decoder)
+
+    def save(self, folder) -> pathlib.Path:
+        """Write the model folder `from_pretrained` reads."""
+        import os
+        from editx_jax.checkpoint import save_params
+
+        folder = pathlib.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_params(folder / "llm", self.llm_params, to_dict(self.config.llm), {"component": "llm"})
+        self.audio_tokenizer.save(folder / "audio_tokenizer")
+        self.decoder.save(folder / "decoder")
+        (folder / "tokenizer.model").write_bytes(self.text_tokenizer.model_bytes)
+        tmp = folder / ".config.json.tmp"
+        tmp.write_text(json.dumps(to_dict(self.config), indent=1))
+        os.replace(tmp, folder / "config.json")
+        return folder
+
+    # ------------------------------------------------------------------ the public API
+
+    def clone(self, prompt_audio, prompt_text: str, target_text: str, *, sample_rate: int | None = None,
+              language: str | None = None, seed: int = 0) -> tuple[np.ndarray, int]:
+        """Speak `target_text` in the voice of `prompt_audio` (whose transcript is `prompt_text`)."""
+        req = Request(prompt_audio, prompt_text, "clone", new_text=target_text, sample_rate=sample_rate,
+                      language=language)
+        return self.run([req], seed=seed)[0]
+
+    def edit(self, audio, audio_text: str | None, edit_type: str, edit_info: str | None = None,
+             new_text: str | None = None, n_iter: int = 1, *, sample_rate: int | None = None,
+             seed: int = 0) -> tuple[np.ndarray, int]:
+        """Edit `audio` (its transcript `audio_text`) `n_iter` times; see `Request` for the fields."""
+        req = Request(audio, audio_text, edit_type, edit_info, new_text, sample_rate)
+        return self.run([req], n_iter=n_iter, seed=seed)[0]
+
+    def edit_batch(self, requests: Sequence[Request], n_iter: int = 1, seed: int = 0) -> list[tuple[np.ndarray, int]]:
+        """Several edits (and/or clones) in one jitted generation and one batched decode."""
+        return self.run(list(requests), n_iter=n_iter, seed=seed)
+
+    # ------------------------------------------------------------------ the work
+
+    def run(self, requests: list[Request], n_iter: int = 1, seed: int = 0, progress=None) -> list:
+        from editx_jax.text import prompts
+
+        if not requests:
+            raise EditXError("no requests")
+        if n_iter < 1:
+            raise EditXError(f"n_iter must be >= 1, got {n_iter}")
+        for r in requests:
+            self._validate(r)
+            if r.edit_type == "clone" and n_iter != 1:
+                raise EditXError("clone runs once; n_iter is for edits")
+        timings = {"tokenize": 0.0, "generate": 0.0, "decode": 0.0}
+        key = jax.random.key(seed)
+        waves = [self._load(r) for r in requests]  # (wave [N] mono capped, sr)
+        first_prompt = None
+        stray = 0
+        for round_ in range(n_iter):
+            key, k_gen, k_flow, k_voc = jax.random.split(key, 4)
+            t = time.perf_counter()
+            tokens = self.audio_tokenizer.tokenize([w for w, _ in waves], [sr for _, sr in waves])
+            features = [self.decoder.prompt_features(w, sr) for w, sr in waves]
+            prompt_ids = []
+            for r, tok, (w, sr) in zip(requests, tokens, waves):
+                audio_ids = tok.ids
+                if r.edit_type == "clone":
+                    speaker = prompts.clone_speaker_id(r.audio_text, w)
+                    prompt_ids.append(prompts.build_clone_ids(self.text_tokenizer, r.audio_text, audio_ids,
+                                                              r.new_text, speaker=speaker, language=r.language,
+                                                              inner_bos=self.config.editx.inner_bos))
+                else:
+                    new_text = r.new_text if r.edit_type == "paralinguistic" else None
+                    prompt_ids.append(prompts.build_edit_ids(self.text_tokenizer, r.edit_type, r.edit_info,
+                                                             r.audio_text, audio_ids, new_text=new_text,
+                                                             inner_bos=self.config.editx.inner_bos))
+            speaker_prompts = [(tok.ids, mel, emb) for tok, (mel, emb) in zip(tokens, features)]
+            if first_prompt is None:
+                first_prompt = speaker_prompts
+            if self.config.editx.keep_prompt_features:
+                speaker_prompts = first_prompt
+            timings["tokenize"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            gen = self._generate(prompt_ids, k_gen)
+            timings["generate"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            gen_ids = []
+            for g in gen:
+                g = np.asarray(g, np.int64)
+                bad = (g < AUDIO_FIRST) | (g >= AUDIO_END)
+                stray += int(bad.sum())
+                gen_ids.append(np.where(bad, AUDIO_FIRST, g))
+            out = self.decoder.token2wav(gen_ids, [p[0] for p in speaker_prompts], [p[1] for p in speaker_prompts],
+                                         [p[2] for p in speaker_prompts], key=k_flow, vocoder_key=k_voc)
+            waves = [(out.speech[i, :out.lengths[i]], OUTPUT_SAMPLE_RATE) for i in range(len(requests))]
+            timings["decode"] += time.perf_counter() - t
+            if progress is not None:
+                progress(round_ + 1, n_iter)
+        self.last_info = {"timings": timings, "stray_ids": stray,
+                          "generated_tokens": [len(g) for g in gen_ids], "rounds": n_iter}
+        return [(w.astype(np.float32), sr) for w, sr in waves]
+
+    def _generate(self, prompt_ids: list[list[int]], key) -> list[list[int]]:
+        from editx_jax.generate.decode import generate
+        return generate(self.llm_params, self.config.llm, self.config.generation, prompt_ids, key=key).tokens
+
+    def _validate(self, r: Request) -> None:
+        from editx_jax.text import prompts
+
+        if r.edit_type == "clone":
+            if not (r.audio_text or "").strip():
+                raise EditXError("clone needs the prompt audio's transcript (prompt text)")
+            if not (r.new_text or "").strip():
+                raise EditXError("clone needs the text to speak")
+            return
+        try:
+            prompts.edit_instruction(r.edit_type, r.edit_info, r.audio_text, r.new_text)
+        except prompts.EditError as e:
+            raise EditXError(str(e)) from None
+
+    def _load(self, r: Request) -> tuple[np.ndarray, int]:
+        """Mono, 0.6 peak cap (`preprocess_prompt_wav`), the length limit."""
+        from editx_jax.audio import AudioError, cap_peak, check_wave, load_audio, to_mono
+
+        limit = self.config.editx.max_audio_seconds
+        try:
+            if isinstance(r.audio, (str, pathlib.Path)):
+                wave, sr = load_audio(r.audio, max_seconds=limit)
+            else:
+                if r.sample_rate is None:
+                    raise AudioError("a wave array needs its sample_rate")
+                wave, sr = np.asarray(r.audio, np.float32), int(r.sample_rate)
+                if wave.shape[-1] / sr > limit:
+                    raise AudioError(f"audio is {wave.shape[-1] / sr:.1f} s, over the {limit:g} s limit "
+                                     f"(editx.max_audio_seconds)")
+            wave = cap_peak(to_mono(check_wave(wave)))
+        except AudioError as e:
+            raise EditXError(str(e)) from None
+        return wave, sr
+
+
+def write_wav(path, wave: np.ndarray, sample_rate: int = OUTPUT_SAMPLE_RATE) -> pathlib.Path:
+    """Write a float wav atomically: a temporary sibling, then a rename (never a half-written file)."""
+    import os
+    import soundfile as sf
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    sf.write(str(tmp), np.asarray(wave, np.float32), int(sample_rate), format="WAV", subtype="FLOAT")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,116 @@
+"""Real-time factor of token2wav (flow with 10 Euler steps + HiFT) at the released sizes, random weights.
+
+    python tools/bench_decoder.py                         # 5 s and 20 s of speech, batch 1 and 8
+    python tools/bench_decoder.py --seconds 5 --batch 1 --dtype bfloat16
+
+Prints seconds per stage (encoder, ODE, vocoder) after one warm-up call per shape (compile time is
+reported separately), and RTF = wall time / seconds of audio produced (all items of the batch).
+The prompt (default 3 s) is part of every item, as in real use. `--dtype bfloat16` runs the DiT
+projections in bf16 (norms and softmax stay float32); the encoder and HiFT stay float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def random_params(abstract, seed: int, kernel_scale: float = 1.0):
+    rng = np.random.default_rng(seed)
+    flat, tree = jax.tree_util.tree_flatten_with_path(abstract)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", ""))
+        shape = tuple(leaf.shape)
+        if name == "scale":
+            return (1 + 0.1 * rng.standard_normal(shape, np.float32)).astype(np.float32)
+        if name == "kernel":
+            return (kernel_scale * rng.standard_normal(shape, np.float32) / np.sqrt(shape[-2])).astype(np.float32)
+        if name == "embedding":
+            return rng.standard_normal(shape, np.float32)
+        return 0.1 * rng.standard_normal(shape, np.float32)
+
+    return jax.tree_util.tree_unflatten(tree, [draw(p, leaf) for p, leaf in flat])
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, nargs="+", default=[5.0, 20.0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-seconds", type=float, default=3.0)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    from editx_jax.decoder.flow import FlowConfig, FlowModel, abstract_params, cfg_velocity, cosine_t_span, solve_euler
+    from editx_jax.decoder.hift import HiFTConfig, abstract_params as hift_abstract, draw_nsf_noise, hift_inference
+    from editx_jax.decoder.token2wav import _encode
+
+    cfg = FlowConfig()
+    cfg = dataclasses.replace(cfg, estimator=dataclasses.replace(cfg.estimator, dtype=args.dtype))
+    hcfg = HiFTConfig()
+    print(f"devices: {jax.devices()}  flow: DiT {cfg.estimator.depth}x{cfg.estimator.hidden_size} ({args.dtype}), "
+          f"encoder {cfg.encoder.num_blocks}+{cfg.encoder.num_up_blocks}x{cfg.encoder.output_size}; "
+          f"HiFT base {hcfg.base_channels}; {args.steps} steps", flush=True)
+    fp = jax.device_put(random_params(abstract_params(cfg), 0))
+    hp = jax.device_put(random_params(hift_abstract(hcfg), 1, kernel_scale=0.3))
+    model = FlowModel(cfg)
+
+    encode = jax.jit(lambda p, pairs, lengths, emb: model.apply({"params": p}, pairs, lengths, emb, method=_encode))
+
+    @functools.partial(jax.jit, static_argnames=("steps",))
+    def ode(p, mu, spks, valid, cond, z, steps):
+        def velocity(x, t):
+            est = lambda *a: model.apply({"params": p}, *a, method=FlowModel.estimate)  # noqa: E731
+            return cfg_velocity(est, x, valid, mu, t, spks, cond, cfg.inference_cfg_rate)
+        return solve_euler(velocity, z, cosine_t_span(steps))
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for seconds in args.seconds:
+        for batch in args.batch:
+            lp = 3 * round(args.prompt_seconds * 25 / 3)  # pair frames at 25 Hz, whole groups
+            lg = 3 * round(seconds * 25 / 3)
+            length = lp + lg
+            pairs = np.stack([rng.integers(0, 1025, (batch, length)), rng.integers(1025, 5121, (batch, length))], -1)
+            pairs = jnp.asarray(pairs, jnp.int32)
+            lengths = jnp.full((batch,), length, jnp.int32)
+            emb = jnp.asarray(rng.standard_normal((batch, 192)), jnp.float32)
+            cond = jnp.zeros((batch, 2 * length, 80)).at[:, :2 * lp].set(-5.0)
+            z = jax.random.normal(jax.random.key(0), (1, 2 * length, 80)).repeat(batch, 0)
+            nsf = draw_nsf_noise(jax.random.key(1), batch, 2 * lg, hcfg)
+
+            def run():
+                (mu, spks, valid), t_enc = timed(encode, fp, pairs, lengths, emb)
+                x, t_ode = timed(lambda *a: ode(*a, steps=args.steps), fp, mu, spks, valid, cond, z)
+                mel = jnp.swapaxes(x[:, 2 * lp:], 1, 2)
+                _, t_voc = timed(lambda m: hift_inference(hp, m, hcfg, noise=nsf).speech, mel)
+                return t_enc, t_ode, t_voc
+
+            t0 = time.perf_counter()
+            run()  # compile
+            compile_s = time.perf_counter() - t0
+            best = min((run() for _ in range(args.repeats)), key=sum)
+            audio = batch * 2 * lg * 480 / 24000
+            rows.append((seconds, batch, compile_s, *best, sum(best), sum(best) / audio))
+            print(f"{seconds:5.1f} s  batch {batch:2d}  first call {compile_s:7.1f} s | encoder {best[0]:7.2f} s  "
+                  f"ODE {best[1]:7.2f} s  vocoder {best[2]:7.2f} s  total {sum(best):7.2f} s  "
+                  f"RTF {sum(best) / audio:6.3f}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
