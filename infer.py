@@ -1,61 +1,167 @@
-"""editx-jax inference entry point.
+"""editx-jax inference: voice cloning and speech editing, wav in, wav out.
 
-    python infer.py demo                 # tiny random-weight model, no downloads: shows the pipeline runs
+    python infer.py demo                                  # tiny random-weight model, no downloads
+    python infer.py clone --model DIR --prompt-audio p.wav --prompt-text "..." --text "..." --out out.wav
+    python infer.py edit  --model DIR --audio in.wav --audio-text "..." --edit-type emotion --edit-info happy \\
+                          --out out.wav [--n-iter 2] [--new-text "... [Laughter] ..."]
+    python infer.py --list-edits
 
-Random weights produce meaningless tokens; see README.md for converting the released weights.
+`--model` is a folder written by `tools/convert.py editx`. `--random-tiny` (instead of `--model`)
+builds random weights from configs/tiny.yaml: the output is noise; it shows the pipeline runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
-from editx_jax.config import ConfigError, add_config_args, load_config
+ROOT = pathlib.Path(__file__).resolve().parent
+DEMO_CLIP = ROOT / "editx_jax" / "assets" / "demo_prompt.wav"
 
 
-def demo(args) -> int:
-    import jax
-    import numpy as np
+def _load_model(args):
+    from editx_jax.config import load_config
+    from editx_jax.pipeline import EditX
 
-    from editx_jax.generate.decode import generate
-    from editx_jax.models import llm
+    overrides = {}
+    if args.temperature is not None:
+        overrides["temperature"] = args.temperature
+    if args.top_k is not None:
+        overrides["top_k"] = args.top_k
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    t = time.perf_counter()
+    if args.model:
+        model = EditX.from_pretrained(args.model, **overrides)
+    else:
+        config = load_config(args.config, args.overrides + [f"generation.{k}={v}" for k, v in overrides.items()])
+        model = EditX.random(config, seed=args.seed)
+    print(f"model ready in {time.perf_counter() - t:.1f} s")
+    return model
 
-    config = load_config(args.config, args.overrides)
-    cfg, gen = config.llm, config.generation
-    t0 = time.perf_counter()
-    params = llm.init_params(cfg, jax.random.key(args.seed))
-    jax.block_until_ready(params)
-    t_init = time.perf_counter() - t0
-    # A chat-shaped prompt: <s><|BOT|> ... audio tokens ... <|EOT|><|BOT|> assistant-ish ids.
-    rng = np.random.RandomState(args.seed)
-    audio = list(map(int, 65536 + rng.randint(0, 5120, 40)))
-    prompt = [cfg.bos_id, 4, *rng.randint(100, 1000, 12).tolist(), *audio, 3, 4, 15886 % cfg.vocab_size, 78]
-    print(f"tiny Step1: {cfg.num_params / 1e6:.1f}M params, {cfg.num_layers} layers; prompt {len(prompt)} tokens")
-    t0 = time.perf_counter()
-    out = generate(params, cfg, gen, [prompt], key=jax.random.key(args.seed))
-    t_gen = time.perf_counter() - t0
-    tokens = out.tokens[0]
-    audio_out = [t for t in tokens if 65536 <= t < 70656]
-    print(f"generated {len(tokens)} tokens ({len(audio_out)} audio tokens) in {out.num_steps} steps")
-    print(f"timing: init {t_init:.2f} s, generate {t_gen:.2f} s (includes compilation)")
-    print("first ids:", tokens[:16])
-    return 0
+
+def _run(model, requests, args, out_paths):
+    from tqdm import tqdm
+
+    from editx_jax.pipeline import write_wav
+
+    n_iter = getattr(args, "n_iter", 1)
+    bar = tqdm(total=n_iter, desc="editing" if requests[0].edit_type != "clone" else "cloning", unit="round",
+               file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def progress(done, total):
+        bar.update(1)
+
+    results = model.run(requests, n_iter=n_iter, seed=args.seed, progress=progress)
+    bar.close()
+    for (wave, sr), path in zip(results, out_paths):
+        write_wav(path, wave, sr)
+        print(f"wrote {path} ({len(wave) / sr:.2f} s at {sr} Hz)")
+    info = model.last_info
+    t = info["timings"]
+    print(f"timing: tokenize {t['tokenize']:.2f} s, generate {t['generate']:.2f} s, decode {t['decode']:.2f} s; "
+          f"{sum(info['generated_tokens'])} tokens generated over {info['rounds']} round(s)")
+    if info["stray_ids"]:
+        print(f"note: {info['stray_ids']} generated ids were not audio tokens (mapped to audio value 0)")
+
+
+def cmd_clone(args):
+    from editx_jax.pipeline import Request, validate_request
+    req = Request(args.prompt_audio, args.prompt_text, "clone", new_text=args.text, language=args.language)
+    validate_request(req)  # before the model loads: a typo fails in a second
+    _run(_load_model(args), [req], args, [args.out])
+
+
+def cmd_edit(args):
+    from editx_jax.pipeline import Request, validate_request
+    req = Request(args.audio, args.audio_text, args.edit_type, args.edit_info, args.new_text)
+    validate_request(req)
+    _run(_load_model(args), [req], args, [args.out])
+
+
+def cmd_demo(args):
+    """The built-in default: tiny random weights, one clone and one edit of the packaged clip."""
+    from editx_jax.pipeline import Request
+    print("random weights: the outputs are noise; this shows the whole pipeline runs (see README.md for "
+          "the released weights)")
+    model = _load_model(args)
+    out = pathlib.Path(args.out_dir)
+    _run(model, [Request(str(DEMO_CLIP), "The weather is nice today.", "clone",
+                         new_text="What a lovely day it is to speak in a cloned voice.")], args, [out / "clone.wav"])
+    _run(model, [Request(str(DEMO_CLIP), "The weather is nice today.", "emotion", "happy")], args,
+         [out / "edit_happy.wav"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from editx_jax.config import add_config_args
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--list-edits", action="store_true", help="print every supported edit type and value")
+    sub = parser.add_subparsers(dest="command")
+
+    def common(p, default_config="configs/tiny.yaml"):
+        src = p.add_mutually_exclusive_group()
+        src.add_argument("--model", help="model folder written by tools/convert.py editx")
+        src.add_argument("--random-tiny", action="store_true", help="random weights from --config (noise)")
+        add_config_args(p, default=str(ROOT / default_config))
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--top-k", type=int)
+        p.add_argument("--max-new-tokens", type=int)
+
+    p = sub.add_parser("clone", help="speak new text in the voice of a prompt clip")
+    common(p)
+    p.add_argument("--prompt-audio", required=True)
+    p.add_argument("--prompt-text", required=True, help="transcript of the prompt clip")
+    p.add_argument("--text", required=True, help="the text to speak")
+    p.add_argument("--language", help="Sichuanese, Cantonese, Japanese or Korean (Mandarin/English: none)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_clone)
+
+    p = sub.add_parser("edit", help="edit emotion, style, speed, paralinguistics, noise or silence")
+    common(p)
+    p.add_argument("--audio", required=True)
+    p.add_argument("--audio-text", help="transcript of the clip (not needed for denoise / vad)")
+    p.add_argument("--edit-type", required=True)
+    p.add_argument("--edit-info", help="the value, e.g. happy, whisper, faster")
+    p.add_argument("--new-text", help="paralinguistic: the transcript with tags, e.g. 'Hi [Laughter] there'")
+    p.add_argument("--n-iter", type=int, default=1, help="edit rounds, each on the previous output")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("demo", help="tiny random-weight model: one clone and one edit of a packaged clip")
+    common(p)
+    p.add_argument("--out-dir", default="outputs/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the tiny random-weight model end to end")
-    add_config_args(p, default="configs/tiny.yaml")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=demo)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list_edits:
+        from editx_jax.text.prompts import list_edits
+        print(list_edits())
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    if args.command != "demo" and not args.model and not args.random_tiny:
+        print("error: give --model DIR (tools/convert.py editx writes one) or --random-tiny", file=sys.stderr)
+        return 1
+    from editx_jax.audio import AudioError
+    from editx_jax.checkpoint import CheckpointError
+    from editx_jax.config import ConfigError
+    from editx_jax.pipeline import EditXError
+    from editx_jax.text.prompts import EditError
     try:
-        return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        args.func(args)
+    except (EditXError, EditError, AudioError, ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import numpy as np
 from editx_jax.config import Config, ConfigError, from_dict, to_dict
 
 OUTPUT_SAMPLE_RATE = 24000
+PARTS = ("config.json", "llm", "audio_tokenizer", "decoder", "tokenizer.model")
 AUDIO_FIRST, AUDIO_END = 65536, 65536 + 5120
 
 
@@ -62,6 +63,7 @@ class Request:
     new_text: str | None = None
     sample_rate: int | None = None
     language: str | None = None
+    seed: int | None = None  # the LLM's sampling seed for this request (default: the run's seed)
 
 
 class EditX:
@@ -77,9 +79,10 @@ class EditX:
 
     @classmethod
     def from_pretrained(cls, folder, **generation_overrides) -> "EditX":
-        """Load a folder written by `save` / `tools/convert.py editx`: config.json, llm/,
-        audio_tokenizer/, decoder/, tokenizer.model."""
-        from editx_jax.checkpoint import load_params
+        """Load a folder written by `save` / `tools/convert.py editx`: llm/, audio_tokenizer/,
+        decoder/ (each a checkpoint folder with its own config), tokenizer.model, and config.json
+        with the pipeline sections (generation, editx)."""
+        from editx_jax.checkpoint import load_llm
         from editx_jax.decoder.token2wav import Decoder
         from editx_jax.text.tokenizer import TextTokenizer
         from editx_jax.tokenizer.pipeline import AudioTokenizer
@@ -87,17 +90,22 @@ class EditX:
         folder = pathlib.Path(folder)
         if not folder.is_dir():
             raise EditXError(f"model folder not found: {folder}")
-        for part in ("config.json", "llm", "audio_tokenizer", "decoder", "tokenizer.model"):
+        for part in PARTS:
             if not (folder / part).exists():
                 raise EditXError(f"model folder {folder} is missing {part} (convert with tools/convert.py editx)")
-        config = from_dict(Config, json.loads((folder / "config.json").read_text()))
-        if generation_overrides:
-            config = dataclasses.replace(config, generation=dataclasses.replace(config.generation,
-                                                                                **generation_overrides))
-        from editx_jax.models.llm import abstract_params
-        llm_params = load_params(folder / "llm", abstract=abstract_params(config.llm))
+        settings = json.loads((folder / "config.json").read_text())
+        settings.setdefault("generation", {}).update(generation_overrides)
+        llm_config, llm_params = load_llm(folder / "llm")
+        audio_tokenizer = AudioTokenizer.from_pretrained(folder / "audio_tokenizer")
+        decoder = Decoder.from_pretrained(folder / "decoder")
+        config = from_dict(Config, settings)
+        vocoder = {"hift": decoder.vocoder_config} if decoder.config.vocoder == "hift" \
+            else {"bigvgan": decoder.vocoder_config}
+        config = dataclasses.replace(config, llm=llm_config, tokenizer=audio_tokenizer.config,
+                                     flow=decoder.flow_config, token2wav=decoder.config,
+                                     campplus=decoder.campplus_config or config.campplus, **vocoder)
         return cls(config, llm_params, TextTokenizer.from_pretrained(folder / "tokenizer.model"),
-                   AudioTokenizer.from_pretrained(folder / "audio_tokenizer"), Decoder.from_pretrained(folder / "decoder"))
+                   audio_tokenizer, decoder)
 
     @classmethod
     def random(cls, config: Config, seed: int = 0) -> "EditX":
@@ -124,18 +132,15 @@ class EditX:
 
     def save(self, folder) -> pathlib.Path:
         """Write the model folder `from_pretrained` reads."""
-        import os
-        from editx_jax.checkpoint import save_params
+        from editx_jax.checkpoint import save_llm
 
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_params(folder / "llm", self.llm_params, to_dict(self.config.llm), {"component": "llm"})
+        save_llm(folder / "llm", jax.tree_util.tree_map(np.asarray, self.llm_params), self.config.llm)
         self.audio_tokenizer.save(folder / "audio_tokenizer")
         self.decoder.save(folder / "decoder")
         (folder / "tokenizer.model").write_bytes(self.text_tokenizer.model_bytes)
-        tmp = folder / ".config.json.tmp"
-        tmp.write_text(json.dumps(to_dict(self.config), indent=1))
-        os.replace(tmp, folder / "config.json")
+        write_settings(folder, self.config)
         return folder
 
     # ------------------------------------------------------------------ the public API
@@ -168,7 +173,7 @@ class EditX:
         if n_iter < 1:
             raise EditXError(f"n_iter must be >= 1, got {n_iter}")
         for r in requests:
-            self._validate(r)
+            validate_request(r)
             if r.edit_type == "clone" and n_iter != 1:
                 raise EditXError("clone runs once; n_iter is for edits")
         timings = {"tokenize": 0.0, "generate": 0.0, "decode": 0.0}
@@ -177,7 +182,10 @@ class EditX:
         first_prompt = None
         stray = 0
         for round_ in range(n_iter):
-            key, k_gen, k_flow, k_voc = jax.random.split(key, 4)
+            key, k_flow, k_voc = jax.random.split(key, 3)
+            # one sampling key per request, from its own seed: a batch samples each request as alone
+            row_keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(seed if r.seed is None else r.seed), round_)
+                                        for r in requests])
             t = time.perf_counter()
             tokens = self.audio_tokenizer.tokenize([w for w, _ in waves], [sr for _, sr in waves])
             features = [self.decoder.prompt_features(w, sr) for w, sr in waves]
@@ -202,7 +210,7 @@ class EditX:
             timings["tokenize"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            gen = self._generate(prompt_ids, k_gen)
+            gen = self._generate(prompt_ids, row_keys)
             timings["generate"] += time.perf_counter() - t
 
             t = time.perf_counter()
@@ -222,23 +230,10 @@ class EditX:
                           "generated_tokens": [len(g) for g in gen_ids], "rounds": n_iter}
         return [(w.astype(np.float32), sr) for w, sr in waves]
 
-    def _generate(self, prompt_ids: list[list[int]], key) -> list[list[int]]:
+    def _generate(self, prompt_ids: list[list[int]], row_keys) -> list[list[int]]:
         from editx_jax.generate.decode import generate
-        return generate(self.llm_params, self.config.llm, self.config.generation, prompt_ids, key=key).tokens
-
-    def _validate(self, r: Request) -> None:
-        from editx_jax.text import prompts
-
-        if r.edit_type == "clone":
-            if not (r.audio_text or "").strip():
-                raise EditXError("clone needs the prompt audio's transcript (prompt text)")
-            if not (r.new_text or "").strip():
-                raise EditXError("clone needs the text to speak")
-            return
-        try:
-            prompts.edit_instruction(r.edit_type, r.edit_info, r.audio_text, r.new_text)
-        except prompts.EditError as e:
-            raise EditXError(str(e)) from None
+        return generate(self.llm_params, self.config.llm, self.config.generation, prompt_ids,
+                        row_keys=row_keys).tokens
 
     def _load(self, r: Request) -> tuple[np.ndarray, int]:
         """Mono, 0.6 peak cap (`preprocess_prompt_wav`), the length limit."""
@@ -259,6 +254,31 @@ class EditX:
         except AudioError as e:
             raise EditXError(str(e)) from None
         return wave, sr
+
+
+def validate_request(r: Request) -> None:
+    """Check the edit type, value and texts before any model work (EditXError, one line)."""
+    from editx_jax.text import prompts
+
+    if r.edit_type == "clone":
+        if not (r.audio_text or "").strip():
+            raise EditXError("clone needs the prompt audio's transcript (prompt text)")
+        if not (r.new_text or "").strip():
+            raise EditXError("clone needs the text to speak")
+        return
+    try:
+        prompts.edit_instruction(r.edit_type, r.edit_info, r.audio_text, r.new_text)
+    except prompts.EditError as e:
+        raise EditXError(str(e)) from None
+
+
+def write_settings(folder, config: Config) -> None:
+    """config.json of a model folder: the pipeline sections; model sizes live with each part."""
+    import os
+    settings = {"generation": to_dict(config.generation), "editx": to_dict(config.editx)}
+    tmp = pathlib.Path(folder) / ".config.json.tmp"
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, pathlib.Path(folder) / "config.json")
 
 
 def write_wav(path, wave: np.ndarray, sample_rate: int = OUTPUT_SAMPLE_RATE) -> pathlib.Path:

@@ -89,7 +89,8 @@ def main(argv=None):
     c_prefill = prefill.lower(params, cfg, tokens, positions, llm.init_cache(cfg, b, cache_len)).compile()
     t_compile_prefill = time.perf_counter() - t
     last, cache = c_prefill(params, tokens, positions, llm.init_cache(cfg, b, cache_len))
-    decode_args = (params, cfg, gen, cache, last, recent, lengths, budget, jax.random.key(1), p, n)
+    row_keys = jax.random.split(jax.random.key(1), b)
+    decode_args = (params, cfg, gen, cache, last, recent, lengths, budget, row_keys, p, n)
     t = time.perf_counter()
     c_decode = decode.lower(*decode_args, room=cache_len - p).compile()
     t_compile_decode = time.perf_counter() - t
@@ -103,7 +104,7 @@ def main(argv=None):
         jax.block_until_ready(last)
         prefill_times.append(time.perf_counter() - t)
         t = time.perf_counter()
-        out, count, _, steps, cache = c_decode(params, cache, last, recent, lengths, budget, jax.random.key(1), p, n)
+        out, count, _, steps, cache = c_decode(params, cache, last, recent, lengths, budget, row_keys, p, n)
         jax.block_until_ready(out)
         decode_times.append(time.perf_counter() - t)
     steps = int(steps)

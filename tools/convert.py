@@ -4,6 +4,7 @@
     python tools/convert.py export-llm CKPT DST [--dtype bfloat16|float32]
     python tools/convert.py decoder CosyVoice-300M-25Hz/ DST [--bigvgan CKPT]
     python tools/convert.py tokenizer Step-Audio-Tokenizer/ DST
+    python tools/convert.py editx Step-Audio-EditX/ DST --tokenizer Step-Audio-Tokenizer/
 
 Each subcommand is one entry of SUBCOMMANDS: name -> (function, help). The function is called as
 `function(src, dst, progress=..., [dtype=...])` and returns a summary dict that is printed as JSON.
@@ -37,6 +38,11 @@ def _tokenizer(src, dst, progress=True, dtype=None):
     return convert_tokenizer(src, dst, progress=progress, dtype=dtype)
 
 
+def _editx(src, dst, progress=True, dtype=None, tokenizer=None):
+    from editx_jax.convert.editx import convert_editx
+    return convert_editx(src, dst, tokenizer, progress=progress, dtype=dtype)
+
+
 SUBCOMMANDS = {
     "llm": (_llm, "released Step1 LLM folder (config.json + model*.safetensors) -> checkpoint folder "
                   "(default dtype bfloat16)"),
@@ -46,10 +52,14 @@ SUBCOMMANDS = {
                           "cosyvoice.yaml) -> one decoder checkpoint folder (float32)"),
     "tokenizer": (_tokenizer, "released Step-Audio-Tokenizer/ folder (FunASR Paraformer, linguistic_tokenizer.npy, "
                               "speech_tokenizer_v1.onnx) -> one audio tokenizer checkpoint folder (float32)"),
+    "editx": (_editx, "released Step-Audio-EditX/ (with CosyVoice-300M-25Hz/) and --tokenizer Step-Audio-Tokenizer/ "
+                      "-> one model folder for infer.py / EditX.from_pretrained (LLM in bfloat16 by default)"),
 }
 
 # Options only some subcommands take: name -> [(flag, argparse kwargs)]. Passed as keyword arguments.
 EXTRA_OPTIONS = {
+    "editx": [("--tokenizer", {"metavar": "DIR", "default": None,
+                               "help": "the released Step-Audio-Tokenizer/ folder"})],
     "decoder": [("--bigvgan", {"metavar": "CKPT", "default": None,
                                "help": "a BigVGAN state dict to use as the vocoder instead of hift.pt"})],
 }
@@ -80,7 +90,7 @@ def main(argv=None) -> int:
         extra = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
                  for flag, _ in EXTRA_OPTIONS.get(args.command, [])}
         summary = function(args.src, args.dst, progress=not args.quiet, dtype=args.dtype, **extra)
-    except (ConversionError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConversionError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return 1

@@ -65,12 +65,13 @@ def prefill(params, cfg: LLMConfig, tokens, positions, cache):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "room", "return_logits"),
                    donate_argnames=("cache",))
-def decode(params, cfg: LLMConfig, gen: GenerationConfig, cache, last_logits, recent, lengths, budget, key,
+def decode(params, cfg: LLMConfig, gen: GenerationConfig, cache, last_logits, recent, lengths, budget, row_keys,
            start, max_steps, room: int, return_logits: bool = False):
     """Sample up to `max_steps` (<= room, the static buffer size) tokens per row, feeding each back through the cache.
 
     last_logits [B, V]: the prefill's next-token logits; recent [B, W]: the last ids of each row;
     lengths [B]: ids each row holds; budget [B]: how many new tokens each row may take;
+    row_keys [B]: one PRNG key per row, folded with the step number (a row samples as it would alone);
     start: the cache column of the first new token. Returns tokens [B, max_steps] (EOS-padded after
     a row stops), the number of new tokens per row, optional logits [B, room, V], steps run, and the cache.
     """
@@ -79,16 +80,16 @@ def decode(params, cfg: LLMConfig, gen: GenerationConfig, cache, last_logits, re
     out = jnp.full((batch, room), cfg.eos_id, jnp.int32)
     logit_buf = jnp.zeros((batch, room if return_logits else 0, last_logits.shape[-1]), jnp.float32)
     state = dict(step=jnp.int32(0), cache=cache, logits=last_logits, recent=recent, lengths=lengths,
-                 done=budget <= 0, count=jnp.zeros((batch,), jnp.int32), out=out, logit_buf=logit_buf, key=key)
+                 done=budget <= 0, count=jnp.zeros((batch,), jnp.int32), out=out, logit_buf=logit_buf)
 
     def cond(s):
         return (s["step"] < max_steps) & ~jnp.all(s["done"])
 
     def body(s):
-        key, sub = jax.random.split(s["key"])
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, s["step"])
         if return_logits:
             s["logit_buf"] = jax.lax.dynamic_update_slice_in_dim(s["logit_buf"], s["logits"][:, None], s["step"], 1)
-        token = sample(s["logits"], sub, gen, s["recent"], s["lengths"])
+        token = sample(s["logits"], step_keys, gen, s["recent"], s["lengths"])
         token = jnp.where(s["done"], cfg.eos_id, token)
         active = ~s["done"]
         count = s["count"] + active
@@ -102,7 +103,7 @@ def decode(params, cfg: LLMConfig, gen: GenerationConfig, cache, last_logits, re
         logits, cache = model.apply({"params": params}, token[:, None], position, cache=s["cache"],
                                     cache_index=start + s["step"])
         return dict(step=s["step"] + 1, cache=cache, logits=logits[:, -1].astype(jnp.float32), recent=recent,
-                    lengths=lengths, done=done, count=count, out=out, logit_buf=s["logit_buf"], key=key)
+                    lengths=lengths, done=done, count=count, out=out, logit_buf=s["logit_buf"])
 
     s = jax.lax.while_loop(cond, body, state)
     # The cache is returned so that the donated input buffer becomes the output (no copy).
@@ -110,11 +111,13 @@ def decode(params, cfg: LLMConfig, gen: GenerationConfig, cache, last_logits, re
 
 
 def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Sequence[int]], key=None,
-             return_logits: bool = False, mesh=None) -> GenerateOutput:
+             return_logits: bool = False, mesh=None, row_keys=None) -> GenerateOutput:
     """Generate for a batch of prompts (lists of ids).
 
-    Under greedy decoding each row's tokens equal that prompt's tokens alone; when sampling, a row's
-    draws depend on the key and its row index. With `mesh`, the KV cache and the batch are sharded
+    Each row's tokens equal that prompt's tokens alone: greedy trivially, and sampling because every
+    row draws from its own key (`row_keys` [B]; by default `fold_in(key, row)`, so a prompt alone
+    with `row_keys=[k]` reproduces its row exactly when given the same k). With `mesh`, the KV cache
+    and the batch are sharded
     by the LLM rules (the batch must divide over data x fsdp); params should already be placed.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -127,6 +130,10 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
         raise PromptTooLongError(f"prompt of {longest} tokens leaves no room for new tokens "
                                  f"(max_length {gen.max_length}, model max_seq_len {cfg.max_seq_len})")
     key = jax.random.key(0) if key is None else key
+    if row_keys is None:
+        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(len(prompts)))
+    elif len(row_keys) != len(prompts):
+        raise ValueError(f"{len(row_keys)} row keys for {len(prompts)} prompts")
     prompt_len = bucket(longest, gen.min_prompt_bucket)
     max_steps = min(gen.max_new_tokens, limit - min(len(p) for p in prompts))
     cache_len = bucket(prompt_len + max_steps, gen.min_prompt_bucket)  # both bucketed: few compiles
@@ -146,7 +153,7 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
         tokens, positions = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (tokens, positions))
     last_logits, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache)
     out, count, logit_buf, steps, _ = decode(params, cfg, gen, cache, last_logits, jnp.asarray(recent),
-                                          jnp.asarray(lengths), jnp.asarray(budget), key, prompt_len,
+                                          jnp.asarray(lengths), jnp.asarray(budget), row_keys, prompt_len,
                                           max_steps, room=cache_len - prompt_len, return_logits=return_logits)
     out, count = np.asarray(out), np.asarray(count)
     rows = [list(map(int, out[i, :count[i]])) for i in range(len(prompts))]

@@ -53,7 +53,11 @@ def top_p_filter(logits, p: float):
 
 
 def sample(logits, key, gen: GenerationConfig, recent=None, seen=None):
-    """Next ids [B] from logits [B, V] under `gen` (a static, hashable config)."""
+    """Next ids [B] from logits [B, V] under `gen` (a static, hashable config).
+
+    key: one PRNG key for the batch, or one per row ([B] keys), which makes a row's draw
+    independent of the other rows (a batch then samples each row exactly as alone).
+    """
     logits = logits.astype(jnp.float32)
     if gen.repetition_window and recent is not None:
         logits = ban_repeats(logits, recent, seen, gen.repetition_window, gen.repetition_ratio)
@@ -62,4 +66,6 @@ def sample(logits, key, gen: GenerationConfig, recent=None, seen=None):
     logits = logits / gen.temperature
     logits = top_k_filter(logits, gen.top_k)
     logits = top_p_filter(logits, gen.top_p)
+    if key.ndim == 1:
+        return jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, logits).astype(jnp.int32)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

@@ -1,0 +1,117 @@
+"""End to end on tiny random weights (configs/tiny.yaml): wav in, wav out, through the CLI too."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import AUDIO, ROOT
+from editx_jax.config import load_config
+from editx_jax.pipeline import EditX, EditXError, Request
+
+CLIP = str(AUDIO / "speed_prompt.wav")  # 24 kHz
+CLIP16 = str(AUDIO / "espeak_en_16k_a.wav")
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["generation.max_new_tokens=24", "generation.min_prompt_bucket=256"])
+    return EditX.random(cfg, seed=0)
+
+
+def expected_samples(n_tokens: int) -> int:
+    return 2880 * math.ceil(n_tokens / 5)  # 5 tokens = 3 flow frames = 6 mel frames = 2880 samples
+
+
+def test_edit_rate_and_duration_follow_the_tokens(model):
+    wave, sr = model.edit(CLIP, "the weather is nice today", "emotion", "happy", seed=1)
+    assert sr == 24000 and wave.dtype == np.float32 and np.all(np.isfinite(wave))
+    n = model.last_info["generated_tokens"][0]
+    assert len(wave) == expected_samples(n) and n > 0
+
+
+def test_seeds(model):
+    a, _ = model.edit(CLIP16, "hello", "style", "whisper", seed=3)
+    b, _ = model.edit(CLIP16, "hello", "style", "whisper", seed=3)
+    c, _ = model.edit(CLIP16, "hello", "style", "whisper", seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape != c.shape or not np.array_equal(a, c)
+
+
+def test_batch_gives_each_request_as_alone(model):
+    requests = [Request(CLIP, "the weather is nice today", "speed", "faster", seed=5),
+                Request(CLIP16, "hello there", "paralinguistic", new_text="hello [Laughter] there", seed=6),
+                Request(CLIP16, "hello there", "clone", new_text="a new sentence to say", seed=7)]
+    batch = model.edit_batch(requests)
+    for req, (wave, sr) in zip(requests, batch):
+        alone, _ = model.run([req])[0]
+        assert sr == 24000
+        np.testing.assert_allclose(wave, alone, atol=2e-5)
+
+
+def test_iterative_edit_and_kept_prompt_features(model):
+    wave, _ = model.edit(CLIP, "the weather is nice today", "emotion", "sad", n_iter=2, seed=2)
+    assert model.last_info["rounds"] == 2 and len(wave) == expected_samples(model.last_info["generated_tokens"][0])
+
+
+def test_clone(model):
+    wave, sr = model.clone(CLIP, "the weather is nice today", "speak this in my voice", seed=1)
+    assert sr == 24000 and len(wave) == expected_samples(model.last_info["generated_tokens"][0])
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(edit_type="emotion", edit_info="ecstatic"), "happy"),  # the error lists the valid values
+    (dict(edit_type="teleport", edit_info=None), "emotion"),
+    (dict(edit_type="paralinguistic", edit_info=None), "new"),
+])
+def test_bad_edits(model, kwargs, needle):
+    with pytest.raises(EditXError, match=needle):
+        model.edit(CLIP, "text", **kwargs)
+
+
+def test_bad_audio_and_limits(model, tmp_path):
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    with pytest.raises(EditXError):
+        model.edit(str(empty), "t", "emotion", "happy")
+    with pytest.raises(EditXError, match="limit"):
+        model.edit(np.zeros(24000 * 61, np.float32), "t", "emotion", "happy", sample_rate=24000)
+    with pytest.raises(EditXError, match="transcript"):
+        model.clone(CLIP, "", "target")
+
+
+def test_model_folder_round_trip(model, tmp_path):
+    folder = model.save(tmp_path / "model")
+    again = EditX.from_pretrained(folder)
+    a, _ = model.edit(CLIP16, "hello", "emotion", "angry", seed=9)
+    b, _ = again.edit(CLIP16, "hello", "emotion", "angry", seed=9)
+    np.testing.assert_array_equal(a, b)
+    (folder / "tokenizer.model").unlink()
+    with pytest.raises(EditXError, match="tokenizer.model"):
+        EditX.from_pretrained(folder)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_cli_edit_and_errors(tmp_path):
+    out = tmp_path / "out.wav"
+    tiny = ["--random-tiny", "--set", "generation.max_new_tokens=16"]
+    proc = run_cli("edit", *tiny, "--audio", CLIP16, "--audio-text", "hello", "--edit-type", "emotion",
+                   "--edit-info", "happy", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "tokenize" in proc.stdout and "generate" in proc.stdout and "decode" in proc.stdout
+    info = sf.info(str(out))
+    assert info.samplerate == 24000 and info.frames % 2880 == 0
+    bad = run_cli("edit", *tiny, "--audio", CLIP16, "--audio-text", "hi", "--edit-type", "emotion",
+                  "--edit-info", "ecstatic", "--out", str(tmp_path / "bad.wav"))
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.wav").exists()
+    listing = run_cli("--list-edits")
+    assert listing.returncode == 0 and "whisper" in listing.stdout and "[Laughter]" in listing.stdout
