@@ -1,6 +1,6 @@
 """Random params for a tree of shapes, drawn with numpy (no compile): tests, demos, benchmarks.
 
-Kernels N(0, 1/fan_in) times `kernel_scale`, embeddings N(0, 1), norm scales 1 + N(0, 0.1),
+Each leaf takes the dtype of its abstract leaf. Kernels N(0, 1/fan_in) times `kernel_scale`, embeddings N(0, 1), norm scales 1 + N(0, 0.1),
 everything else N(0, 0.1). Random weights make noise, never speech; these only exercise the code.
 """
 
@@ -23,4 +23,5 @@ def random_params(abstract, seed: int, kernel_scale: float = 1.0) -> dict:
             return rng.normal(size=shape).astype(np.float32)
         return (0.1 * rng.normal(size=shape)).astype(np.float32)
 
-    return jax.tree_util.tree_unflatten(treedef, [draw(path, leaf) for path, leaf in flat])
+    leaves = [draw(path, leaf).astype(leaf.dtype) for path, leaf in flat]  # e.g. bfloat16 LLM params
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -256,6 +256,7 @@ def _stream_decoder(small_decoder, **cfg):
                    small_decoder.vocoder_config, config=t2w)
 
 
+@pytest.mark.slow
 def test_stream_chunking_lengths_and_push_pattern(small_decoder):
     dec = _stream_decoder(small_decoder)
     p_ids, p_mel, emb = prompt()
@@ -440,6 +441,7 @@ def _write_released_folder(root: pathlib.Path, small_decoder) -> dict:
     return {"feat": feat, "emb": emb, "cam_cfg": cam_cfg}
 
 
+@pytest.mark.slow
 def test_convert_decoder_folder(small_decoder, tmp_path):
     made = _write_released_folder(tmp_path / "CosyVoice-300M-25Hz", small_decoder)
     dst = tmp_path / "decoder_ckpt"

@@ -1,0 +1,65 @@
+"""One edit end to end, per stage, with random weights at the released sizes (by default).
+
+    python tools/bench_edit.py [--config configs/step_audio_editx.yaml] [--seconds 5] [--new-tokens N]
+
+Prints seconds per stage (tokenize, generate, decode) and the real-time factor (stage seconds per
+second of output audio) for a warm run, after a first run that compiles. Random weights never stop
+at EOS, so the LLM writes exactly --new-tokens tokens (default: as many as the clip has, about
+41.7 per second, like an edit that keeps the length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from editx_jax.config import add_config_args, load_config  # noqa: E402
+from editx_jax.pipeline import EditX  # noqa: E402
+
+DEMO_CLIP = pathlib.Path(__file__).resolve().parents[1] / "editx_jax" / "assets" / "demo_prompt.wav"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_args(parser, default="configs/step_audio_editx.yaml")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the input clip")
+    parser.add_argument("--new-tokens", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    config = load_config(args.config, args.overrides)
+    n_new = args.new_tokens or int(round(args.seconds * 25 / 3 * 5))  # 41.67 audio tokens per second
+    config = dataclasses.replace(
+        config, llm=dataclasses.replace(config.llm, eos_id=config.llm.vocab_size - 1),
+        generation=dataclasses.replace(config.generation, max_new_tokens=n_new))
+    print(f"device {jax.devices()[0].device_kind}; LLM {config.llm.num_params / 1e9:.2f}B "
+          f"{config.llm.param_dtype}; clip {args.seconds:.1f} s; {n_new} new tokens")
+    t = time.perf_counter()
+    model = EditX.random(config)
+    print(f"random model built in {time.perf_counter() - t:.1f} s")
+
+    import soundfile as sf
+    base, sr = sf.read(DEMO_CLIP, dtype="float32")
+    reps = int(np.ceil(args.seconds * sr / len(base)))
+    clip = np.tile(base, reps)[:int(args.seconds * sr)]
+
+    for label in ("first run (compiles)", "warm run"):
+        t = time.perf_counter()
+        wave, out_sr = model.edit(clip, "the weather is nice today", "emotion", "happy", sample_rate=sr)
+        total = time.perf_counter() - t
+        timings = model.last_info["timings"]
+        out_seconds = len(wave) / out_sr
+        print(f"{label}: total {total:.2f} s for {out_seconds:.2f} s of output (RTF {total / out_seconds:.3f})")
+        for stage, seconds in timings.items():
+            print(f"  {stage:9s} {seconds:8.2f} s   RTF {seconds / out_seconds:.3f}")
+
+
+if __name__ == "__main__":
+    main()
