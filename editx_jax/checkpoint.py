@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from editx_jax.config import ConfigError, LLMConfig, from_dict
+from editx_jax.convert.keymap import flatten, unflatten
 
 FORMAT = "editx-jax checkpoint"
 VERSION = 1
@@ -57,17 +58,6 @@ def _save_checkpointer():
         (np.number, th.get_type_handler(np.number)),
         (int, th.get_type_handler(int)), (float, th.get_type_handler(float)))
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry))
-
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, path))
-        else:
-            out[path] = v
-    return out
 
 
 def _write_json(path: pathlib.Path, data) -> None:
@@ -136,11 +126,11 @@ def read_config(folder: str | pathlib.Path) -> dict:
 def params_metadata(folder: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """'a/b/c' path -> (shape, dtype) of every stored leaf, without reading the arrays."""
     tree = _checkpointer().metadata(pathlib.Path(folder).absolute() / PARAMS_DIR).item_metadata.tree
-    return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in _flatten(tree).items()}
+    return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in flatten(tree).items()}
 
 
 def _check_against(stored: dict, abstract: Mapping, folder) -> None:
-    want = _flatten(abstract)
+    want = flatten(abstract)
     missing = sorted(set(want) - set(stored))
     extra = sorted(set(stored) - set(want))
     problems = []
@@ -177,7 +167,6 @@ def load_params(folder: str | pathlib.Path, abstract: Mapping | None = None, sha
         target = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract)
     else:
-        from editx_jax.convert.keymap import unflatten
         target = unflatten({p: jax.ShapeDtypeStruct(s, d) for p, (s, d) in stored.items()})
     if shardings is not None:
         if isinstance(shardings, jax.sharding.Sharding):
@@ -199,14 +188,13 @@ def _restore_in_batches(path: pathlib.Path, target: Mapping) -> dict:
     """
     import jax
     import orbax.checkpoint as ocp
-    from editx_jax.convert.keymap import unflatten
 
     def restore_args(x):
         if getattr(x, "sharding", None) is not None:
             return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
         return ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
 
-    flat = _flatten(target)
+    flat = flatten(target)
     batches, current, size = [], [], 0
     for path_, x in flat.items():
         current.append(path_)
@@ -223,7 +211,7 @@ def _restore_in_batches(path: pathlib.Path, target: Mapping) -> dict:
         args = jax.tree_util.tree_map(restore_args, item)
         restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
                                                                    partial_restore=len(batches) > 1))
-        out.update(_flatten(restored))
+        out.update(flatten(restored))
     return unflatten(out)
 
 

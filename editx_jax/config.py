@@ -284,6 +284,11 @@ class Config:
     campplus: "CAMPPlusConfig" = dataclasses.field(default_factory=lambda: _component("campplus"))
     token2wav: "Token2WavConfig" = dataclasses.field(default_factory=lambda: _component("token2wav"))
     editx: "EditXConfig" = dataclasses.field(default_factory=lambda: _component("editx"))
+    # Preference / RL training (issue 7): see the classes at the end of this file.
+    reward: "RewardConfig" = dataclasses.field(default_factory=lambda: RewardConfig())
+    dpo: "DPOConfig" = dataclasses.field(default_factory=lambda: DPOConfig())
+    grpo: "GRPOConfig" = dataclasses.field(default_factory=lambda: GRPOConfig())
+    ppo: "PPOConfig" = dataclasses.field(default_factory=lambda: PPOConfig())
 
 
 COMPONENT_SECTIONS = {
@@ -351,6 +356,11 @@ def _coerce(typ, value, path):
         return _tuples(value)  # YAML lists; tuples keep configs hashable (static jit arguments)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if typ in (int, float, str, bool):
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: expected {typ.__name__}, got {value!r}")
@@ -398,3 +408,100 @@ def add_config_args(parser, default: str | None = None) -> None:
     parser.add_argument("--config", default=default, help="YAML preset (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set llm.num_layers=4 (repeatable)")
+
+
+# ---------------------------------------------------------------- preference / RL training (issue 7)
+
+READOUTS = ("last", "mean")
+DPO_TRUNCATION = ("source_audio", "upstream")
+GRPO_REWARDS = ("token_level_edit", "token_level_edit_corrected", "token_level_consistency", "token_level_follow",
+                "token_level_length", "reward_model")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Bradley-Terry reward model: the LLM trunk + a scalar head (paper; the details are unpublished)."""
+
+    readout: str = "last"  # the score of the last response token, or "mean" over response tokens
+    dense: bool = False  # also return the per-token scores (a dense reward / the value model's output)
+    use_margin: bool = False  # subtract the pair's `margin` field inside the sigmoid
+    center_coef: float = 0.0  # + coef * mean((r_c + r_r)^2); TRL suggests 0.01
+
+    def __post_init__(self):
+        _check(self.readout in READOUTS, "reward.readout", f"one of {READOUTS}, got {self.readout!r}")
+        _check(self.center_coef >= 0, "reward.center_coef", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """DPO, upstream's preset (upstream-training.md §3): sigmoid loss, beta 0.1, frozen reference."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    precompute_ref: bool = False  # reference log-probs once before training instead of in every step
+    use_rejected_field: bool = True  # rejected_vq02vq06 when present (ours); false: always the source (upstream)
+    truncation: str = "source_audio"  # cut the source audio tokens (ours) or "upstream": last 512 prompt tokens
+    max_prompt_length: int = 512
+    max_length: int = 1536
+    append_eos: bool = True  # <|EOT|> after chosen and rejected, as TRL appends the tokenizer's EOS
+
+    def __post_init__(self):
+        _check(self.beta > 0, "dpo.beta", "must be > 0")
+        _check(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+        _check(self.truncation in DPO_TRUNCATION, "dpo.truncation", f"one of {DPO_TRUNCATION}")
+        _check(0 < self.max_prompt_length < self.max_length, "dpo.max_prompt_length", "must be in (0, max_length)")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO, upstream's preset (upstream-training.md §4): G = 16, clip 0.2, k3 KL beta 0.1, token mean."""
+
+    group_size: int = 16
+    clip: float = 0.2
+    clip_high: float = 0.2
+    beta: float = 0.1
+    temperature: float = 1.0
+    max_new_tokens: int = 1024
+    iterations: int = 1  # optimizer passes per generation batch (1: pi_old = pi, upstream)
+    rewards: tuple[str, ...] = ("token_level_edit", "token_level_consistency", "token_level_follow", "token_level_length")
+    reward_weights: tuple[float, ...] = ()  # one weight per reward; () = all 1.0
+
+    def __post_init__(self):
+        _check(self.group_size >= 2, "grpo.group_size", f"must be >= 2, got {self.group_size}")
+        _check(0 < self.clip < 1 and self.clip_high > 0, "grpo.clip", "must be in (0, 1)")
+        _check(self.beta >= 0, "grpo.beta", "must be >= 0")
+        _check(self.temperature > 0, "grpo.temperature", "must be > 0")
+        _check(self.max_new_tokens > 0 and self.iterations > 0, "grpo.max_new_tokens", "must be > 0")
+        _check(not self.reward_weights or len(self.reward_weights) == len(self.rewards), "grpo.reward_weights",
+               f"{len(self.reward_weights)} weights for {len(self.rewards)} rewards")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO with a reward model and a critic (paper, partly unverified: clip 0.2, KL beta 0.05, critic
+    warm-up 80 steps). The critic is the reward-model class with a dense head."""
+
+    kl_beta: float = 0.05  # per-token KL penalty folded into the rewards
+    kl_bound: float = 0.0  # > 0: the run reports when the mean KL to the reference exceeds it
+    clip: float = 0.2
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    epochs: int = 4  # passes over each rollout batch
+    minibatches: int = 2  # per epoch
+    critic_warmup: int = 80  # iterations where only the critic learns
+    whiten_advantages: bool = True
+    temperature: float = 1.0
+    max_new_tokens: int = 1024
+    value_init: str = "reward"  # critic from the reward model, or "policy" (trunk + zero head)
+    separate_meshes: bool = False  # roles share the one mesh; true: give each role its own mesh
+
+    def __post_init__(self):
+        _check(self.kl_beta >= 0, "ppo.kl_beta", "must be >= 0")
+        _check(0 < self.clip < 1, "ppo.clip", "must be in (0, 1)")
+        _check(self.value_clip > 0, "ppo.value_clip", "must be > 0")
+        _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma", "gamma in (0, 1], lam in [0, 1]")
+        _check(self.epochs > 0 and self.minibatches > 0, "ppo.epochs", "epochs and minibatches must be > 0")
+        _check(self.critic_warmup >= 0, "ppo.critic_warmup", "must be >= 0")
+        _check(self.value_init in ("reward", "policy"), "ppo.value_init", "'reward' or 'policy'")
+        _check(self.max_new_tokens > 0, "ppo.max_new_tokens", "must be > 0")

@@ -19,7 +19,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
 
 # The LLM: batch over data x fsdp, weights' embed dim over fsdp (ZeRO-3 style), heads / kv heads /
-# MLP / vocab over tensor (Megatron style). The KV cache follows the activations.
+# MLP / the lm_head's vocab over tensor (Megatron style). The KV cache follows the activations.
 LLM_RULES: tuple[tuple[str, object], ...] = (
     ("activation_batch", BATCH),
     ("activation_length", None),
@@ -32,6 +32,9 @@ LLM_RULES: tuple[tuple[str, object], ...] = (
     ("cache_length", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
+    # The embedding table's rows stay whole: a gather from a table split over both of its dims
+    # makes XLA replicate it on every lookup ("involuntary full rematerialization").
+    ("embed_vocab", None),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),

@@ -24,9 +24,10 @@ def import_pypi_s3tokenizer():
     return torch, model
 
 
-def export_s3_onnx(path: pathlib.Path, ref_cfg: dict, seed: int = 1234, frames: int = 301):
+def export_s3_onnx(path: pathlib.Path, ref_cfg: dict, seed: int = 1234, frames: int = 301, mel=None):
     """Export a random PyPI S3Tokenizer (25 Hz v1, `ref_cfg` = its ModelConfig fields) to `path`, as
-    (feats [1, n_mels, T], feats_length int32 [1]) -> indices. Returns the torch state_dict (numpy)."""
+    (feats [1, n_mels, T], feats_length int32 [1]) -> indices, traced on `mel` ([1, n_mels, T] float32;
+    default: seeded noise of `frames` frames). Returns the torch model (eval mode)."""
     torch, model = import_pypi_s3tokenizer()
     torch.manual_seed(seed)
     tok = model.S3Tokenizer("speech_tokenizer_v1_25hz", model.ModelConfig(**ref_cfg)).eval()
@@ -43,7 +44,7 @@ def export_s3_onnx(path: pathlib.Path, ref_cfg: dict, seed: int = 1234, frames: 
             else:
                 p.copy_(torch.randn_like(p) / np.sqrt(np.prod(p.shape[1:])))
 
-    class Exported(torch.nn.Module):
+    class Exported(torch.nn.Module):  # the release's signature: (feats, feats_length) -> codes
         def __init__(self, tok):
             super().__init__()
             self.encoder, self.quantizer = tok.encoder, tok.quantizer
@@ -52,16 +53,18 @@ def export_s3_onnx(path: pathlib.Path, ref_cfg: dict, seed: int = 1234, frames: 
             hidden, _ = self.encoder(mel, mel_len)
             return self.quantizer.encode(hidden)
 
-    mel = torch.from_numpy((np.random.default_rng(seed).standard_normal((1, ref_cfg["n_mels"], frames)) * 0.5)
-                           .astype(np.float32))
-    mel_len = torch.tensor([frames], dtype=torch.int32)
+    if mel is None:
+        mel = (np.random.default_rng(seed).standard_normal((1, ref_cfg["n_mels"], frames)) * 0.5).astype(np.float32)
+    mel = torch.from_numpy(np.asarray(mel, np.float32))
+    mel_len = torch.tensor([mel.shape[-1]], dtype=torch.int32)
     import warnings
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(Exported(tok).eval(), (mel, mel_len), str(path), input_names=["feats", "feats_length"],
-                          output_names=["indices"], dynamic_axes={"feats": {2: "T"}}, opset_version=17,
-                          dynamo=False)
-    return {k: v.numpy() for k, v in tok.state_dict().items()}
+                          output_names=["indices"],
+                          dynamic_axes={"feats": {2: "T"}},  # keeps the full position table + Slice
+                          opset_version=17, dynamo=False)
+    return tok
 
 
 def write_am_mvn(path: pathlib.Path, cmvn: np.ndarray) -> None:

@@ -252,7 +252,7 @@ def test_convert_flow_bad_input(flow_fixture, tmp_path):
         convert_flow(tmp_path / "missing.pt", config)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a pickle")
-    with pytest.raises(ConversionError, match="not a readable torch state_dict"):
+    with pytest.raises(ConversionError, match="not a readable torch checkpoint"):
         convert_flow(junk, config)
     with pytest.raises(ConversionError, match="state_dict"):
         convert_flow([1, 2, 3], config)

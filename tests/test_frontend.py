@@ -62,7 +62,7 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="fbank.lfr_m"):
         FbankConfig(lfr_m=0)
     with pytest.raises(ConfigError, match="fbank.window"):
-        FbankConfig(window="povey")
+        FbankConfig(window="blackman")
     with pytest.raises(ConfigError, match="unknown"):
         FbankConfig.from_reference({"fs": 16000, "bogus": 1})
 

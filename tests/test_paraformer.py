@@ -1,11 +1,11 @@
 """vq02 encoder (SANM streaming chunk mode), its converter and the k-means assignment."""
 
 import json
-import pathlib
 
 import numpy as np
 import pytest
 from conftest import FIXTURES, fixture_dirs
+from reference_models import write_am_mvn
 
 from editx_jax.config import ConfigError
 from editx_jax.convert.keymap import ConversionError
@@ -183,13 +183,6 @@ def test_released_config_constants():
 # ------------------------------------------------------------------ converter: a fake FunASR folder
 
 
-def _write_am_mvn(path: pathlib.Path, cmvn: np.ndarray):
-    d = cmvn.shape[1]
-    fmt = lambda v: " ".join(f"{x:.9g}" for x in v)  # noqa: E731
-    path.write_text(f"<Nnet>\n<Splice> {d} {d}\n[ 0 ]\n<AddShift> {d} {d}\n<LearnRateCoef> 0 [ {fmt(cmvn[0])} ]\n"
-                    f"<Rescale> {d} {d}\n<LearnRateCoef> 0 [ {fmt(cmvn[1])} ]\n</Nnet>\n")
-
-
 def _fake_tokenizer_root(tmp_path, extra=None, drop=None):
     import torch
     import yaml
@@ -208,7 +201,7 @@ def _fake_tokenizer_root(tmp_path, extra=None, drop=None):
     conf = {k: fx.config[k] for k in ("encoder", "encoder_conf", "input_size", "frontend", "frontend_conf")}
     conf["model"] = "ParaformerStreaming"
     (folder / "config.yaml").write_text(yaml.safe_dump(conf))
-    _write_am_mvn(folder / "am.mvn", fx.inputs()["cmvn"])
+    write_am_mvn(folder / "am.mvn", fx.inputs()["cmvn"])
     codebook = np.random.default_rng(0).standard_normal((1024, 64)).astype(np.float32)
     np.save(root / "linguistic_tokenizer.npy", codebook)
     return root, fx, codebook
@@ -263,7 +256,7 @@ def test_converter_bad_files(tmp_path):
     with pytest.raises(ConversionError, match="AddShift"):
         convert_paraformer.load_paraformer_dir(folder)
     (folder / "model.pt").write_bytes(b"not a checkpoint")
-    _write_am_mvn(folder / "am.mvn", np.ones((2, 560), np.float32))
+    write_am_mvn(folder / "am.mvn", np.ones((2, 560), np.float32))
     with pytest.raises(ConversionError, match="not a readable torch checkpoint"):
         convert_paraformer.load_paraformer_dir(folder)
     (folder / "config.yaml").unlink()

@@ -1,12 +1,11 @@
 """The vq06 stream: S3 tokenizer v1 25 Hz encoder + VQ, its 30 s chunking and its converters."""
 
 import dataclasses
-import sys
-import types
 
 import numpy as np
 import pytest
 from conftest import fixture_dirs
+from reference_models import export_s3_onnx
 
 from editx_jax.config import ConfigError
 from editx_jax.convert.keymap import ConversionError
@@ -172,55 +171,17 @@ def test_onnx_bad_files(tmp_path):
         from_onnx(junk, SMALL)
 
 
-def _import_pypi_s3tokenizer():
-    torch = pytest.importorskip("torch")
-    try:
-        import torchaudio  # noqa: F401
-    except ImportError:  # s3tokenizer.utils imports it only for load_audio, which is not used here
-        sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
-    model = pytest.importorskip("s3tokenizer.model")
-    return torch, model
-
-
 @pytest.fixture(scope="module")
 def exported_onnx(tmp_path_factory):
     """A small random PyPI S3Tokenizer (25 Hz v1), exported to ONNX with the legacy exporter."""
-    torch, model = _import_pypi_s3tokenizer()
-    torch.manual_seed(1234)
+    import torch
     ref_cfg = dict(n_mels=128, n_audio_ctx=128, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
                    n_codebook_size=256)
-    tok = model.S3Tokenizer("speech_tokenizer_v1_25hz", model.ModelConfig(**ref_cfg)).eval()
-    with torch.no_grad():  # non-trivial values everywhere, so no two initializers are equal
-        for name, p in list(tok.named_parameters()) + list(tok.named_buffers()):
-            if name.endswith("positional_embedding"):
-                continue
-            if name.endswith("_ln.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif name.endswith("embed"):
-                p.copy_(torch.randn_like(p) * (0.05 + 0.1 * torch.rand(p.shape[0], 1)))
-            else:
-                p.copy_(torch.randn_like(p) / np.sqrt(np.prod(p.shape[1:])))
-
-    class Exported(torch.nn.Module):  # (feats [1,128,T], feats_length int32 [1]) -> codes, like the release
-        def __init__(self, tok):
-            super().__init__()
-            self.encoder, self.quantizer = tok.encoder, tok.quantizer
-
-        def forward(self, mel, mel_len):
-            hidden, _ = self.encoder(mel, mel_len)
-            return self.quantizer.encode(hidden)
-
-    rng = np.random.default_rng(7)
-    mel = (rng.standard_normal((1, 128, 301)) * 0.5).astype(np.float32)
+    mel = (np.random.default_rng(7).standard_normal((1, 128, 301)) * 0.5).astype(np.float32)
     mel_len = np.array([301], np.int32)
     path = tmp_path_factory.mktemp("s3onnx") / "speech_tokenizer_small.onnx"
+    tok = export_s3_onnx(path, ref_cfg, seed=1234, mel=mel)
     with torch.no_grad():
-        torch.onnx.export(Exported(tok).eval(), (torch.from_numpy(mel), torch.from_numpy(mel_len)), str(path),
-                          input_names=["feats", "feats_length"], output_names=["indices"],
-                          dynamic_axes={"feats": {2: "T"}},  # keeps the full position table + Slice
-                          opset_version=17, dynamo=False)
         want = tok.quantize(torch.from_numpy(mel), torch.from_numpy(mel_len))[0].numpy()
     state = {k: v.numpy() for k, v in tok.state_dict().items()}
     config = S3TokenizerConfig.from_reference(ref_cfg)

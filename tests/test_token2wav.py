@@ -22,6 +22,7 @@ from editx_jax.decoder.token2wav import (Decoder, Token2WavConfig, Token2WavErro
                                          reshape_values)
 from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
 from editx_jax.parity import Fixture, compare
+from editx_jax.random_init import random_params
 from editx_jax.tokenizer.codebook import AudioTokenError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,27 +40,6 @@ def small_flow_config(depth: int = 2) -> flow_mod.FlowConfig:
 
 
 SMALL_HIFT = hift_mod.HiFTConfig(base_channels=16, f0_cond_channels=16)
-
-
-def random_params(abstract, seed: int, kernel_scale: float = 1.0) -> dict:
-    """Random float32 params from a tree of shapes (no jit compile; the modules' own init is slow on a
-    loaded CPU): kernels N(0, 1/in), embeddings N(0, 1), norm scales 1 + N(0, 0.1), everything else N(0, 0.1)."""
-    rng = np.random.default_rng(seed)
-    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-
-    def draw(path, leaf):
-        name = str(path[-1].key) if hasattr(path[-1], "key") else ""
-        shape = tuple(leaf.shape)
-        if name == "scale":
-            return (1 + 0.1 * rng.normal(size=shape)).astype(np.float32)
-        if name == "kernel":  # [.., in, out]: scaled by the input width
-            return (kernel_scale * rng.normal(size=shape) / np.sqrt(shape[-2])).astype(np.float32)
-        if name == "embedding":
-            return rng.normal(size=shape).astype(np.float32)
-        return (0.1 * rng.normal(size=shape)).astype(np.float32)
-
-    leaves = [draw(path, leaf) for path, leaf in flat]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
 
 
 @pytest.fixture(scope="module")

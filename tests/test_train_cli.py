@@ -49,6 +49,7 @@ def test_init_from_checkpoint_and_export(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-2 * np.abs(want).max())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [2]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
 def test_bad_mesh_and_bad_init_from_are_clear_errors(tmp_path, capsys):

@@ -11,7 +11,8 @@ from conftest import fixture_dirs
 from editx_jax.config import ConfigError
 from editx_jax.convert import bigvgan as convert_bigvgan
 from editx_jax.convert import hift as convert_hift
-from editx_jax.convert.keymap import ConversionError
+from editx_jax.convert import sources
+from editx_jax.convert.keymap import ConversionError, DictSource
 from editx_jax.decoder.bigvgan import BigVGANConfig, BigVGANInputError, bigvgan_inference
 from editx_jax.decoder.hift import (HiFTConfig, HiFTInputError, NSFNoise, abstract_params, hift_decode,
                                     hift_inference, istft, stft)
@@ -180,14 +181,14 @@ def test_weight_norm_fold_matches_torch(kind):
     sd = {k: v.detach().numpy() for k, v in conv.state_dict().items()}
     g, v = sd["parametrizations.weight.original0"], sd["parametrizations.weight.original1"]
     want = conv.weight.detach().numpy()
-    np.testing.assert_allclose(convert_hift.fold_weight_norm(g, v), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sources.fold_weight_norm(g, v), want, rtol=1e-6, atol=1e-7)
     # the source view exposes the pair as one `weight`, for the old API's names too
     old_style = {"m.weight_g": g, "m.weight_v": v, "m.bias": sd["bias"]}
-    src = convert_hift.WeightNormSource(convert_hift.DictSource(old_style))
+    src = sources.WeightNormSource(DictSource(old_style))
     assert sorted(src.names()) == ["m.bias", "m.weight"]
     np.testing.assert_allclose(src.get("m.weight"), want, rtol=1e-6, atol=1e-7)
-    g2, v2 = convert_hift.unfold_weight_norm(want)
-    np.testing.assert_allclose(convert_hift.fold_weight_norm(g2, v2), want, rtol=1e-6, atol=1e-7)
+    g2, v2 = sources.unfold_weight_norm(want)
+    np.testing.assert_allclose(sources.fold_weight_norm(g2, v2), want, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------- converters

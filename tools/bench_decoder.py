@@ -14,35 +14,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import pathlib
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
-def random_params(abstract, seed: int, kernel_scale: float = 1.0):
-    rng = np.random.default_rng(seed)
-    flat, tree = jax.tree_util.tree_flatten_with_path(abstract)
-
-    def draw(path, leaf):
-        name = str(getattr(path[-1], "key", ""))
-        shape = tuple(leaf.shape)
-        if name == "scale":
-            return (1 + 0.1 * rng.standard_normal(shape, np.float32)).astype(np.float32)
-        if name == "kernel":
-            return (kernel_scale * rng.standard_normal(shape, np.float32) / np.sqrt(shape[-2])).astype(np.float32)
-        if name == "embedding":
-            return rng.standard_normal(shape, np.float32)
-        return 0.1 * rng.standard_normal(shape, np.float32)
-
-    return jax.tree_util.tree_unflatten(tree, [draw(p, leaf) for p, leaf in flat])
-
-
-def timed(fn, *args):
-    t = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return out, time.perf_counter() - t
+from editx_jax.benchmarking import peak_memory_bytes, timed  # noqa: E402
+from editx_jax.random_init import random_params  # noqa: E402
 
 
 def main(argv=None):
@@ -109,6 +92,8 @@ def main(argv=None):
             print(f"{seconds:5.1f} s  batch {batch:2d}  first call {compile_s:7.1f} s | encoder {best[0]:7.2f} s  "
                   f"ODE {best[1]:7.2f} s  vocoder {best[2]:7.2f} s  total {sum(best):7.2f} s  "
                   f"RTF {sum(best) / audio:6.3f}", flush=True)
+    kind, peak = peak_memory_bytes()
+    print(f"{kind}: {peak / 2**30:.2f} GiB")
     return rows
 
 

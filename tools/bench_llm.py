@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import resource
 import sys
 import time
 
@@ -23,40 +22,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from editx_jax.benchmarking import copy_bandwidth, peak_memory_bytes, timed, tree_bytes  # noqa: E402
 from editx_jax.config import add_config_args, load_config  # noqa: E402
 from editx_jax.generate.decode import bucket, decode, prefill  # noqa: E402
 from editx_jax.models import llm  # noqa: E402
-
-
-def tree_bytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
-
-
-def copy_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
-    """Bytes/s of a device-side in-place copy (one read + one write per byte; the buffer is
-    donated, so no fresh allocation is timed)."""
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
-    x = copy(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x = copy(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n_bytes / best
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def peak_memory_bytes() -> tuple[str, int]:
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return "device peak", int(stats["peak_bytes_in_use"])
-    return "host peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main(argv=None):
@@ -97,20 +66,16 @@ def main(argv=None):
 
     prefill_times, decode_times = [], []
     for _ in range(args.repeats):
-        fresh = llm.init_cache(cfg, b, cache_len)
-        jax.block_until_ready(fresh)
-        t = time.perf_counter()
-        last, cache = c_prefill(params, tokens, positions, fresh)
-        jax.block_until_ready(last)
-        prefill_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        out, count, _, steps, cache = c_decode(params, cache, last, recent, lengths, budget, row_keys, p, n)
-        jax.block_until_ready(out)
-        decode_times.append(time.perf_counter() - t)
+        fresh = jax.block_until_ready(llm.init_cache(cfg, b, cache_len))
+        (last, cache), seconds = timed(c_prefill, params, tokens, positions, fresh)
+        prefill_times.append(seconds)
+        (out, count, _, steps, cache), seconds = timed(c_decode, params, cache, last, recent, lengths, budget,
+                                                       row_keys, p, n)
+        decode_times.append(seconds)
     steps = int(steps)
     t_prefill, t_decode = min(prefill_times), min(decode_times)
 
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(1 << 28)
     # Every weight is read once per step except the embedding table, of which one row per sequence is.
     embedding = params["embed"]["embedding"]
     bytes_per_step = (tree_bytes(params) - embedding.nbytes + b * embedding[0].nbytes

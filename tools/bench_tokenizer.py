@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import resource
 import sys
 import time
 
@@ -32,36 +31,6 @@ def default_files() -> list[pathlib.Path]:
     if not files:
         raise SystemExit(f"no 5-10 s wav files in {audio}; pass FILES")
     return files
-
-
-def gemm_flops(n: int = 1024, repeats: int = 10) -> float:
-    """FLOP/s of a float32 n x n x n matmul on this machine (best of `repeats`)."""
-    import jax
-    import jax.numpy as jnp
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
-    mm = jax.jit(lambda x, y: x @ y)
-    mm(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        mm(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
-def copy_bandwidth(n_bytes: int = 1 << 27, repeats: int = 5) -> float:
-    """Bytes/s of a device-side in-place copy (one read + one write per byte)."""
-    import jax
-    import jax.numpy as jnp
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
-    x = copy(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x = copy(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n_bytes / best
 
 
 def vq02_flops(cfg, chunk_lens) -> float:
@@ -131,6 +100,7 @@ def main(argv=None) -> int:
     import jax
     import soundfile as sf
 
+    from editx_jax.benchmarking import copy_bandwidth, matmul_flops, peak_memory_bytes
     from editx_jax.tokenizer.pipeline import AudioTokenizer, AudioTokenizerConfig
 
     files = args.files or default_files()
@@ -141,7 +111,7 @@ def main(argv=None) -> int:
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  sizes: "
           f"{'tiny' if args.tiny else 'released'} ({n_params / 1e6:.1f}M params, random)  "
           f"init: {time.perf_counter() - t:.1f} s")
-    peak = gemm_flops()
+    peak = matmul_flops()
     print(f"machine: float32 GEMM {peak / 1e9:.0f} GFLOP/s, copy bandwidth {copy_bandwidth() / 1e9:.1f} GB/s "
           f"(measured now; other load on the machine lowers both)")
     durations = {f: sf.info(str(f)).duration for f in files}
@@ -159,8 +129,8 @@ def main(argv=None) -> int:
               f"{best['vq02'] / audio_seconds:>6.3f} {best['vq06'] / audio_seconds:>6.3f} "
               f"{100 * best['vq02_flops'] / best['vq02'] / peak:>6.0f}% "
               f"{100 * best['vq06_flops'] / best['vq06'] / peak:>6.0f}%", flush=True)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak host memory: {rss:.0f} MiB")
+    kind, peak_bytes = peak_memory_bytes()
+    print(f"{kind}: {peak_bytes / 2**20:.0f} MiB")
     print("RTF = wall / audio time (RTF02 / RTF06: each stream's stage incl. its front end); %GEMM: the "
           "stream's useful FLOP/s as a share of the measured GEMM FLOP/s (performance.md targets: "
           "vq02 RTF <= 0.11, vq06 RTF <= 0.036 on 10 s at batch 1, 2 idle vCPUs)")

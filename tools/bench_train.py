@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 MID = ["llm.vocab_size=74752", "llm.hidden_size=512", "llm.intermediate_size=1408", "llm.num_heads=8",
        "llm.num_groups=2", "llm.num_layers=4"]
@@ -35,6 +34,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from editx_jax import sharding
+    from editx_jax.benchmarking import peak_memory_bytes, timed
     from editx_jax.config import ConfigError, load_config
     from editx_jax.data.pipeline import to_global
     from editx_jax.train import sft
@@ -64,16 +64,11 @@ def main(argv=None) -> int:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", 0.0)) * len(mesh.devices.flat)  # cost analysis is per device
     flops = sft.model_flops_per_token(cfg.llm, args.seq) * args.batch * args.seq
-    t0 = time.perf_counter()
-    state, m = step(state, gbatch)
-    jax.block_until_ready(m)
-    first = time.perf_counter() - t0
+    (state, m), first = timed(step, state, gbatch)
     times = []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, m = step(state, gbatch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+        (state, m), seconds = timed(step, state, gbatch)
+        times.append(seconds)
     dt = float(np.median(times))
     tokens = args.batch * args.seq
     n_params = cfg.llm.num_params
@@ -85,6 +80,8 @@ def main(argv=None) -> int:
           f"{xla_flops:.4g} (one layer of one micro-batch: loop bodies count once)")
     if args.peak_tflops:
         print(f"MFU {flops / dt / (len(mesh.devices.flat) * args.peak_tflops * 1e12) * 100:.1f} %")
+    kind, peak = peak_memory_bytes()
+    print(f"{kind}: {peak / 2**30:.2f} GiB")
     return 0
 
 

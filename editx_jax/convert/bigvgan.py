@@ -2,7 +2,7 @@
 the same key names and shapes.
 
 Weight norm (old `weight_g`/`weight_v`, or the parametrizations kind) is folded by
-`WeightNormSource` (see convert/hift.py). The anti-alias filter buffers
+`WeightNormSource` (editx_jax/convert/sources.py). The anti-alias filter buffers
 (`*.upsample.filter`, `*.downsample.lowpass.filter`) are not params: our activation computes the
 Kaiser-sinc filter itself, so the converter checks each stored buffer against it (a mismatch means
 a different filter design, which the model would silently ignore) and consumes it.
@@ -15,8 +15,9 @@ from typing import Mapping
 
 import numpy as np
 
-from editx_jax.convert.hift import WeightNormSource, _float32, checkpoint_source
-from editx_jax.convert.keymap import ConversionError, DictSource, Rule, TensorSource, convert
+from editx_jax.convert.hift import conv_rules
+from editx_jax.convert.keymap import ConversionError, Rule, TensorSource, convert
+from editx_jax.convert.sources import TorchSource, WeightNormSource, checkpoint_source
 from editx_jax.decoder.bigvgan import BigVGANConfig, abstract_params
 from editx_jax.layers.activations import kaiser_sinc_filter
 
@@ -54,13 +55,6 @@ class _WithoutFilters:
         return self.inner.get(name)
 
 
-def _conv(src: str, dst: str, bias: bool = True) -> list[Rule]:
-    rules = [Rule(f"{src}.weight", f"{dst}/kernel", "conv1d")]
-    if bias:
-        rules.append(Rule(f"{src}.bias", f"{dst}/bias"))
-    return rules
-
-
 def _activation(src: str, dst: str, config: BigVGANConfig) -> list[Rule]:
     names = ("alpha", "beta") if config.activation == "snakebeta" else ("alpha",)
     return [Rule(f"{src}.act.{p}", f"{dst}/{p}") for p in names]
@@ -68,20 +62,20 @@ def _activation(src: str, dst: str, config: BigVGANConfig) -> list[Rule]:
 
 def rules(config: BigVGANConfig) -> list[Rule]:
     """torch names (weight norm folded to `<m>.weight`, filters removed) -> our params paths."""
-    out = _conv("conv_pre", "conv_pre") + _conv("conv_post", "conv_post", bias=config.use_bias_at_final)
+    out = conv_rules("conv_pre", "conv_pre") + conv_rules("conv_post", "conv_post", bias=config.use_bias_at_final)
     out += _activation("activation_post", "activation_post", config)
     n_kernels = len(config.resblock_kernel_sizes)
     two = config.resblock == "1"
     for i in range(len(config.upsample_rates)):
-        out += _conv(f"ups.{i}.0", f"ups_{i}")  # [in, out, k] -> [k, out, in] (layers/conv.py)
+        out += conv_rules(f"ups.{i}.0", f"ups_{i}")  # [in, out, k] -> [k, out, in] (layers/conv.py)
         for j, dilations in enumerate(config.resblock_dilation_sizes):
             k = i * n_kernels + j
             for d in range(len(dilations)):
                 if two:
-                    out += _conv(f"resblocks.{k}.convs1.{d}", f"resblocks_{k}/convs1_{d}")
-                    out += _conv(f"resblocks.{k}.convs2.{d}", f"resblocks_{k}/convs2_{d}")
+                    out += conv_rules(f"resblocks.{k}.convs1.{d}", f"resblocks_{k}/convs1_{d}")
+                    out += conv_rules(f"resblocks.{k}.convs2.{d}", f"resblocks_{k}/convs2_{d}")
                 else:
-                    out += _conv(f"resblocks.{k}.convs.{d}", f"resblocks_{k}/convs_{d}")
+                    out += conv_rules(f"resblocks.{k}.convs.{d}", f"resblocks_{k}/convs_{d}")
             for m in range(len(dilations) * (2 if two else 1)):
                 out += _activation(f"resblocks.{k}.activations.{m}", f"resblocks_{k}/activations_{m}", config)
     return out
@@ -93,7 +87,7 @@ def from_source(source: TensorSource, config: BigVGANConfig = BigVGANConfig(), d
 
 def from_state_dict(state_dict: Mapping, config: BigVGANConfig = BigVGANConfig(), dtype=None) -> dict:
     """Params from a BigVGAN state_dict (torch tensors or numpy arrays)."""
-    return from_source(DictSource({k: _float32(v) for k, v in state_dict.items()}), config, dtype)
+    return from_source(TorchSource(state_dict), config, dtype)
 
 
 def from_checkpoint(path: str | os.PathLike, config: BigVGANConfig = BigVGANConfig(), dtype=None) -> dict:

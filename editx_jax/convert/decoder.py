@@ -135,9 +135,9 @@ def convert_decoder(src, dst, bigvgan: str | os.PathLike | None = None, progress
                     dtype: str | None = None) -> dict:
     """Convert `CosyVoice-300M-25Hz/` (flow.pt, hift.pt, campplus.onnx, cosyvoice.yaml) into a decoder
     checkpoint folder `dst` loadable with `Decoder.from_pretrained`. Returns a summary dict."""
-    from editx_jax.convert.flow import _source, flow_rules
-    from editx_jax.convert.hift import WeightNormSource, checkpoint_source
+    from editx_jax.convert.flow import flow_rules
     from editx_jax.convert.keymap import convert
+    from editx_jax.convert.sources import TorchSource, WeightNormSource, checkpoint_source
     from editx_jax.decoder.flow import FlowConfig, abstract_params as flow_abstract
     from editx_jax.decoder.hift import HiFTConfig
     from editx_jax.decoder.mel import MelConfig
@@ -158,7 +158,7 @@ def convert_decoder(src, dst, bigvgan: str | os.PathLike | None = None, progress
     if missing:
         raise FileNotFoundError(f"{src}: missing {', '.join(missing)}")
 
-    flow_params = convert(_source(src / "flow.pt"), flow_rules(), flow_abstract(flow_cfg),
+    flow_params = convert(TorchSource(src / "flow.pt"), flow_rules(), flow_abstract(flow_cfg),
                           progress=_tqdm(progress, "flow.pt"))
     if bigvgan:
         from editx_jax.convert.bigvgan import _WithoutFilters, rules as bigvgan_rules

@@ -6,18 +6,19 @@ The key map is the union of the embedding and encoder rules (`editx_jax.convert.
 the DiT, projection and speaker-affine rules below. DiT blocks are stacked on a leading axis
 (`nn.scan`), so `decoder.estimator.blocks.{block}.*` fill one slot each.
 
-torch is imported only inside `load_torch_state_dict`; the rest works on any name -> array mapping.
+`flow.pt` is read by `editx_jax.convert.sources.TorchSource` (torch imported only there, lazily); the
+converters also take the state_dict itself (torch tensors or numpy arrays).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Mapping
 
 import numpy as np
 
-from editx_jax.convert.keymap import ConversionError, Rule, convert, export
+from editx_jax.convert.keymap import Rule, convert, export
+from editx_jax.convert.sources import TorchSource
 
 # ------------------------------------------------------------------------------------------ rules
 
@@ -78,68 +79,13 @@ def flow_rules() -> list[Rule]:
     return EMBEDDING_RULES + ENCODER_RULES + HEAD_RULES + prefixed(DIT_RULES, "decoder.estimator.", "estimator")
 
 
-# ---------------------------------------------------------------------------------------- sources
-
-
-class TorchStateDictSource:
-    """A `keymap.TensorSource` over a torch state_dict (tensors or arrays), one tensor at a time.
-
-    Tensors are converted to float32 numpy only when read, so with a `torch.load(mmap=True)` dict
-    the whole file is never resident at once.
-    """
-
-    def __init__(self, state_dict: Mapping):
-        if not isinstance(state_dict, Mapping):
-            raise ConversionError(f"expected a state_dict (a mapping of name -> tensor), got "
-                                  f"{type(state_dict).__name__}")
-        bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not hasattr(v, "shape")]
-        if bad:
-            raise ConversionError(f"state_dict entry {bad[0]!r} is not a named tensor")
-        self._t = state_dict
-
-    def names(self):
-        return list(self._t)
-
-    def shape(self, name):
-        return tuple(int(d) for d in self._t[name].shape)
-
-    def get(self, name):
-        v = self._t[name]
-        if hasattr(v, "detach"):  # a torch tensor; torch is already imported by whoever made it
-            v = v.detach().to("cpu").float().numpy()
-        return np.asarray(v, np.float32)
-
-
-def load_torch_state_dict(path: str | os.PathLike) -> Mapping:
-    """`torch.load` a plain state_dict pickle memory-mapped on CPU, weights only (no code runs)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConversionError(f"checkpoint file not found: {path}")
-    import torch  # lazily: only converters touch torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # not a zip pickle, truncated, or unsafe content
-        raise ConversionError(f"{path} is not a readable torch state_dict ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(obj, Mapping):
-        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict")
-    return obj
-
-
-def _source(state_dict_or_path):
-    if isinstance(state_dict_or_path, (str, os.PathLike)):
-        state_dict_or_path = load_torch_state_dict(state_dict_or_path)
-    return TorchStateDictSource(state_dict_or_path)
-
-
 # ------------------------------------------------------------------------------------- converters
 
 
 def convert_dit(state_dict: Mapping, config) -> dict:
     """Params of `editx_jax.decoder.dit.DiT` from a reference `DiT` state_dict (unprefixed names)."""
     from editx_jax.decoder.dit import abstract_params
-    return convert(_source(state_dict), DIT_RULES, abstract_params(config))
+    return convert(TorchSource(state_dict), DIT_RULES, abstract_params(config))
 
 
 def convert_flow(flow_pt, config=None, dtype=None) -> dict:
@@ -150,7 +96,7 @@ def convert_flow(flow_pt, config=None, dtype=None) -> dict:
     """
     from editx_jax.decoder.flow import FlowConfig, abstract_params
     config = config or FlowConfig()
-    return convert(_source(flow_pt), flow_rules(), abstract_params(config), dtype=dtype)
+    return convert(TorchSource(flow_pt), flow_rules(), abstract_params(config), dtype=dtype)
 
 
 def export_flow(params: Mapping, dtype=None):

@@ -18,7 +18,8 @@ from typing import Mapping
 import numpy as np
 
 from editx_jax.config import ConfigError
-from editx_jax.convert.keymap import ConversionError, DictSource, Rule, convert, export
+from editx_jax.convert.keymap import ConversionError, Rule, convert, export
+from editx_jax.convert.sources import TorchSource
 from editx_jax.tokenizer.paraformer import ParaformerEncoderConfig, abstract_params
 
 PARAFORMER_SUBDIR = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
@@ -140,77 +141,31 @@ def read_am_mvn(path: pathlib.Path, dim: int | None = None) -> np.ndarray:
 # ------------------------------------------------------------------ weights
 
 
-def split_encoder_tensors(names) -> tuple[list[str], list[str]]:
-    """(encoder tensor names, the other names) of a FunASR state_dict."""
-    keep = [n for n in names if n.startswith(PREFIX)]
-    return keep, [n for n in names if not n.startswith(PREFIX)]
+def encoder_source(checkpoint: pathlib.Path | Mapping) -> TorchSource:
+    """The `encoder.` tensors of a FunASR `model.pt` (a path: memory-mapped, read one at a time) or of
+    its state_dict in memory; the decoder / predictor / ctc entries are listed in `.ignored`."""
+    if not isinstance(checkpoint, Mapping):
+        path = pathlib.Path(checkpoint)
+        if not path.is_file():
+            raise ConversionError(f"{path.parent}: no {path.name}")
+        checkpoint = path
+    source = TorchSource(checkpoint, select=lambda name: name.startswith(PREFIX))
+    if not source.names():
+        where = "the state_dict" if isinstance(checkpoint, Mapping) else str(checkpoint)
+        raise ConversionError(f"{where}: no {PREFIX!r} tensors (found {len(source.ignored)} others)")
+    return source
 
 
 def convert_state_dict(tensors: Mapping[str, np.ndarray], cfg: ParaformerEncoderConfig,
                        dtype=None) -> tuple[dict, list[str]]:
     """(params, ignored names) from a FunASR state_dict (numpy arrays, torch names and layouts)."""
-    keep, ignored = split_encoder_tensors(list(tensors))
-    if not keep:
-        raise ConversionError(f"no {PREFIX!r} tensors in the checkpoint (found {len(ignored)} others)")
-    source = DictSource({n: tensors[n] for n in keep})
-    return convert(source, RULES, abstract_params(cfg), dtype=dtype), ignored
+    source = encoder_source(tensors)
+    return convert(source, RULES, abstract_params(cfg), dtype=dtype), source.ignored
 
 
 def export_state_dict(params: Mapping, dtype=None) -> dict[str, np.ndarray]:
     """Our params -> the `encoder.` tensors of a FunASR state_dict (torch names and layouts)."""
     return dict(export(params, RULES, dtype=dtype))
-
-
-def _torch_load(torch, path, mmap):
-    return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-
-
-def _unreadable(path, e) -> ConversionError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return ConversionError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})")
-
-
-class TorchPickleSource:
-    """The `encoder.` tensors of a torch pickle, memory-mapped, read one at a time."""
-
-    def __init__(self, path: pathlib.Path):
-        import torch  # converters only
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise ConversionError(f"{path.parent}: no {path.name}")
-        try:
-            state = _torch_load(torch, path, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise _unreadable(path, e) from None
-            try:  # the legacy (non-zip) format cannot be memory-mapped
-                state = _torch_load(torch, path, mmap=False)
-            except Exception as e2:
-                raise _unreadable(path, e2) from None
-        except Exception as e:  # unpickling errors come in many classes
-            raise _unreadable(path, e) from None
-        for wrapper in ("state_dict", "model"):  # FunASR accepts these wrappers too
-            if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-                state = state[wrapper]
-        if not isinstance(state, Mapping):
-            raise ConversionError(f"{path}: expected a state_dict, got {type(state).__name__}")
-        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        self._tensors = tensors
-        self.encoder_names, self.ignored = split_encoder_tensors(list(tensors))
-        self.ignored += [k for k in state if k not in tensors]
-
-    def names(self):
-        return list(self.encoder_names)
-
-    def shape(self, name):
-        return tuple(self._tensors[name].shape)
-
-    def get(self, name):
-        import torch
-        t = self._tensors[name]
-        if not t.is_floating_point():
-            raise ConversionError(f"tensor {name!r} has dtype {t.dtype}; expected a float tensor")
-        return t.detach().to(torch.float32).numpy()
 
 
 def load_paraformer_dir(folder, dtype=None, **config_overrides) -> ParaformerCheckpoint:
@@ -220,10 +175,7 @@ def load_paraformer_dir(folder, dtype=None, **config_overrides) -> ParaformerChe
         raise ConversionError(f"not a folder: {folder}")
     cfg = read_config_yaml(folder / "config.yaml", **config_overrides)
     cmvn = read_am_mvn(folder / "am.mvn", cfg.input_size)
-    source = TorchPickleSource(folder / "model.pt")
-    if not source.encoder_names:
-        raise ConversionError(f"{folder / 'model.pt'}: no {PREFIX!r} tensors "
-                              f"(found {len(source.ignored)} others)")
+    source = encoder_source(folder / "model.pt")
     params = convert(source, RULES, abstract_params(cfg), dtype=dtype)
     return ParaformerCheckpoint(config=cfg, params=params, cmvn=cmvn, ignored=sorted(source.ignored))
 

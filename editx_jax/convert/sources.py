@@ -1,19 +1,30 @@
 """Tensor sources for the converters: read a released checkpoint one tensor at a time.
 
 A source implements the `keymap.TensorSource` protocol (`names`, `shape`, `get`) plus `dtype(name)`,
-and never holds more than the tensor being read. Converters for other file formats (torch pickles
-read with `torch.load(mmap=True)`, ONNX initializers) add their source class here.
+and never holds more than the tensor being read:
+
+* `SafetensorsSource`: `model*.safetensors` files (sharded or not), tensors in their stored dtype.
+* `TorchSource`: a torch pickle (`flow.pt`, `hift.pt`, FunASR `model.pt`, ...) memory-mapped with
+  `torch.load(mmap=True, weights_only=True)`, or a state_dict already in memory; tensors come out as
+  float32 numpy.
+* `checkpoint_source(path)`: one of the two, by file suffix.
+* `WeightNormSource`: a view over any source that shows each weight-norm (g, v) pair as one folded
+  `<m>.weight` (the vocoders' converters).
+
+torch is imported only inside `TorchSource`, when a file is read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
-from typing import Iterable
+import re
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from editx_jax.convert.keymap import ConversionError
+from editx_jax.convert.keymap import ConversionError, TensorSource
 
 # Dtype tags of the safetensors header -> numpy dtype names.
 SAFETENSORS_DTYPES = {
@@ -151,6 +162,202 @@ class SafetensorsSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# -------------------------------------------------------------------- torch pickles
+
+# Wrappers around the state_dict in training checkpoints: FunASR's `model.pt` may hold
+# {"state_dict": ...} or {"model": ...}; NVIDIA's `bigvgan_generator.pt` holds {"generator": ...}.
+TORCH_WRAPPER_KEYS = ("state_dict", "model", "generator")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def load_torch_checkpoint(path: str | os.PathLike) -> Mapping:
+    """`torch.load` a checkpoint on CPU, weights only (no pickled code runs), memory-mapped when the
+    file is in the zip format (the legacy format cannot be mapped and is read whole). A state_dict
+    wrapped in one of `TORCH_WRAPPER_KEYS` is unwrapped. ConversionError for a missing file, a file
+    torch cannot read, or one that holds no mapping."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint not found: {path}")
+    import torch  # lazily: only converters touch torch
+
+    def load(mmap: bool):
+        return torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=True)
+
+    try:
+        try:
+            obj = load(mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = load(mmap=False)
+    except Exception as e:  # pickle / zip / unsafe-content errors come in many classes
+        raise ConversionError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+    for key in TORCH_WRAPPER_KEYS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state_dict")
+    return obj
+
+
+def _dtype_name(value) -> str:
+    """numpy-style dtype name of a torch tensor or numpy array ('float32', 'bfloat16', 'int64')."""
+    return str(value.dtype).removeprefix("torch.")
+
+
+class TorchSource:
+    """The tensors of a torch state_dict, read one at a time as float32 numpy.
+
+    `checkpoint` is a path (loaded by `load_torch_checkpoint`, memory-mapped, so the whole file is
+    never resident at once) or a state_dict already in memory (torch tensors or numpy arrays).
+    Entries that are not tensors, and names for which `select(name)` is false, are left out of
+    `names()` and listed in `.ignored`. `get` widens bfloat16/float16 to float32 exactly; a tensor
+    that is not floating point is a ConversionError naming it.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | Mapping,
+                 select: Callable[[str], bool] | None = None):
+        if isinstance(checkpoint, (str, os.PathLike)):
+            state = load_torch_checkpoint(checkpoint)
+        elif isinstance(checkpoint, Mapping):
+            state = checkpoint
+        else:
+            raise ConversionError(f"expected a checkpoint path or a state_dict (a mapping of name -> tensor), "
+                                  f"got {type(checkpoint).__name__}")
+        self._t: dict[str, object] = {}
+        self.ignored: list[str] = []
+        for name, value in state.items():
+            if not isinstance(name, str):
+                raise ConversionError(f"state_dict key {name!r} is not a tensor name")
+            if hasattr(value, "shape") and hasattr(value, "dtype") and (select is None or select(name)):
+                self._t[name] = value
+            else:
+                self.ignored.append(name)
+
+    def names(self) -> list[str]:
+        return list(self._t)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._t[name].shape)
+
+    def dtype(self, name: str) -> str:
+        return _dtype_name(self._t[name])
+
+    def get(self, name: str) -> np.ndarray:
+        value = self._t[name]
+        dtype = self.dtype(name)
+        if dtype not in ("float64",) + FLOAT_DTYPES:
+            raise ConversionError(f"tensor {name!r} has dtype {dtype}; expected a float tensor")
+        if hasattr(value, "detach"):  # a torch tensor (torch is imported by whoever made it)
+            value = value.detach().cpu().float().numpy()
+        return np.asarray(value, np.float32)
+
+
+def checkpoint_source(path: str | os.PathLike) -> TensorSource:
+    """A safetensors file (by its suffix) or else a torch pickle (.pt / .pth / .bin)."""
+    path = pathlib.Path(path)
+    if path.suffix == ".safetensors":
+        return SafetensorsSource(path)
+    return TorchSource(path)
+
+
+# -------------------------------------------------------------------- weight norm
+#
+# Weight-normed modules store `<m>.parametrizations.weight.original0` (g, [d0, 1, 1]) and
+# `.original1` (v) (torch's parametrizations API), or `<m>.weight_g` and `<m>.weight_v` (the old
+# API). `WeightNormSource` presents each pair as one tensor `<m>.weight` = g * v / ||v|| (the norm
+# over every axis but 0, which for a ConvTranspose1d [in, out, k] is the *input* channel),
+# materialised in float32 before any cast to the target dtype, so the key map only sees plain
+# weights (it works per tensor and cannot combine two). A plain `<m>.weight` (weight norm already
+# removed) passes through unchanged.
+
+_WN_PATTERNS = (
+    (re.compile(r"(.+)\.parametrizations\.weight\.original([01])\Z"), {"0": "g", "1": "v"}),
+    (re.compile(r"(.+)\.weight_([gv])\Z"), {"g": "g", "v": "v"}),
+)
+
+
+def fold_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """W = g * v / ||v||, the norm over all axes but 0 (torch weight_norm with dim=0), as float32.
+
+    The inputs are widened to float64 first, so a bf16 or fp16 checkpoint is folded at full precision
+    and rounded once.
+    """
+    g64 = np.asarray(g, np.float32).astype(np.float64)
+    v64 = np.asarray(v, np.float32).astype(np.float64)
+    norm = np.sqrt(np.sum(v64 * v64, axis=tuple(range(1, v64.ndim)), keepdims=True))
+    return (g64.reshape((-1,) + (1,) * (v64.ndim - 1)) * v64 / norm).astype(np.float32)
+
+
+def unfold_weight_norm(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A (g, v) pair with fold_weight_norm(g, v) == w: g = ||w|| per axis-0 slice, v = w."""
+    w = np.asarray(w, np.float32)
+    g = np.sqrt(np.sum(w.astype(np.float64) ** 2, axis=tuple(range(1, w.ndim)), keepdims=True))
+    return g.astype(np.float32), w
+
+
+class WeightNormSource:
+    """A TensorSource view that shows every weight-norm (g, v) pair of `inner` as one `<m>.weight`.
+
+    Raises ConversionError (naming the tensor) for a g without its v or the reverse, a g whose shape
+    is not [v.shape[0], 1, ...], or a module stored both weight-normed and plain.
+    """
+
+    def __init__(self, inner: TensorSource):
+        self.inner = inner
+        pairs: dict[str, dict[str, str]] = {}
+        plain: list[str] = []
+        for name in inner.names():
+            for pattern, role in _WN_PATTERNS:
+                if m := pattern.match(name):
+                    slot = pairs.setdefault(m[1], {})
+                    key = role[m[2]]
+                    if key in slot:
+                        raise ConversionError(f"tensor {name!r}: module {m[1]!r} has two weight-norm {key} tensors "
+                                              f"({slot[key]!r} too)")
+                    slot[key] = name
+                    break
+            else:
+                plain.append(name)
+        self._folded: dict[str, tuple[str, str]] = {}
+        plain_set = set(plain)
+        for module, slot in pairs.items():
+            if set(slot) != {"g", "v"}:
+                have = next(iter(slot.values()))
+                want = "v (original1 / weight_v)" if "g" in slot else "g (original0 / weight_g)"
+                raise ConversionError(f"tensor {have!r} has no weight-norm partner: expected the {want} "
+                                      f"of {module!r} too")
+            name = f"{module}.weight"
+            if name in plain_set:
+                raise ConversionError(f"tensor {name!r} is stored both plain and weight-normed "
+                                      f"({slot['g']!r}, {slot['v']!r})")
+            g_shape, v_shape = tuple(inner.shape(slot["g"])), tuple(inner.shape(slot["v"]))
+            want = (v_shape[0],) + (1,) * (len(v_shape) - 1) if v_shape else ()
+            if not v_shape or g_shape not in (want, (v_shape[0],)):
+                raise ConversionError(f"tensor {slot['g']!r} has shape {list(g_shape)}; expected {list(want)} "
+                                      f"(weight norm over axis 0 of {slot['v']!r} {list(v_shape)})")
+            self._folded[name] = (slot["g"], slot["v"])
+        self._names = plain + list(self._folded)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._folded:
+            return tuple(self.inner.shape(self._folded[name][1]))
+        return tuple(self.inner.shape(name))
+
+    def get(self, name: str) -> np.ndarray:
+        if name in self._folded:
+            g, v = self._folded[name]
+            return fold_weight_norm(self.inner.get(g), self.inner.get(v))
+        return np.asarray(self.inner.get(name), np.float32)
 
 
 # -------------------------------------------------------------------- writing

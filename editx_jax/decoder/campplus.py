@@ -3,6 +3,7 @@
 Front end (`campplus_fbank`): 16 kHz wave -> Kaldi fbank with the *Povey* window (80 bins, 25/10 ms,
 snip edges, DC removal, pre-emphasis 0.97, 512-point power spectrum, Kaldi mel 20-8000 Hz, log with a
 float32-eps floor), the samples **not** scaled by 32768, then the mean over time subtracted (CMN).
+The fbank is the tokenizer's (`editx_jax.tokenizer.frontend.kaldi_fbank`) set by `fbank_config`.
 
 Network (`CAMPPlus`, 3D-Speaker's CAM++ in inference form), on feats [B, T, F]:
 
@@ -36,10 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from editx_jax.config import ConfigError
-from editx_jax.tokenizer.frontend import FbankConfig, bucket_length, kaldi_mel_banks, num_fbank_frames
+from editx_jax.tokenizer.frontend import FbankConfig, FrontendError, kaldi_fbank
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_FLOAT32_EPS = float(np.finfo(np.float32).eps)
 SAMPLE_RATE = 16000
 
 
@@ -117,49 +117,20 @@ class CAMPPlusConfig:
 # --------------------------------------------------------------------------------- fbank front end
 
 
-_FBANK = FbankConfig(sample_rate=SAMPLE_RATE, n_mels=80, lfr_m=1, lfr_n=1, upscale_samples=False)
-
-
-@functools.lru_cache(maxsize=4)
-def povey_window(n: int = 400) -> np.ndarray:
-    """Kaldi's Povey window: a symmetric Hann window to the power 0.85."""
-    return ((0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / (n - 1))) ** 0.85).astype(np.float32)
-
-
-def fbank_jnp(wave, n_mels: int = 80) -> jax.Array:
-    """Traceable Kaldi fbank (Povey window, raw samples, dither 0): [..., N] -> [..., T, n_mels]."""
-    config = dataclasses.replace(_FBANK, n_mels=n_mels)
-    n_frames = num_fbank_frames(wave.shape[-1], config)
-    idx = np.arange(n_frames)[:, None] * config.frame_shift + np.arange(config.frame_length)[None, :]
-    frames = wave[..., idx].astype(jnp.float32)  # [..., T, 400]
-    frames = frames - jnp.mean(frames, axis=-1, keepdims=True)  # DC removal
-    previous = jnp.concatenate([frames[..., :1], frames[..., :-1]], axis=-1)  # x[-1] = x[0]
-    frames = (frames - config.preemphasis * previous) * povey_window(config.frame_length)
-    spec = jnp.fft.rfft(frames, n=config.n_fft, axis=-1)
-    power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
-    mel = jnp.matmul(power, kaldi_mel_banks(config), precision=_HIGHEST)
-    return jnp.log(jnp.maximum(mel, _FLOAT32_EPS))
-
-
-_fbank_jit = jax.jit(fbank_jnp, static_argnames=("n_mels",))
-
-
-def kaldi_fbank_povey(wave16k, n_mels: int = 80) -> jax.Array:
-    """`torchaudio.compliance.kaldi.fbank(wave, num_mel_bins=n_mels, dither=0, sample_frequency=16000)`
-    on waves [..., N] (float, not scaled by 32768) -> [..., T, n_mels], T = 1 + (N - 400)//160."""
-    wave = np.asarray(wave16k, np.float32)
-    if wave.ndim < 1 or wave.shape[-1] < _FBANK.frame_length:
-        raise SpeakerEmbeddingError(f"CAM++ fbank needs at least {_FBANK.frame_length} samples at 16 kHz "
-                                    f"(one 25 ms frame), got shape {wave.shape}")
-    n_frames = num_fbank_frames(wave.shape[-1], _FBANK)
-    padded = bucket_length(wave.shape[-1])  # frames only see their own window: pad, then cut back
-    wave = np.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(0, padded - wave.shape[-1])])
-    return _fbank_jit(wave, n_mels)[..., :n_frames, :]
+def fbank_config(n_mels: int = 80) -> FbankConfig:
+    """The CAM++ fbank as a Kaldi fbank setting: Povey window, samples not scaled by 32768, no LFR
+    (`torchaudio.compliance.kaldi.fbank(wave, num_mel_bins=n_mels, dither=0, sample_frequency=16000)`)."""
+    return FbankConfig(sample_rate=SAMPLE_RATE, n_mels=n_mels, window="povey", upscale_samples=False,
+                       lfr_m=1, lfr_n=1)
 
 
 def campplus_fbank(wave16k, n_mels: int = 80) -> jax.Array:
-    """The CAM++ input: fbank minus its mean over time (per utterance), [..., N] -> [..., T, n_mels]."""
-    fbank = kaldi_fbank_povey(wave16k, n_mels)
+    """The CAM++ input: fbank minus its mean over time (per utterance), [..., N] -> [..., T, n_mels],
+    T = 1 + (N - 400)//160."""
+    try:
+        fbank = kaldi_fbank(wave16k, fbank_config(n_mels))
+    except FrontendError as e:
+        raise SpeakerEmbeddingError(f"CAM++ {e}") from None
     return fbank - jnp.mean(fbank, axis=-2, keepdims=True)
 
 

@@ -8,6 +8,7 @@ from editx_jax.audio import cap_peak, resample
 from editx_jax.config import ConfigError
 from editx_jax.convert.campplus import from_state_dict
 from editx_jax.decoder import campplus, mel
+from editx_jax.tokenizer.frontend import kaldi_fbank
 
 
 def run_mel_24k(fx) -> dict[str, np.ndarray]:
@@ -35,7 +36,7 @@ def run_campplus_fbank(fx) -> dict[str, np.ndarray]:
     inputs = fx.inputs()
     wav16k = resample(inputs["wav"], int(inputs["sample_rate"]), target)
     n_mels = int(fbank_cfg.get("num_mel_bins", 80))
-    fbank = np.asarray(campplus.kaldi_fbank_povey(wav16k, n_mels))
+    fbank = np.asarray(kaldi_fbank(wav16k, campplus.fbank_config(n_mels)))
     feat = fbank - fbank.mean(axis=-2, keepdims=True)
     squeeze = (lambda a: a[0]) if fbank.ndim == 3 and fbank.shape[0] == 1 else (lambda a: a)
     return {"wav_16k": wav16k, "fbank": squeeze(fbank), "feat": squeeze(feat)}

@@ -115,6 +115,22 @@ class DecoderLayer(nn.Module):
         return x, new_cache
 
 
+class TokenEmbedding(nn.Module):
+    """The input embedding table (no scaling). Stored sharded like any weight; gathered whole for
+    the lookup (an FSDP all-gather): a gather from a table split over its embed dim would leave
+    the activations split over embed instead of batch, which XLA can only fix by replicating."""
+
+    cfg: LLMConfig
+
+    @nn.compact
+    def __call__(self, tokens):
+        cfg = self.cfg
+        table = self.param("embedding", _init(1.0, ("embed_vocab", "embed")), (cfg.vocab_size, cfg.hidden_size),
+                           jnp_dtype(cfg.param_dtype))
+        table = nn.with_logical_constraint(table, (None, None))
+        return jnp.take(table, tokens, axis=0).astype(jnp_dtype(self.cfg.dtype))
+
+
 class Step1(nn.Module):
     """Step1ForCausalLM. `__call__(tokens, positions, ...)` returns (logits, new_cache).
 
@@ -131,9 +147,7 @@ class Step1(nn.Module):
                  return_hidden: bool = False):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
-                         embedding_init=_init(1.0, ("vocab", "embed")), name="embed")
-        x = nn.with_logical_constraint(embed(tokens), ACT)
+        x = nn.with_logical_constraint(TokenEmbedding(cfg, name="embed")(tokens), ACT)
 
         layer = DecoderLayer
         if cfg.remat_policy != "none":

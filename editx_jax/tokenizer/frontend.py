@@ -3,7 +3,8 @@
 * vq02 (linguistic): a Kaldi-compatible log-mel fbank (80 bins, 25/10 ms, symmetric Hamming, DC removal,
   pre-emphasis 0.97, 512-point FFT, snip edges, samples scaled by 32768), low-frame-rate stacking
   (LFR, 7 frames every 6) and CMVN from `am.mvn`; both the offline front end and the streaming one that
-  the official vq02 path actually runs (3840-sample pieces, with its dropped-tail quirk).
+  the official vq02 path actually runs (3840-sample pieces, with its dropped-tail quirk). The same
+  fbank with the Povey window, unscaled samples and no LFR is CAM++'s (editx_jax/decoder/campplus.py).
 * vq06 (semantic): the whisper 128-bin log-mel (n_fft 400, hop 160, periodic Hann, reflect-padded
   centred STFT, last frame dropped, Slaney mel filters, log10 with the max-8 floor, (x+4)/4).
 
@@ -33,6 +34,22 @@ class FrontendError(ValueError):
     """Bad input to a front end (too short, wrong shape, malformed am.mvn); the message says what."""
 
 
+# ----------------------------------------------------------------------------------------- windows
+
+
+def symmetric_hamming(n: int) -> np.ndarray:
+    return (0.54 - 0.46 * np.cos(2 * np.pi * np.arange(n) / (n - 1))).astype(np.float32)
+
+
+def povey_window(n: int) -> np.ndarray:
+    """Kaldi's Povey window: a symmetric Hann window to the power 0.85."""
+    return ((0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / (n - 1))) ** 0.85).astype(np.float32)
+
+
+# Kaldi window types -> [n] float32 window of a frame of n samples.
+WINDOWS = {"hamming": symmetric_hamming, "povey": povey_window}
+
+
 # ----------------------------------------------------------------------------------------- configs
 
 
@@ -42,7 +59,8 @@ class FbankConfig:
 
     Defaults are the released model's (`WavFrontendOnline` of the Paraformer config). `dither` is the
     Kaldi dither amount; the official run uses funasr's default 1.0 (unseeded noise); 0 keeps the
-    features deterministic and is what every parity check uses.
+    features deterministic and is what every parity check uses. The CAM++ front end is the same
+    fbank with `window="povey"`, raw samples (`upscale_samples=False`) and no LFR (lfr_m = lfr_n = 1).
     """
 
     sample_rate: int = 16000
@@ -68,7 +86,7 @@ class FbankConfig:
         check(self.frame_length_ms > 0, "frame_length_ms", "must be positive")
         check(0 < self.frame_shift_ms <= self.frame_length_ms, "frame_shift_ms",
               "must be positive and at most frame_length_ms")
-        check(self.window == "hamming", "window", f"only 'hamming' is implemented, got {self.window!r}")
+        check(self.window in WINDOWS, "window", f"must be one of {', '.join(WINDOWS)}, got {self.window!r}")
         check(0.0 <= self.preemphasis <= 1.0, "preemphasis", "must be in [0, 1]")
         check(self.dither >= 0.0, "dither", f"must be >= 0, got {self.dither}")
         check(self.lfr_m >= 1, "lfr_m", f"must be >= 1, got {self.lfr_m}")
@@ -171,10 +189,6 @@ def kaldi_mel_banks(config: FbankConfig = FbankConfig()) -> np.ndarray:
     return np.ascontiguousarray(banks.T.astype(np.float32))
 
 
-def symmetric_hamming(n: int) -> np.ndarray:
-    return (0.54 - 0.46 * np.cos(2 * np.pi * np.arange(n) / (n - 1))).astype(np.float32)
-
-
 def num_fbank_frames(num_samples: int, config: FbankConfig = FbankConfig()) -> int:
     """Frames with snip_edges: only windows that lie fully inside the signal."""
     if num_samples < config.frame_length:
@@ -204,7 +218,7 @@ def fbank_jnp(wave, config: FbankConfig = FbankConfig(), noise=None) -> jax.Arra
         frames = frames + config.dither * noise
     frames = frames - jnp.mean(frames, axis=-1, keepdims=True)  # DC removal
     previous = jnp.concatenate([frames[..., :1], frames[..., :-1]], axis=-1)  # x[-1] = x[0]
-    frames = (frames - config.preemphasis * previous) * symmetric_hamming(config.frame_length)
+    frames = (frames - config.preemphasis * previous) * WINDOWS[config.window](config.frame_length)
     spec = jnp.fft.rfft(frames, n=config.n_fft, axis=-1)
     power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
     mel = jnp.matmul(power, kaldi_mel_banks(config), precision=_HIGHEST)

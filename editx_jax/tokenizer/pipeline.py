@@ -573,11 +573,9 @@ def load_released(root, progress: bool = False, dtype=None, s3_overrides: Mappin
     cmvn = cp.read_am_mvn(para_dir / "am.mvn", para_cfg.input_size)
     codebook = cp.load_codebook(root / cp.CODEBOOK_FILE, para_cfg.output_size)
     s3_cfg = infer_s3_config(onnx_path, **dict(s3_overrides or {}))
-    source = cp.TorchPickleSource(para_dir / "model.pt")
-    if not source.encoder_names:
-        raise ConversionError(f"{para_dir / 'model.pt'}: no {cp.PREFIX!r} tensors")
+    source = cp.encoder_source(para_dir / "model.pt")
     s3_state = cs.onnx_to_state_dict(onnx_path, s3_cfg)
-    bar = _progress_bar(progress, len(source.encoder_names) + len(s3_state), "convert tokenizer")
+    bar = _progress_bar(progress, len(source.names()) + len(s3_state), "convert tokenizer")
     try:
         para_params = convert(source, cp.RULES, pf.abstract_params(para_cfg), progress=_ticking(bar))
         s3_params = convert(DictSource(s3_state), cs.RULES, s3.abstract_params(s3_cfg), progress=_ticking(bar))
@@ -588,7 +586,7 @@ def load_released(root, progress: bool = False, dtype=None, s3_overrides: Mappin
     config = AudioTokenizerConfig(paraformer=para_cfg, fbank=fbank, s3=s3_cfg, vq02_codes=codebook.shape[0],
                                   **overrides)
     params = {"paraformer": para_params, "cmvn": cmvn, "vq02_codebook": codebook, "s3tokenizer": s3_params}
-    info = {"paraformer_tensors": len(source.encoder_names), "ignored": sorted(source.ignored),
+    info = {"paraformer_tensors": len(source.names()), "ignored": sorted(source.ignored),
             "s3_tensors": len(s3_state)}
     return config, params, info
 

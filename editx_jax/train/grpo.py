@@ -1,0 +1,102 @@
+"""GRPO (upstream-training.md §4): G samples per prompt from our sampler, pluggable rewards, group
+advantages (r - mean) / (std + 1e-4), the token-mean clipped loss with k3 KL to a frozen reference.
+
+One iteration = one generation batch: sample (host loop around the jitted sampler), score (host),
+then `grpo.iterations` optimizer steps on the whole batch (1, upstream: pi_old = pi, so the ratio is 1
+and only its gradient matters). The step is jitted with the policy state's and the batch's shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from editx_jax.config import GenerationConfig, GRPOConfig, LLMConfig
+from editx_jax.train import losses, rl_common, rollout
+from editx_jax.train.state import master_config
+
+INPUT_KEYS = ("tokens", "targets", "positions", "segment_ids", "action_mask")
+
+
+def loss_fn(params, cfg: LLMConfig, gcfg: GRPOConfig, batch: dict):
+    logp = rl_common.token_logps(params, cfg, batch, gcfg.temperature)
+    old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp)
+    mask = batch["action_mask"]
+    loss, metrics = losses.grpo_loss(logp, old, batch["ref_logps"], batch["advantages"], mask, gcfg.clip,
+                                     gcfg.beta, clip_high=gcfg.clip_high)
+    return loss, metrics
+
+
+def train_step(state: dict, batch: dict, *, cfg: LLMConfig, gcfg: GRPOConfig, tx):
+    cfg = master_config(cfg)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], cfg, gcfg, batch)
+    return rl_common.apply_update(state, grads, tx), {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+
+
+def ref_step(ref_params, batch: dict, *, cfg: LLMConfig, temperature: float):
+    return rl_common.token_logps(ref_params, master_config(cfg), batch, temperature)
+
+
+def make_train_step(cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh):
+    sh = rl_common.llm_state_shardings(cfg, tx, mesh)
+    fn = functools.partial(train_step, cfg=cfg, gcfg=gcfg, tx=tx)
+    return rl_common.ShardedStep(fn, mesh, (sh,), (sh, rl_common.replicated(mesh)), donate=(0,))
+
+
+def make_ref_step(cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh):
+    sh = rl_common.llm_state_shardings(cfg, tx, mesh)["params"]
+    return rl_common.ShardedStep(functools.partial(ref_step, cfg=cfg, temperature=gcfg.temperature), mesh, (sh,),
+                                 rl_common.replicated(mesh))
+
+
+def sampling_config(gcfg: GRPOConfig, base: GenerationConfig | None = None) -> GenerationConfig:
+    """Upstream's sampling: temperature 1.0, no top-k / top-p, no repetition rule, max_new_tokens."""
+    base = base or GenerationConfig()
+    return dataclasses.replace(base, greedy=False, temperature=gcfg.temperature, top_k=0, top_p=1.0,
+                               repetition_window=0, max_new_tokens=gcfg.max_new_tokens, drop_last=False)
+
+
+class GRPO:
+    """The GRPO loop state: policy train state, frozen reference params, reward functions, jitted steps.
+
+    `iteration(prompts, records, key)` samples G completions per prompt, scores them, and trains.
+    prompts: a list of id lists (its length x G must divide over the batch shards)."""
+
+    def __init__(self, cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh, policy_state, ref_params, reward_fns,
+                 gen: GenerationConfig | None = None, pad_id: int = 0, sample_mesh=None):
+        self.cfg, self.gcfg, self.mesh, self.pad_id = cfg, gcfg, mesh, pad_id
+        self.state, self.ref_params = policy_state, ref_params
+        self.fns = [rollout.resolve(f) for f in reward_fns]
+        self.weights = gcfg.reward_weights or None
+        self.gen = sampling_config(gcfg, gen)
+        self.step_fn = make_train_step(cfg, gcfg, tx, mesh)
+        self.ref_fn = make_ref_step(cfg, gcfg, tx, mesh)
+        self.sample_mesh = sample_mesh
+
+    def iteration(self, prompts, records, key) -> dict:
+        g = self.gcfg.group_size
+        rows, completions = rollout.sample_completions(self.state["params"], self.cfg, self.gen, prompts, key, g,
+                                                       mesh=self.sample_mesh)
+        recs = [r for r in records for _ in range(g)]
+        total, parts = rollout.score(self.fns, self.weights, rows, completions, recs)
+        adv = np.asarray(losses.group_advantages(jnp.asarray(total), g))
+        batch = rl_common.sequence_batch(rows, completions, pad_id=self.pad_id, allow_empty=True)
+        batch = {k: batch[k] for k in INPUT_KEYS}
+        batch["advantages"] = adv.astype(np.float32)
+        batch["ref_logps"] = np.asarray(self.ref_fn(self.ref_params, batch))
+        if self.gcfg.iterations > 1:  # pi_old: the policy that sampled, frozen for the inner steps
+            batch["old_logps"] = np.asarray(self.ref_fn(self.state["params"], batch))
+        for _ in range(self.gcfg.iterations):
+            self.state, m = self.step_fn(self.state, batch)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        groups = total.reshape(-1, g)
+        m.update(reward_mean=float(total.mean()), reward_group_std=float(groups.std(axis=1, ddof=1).mean()),
+                 completion_length=float(np.mean([len(c) for c in completions])))
+        for name, r in parts.items():
+            m[f"reward/{name}"] = float(np.nanmean(r))
+        return m

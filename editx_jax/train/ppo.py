@@ -1,0 +1,164 @@
+"""PPO with a frozen reference, a reward (a reward model or any reward function) and a critic.
+
+Roles: the policy (a train state), the reference (frozen params, the initial policy), the reward
+(`rollout.RewardFn`: `rollout.reward_model_fn(...)` for the Bradley-Terry model), the critic (a
+`models.reward` score model with per-token outputs, a train state; initialised from the reward model,
+`ppo.value_init="reward"`, or from the policy trunk with a zero head). All roles share one mesh here
+(`ppo.separate_meshes` is reserved for placing them apart; not implemented yet).
+
+One iteration:
+  1. rollouts from the jitted sampler (temperature, top-k, the repetition rule of `generation`);
+  2. `prepare` (jitted): per-token log-probs of policy and reference, values, entropy; per-token rewards
+     -kl_beta * (logp - ref_logp) with the sequence reward added at the last response token; GAE
+     (reverse `lax.scan`); advantage whitening;
+  3. `ppo.epochs` passes of `ppo.minibatches` minibatches: the clipped value loss for the critic and,
+     after `ppo.critic_warmup` iterations, the clipped policy loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from editx_jax.config import GenerationConfig, LLMConfig, PPOConfig
+from editx_jax.models import reward as rm
+from editx_jax.train import losses, rl_common, rollout
+from editx_jax.train.state import master_config
+
+INPUT_KEYS = ("tokens", "targets", "positions", "segment_ids", "action_mask", "response_mask")
+
+
+def critic_values(params, cfg: LLMConfig, batch: dict):
+    """V at each position [N, T]: the value of the state before the token at t + 1 is chosen."""
+    return rm.scores(params, cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
+
+
+def prepare(policy_params, ref_params, value_params, batch: dict, *, cfg: LLMConfig, pcfg: PPOConfig):
+    """Rollout batch + sequence "scores" [N] -> everything the update needs (all [N, T] unless noted)."""
+    cfg = master_config(cfg)
+    mask = batch["action_mask"]
+    logp, entropy = rl_common.token_logps(policy_params, cfg, batch, pcfg.temperature, with_entropy=True)
+    ref = rl_common.token_logps(ref_params, cfg, batch, pcfg.temperature)
+    values = critic_values(value_params, cfg, batch) * mask
+    kl = (logp - ref) * mask
+    cols = jnp.arange(mask.shape[1])
+    last = jnp.max(jnp.where(mask > 0, cols, -1), axis=1)
+    rewards = -pcfg.kl_beta * kl + jnp.where(cols[None] == last[:, None], batch["scores"][:, None], 0.0)
+    adv, returns = losses.gae(rewards * mask, values, mask, pcfg.gamma, pcfg.lam)
+    if pcfg.whiten_advantages:
+        adv = losses.whiten(adv, mask)
+    stats = {"kl": jnp.mean(jnp.sum(kl, axis=1)), "kl_k3_token": losses.masked_mean(losses.k3_kl(logp, ref), mask),
+             "entropy": losses.masked_mean(entropy, mask), "response_length": jnp.mean(jnp.sum(mask, axis=1)),
+             "value_mean": losses.masked_mean(values, mask)}
+    return {"old_logps": logp * mask, "old_values": values, "advantages": adv, "returns": returns}, stats
+
+
+def policy_loss(params, cfg: LLMConfig, pcfg: PPOConfig, mb: dict):
+    logp = rl_common.token_logps(params, cfg, mb, pcfg.temperature)
+    loss, clipfrac, approx_kl = losses.ppo_policy_loss(logp, mb["old_logps"], mb["advantages"], mb["action_mask"],
+                                                       pcfg.clip)
+    return loss, {"policy_loss": loss, "clip_fraction": clipfrac, "approx_kl": approx_kl}
+
+
+def value_loss(params, cfg: LLMConfig, pcfg: PPOConfig, mb: dict):
+    v = critic_values(params, cfg, mb)
+    loss, vclip = losses.ppo_value_loss(v, mb["old_values"], mb["returns"], mb["action_mask"], pcfg.value_clip)
+    ev = losses.explained_variance(v, mb["returns"], mb["action_mask"])
+    return loss, {"value_loss": loss, "value_clip_fraction": vclip, "explained_variance": ev}
+
+
+def policy_step(state, mb, *, cfg, pcfg, tx):
+    cfg = master_config(cfg)
+    (_, m), g = jax.value_and_grad(policy_loss, has_aux=True)(state["params"], cfg, pcfg, mb)
+    return rl_common.apply_update(state, g, tx), {**m, "policy_grad_norm": optax.tree.norm(g)}
+
+
+def value_step(state, mb, *, cfg, pcfg, tx):
+    cfg = master_config(cfg)
+    (_, m), g = jax.value_and_grad(value_loss, has_aux=True)(state["params"], cfg, pcfg, mb)
+    return rl_common.apply_update(state, g, tx), {**m, "value_grad_norm": optax.tree.norm(g)}
+
+
+def value_shardings(cfg: LLMConfig, tx, mesh):
+    cfg = master_config(cfg)
+    return rl_common.state_shardings(rm.param_logical_axes(cfg), rm.abstract_params(cfg), tx, mesh)
+
+
+class PPO:
+    """The PPO loop state. `iteration(prompts, records, key)` runs one rollout batch (see the module doc)."""
+
+    def __init__(self, cfg: LLMConfig, pcfg: PPOConfig, gen: GenerationConfig, policy_tx, value_tx, mesh,
+                 policy_state, ref_params, value_state, reward_fns, reward_weights=None, pad_id: int = 0,
+                 sample_mesh=None):
+        self.cfg, self.pcfg, self.gen, self.mesh, self.pad_id = cfg, pcfg, gen, mesh, pad_id
+        self.policy, self.ref_params, self.value = policy_state, ref_params, value_state
+        self.fns, self.weights = [rollout.resolve(f) for f in reward_fns], reward_weights
+        self.iterations, self.sample_mesh = 0, sample_mesh
+        psh = rl_common.llm_state_shardings(cfg, policy_tx, mesh)
+        vsh = value_shardings(cfg, value_tx, mesh)
+        rep = rl_common.replicated(mesh)
+        self.prepare_fn = rl_common.ShardedStep(functools.partial(prepare, cfg=cfg, pcfg=pcfg), mesh,
+                                                (psh["params"], psh["params"], vsh["params"]), rep)
+        self.policy_fn = rl_common.ShardedStep(functools.partial(policy_step, cfg=cfg, pcfg=pcfg, tx=policy_tx),
+                                               mesh, (psh,), (psh, rep), donate=(0,))
+        self.value_fn = rl_common.ShardedStep(functools.partial(value_step, cfg=cfg, pcfg=pcfg, tx=value_tx),
+                                              mesh, (vsh,), (vsh, rep), donate=(0,))
+
+    def iteration(self, prompts, records, key) -> dict:
+        pcfg = self.pcfg
+        k_sample, k_perm = jax.random.split(key)
+        gen = self.gen if self.gen.max_new_tokens == pcfg.max_new_tokens else \
+            dataclasses.replace(self.gen, max_new_tokens=pcfg.max_new_tokens)
+        rows, completions = rollout.sample_completions(self.policy["params"], self.cfg, gen, prompts, k_sample,
+                                                       mesh=self.sample_mesh)
+        scores, parts = rollout.score(self.fns, self.weights, rows, completions, records)
+        batch = rl_common.sequence_batch(rows, completions, pad_id=self.pad_id, allow_empty=True)
+        batch = {k: batch[k] for k in INPUT_KEYS}
+        batch["scores"] = scores
+        prepared, stats = self.prepare_fn(self.policy["params"], self.ref_params, self.value["params"], batch)
+        data = {**batch, **{k: np.asarray(v) for k, v in prepared.items()}}
+        del data["scores"]
+        n = len(rows)
+        if n % pcfg.minibatches:
+            raise ValueError(f"ppo.minibatches {pcfg.minibatches} does not divide the rollout batch of {n}")
+        size = n // pcfg.minibatches
+        train_policy = self.iterations >= pcfg.critic_warmup
+        metrics = []
+        perm_key = k_perm
+        for _ in range(pcfg.epochs):
+            perm_key, sub = jax.random.split(perm_key)
+            order = np.asarray(jax.random.permutation(sub, n))
+            for i in range(pcfg.minibatches):
+                idx = order[i * size:(i + 1) * size]
+                mb = {k: v[idx] for k, v in data.items()}
+                self.value, mv = self.value_fn(self.value, mb)
+                m = dict(mv)
+                if train_policy:
+                    self.policy, mp = self.policy_fn(self.policy, mb)
+                    m.update(mp)
+                metrics.append(m)
+        self.iterations += 1
+        out = {k: float(np.mean([float(x[k]) for x in metrics])) for k in metrics[-1]}
+        out.update({k: float(v) for k, v in jax.device_get(stats).items()})
+        out["reward_mean"] = float(np.mean(scores))
+        out["policy_trained"] = float(train_policy)
+        for name, r in parts.items():
+            out[f"reward/{name}"] = float(np.nanmean(r))
+        if pcfg.kl_bound and out["kl"] > pcfg.kl_bound:
+            out["kl_over_bound"] = 1.0
+        return out
+
+
+def init_value_params(reward_params=None, policy_params=None) -> dict:
+    """The critic's initial params: a copy of the reward model (ppo.value_init="reward"), or the policy's
+    trunk with a zero head ("policy")."""
+    if reward_params is not None:
+        return jax.tree_util.tree_map(jnp.array, reward_params)
+    if policy_params is None:
+        raise ValueError("the critic needs reward-model params or policy params to start from")
+    return rm.from_llm_params(policy_params)

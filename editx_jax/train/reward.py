@@ -1,0 +1,89 @@
+"""Bradley-Terry reward-model training: pure step functions and their jitted, sharded forms.
+
+A batch is `rl_common.pair_batch` (row 2i the chosen response, row 2i + 1 the rejected one, both in
+one forward) plus "margin" [2N] (the pair's margin on both of its rows; used when reward.use_margin).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import optax
+
+from editx_jax.config import LLMConfig, RewardConfig
+from editx_jax.models import reward as rm
+from editx_jax.train import losses, rl_common
+from editx_jax.train.state import master_config
+
+INPUT_KEYS = ("tokens", "positions", "segment_ids", "response_mask")
+
+
+def pair_rewards(params, cfg: LLMConfig, rcfg: RewardConfig, batch: dict):
+    """(chosen rewards [N], rejected rewards [N]) of an interleaved pair batch."""
+    s = rm.scores(params, cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
+    r = rm.readout(s, batch["response_mask"], rcfg.readout)
+    return r[0::2], r[1::2]
+
+
+def loss_fn(params, cfg: LLMConfig, rcfg: RewardConfig, batch: dict):
+    rc, rr = pair_rewards(params, cfg, rcfg, batch)
+    margin = batch["margin"][0::2] if rcfg.use_margin else None
+    return losses.bradley_terry_loss(rc, rr, margin, rcfg.center_coef)
+
+
+def train_step(state: dict, batch: dict, *, cfg: LLMConfig, rcfg: RewardConfig, tx):
+    cfg = master_config(cfg)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], cfg, rcfg, batch)
+    return rl_common.apply_update(state, grads, tx), {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+
+
+def eval_step(params, batch: dict, *, cfg: LLMConfig, rcfg: RewardConfig):
+    loss, metrics = loss_fn(params, master_config(cfg), rcfg, batch)
+    return {"loss": loss, **metrics}
+
+
+def shardings(cfg: LLMConfig, tx, mesh) -> dict:
+    cfg = master_config(cfg)
+    return rl_common.state_shardings(rm.param_logical_axes(cfg), rm.abstract_params(cfg), tx, mesh)
+
+
+def make_train_step(cfg: LLMConfig, rcfg: RewardConfig, tx, mesh):
+    sh = shardings(cfg, tx, mesh)
+    fn = functools.partial(train_step, cfg=cfg, rcfg=rcfg, tx=tx)
+    return rl_common.ShardedStep(fn, mesh, (sh,), (sh, rl_common.replicated(mesh)), donate=(0,))
+
+
+def make_eval_step(cfg: LLMConfig, rcfg: RewardConfig, tx, mesh):
+    sh = shardings(cfg, tx, mesh)["params"]
+    return rl_common.ShardedStep(functools.partial(eval_step, cfg=cfg, rcfg=rcfg), mesh, (sh,),
+                                 rl_common.replicated(mesh))
+
+
+def make_batch(prompts, chosen, rejected, margins=None, length=None, pad_id: int = 0) -> dict:
+    b = rl_common.pair_batch(prompts, chosen, rejected, length, pad_id)
+    m = np.zeros(len(prompts), np.float32) if margins is None else np.asarray(margins, np.float32)
+    b["margin"] = np.repeat(m, 2)
+    return {k: b[k] for k in (*INPUT_KEYS, "margin")}
+
+
+def evaluate(eval_fn, params, batches) -> dict:
+    """Pairwise accuracy / mean margin / loss over held-out batches (weighted by pairs)."""
+    tot, n = {}, 0
+    for b in batches:
+        m = jax.device_get(eval_fn(params, b))
+        k = b["tokens"].shape[0] // 2
+        for key, v in m.items():
+            tot[key] = tot.get(key, 0.0) + float(v) * k
+        n += k
+    return {k: v / max(n, 1) for k, v in tot.items()}
+
+
+def score_sequences(params, cfg: LLMConfig, rcfg: RewardConfig, batch: dict):
+    """One reward per row of a `sequence_batch` (the reward-model reward of GRPO / PPO)."""
+    s = rm.scores(params, cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
+    return rm.readout(s, batch["response_mask"], rcfg.readout), s
+
+
+score_jit = jax.jit(score_sequences, static_argnames=("cfg", "rcfg"))

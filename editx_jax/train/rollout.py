@@ -1,0 +1,93 @@
+"""Rollouts with our jitted sampler and the pluggable reward functions shared by GRPO and PPO.
+
+A reward function is any callable `fn(prompts, completions, records) -> sequence of floats` (one per
+completion; None / NaN count as missing, as TRL's nansum does). `records[i]` is the dict the prompt came
+with; the token-level rewards read its "source" and "target" (model ids, e.g. source/target_vq02vq06
+mapped into the model's vocabulary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from editx_jax.config import ConfigError, GenerationConfig, LLMConfig, RewardConfig
+from editx_jax.generate.decode import generate
+from editx_jax.train import rl_common, token_rewards
+
+RewardFn = Callable[[Sequence, Sequence, Sequence], Sequence[float]]
+
+
+def sample_completions(params, cfg: LLMConfig, gen: GenerationConfig, prompts, key, repeats: int = 1,
+                       mesh=None) -> tuple[list, list]:
+    """Each prompt `repeats` times in consecutive rows (a GRPO group), one independent key per row.
+    Returns (prompts per row, completions per row); a completion keeps its final <|EOT|> when it
+    stopped (drop_last is forced off: the stop token is part of what the policy is trained on)."""
+    gen = dataclasses.replace(gen, drop_last=False)
+    rows = [list(p) for p in prompts for _ in range(repeats)]
+    keys = jax.random.split(key, len(rows))
+    out = generate(params, cfg, gen, rows, row_keys=keys, mesh=mesh)
+    return rows, [list(t) for t in out.tokens]
+
+
+def token_reward_fn(name: str) -> RewardFn:
+    fn = token_rewards.TOKEN_REWARDS.get(name) or token_rewards.ALIASES.get(name)
+    if fn is None:
+        raise ConfigError(f"unknown reward {name!r}; known: {', '.join(token_rewards.TOKEN_REWARDS)}")
+
+    def reward(prompts, completions, records):
+        return [fn(c, r.get("source", []), r.get("target", [])) for c, r in zip(completions, records)]
+    reward.__name__ = name
+    return reward
+
+
+def reward_model_fn(params, score_cfg: LLMConfig, rcfg: RewardConfig, policy_cfg: LLMConfig | None = None,
+                    pad_id: int = 0) -> RewardFn:
+    """The reward model's score of prompt + completion (read per `reward.readout`)."""
+    from editx_jax.models.reward import check_compatible
+    from editx_jax.train.reward import score_jit
+    if policy_cfg is not None:
+        check_compatible(score_cfg, policy_cfg)
+
+    def reward(prompts, completions, records):
+        keep = [i for i, c in enumerate(completions) if len(c)]
+        out = np.zeros(len(completions), np.float32)
+        if keep:
+            b = rl_common.sequence_batch([prompts[i] for i in keep], [completions[i] for i in keep], pad_id=pad_id)
+            r, _ = score_jit(params, score_cfg, rcfg, {k: jnp.asarray(b[k]) for k in
+                                                       ("tokens", "positions", "segment_ids", "response_mask")})
+            out[keep] = np.asarray(r)
+        return out.tolist()
+    reward.__name__ = "reward_model"
+    return reward
+
+
+def resolve(spec) -> RewardFn:
+    """A reward function from a token-level name, a "module:function" path, or a callable."""
+    if callable(spec):
+        return spec
+    if isinstance(spec, str) and ":" in spec:
+        import importlib
+        module, name = spec.split(":", 1)
+        return getattr(importlib.import_module(module), name)
+    return token_reward_fn(spec)
+
+
+def score(fns: Sequence[RewardFn], weights: Sequence[float] | None, prompts, completions, records):
+    """(total reward [N] = nansum_k w_k r_k, per-function rewards {name: [N]})."""
+    weights = list(weights) if weights else [1.0] * len(fns)
+    if len(weights) != len(fns):
+        raise ConfigError(f"{len(weights)} reward weights for {len(fns)} reward functions")
+    parts, total = {}, np.zeros(len(completions), np.float64)
+    for fn, w in zip(fns, weights):
+        r = np.asarray([np.nan if v is None else v for v in fn(prompts, completions, records)], np.float64)
+        if r.shape != (len(completions),):
+            raise ValueError(f"reward {getattr(fn, '__name__', fn)} returned {r.shape[0]} values for "
+                             f"{len(completions)} completions")
+        parts[getattr(fn, "__name__", str(fn))] = r
+        total += np.nan_to_num(w * r, nan=0.0)
+    return total.astype(np.float32), parts
