@@ -16,26 +16,22 @@ from editx_jax.decoder.embedding import DualCodebookConfig
 from editx_jax.decoder.flow import (FlowConfig, FlowInputError, cfg_velocity, cosine_t_span, inference,
                                     init_params, noise_from_key, solve_euler, stretch_prompt_mel)
 from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
-from editx_jax.parity import Fixture, compare
+from editx_jax.parity import Fixture, check_fixture
 
 
-def _check(path, run):
-    fx = Fixture.load(path)
-    ok, max_abs, max_rel, detail = compare(fx.outputs(), run(fx), float(fx.manifest["atol"]),
-                                           float(fx.manifest["rtol"]))
-    assert ok, f"{path.name}: {detail} (max_abs={max_abs:.3g})"
+def _check(path):
+    result = check_fixture(path)
+    assert result.status == "PASS", result.line()
 
 
 @pytest.mark.parametrize("path", fixture_dirs("dit_estimator"), ids=lambda p: p.name)
 def test_dit_parity(path):
-    from editx_jax.fixture_runners.decoder_flow import run_dit
-    _check(path, run_dit)
+    _check(path)
 
 
 @pytest.mark.parametrize("path", fixture_dirs("flow_inference"), ids=lambda p: p.name)
 def test_flow_inference_parity(path):
-    from editx_jax.fixture_runners.decoder_flow import run_flow_inference
-    _check(path, run_flow_inference)
+    _check(path)
 
 
 # ------------------------------------------------------------------------------------------ ODE

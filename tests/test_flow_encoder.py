@@ -18,15 +18,13 @@ from editx_jax.decoder.embedding import (DualCodebookConfig, DualCodebookEmbeddi
                                          reshape_tokens)
 from editx_jax.decoder.upsample_encoder import (EncoderInputError, UpsampleConformerEncoderV2,
                                                 UpsampleEncoderConfig, encode, rel_position_table, rel_shift)
-from editx_jax.fixture_runners.decoder_flow_encoder import run_dual_codebook_embedding, run_upsample_encoder
-from editx_jax.parity import Fixture, compare
+from editx_jax.parity import Fixture, check_fixture
 from editx_jax.tokenizer.codebook import AudioTokenError
 
 
-def _check_parity(fx, run):
-    ok, max_abs, max_rel, detail = compare(fx.outputs(), run(fx), float(fx.manifest["atol"]),
-                                           float(fx.manifest["rtol"]))
-    assert ok, f"{fx.name}: {detail} (max_abs={max_abs:.3g})"
+def _check_parity(path):
+    result = check_fixture(path)
+    assert result.status == "PASS", result.line()
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +43,12 @@ def encoder_setup(encoder_fixture):
 
 @pytest.mark.parametrize("path", fixture_dirs("dual_codebook_embedding"), ids=lambda p: p.name)
 def test_dual_codebook_embedding_parity(path):
-    _check_parity(Fixture.load(path), run_dual_codebook_embedding)
+    _check_parity(path)
 
 
 @pytest.mark.parametrize("path", fixture_dirs("upsample_encoder_v2"), ids=lambda p: p.name)
 def test_upsample_encoder_parity(path):
-    _check_parity(Fixture.load(path), run_upsample_encoder)
+    _check_parity(path)
 
 
 def test_fixtures_present():

@@ -11,30 +11,27 @@ import pathlib
 import numpy as np
 import pytest
 from conftest import FIXTURES, fixture_dirs
+from reference_models import export_campplus_onnx, torch_campplus
 
 from editx_jax.config import ConfigError
 from editx_jax.convert import campplus as convert_campplus
 from editx_jax.convert.keymap import ConversionError
 from editx_jax.decoder import campplus, mel
-from editx_jax.fixture_runners import decoder_prompt
-from editx_jax.parity import Fixture, compare
+from editx_jax.parity import Fixture, check_fixture, compare
 
-RUNNERS = {"mel_24k": decoder_prompt.run_mel_24k, "campplus_fbank": decoder_prompt.run_campplus_fbank,
-           "campplus": decoder_prompt.run_campplus}
+COMPONENTS = ("mel_24k", "campplus_fbank", "campplus")
 
 
 # ------------------------------------------------------------------------------------------ parity
 
 
-@pytest.mark.parametrize("component", sorted(RUNNERS))
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_parity(component):
     dirs = fixture_dirs(component)
     assert dirs, f"no {component} fixture under {FIXTURES}"
     for path in dirs:
-        fx = Fixture.load(path)
-        ok, max_abs, max_rel, detail = compare(fx.outputs(), RUNNERS[component](fx), float(fx.manifest["atol"]),
-                                               float(fx.manifest["rtol"]))
-        assert ok, f"{path.name}: {detail} (max_abs={max_abs:.3g})"
+        result = check_fixture(path)
+        assert result.status == "PASS", result.line()
 
 
 def test_mel_symmetric_window_would_fail():
@@ -87,136 +84,13 @@ def test_speaker_embedding_end_to_end():
 # ------------------------------------------------------------------ torch CAM++ and the ONNX path
 
 
-def _torch_campplus(config):
-    """A minimal torch CAM++ with 3D-Speaker / funasr state_dict names (test-only reference)."""
-    import torch
-    from torch import nn
-    import torch.nn.functional as F
-
-    def bn_relu(c):
-        return nn.Sequential(OrderedDict([("batchnorm", nn.BatchNorm1d(c)), ("relu", nn.ReLU())]))
-
-    from collections import OrderedDict
-
-    class Res(nn.Module):
-        def __init__(self, c, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(c, c, 3, (stride, 1), 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(c)
-            self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(c)
-            self.shortcut = nn.Sequential()
-            if stride != 1:
-                self.shortcut = nn.Sequential(nn.Conv2d(c, c, 1, (stride, 1), bias=False), nn.BatchNorm2d(c))
-
-        def forward(self, x):
-            y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-            return F.relu(y + self.shortcut(x))
-
-    class Head(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.conv1 = nn.Conv2d(1, m, 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(m)
-            self.layer1 = nn.Sequential(Res(m, 2), Res(m, 1))
-            self.layer2 = nn.Sequential(Res(m, 2), Res(m, 1))
-            self.conv2 = nn.Conv2d(m, m, 3, (2, 1), 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(m)
-
-        def forward(self, x):
-            x = F.relu(self.bn1(self.conv1(x.unsqueeze(1))))
-            x = F.relu(self.bn2(self.conv2(self.layer2(self.layer1(x)))))
-            return x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3])
-
-    class CAM(nn.Module):
-        def __init__(self, c, out, k, d):
-            super().__init__()
-            self.linear_local = nn.Conv1d(c, out, k, padding=(k - 1) // 2 * d, dilation=d, bias=False)
-            self.linear1 = nn.Conv1d(c, c // 2, 1)
-            self.linear2 = nn.Conv1d(c // 2, out, 1)
-
-        def forward(self, x):
-            seg = F.avg_pool1d(x, config.seg_len, config.seg_len, ceil_mode=True)
-            seg = seg.unsqueeze(-1).expand(*seg.shape, config.seg_len).reshape(*seg.shape[:-1], -1)
-            context = x.mean(-1, keepdim=True) + seg[..., :x.shape[-1]]
-            gate = torch.sigmoid(self.linear2(F.relu(self.linear1(context))))
-            return self.linear_local(x) * gate
-
-    class Layer(nn.Module):
-        def __init__(self, c, d):
-            super().__init__()
-            self.nonlinear1 = bn_relu(c)
-            self.linear1 = nn.Conv1d(c, config.bn_channels, 1, bias=False)
-            self.nonlinear2 = bn_relu(config.bn_channels)
-            self.cam_layer = CAM(config.bn_channels, config.growth_rate, config.kernel_size, d)
-
-        def forward(self, x):
-            return self.cam_layer(self.nonlinear2(self.linear1(self.nonlinear1(x))))
-
-    class Block(nn.ModuleDict):
-        def forward(self, x):
-            for layer in self.values():
-                x = torch.cat([x, layer(x)], dim=1)
-            return x
-
-    class Transit(nn.Module):
-        def __init__(self, c, out):
-            super().__init__()
-            self.nonlinear = bn_relu(c)
-            self.linear = nn.Conv1d(c, out, 1, bias=False)
-
-        def forward(self, x):
-            return self.linear(self.nonlinear(x))
-
-    class TDNN(nn.Module):
-        def __init__(self, c, out):
-            super().__init__()
-            self.linear = nn.Conv1d(c, out, 5, stride=2, padding=2, bias=False)
-            self.nonlinear = bn_relu(out)
-
-        def forward(self, x):
-            return self.nonlinear(self.linear(x))
-
-    class Stats(nn.Module):
-        def forward(self, x):
-            return torch.cat([x.mean(-1), x.std(-1, unbiased=True)], dim=-1)
-
-    class Dense(nn.Module):
-        def __init__(self, c, out):
-            super().__init__()
-            self.linear = nn.Conv1d(c, out, 1, bias=False)
-            self.nonlinear = nn.Sequential(OrderedDict([("batchnorm", nn.BatchNorm1d(out, affine=False))]))
-
-        def forward(self, x):
-            return self.nonlinear(self.linear(x.unsqueeze(-1)).squeeze(-1))
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            m = config.m_channels
-            self.head = Head(m)
-            xv = OrderedDict([("tdnn", TDNN(m * config.feat_dim // 8, config.init_channels))])
-            for b, ((c, out), n, d) in enumerate(zip(config.block_channels(), config.num_layers, config.dilations), 1):
-                xv[f"block{b}"] = Block({f"tdnnd{i + 1}": Layer(c + i * config.growth_rate, d) for i in range(n)})
-                xv[f"transit{b}"] = Transit(c + n * config.growth_rate, out)
-            xv["out_nonlinear"] = bn_relu(config.out_channels)
-            xv["stats"] = Stats()
-            xv["dense"] = Dense(2 * config.out_channels, config.embedding_size)
-            self.xvector = nn.Sequential(xv)
-
-        def forward(self, feat):
-            return self.xvector(self.head(feat.permute(0, 2, 1)))
-
-    return Model().eval()
-
-
 @pytest.fixture(scope="module")
 def torch_reference():
     """The torch CAM++ loaded strictly with the fixture weights, checked against the fixture."""
     torch = pytest.importorskip("torch")
     fx = Fixture.load(FIXTURES / "campplus")
     config = campplus.CAMPPlusConfig.from_reference(fx.config)
-    model = _torch_campplus(config)
+    model = torch_campplus(config)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in fx.weights().items()}, strict=True)
     feat = fx.inputs()["feat"]
     with torch.no_grad():
@@ -227,19 +101,12 @@ def torch_reference():
     return fx, config, model
 
 
-def _export_onnx(model, feat, path):
-    import torch
-    with torch.no_grad():
-        torch.onnx.export(model, (torch.from_numpy(feat),), str(path), dynamo=False, input_names=["feat"],
-                          output_names=["embedding"], opset_version=17)
-
-
 def test_onnx_converter_matches_state_dict(torch_reference, tmp_path):
     onnx = pytest.importorskip("onnx")
     fx, config, model = torch_reference
     feat = fx.inputs()["feat"]
     path = tmp_path / "campplus.onnx"
-    _export_onnx(model, feat, path)
+    export_campplus_onnx(model, feat, path)
     graph = onnx.load(str(path)).graph
     # like the released file: the exporter folded conv+BN pairs into anonymous conv weights
     anonymous = [t.name for t in graph.initializer if t.name.startswith("onnx::")]

@@ -395,7 +395,7 @@ def _write_released_folder(root: pathlib.Path, small_decoder) -> dict:
     campplus.onnx (exported from a small torch CAM++), cosyvoice.yaml."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from test_prompt_features import _export_onnx, _torch_campplus
+    from reference_models import export_campplus_onnx, torch_campplus
     from editx_jax.convert.flow import export_flow
     from editx_jax.convert.hift import to_state_dict
     from editx_jax.decoder import campplus
@@ -406,7 +406,7 @@ def _write_released_folder(root: pathlib.Path, small_decoder) -> dict:
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in to_state_dict(small_decoder.vocoder_params, SMALL_HIFT).items()},
                root / "hift.pt")
     cam_cfg = campplus.CAMPPlusConfig(growth_rate=8, bn_size=2, init_channels=32, num_layers=(2, 3, 2))
-    model = _torch_campplus(cam_cfg)
+    model = torch_campplus(cam_cfg)
     with torch.no_grad():
         for name, p in model.state_dict().items():
             if name.endswith("running_var"):
@@ -414,7 +414,7 @@ def _write_released_folder(root: pathlib.Path, small_decoder) -> dict:
             elif p.dtype.is_floating_point:
                 p.copy_(torch.randn(p.shape) * 0.2)
     feat = np.random.default_rng(0).normal(size=(1, 60, 80)).astype(np.float32)
-    _export_onnx(model, feat, root / "campplus.onnx")
+    export_campplus_onnx(model, feat, root / "campplus.onnx")
     with torch.no_grad():
         emb = model(torch.from_numpy(feat)).numpy()
     (root / "cosyvoice.yaml").write_text(YAML)

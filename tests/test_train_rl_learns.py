@@ -5,7 +5,7 @@ on CPU. The numbers in each docstring are those of the run that set the asserted
 import jax
 import numpy as np
 import pytest
-from _rl_corpus import (EOT, TINY, in_band_reward, make_pairs, make_prompts, prompt_ids, edit)
+from _rl_corpus import TINY, edit, in_band_reward, make_pairs, make_prompts, prompt_ids
 
 from editx_jax import sharding
 from editx_jax.config import (DPOConfig, GenerationConfig, GRPOConfig, MeshConfig, OptimizerConfig, PPOConfig,
@@ -22,8 +22,8 @@ def _mesh():
     return sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
 
 
-def _tx(lr, steps, warmup=0.05):
-    return st.make_optimizer(OptimizerConfig(learning_rate=lr, warmup_ratio=warmup), steps)
+def _tx(lr, steps, warmup=0.05, schedule="cosine"):
+    return st.make_optimizer(OptimizerConfig(learning_rate=lr, warmup_ratio=warmup, schedule=schedule), steps)
 
 
 def test_reward_model_reaches_90_percent_on_held_out_pairs():
@@ -45,6 +45,8 @@ def test_reward_model_reaches_90_percent_on_held_out_pairs():
 
 
 def test_dpo_raises_margin_and_held_out_preference_accuracy():
+    """60 steps of 16 pairs from a random policy (its own frozen copy as reference): held-out reward
+    accuracy 0.0 -> 1.00, reward margin 0 -> 0.92, loss 0.693 -> 0.344 (about 13 s)."""
     steps, mesh, dcfg = 60, _mesh(), DPOConfig()
     tx = _tx(3e-3, steps)
     ref = llm.init_params(TINY, jax.random.key(1))
@@ -66,6 +68,8 @@ def test_dpo_raises_margin_and_held_out_preference_accuracy():
 
 
 def test_grpo_with_token_level_rewards_raises_the_group_mean_reward():
+    """30 iterations of 4 prompts x G = 8 with upstream's four token-level rewards (weights 1): group mean
+    reward 1.33 (first 5 iterations) -> 1.49 (last 5), mostly from the length reward (about 10 s)."""
     iters, g, mesh = 30, 8, _mesh()
     gcfg = GRPOConfig(group_size=g, max_new_tokens=20, beta=0.1)
     tx = _tx(1e-2, iters, 0.0)
@@ -89,10 +93,14 @@ def test_grpo_with_token_level_rewards_raises_the_group_mean_reward():
 
 
 def test_ppo_raises_held_out_reward_within_the_kl_bound():
-    iters, mesh = 25, _mesh()
-    pcfg = PPOConfig(max_new_tokens=10, critic_warmup=2, epochs=2, minibatches=2, kl_beta=0.05, kl_bound=10.0)
-    gen = GenerationConfig(max_length=64, min_prompt_bucket=16, top_k=0, repetition_window=0, temperature=1.0)
-    ptx, vtx = _tx(3e-3, iters, 0.0), _tx(3e-3, iters, 0.0)
+    """20 iterations of 16 rollouts (2 critic warm-up), reward = share of response tokens in the named
+    band: held-out mean reward 0.13 -> 0.89, KL to the reference 7.8 nats per sequence (bound 10),
+    explained variance 0.55 (about 65-80 s). The policy starts random, not from SFT."""
+    iters, mesh = 20, _mesh()
+    pcfg = PPOConfig(max_new_tokens=10, critic_warmup=2, epochs=4, minibatches=2, kl_beta=0.05, kl_bound=10.0)
+    gen = GenerationConfig(max_length=64, max_new_tokens=10, min_prompt_bucket=16, top_k=0, repetition_window=0,
+                           temperature=1.0)
+    ptx, vtx = _tx(1e-2, iters, 0.0, "constant"), _tx(3e-3, iters, 0.0, "constant")
     ref = llm.init_params(TINY, jax.random.key(3))
     policy = rl_common.create_state(ref, ptx, rl_common.llm_state_shardings(TINY, ptx, mesh))
     value = rl_common.create_state(ppo.init_value_params(policy_params=ref), vtx, ppo.value_shardings(TINY, vtx, mesh))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from editx_jax.config import ConfigError
-from editx_jax.tokenizer.codebook import AUDIO_TOKENS, GROUP, VQ02_CODES, AudioTokenError
+from editx_jax.tokenizer.codebook import AUDIO_TOKENS, GROUP, VQ02_CODES, AudioTokenError, checked_codes
 
 PAD_ID = VQ02_CODES  # 1024: the vq02 slot of every third frame
 VQ06_SHIFT = VQ02_CODES + 1  # a vq06 value v (= code + 1024) indexes row v + 1 = code + 1025
@@ -59,15 +59,11 @@ def reshape_tokens(mix_tokens) -> np.ndarray:
     Values must lie in [0, 5120); the group pattern itself is not checked (the official code embeds
     whatever the LLM produced).
     """
-    arr = np.asarray(mix_tokens)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise AudioTokenError(f"audio values must be a 1-D integer sequence, got {arr.dtype} "
-                              f"shape {list(arr.shape)}")
-    arr = arr.astype(np.int64)
-    bad = (arr < 0) | (arr >= AUDIO_TOKENS)
-    if bad.any():
-        raise AudioTokenError(f"audio value {int(arr[bad][0])} at index {int(np.flatnonzero(bad)[0])} "
-                              f"is outside [0, {AUDIO_TOKENS})")
+    return group_pairs(checked_codes(mix_tokens, AUDIO_TOKENS, "audio value"))
+
+
+def group_pairs(arr: np.ndarray) -> np.ndarray:
+    """`reshape_tokens` without the range check: int64 values [N] -> pair rows [3*ceil(N/5), 2]."""
     pad = (-arr.size) % GROUP
     if pad:
         arr = np.concatenate([arr, np.asarray(_TAIL_PATTERN[-pad:], np.int64)])

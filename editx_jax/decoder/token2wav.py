@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 from typing import NamedTuple, Sequence
 
@@ -50,12 +49,12 @@ import numpy as np
 from editx_jax.config import ConfigError
 from editx_jax.decoder.bigvgan import BigVGANConfig, bigvgan_inference
 from editx_jax.decoder.campplus import CAMPPlusConfig
-from editx_jax.decoder.embedding import PAD_ID, VQ06_SHIFT, dual_frames
+from editx_jax.decoder.embedding import dual_frames, group_pairs
 from editx_jax.decoder.flow import (FlowConfig, FlowModel, cfg_velocity, cosine_t_span, noise_from_key,
                                     solve_euler, stretch_prompt_mel)
 from editx_jax.decoder.hift import HiFTConfig, NSFNoise, draw_nsf_noise, hift_inference
 from editx_jax.decoder.mel import MelConfig
-from editx_jax.tokenizer.codebook import AUDIO_ID_OFFSET, AUDIO_TOKENS, GROUP, VQ02_CODES, AudioTokenError
+from editx_jax.tokenizer.codebook import AUDIO_ID_OFFSET, AUDIO_TOKENS, AudioTokenError
 
 VOCODERS = ("hift", "bigvgan")
 BIGVGAN_CONTEXT = 3  # mel frames reflect-padded on each side before BigVGAN (its conv_pre has no padding)
@@ -123,20 +122,10 @@ def audio_values(ids, clamp_stray: bool = True) -> np.ndarray:
     return values
 
 
-_TAIL = (0, 0, 0, PAD_ID, PAD_ID, PAD_ID)
-
-
 def reshape_values(values) -> np.ndarray:
     """The official `_reshape` on audio values [N] (negatives allowed) -> pair rows [3 ceil(N/5), 2],
     then `clamp(min=0)` as `flow.inference` does before the embedding."""
-    v = np.asarray(values, np.int64)
-    pad = (-v.size) % GROUP
-    if pad:
-        v = np.concatenate([v, np.asarray(_TAIL[-pad:], np.int64)])
-    groups = v.reshape(-1, GROUP)
-    vq02 = np.stack([groups[:, 0], groups[:, 1], np.full(len(groups), PAD_ID, np.int64)], axis=1)
-    vq06 = groups[:, 2:] - VQ02_CODES + VQ06_SHIFT
-    return np.maximum(np.stack([vq02.reshape(-1), vq06.reshape(-1)], axis=1), 0)
+    return np.maximum(group_pairs(np.asarray(values, np.int64)), 0)
 
 
 def _as_sequences(x, what: str) -> list:

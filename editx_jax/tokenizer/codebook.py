@@ -67,15 +67,16 @@ def quantize_vq02(enc_out, codebook) -> np.ndarray:
 # ------------------------------------------------------------------ interleave
 
 
-def _codes(name: str, codes, size: int) -> np.ndarray:
+def checked_codes(codes, size: int, what: str) -> np.ndarray:
+    """`codes` as int64 [N] with every value in [0, size); else AudioTokenError naming `what` (e.g.
+    'vq02 code') and the first bad value and index."""
     arr = np.asarray(codes)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise AudioTokenError(f"{name} must be a 1-D sequence of integer codes, got {arr.dtype} "
-                              f"shape {list(arr.shape)}")
+        raise AudioTokenError(f"{what}s must be a 1-D integer sequence, got {arr.dtype} shape {list(arr.shape)}")
     arr = arr.astype(np.int64)
     bad = (arr < 0) | (arr >= size)
     if bad.any():
-        raise AudioTokenError(f"{name} code {int(arr[bad][0])} at index {int(np.flatnonzero(bad)[0])} "
+        raise AudioTokenError(f"{what} {int(arr[bad][0])} at index {int(np.flatnonzero(bad)[0])} "
                               f"is outside [0, {size})")
     return arr
 
@@ -86,8 +87,8 @@ def num_groups(len_vq02: int, len_vq06: int) -> int:
 
 def interleave_codes(vq02, vq06) -> np.ndarray:
     """The `<audio_N>` numbers (vq02 as is, vq06 + 1024), 2 + 3 per group, leftovers dropped."""
-    a = _codes("vq02", vq02, VQ02_CODES)
-    b = _codes("vq06", vq06, VQ06_CODES)
+    a = checked_codes(vq02, VQ02_CODES, "vq02 code")
+    b = checked_codes(vq06, VQ06_CODES, "vq06 code")
     g = num_groups(a.size, b.size)
     groups = np.concatenate([a[:VQ02_PER_GROUP * g].reshape(g, VQ02_PER_GROUP),
                              b[:VQ06_PER_GROUP * g].reshape(g, VQ06_PER_GROUP) + VQ02_CODES], axis=1)

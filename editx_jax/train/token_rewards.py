@@ -75,11 +75,14 @@ def edit_reward(output, source, target) -> float:
 
 def edit_reward_corrected(output, source, target) -> float:
     """Ours: each preserved segment scored against the best-matching window of exactly its length
-    (searched from the previous match onwards), so an output equal to the target scores 1.0."""
-    out = units(strip_eos(output))
-    segs = preserved_segments(units(source), units(target))
+    (searched from the previous match onwards), times the output's unit-level similarity to the whole
+    target (1 - edit distance / the longer length), so an output equal to the target scores 1.0 and one
+    that keeps the segments but skips the edit (a copy of the source) scores less."""
+    out, tgt = units(strip_eos(output)), units(target)
+    whole = 1.0 - _levenshtein(out, tgt) / max(len(out), len(tgt), 1)
+    segs = preserved_segments(units(source), tgt)
     if not segs:
-        return 1.0 if out == units(target) else 0.0
+        return whole
     p, total = 0, 0.0
     for s in segs:
         m = len(s)
@@ -95,7 +98,7 @@ def edit_reward_corrected(output, source, target) -> float:
                 break
         total += best
         p = best_at + m if best > 0 else p
-    return total / len(segs)
+    return total / len(segs) * whole
 
 
 def consistency_reward(output, source, target=None) -> float:
