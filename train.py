@@ -1,6 +1,11 @@
-"""editx-jax training entry point (SFT).
+"""editx-jax training entry point: SFT (default), the reward model, DPO, GRPO, PPO.
 
     python train.py --config configs/sft_tiny.yaml --set data.train=train.jsonl --set train.steps=200
+    python train.py --algo reward --config configs/reward_tiny.yaml --init-from runs/sft_tiny
+    python train.py --algo dpo --config configs/dpo_tiny.yaml --init-from runs/sft_tiny
+    python train.py --algo grpo --config configs/grpo_tiny.yaml --init-from runs/sft_tiny
+    python train.py --algo ppo --config configs/ppo_tiny.yaml --init-from runs/sft_tiny \
+        --reward-model runs/reward_tiny                   # and/or --reward-fn token_level_edit ...
     python train.py --config configs/sft_step_audio_editx.yaml --init-from ckpt/llm --set data.train=...
     python train.py --config ... --resume                 # continue from the last checkpoint
     python train.py --config ... --export out/hf          # also write released-format safetensors
@@ -35,7 +40,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser, default="configs/sft_tiny.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
-    parser.add_argument("--init-from", metavar="DIR", help="start from a converted LLM checkpoint folder")
+    parser.add_argument("--algo", choices=("sft", "reward", "dpo", "grpo", "ppo"), default="sft",
+                        help="what to train (default sft)")
+    parser.add_argument("--init-from", metavar="DIR", help="start from a converted LLM checkpoint folder "
+                        "(reward / dpo / grpo / ppo: also an SFT or RL run folder, its last checkpoint)")
+    parser.add_argument("--reward-model", metavar="RUN_DIR", help="grpo / ppo: a reward model (an --algo reward run "
+                        "folder) as a reward; ppo: also the critic's start (ppo.value_init=reward)")
+    parser.add_argument("--reward-fn", action="append", metavar="SPEC", help="grpo / ppo: a reward function, "
+                        "a token-level name (token_level_edit, ...) or module:function; repeatable")
     parser.add_argument("--export", metavar="DIR", help="after training, write released-format safetensors here")
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed data record")
     parser.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT")
@@ -45,10 +57,20 @@ def main(argv=None) -> int:
     overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
     try:
         cfg = load_config(args.config, overrides)
+        if args.export and args.algo == "reward":
+            raise ValueError("--export writes a policy; a reward model has no released format")
         init_distributed(args)
-        from editx_jax.train.loop import run_sft
-        result = run_sft(cfg, resume=args.resume, init_from=args.init_from)
+        from editx_jax.train import loop
+        if args.algo in ("reward", "dpo"):
+            result = loop.run_pairs(args.algo, cfg, resume=args.resume, init_from=args.init_from)
+        elif args.algo in ("grpo", "ppo"):
+            result = loop.run_rollouts(args.algo, cfg, resume=args.resume, init_from=args.init_from,
+                                       reward_fns=args.reward_fn, reward_model=args.reward_model)
+        else:
+            result = loop.run_sft(cfg, resume=args.resume, init_from=args.init_from)
         if args.export:
+            state = result["state"]
+            result = {"state": state.get("policy", state)}
             import jax
             from jax.experimental import multihost_utils
 

@@ -69,7 +69,9 @@ class Request:
 class EditX:
     def __init__(self, config: Config, llm_params, text_tokenizer, audio_tokenizer, decoder):
         self.config = config
-        self.llm_params = llm_params
+        # On the device once: numpy leaves would be copied again on every jitted call (7 GB each at
+        # the released size); the host copies are dropped when the caller lets them go.
+        self.llm_params = jax.device_put(llm_params)
         self.text_tokenizer = text_tokenizer
         self.audio_tokenizer = audio_tokenizer
         self.decoder = decoder
