@@ -19,19 +19,10 @@ from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
 from editx_jax.parity import Fixture, check_fixture
 
 
-def _check(path):
+@pytest.mark.parametrize("path", fixture_dirs("dit_estimator") + fixture_dirs("flow_inference"), ids=lambda p: p.name)
+def test_parity(path):
     result = check_fixture(path)
     assert result.status == "PASS", result.line()
-
-
-@pytest.mark.parametrize("path", fixture_dirs("dit_estimator"), ids=lambda p: p.name)
-def test_dit_parity(path):
-    _check(path)
-
-
-@pytest.mark.parametrize("path", fixture_dirs("flow_inference"), ids=lambda p: p.name)
-def test_flow_inference_parity(path):
-    _check(path)
 
 
 # ------------------------------------------------------------------------------------------ ODE

@@ -22,11 +22,6 @@ from editx_jax.parity import Fixture, check_fixture
 from editx_jax.tokenizer.codebook import AudioTokenError
 
 
-def _check_parity(path):
-    result = check_fixture(path)
-    assert result.status == "PASS", result.line()
-
-
 @pytest.fixture(scope="module")
 def encoder_fixture():
     return Fixture.load(FIXTURES / "upsample_encoder_v2")
@@ -41,14 +36,11 @@ def encoder_setup(encoder_fixture):
 # ---------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("path", fixture_dirs("dual_codebook_embedding"), ids=lambda p: p.name)
-def test_dual_codebook_embedding_parity(path):
-    _check_parity(path)
-
-
-@pytest.mark.parametrize("path", fixture_dirs("upsample_encoder_v2"), ids=lambda p: p.name)
-def test_upsample_encoder_parity(path):
-    _check_parity(path)
+@pytest.mark.parametrize("path", fixture_dirs("dual_codebook_embedding") + fixture_dirs("upsample_encoder_v2"),
+                         ids=lambda p: p.name)
+def test_parity(path):
+    result = check_fixture(path)
+    assert result.status == "PASS", result.line()
 
 
 def test_fixtures_present():

@@ -9,6 +9,7 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -16,6 +17,9 @@ from _rl_corpus import edit, make_pairs, make_prompts, prompt_ids  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# the CLI runs take 25-100 s each on 2 cores (8 fake devices: every step and the sampler compile sharded)
+slow = pytest.mark.slow
 
 
 def write_synthetic(folder, n_train=4096, n_eval=128) -> dict:
@@ -74,6 +78,7 @@ def _check_run(out, algo, want_train, want_eval):
     assert any(p.name == f"eval_{want_eval.replace('/', '_')}.png" for p in pngs)
 
 
+@slow
 def test_reward_then_ppo_with_the_reward_model_then_resume(data, tmp_path):
     """The reward run's checkpoint is PPO's reward and critic start; PPO resumes from its checkpoint."""
     rm_out = tmp_path / "rm"
@@ -90,6 +95,7 @@ def test_reward_then_ppo_with_the_reward_model_then_resume(data, tmp_path):
     assert (ppo_out / "checkpoints" / "3").is_dir()
 
 
+@slow
 def test_dpo_and_grpo_from_an_earlier_run(data, tmp_path):
     """DPO from scratch, then GRPO --init-from the DPO run folder (its policy), with the token-level rewards."""
     dpo_out = tmp_path / "dpo"
@@ -102,6 +108,7 @@ def test_dpo_and_grpo_from_an_earlier_run(data, tmp_path):
                "reward/token_level_length")
 
 
+@slow
 def test_rl_cli_bad_input_is_a_clear_error(data, tmp_path, capsys):
     # PPO without any reward
     assert _main("ppo", data, tmp_path / "a", "train.batch_size=8") == 1
@@ -115,7 +122,26 @@ def test_rl_cli_bad_input_is_a_clear_error(data, tmp_path, capsys):
     capsys.readouterr()
     assert _main("ppo", data, tmp_path / "c", "train.batch_size=8", "llm.vocab_size=128",
                  flags=("--reward-model", str(rm_out))) == 1
-    assert "vocab" in capsys.readouterr().err or "expects" in capsys.readouterr().err
+    assert "vocabulary of 64 ids" in capsys.readouterr().err
+
+
+def test_epoch_indices_and_prompt_records(tmp_path):
+    from editx_jax.config import load_config
+    from editx_jax.data.jsonl import RecordError
+    from editx_jax.train import loop
+    seen = np.concatenate([loop.epoch_indices(10, 4, s, 0) for s in range(5)])
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # each once an epoch
+    assert (loop.epoch_indices(10, 4, 3, 0) == loop.epoch_indices(10, 4, 3, 0)).all()  # a resume finds its place
+    cfg = load_config(ROOT / "configs/grpo_tiny.yaml")
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": [1, 5, 7, 9, 7], "source": [9], "target": [17]}\n{"prompt": []}\n'
+                    '{"prompt": [1, 99]}\nnot json\n')
+    prompts, records, report = loop.read_prompt_records(str(path), cfg)
+    assert prompts == [[1, 5, 7, 9, 7]] and records == [{"source": [9], "target": [17]}]
+    assert report.kept == 1 and sum(report.skipped.values()) == 3
+    strict = load_config(ROOT / "configs/grpo_tiny.yaml", ["data.strict=true"])
+    with pytest.raises(RecordError, match="empty prompt"):
+        loop.read_prompt_records(str(path), strict)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -80,10 +81,13 @@ class GRPO:
 
     def iteration(self, prompts, records, key) -> dict:
         g = self.gcfg.group_size
+        t0 = time.perf_counter()
         rows, completions = rollout.sample_completions(self.state["params"], self.cfg, self.gen, prompts, key, g,
                                                        mesh=self.sample_mesh)
+        t1 = time.perf_counter()
         recs = [r for r in records for _ in range(g)]
         total, parts = rollout.score(self.fns, self.weights, rows, completions, recs)
+        t2 = time.perf_counter()
         adv = np.asarray(losses.group_advantages(jnp.asarray(total), g))
         batch = rl_common.sequence_batch(rows, completions, pad_id=self.pad_id, allow_empty=True)
         batch = {k: batch[k] for k in INPUT_KEYS}
@@ -91,9 +95,13 @@ class GRPO:
         batch["ref_logps"] = np.asarray(self.ref_fn(self.ref_params, batch))
         if self.gcfg.iterations > 1:  # pi_old: the policy that sampled, frozen for the inner steps
             batch["old_logps"] = np.asarray(self.ref_fn(self.state["params"], batch))
+        t3 = time.perf_counter()
         for _ in range(self.gcfg.iterations):
             self.state, m = self.step_fn(self.state, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
+        t4 = time.perf_counter()
+        # seconds of this iteration: sampling, reward functions, the reference log-prob pass, updates
+        m.update({"time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/prepare": t3 - t2, "time/update": t4 - t3})
         groups = total.reshape(-1, g)
         m.update(reward_mean=float(total.mean()), reward_group_std=float(groups.std(axis=1, ddof=1).mean()),
                  completion_length=float(np.mean([len(c) for c in completions])))

@@ -339,6 +339,10 @@ def run_loop(name: str, cfg: Config, state: dict, step_fn: Callable, *, evaluate
     tc = cfg.train
     out = pathlib.Path(tc.output_dir)
     _check_run_config(out, cfg, resume)
+    old = out / "run_config.json"
+    if resume and old.is_file() and json.loads(old.read_text()).get("algo", "sft") != name:
+        raise RunError(f"{out} holds a {json.loads(old.read_text()).get('algo', 'sft')} run, not {name}; "
+                       "nothing was overwritten")
     pi = jax.process_index()
     mgr = checkpoint_manager(out / "checkpoints", cfg)
     start = 0
@@ -410,10 +414,10 @@ def restore_run_params(run_dir, keys=("params",)):
     step = mgr.latest_step()
     if step is None:
         raise RunError(f"{run_dir}: no checkpoint under {path}")
-    meta = mgr.item_metadata(step)
-    tree = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"] \
-        if meta is None or "state" in meta else None
-    mgr.close()
+    try:
+        tree = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+        mgr.close()
     for key in (("policy", "params"), ("params",)):
         node = tree
         for k in key:
@@ -466,6 +470,10 @@ def load_reward_params(path, cfg: Config):
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), jax.device_get(restore_run_params(path)))
     if "trunk" not in params:
         raise RunError(f"--reward-model {path}: its checkpoint is not a reward model (no trunk/score params)")
+    vocab = np.shape(params["trunk"]["embed"]["embedding"])[0]
+    if vocab != cfg.llm.vocab_size:
+        raise RunError(f"--reward-model {path}: its trunk has a vocabulary of {vocab} ids, the policy's "
+                       f"llm.vocab_size is {cfg.llm.vocab_size}")
     _check_tree(params, rm.abstract_params(master_config(cfg.llm)), f"--reward-model {path}")
     return params
 

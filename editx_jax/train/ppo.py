@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -114,14 +115,18 @@ class PPO:
         k_sample, k_perm = jax.random.split(key)
         gen = self.gen if self.gen.max_new_tokens == pcfg.max_new_tokens else \
             dataclasses.replace(self.gen, max_new_tokens=pcfg.max_new_tokens)
+        t0 = time.perf_counter()
         rows, completions = rollout.sample_completions(self.policy["params"], self.cfg, gen, prompts, k_sample,
                                                        mesh=self.sample_mesh)
+        t1 = time.perf_counter()
         scores, parts = rollout.score(self.fns, self.weights, rows, completions, records)
+        t2 = time.perf_counter()
         batch = rl_common.sequence_batch(rows, completions, pad_id=self.pad_id, allow_empty=True)
         batch = {k: batch[k] for k in INPUT_KEYS}
         batch["scores"] = scores
         prepared, stats = self.prepare_fn(self.policy["params"], self.ref_params, self.value["params"], batch)
         data = {**batch, **{k: np.asarray(v) for k, v in prepared.items()}}
+        t3 = time.perf_counter()
         del data["scores"]
         n = len(rows)
         if n % pcfg.minibatches:
@@ -143,7 +148,10 @@ class PPO:
                     m.update(mp)
                 metrics.append(m)
         self.iterations += 1
-        out = {k: float(np.mean([float(x[k]) for x in metrics])) for k in metrics[-1]}
+        out = {k: float(np.mean([float(x[k]) for x in metrics])) for k in metrics[-1]}  # (waits for the steps)
+        t4 = time.perf_counter()
+        # seconds of this iteration: sampling, reward functions, the log-prob / value / GAE pass, updates
+        out.update({"time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/prepare": t3 - t2, "time/update": t4 - t3})
         out.update({k: float(v) for k, v in jax.device_get(stats).items()})
         out["reward_mean"] = float(np.mean(scores))
         out["policy_trained"] = float(train_policy)
