@@ -1,7 +1,9 @@
 """Random params for a tree of shapes, drawn with numpy (no compile): tests, demos, benchmarks.
 
-Each leaf takes the dtype of its abstract leaf. Kernels N(0, 1/fan_in) times `kernel_scale`, embeddings N(0, 1), norm scales 1 + N(0, 0.1),
-everything else N(0, 0.1). Random weights make noise, never speech; these only exercise the code.
+Each leaf takes the dtype of its abstract leaf and goes to the device as soon as it is drawn, so
+a released-size tree (7 GB in bfloat16) never exists twice in host memory. Kernels N(0, 1/fan_in)
+times `kernel_scale`, embeddings N(0, 1), norm scales 1 + N(0, 0.1), everything else N(0, 0.1).
+Random weights make noise, never speech; these only exercise the code.
 """
 
 import jax
@@ -15,13 +17,13 @@ def random_params(abstract, seed: int, kernel_scale: float = 1.0) -> dict:
     def draw(path, leaf):
         name = str(path[-1].key) if hasattr(path[-1], "key") else ""
         shape = tuple(leaf.shape)
+        x = rng.standard_normal(size=shape, dtype=np.float32)
         if name == "scale":
-            return (1 + 0.1 * rng.normal(size=shape)).astype(np.float32)
-        if name == "kernel" and len(shape) >= 2:  # [..., in, out]: scaled by the input width
-            return (kernel_scale * rng.normal(size=shape) / np.sqrt(shape[-2])).astype(np.float32)
-        if name == "embedding":
-            return rng.normal(size=shape).astype(np.float32)
-        return (0.1 * rng.normal(size=shape)).astype(np.float32)
+            x = 1 + 0.1 * x
+        elif name == "kernel" and len(shape) >= 2:  # [..., in, out]: scaled by the input width
+            x *= kernel_scale / np.sqrt(shape[-2])
+        elif name != "embedding":
+            x *= 0.1
+        return jax.device_put(x.astype(leaf.dtype, copy=False))
 
-    leaves = [draw(path, leaf).astype(leaf.dtype) for path, leaf in flat]  # e.g. bfloat16 LLM params
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return jax.tree_util.tree_unflatten(treedef, [draw(path, leaf) for path, leaf in flat])
