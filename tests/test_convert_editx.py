@@ -1,0 +1,51 @@
+"""tools/convert.py editx: the two released folders (fakes in the official names) -> one model folder."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import AUDIO, ROOT
+from editx_jax.config import LLMConfig
+
+LLM = LLMConfig(vocab_size=74752, hidden_size=32, intermediate_size=64, num_heads=4, num_groups=2, num_layers=1)
+
+
+@pytest.mark.slow
+def test_convert_editx_then_edit(tmp_path):
+    from reference_models import write_step_audio_tokenizer
+    from test_convert_llm import hf_config, random_state, write_release
+    from test_token2wav import _write_released_folder, small_flow_config, SMALL_HIFT
+
+    from editx_jax.decoder import flow, hift
+    from editx_jax.decoder.token2wav import Decoder
+    from editx_jax.pipeline import EditX
+    from editx_jax.random_init import random_params
+    from editx_jax.text.tiny import train_layout_model
+
+    editx = write_release(tmp_path / "Step-Audio-EditX", random_state(LLM), hf_config(LLM))
+    (editx / "tokenizer.model").write_bytes(train_layout_model())
+    cfg = small_flow_config()
+    decoder = Decoder(random_params(flow.abstract_params(cfg), 1), cfg,
+                      random_params(hift.abstract_params(SMALL_HIFT), 3, kernel_scale=0.3), SMALL_HIFT)
+    _write_released_folder(editx / "CosyVoice-300M-25Hz", decoder)
+    tokenizer = write_step_audio_tokenizer(tmp_path / "Step-Audio-Tokenizer")
+
+    dst = tmp_path / "model"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/convert.py"), "editx", str(editx), str(dst),
+                           "--tokenizer", str(tokenizer), "--quiet", "--dtype", "float32"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.glob(".model.partial"))
+    model = EditX.from_pretrained(dst, max_new_tokens=10)
+    assert model.config.llm.hidden_size == 32 and model.config.flow == cfg
+    wave, sr = model.edit(str(AUDIO / "espeak_en_16k_a.wav"), "hello", "emotion", "happy")
+    assert sr == 24000 and len(wave) % 2880 == 0 and np.all(np.isfinite(wave))
+
+    again = subprocess.run([sys.executable, str(ROOT / "tools/convert.py"), "editx", str(editx), str(dst),
+                            "--tokenizer", str(tokenizer)], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 1 and "not empty" in again.stderr and again.stderr.count("\n") == 1
+    missing = subprocess.run([sys.executable, str(ROOT / "tools/convert.py"), "editx", str(editx),
+                              str(tmp_path / "other")], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 1 and "--tokenizer" in missing.stderr
