@@ -494,7 +494,6 @@ class PPOConfig:
     temperature: float = 1.0
     max_new_tokens: int = 1024
     value_init: str = "reward"  # critic from the reward model, or "policy" (trunk + zero head)
-    separate_meshes: bool = False  # roles share the one mesh; true: give each role its own mesh
 
     def __post_init__(self):
         _check(self.kl_beta >= 0, "ppo.kl_beta", "must be >= 0")

@@ -180,7 +180,9 @@ class EditX:
                 raise EditXError("clone runs once; n_iter is for edits")
         timings = {"tokenize": 0.0, "generate": 0.0, "decode": 0.0}
         key = jax.random.key(seed)
-        waves = [self._load(r) for r in requests]  # (wave [N] mono capped, sr)
+        loaded = [self._load(r) for r in requests]
+        raw = [x[2] for x in loaded]  # as read: the clone speaker id hashes these samples
+        waves = [x[:2] for x in loaded]  # (wave [N] mono capped, sr)
         first_prompt = None
         stray = 0
         for round_ in range(n_iter):
@@ -190,12 +192,11 @@ class EditX:
                                         for r in requests])
             t = time.perf_counter()
             tokens = self.audio_tokenizer.tokenize([w for w, _ in waves], [sr for _, sr in waves])
-            features = [self.decoder.prompt_features(w, sr) for w, sr in waves]
             prompt_ids = []
-            for r, tok, (w, sr) in zip(requests, tokens, waves):
+            for r, tok, raw_wave in zip(requests, tokens, raw):
                 audio_ids = tok.ids
                 if r.edit_type == "clone":
-                    speaker = prompts.clone_speaker_id(r.audio_text, w)
+                    speaker = prompts.clone_speaker_id(r.audio_text, raw_wave)
                     prompt_ids.append(prompts.build_clone_ids(self.text_tokenizer, r.audio_text, audio_ids,
                                                               r.new_text, speaker=speaker, language=r.language,
                                                               inner_bos=self.config.editx.inner_bos))
@@ -204,11 +205,11 @@ class EditX:
                     prompt_ids.append(prompts.build_edit_ids(self.text_tokenizer, r.edit_type, r.edit_info,
                                                              r.audio_text, audio_ids, new_text=new_text,
                                                              inner_bos=self.config.editx.inner_bos))
-            speaker_prompts = [(tok.ids, mel, emb) for tok, (mel, emb) in zip(tokens, features)]
-            if first_prompt is None:
-                first_prompt = speaker_prompts
-            if self.config.editx.keep_prompt_features:
-                speaker_prompts = first_prompt
+            if first_prompt is not None and self.config.editx.keep_prompt_features:
+                speaker_prompts = first_prompt  # round 1's speaker prompt: no timbre drift across rounds
+            else:
+                speaker_prompts = [(tok.ids, *self.decoder.prompt_features(w, sr)) for tok, (w, sr) in zip(tokens, waves)]
+                first_prompt = first_prompt or speaker_prompts
             timings["tokenize"] += time.perf_counter() - t
 
             t = time.perf_counter()
@@ -237,8 +238,9 @@ class EditX:
         return generate(self.llm_params, self.config.llm, self.config.generation, prompt_ids,
                         row_keys=row_keys).tokens
 
-    def _load(self, r: Request) -> tuple[np.ndarray, int]:
-        """Mono, 0.6 peak cap (`preprocess_prompt_wav`), the length limit."""
+    def _load(self, r: Request) -> tuple[np.ndarray, int, np.ndarray]:
+        """(mono wave with the 0.6 peak cap of `preprocess_prompt_wav`, sample rate, the samples as
+        read); the length limit."""
         from editx_jax.audio import AudioError, cap_peak, check_wave, load_audio, to_mono
 
         limit = self.config.editx.max_audio_seconds
@@ -252,10 +254,11 @@ class EditX:
                 if wave.shape[-1] / sr > limit:
                     raise AudioError(f"audio is {wave.shape[-1] / sr:.1f} s, over the {limit:g} s limit "
                                      f"(editx.max_audio_seconds)")
-            wave = cap_peak(to_mono(check_wave(wave)))
+            raw = check_wave(wave)
+            wave = cap_peak(to_mono(raw))
         except AudioError as e:
             raise EditXError(str(e)) from None
-        return wave, sr
+        return wave, sr, raw
 
 
 def validate_request(r: Request) -> None:

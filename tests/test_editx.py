@@ -1,6 +1,6 @@
 """End to end on tiny random weights (configs/tiny.yaml): wav in, wav out, through the CLI too."""
 
-import json
+import dataclasses
 import math
 import subprocess
 import sys
@@ -53,9 +53,18 @@ def test_batch_gives_each_request_as_alone(model):
         np.testing.assert_allclose(wave, alone, atol=2e-5)
 
 
-def test_iterative_edit_and_kept_prompt_features(model):
+def test_iterative_edit_and_kept_prompt_features(model, monkeypatch):
+    calls = []
+    real = model.decoder.prompt_features
+    monkeypatch.setattr(model.decoder, "prompt_features", lambda *a: calls.append(1) or real(*a))
     wave, _ = model.edit(CLIP, "the weather is nice today", "emotion", "sad", n_iter=2, seed=2)
     assert model.last_info["rounds"] == 2 and len(wave) == expected_samples(model.last_info["generated_tokens"][0])
+    assert len(calls) == 2  # the speaker prompt follows each round's input, as upstream does
+    keep = dataclasses.replace(model.config, editx=dataclasses.replace(model.config.editx, keep_prompt_features=True))
+    monkeypatch.setattr(model, "config", keep)
+    calls.clear()
+    model.edit(CLIP, "the weather is nice today", "emotion", "sad", n_iter=2, seed=2)
+    assert len(calls) == 1  # round 1's speaker prompt is kept
 
 
 def test_clone(model):

@@ -18,7 +18,7 @@ from _rl_corpus import edit, make_pairs, make_prompts, prompt_ids  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# the CLI runs take 25-100 s each on 2 cores (8 fake devices: every step and the sampler compile sharded)
+# the two full CLI chains take 12-40 s each on 2 cores (8 fake devices: every step and the sampler compile sharded)
 slow = pytest.mark.slow
 
 
@@ -108,7 +108,6 @@ def test_dpo_and_grpo_from_an_earlier_run(data, tmp_path):
                "reward/token_level_length")
 
 
-@slow
 def test_rl_cli_bad_input_is_a_clear_error(data, tmp_path, capsys):
     # PPO without any reward
     assert _main("ppo", data, tmp_path / "a", "train.batch_size=8") == 1

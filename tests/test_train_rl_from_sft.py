@@ -39,7 +39,7 @@ def test_ppo_from_the_sft_policy_raises_held_out_reward_within_the_kl_bound():
     """SFT 12 steps of 16 pairs (loss 4.2 -> 3.13), then PPO 12 iterations of 16 rollouts (1 critic
     warm-up): held-out mean reward (share of response units in the named band) 0.378 -> 0.875, KL to the
     SFT reference 5.3 nats per sequence at the end (max 5.6, bound 10), explained variance 0.89
-    (about 60-90 s on 2 cores)."""
+    (about 40 s on 2 cores)."""
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     ref, sft_loss = sft_policy(12, mesh)
     iters = 12

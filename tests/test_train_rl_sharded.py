@@ -15,7 +15,6 @@ from editx_jax.train import rl_common, rollout
 from editx_jax.train import state as st
 
 
-@pytest.mark.slow  # about 40 s on 2 cores: 2 meshes x (sample, greedy) compilations
 def test_rollout_sharded_equals_one_device():
     if jax.device_count() < 8:
         pytest.skip("needs 8 fake devices")

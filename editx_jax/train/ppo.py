@@ -3,8 +3,8 @@
 Roles: the policy (a train state), the reference (frozen params, the initial policy), the reward
 (`rollout.RewardFn`: `rollout.reward_model_fn(...)` for the Bradley-Terry model), the critic (a
 `models.reward` score model with per-token outputs, a train state; initialised from the reward model,
-`ppo.value_init="reward"`, or from the policy trunk with a zero head). All roles share one mesh here
-(`ppo.separate_meshes` is reserved for placing them apart; not implemented yet).
+`ppo.value_init="reward"`, or from the policy trunk with a zero head). All roles share one mesh
+(placing roles on separate meshes is not built).
 
 One iteration:
   1. rollouts from the jitted sampler (temperature, top-k, the repetition rule of `generation`);
