@@ -268,18 +268,18 @@ def iter_jsonl(paths: str | Sequence[str]) -> Iterable[tuple[str, object]]:
                     yield where, RecordError("invalid JSON", str(e), where)
 
 
-def read_examples(paths, tok: TextEncoder, cfg: DataConfig, vocab_size: int, speaker_fn=clone_speaker,
-                  strict: bool | None = None) -> tuple[list[Example], DataReport]:
-    """All examples of the JSONL file(s) and the report of what was skipped or truncated."""
-    strict = cfg.strict if strict is None else strict
+def read_records(paths, encode, strict: bool = False):
+    """encode(record) over every JSONL record: (the results, a DataReport). A RecordError skips the
+    record and is counted by reason, or is raised with its file:line when `strict` (or fatal).
+    Results with a `truncated` flag are counted as truncated."""
     report = DataReport()
-    examples = []
+    results = []
     for where, record in iter_jsonl(paths):
         report.records += 1
         try:
             if isinstance(record, RecordError):
                 raise record
-            ex = encode_record(record, tok, cfg, vocab_size, speaker_fn)
+            result = encode(record)
         except RecordError as e:
             if strict or e.fatal:
                 raise RecordError(e.reason, e.detail, where) from None
@@ -287,6 +287,13 @@ def read_examples(paths, tok: TextEncoder, cfg: DataConfig, vocab_size: int, spe
             report.first_error.setdefault(e.reason, f"{where}: {e}")
             continue
         report.kept += 1
-        report.truncated += ex.truncated
-        examples.append(ex)
-    return examples, report
+        report.truncated += result.truncated
+        results.append(result)
+    return results, report
+
+
+def read_examples(paths, tok: TextEncoder, cfg: DataConfig, vocab_size: int, speaker_fn=clone_speaker,
+                  strict: bool | None = None) -> tuple[list[Example], DataReport]:
+    """All examples of the JSONL file(s) and the report of what was skipped or truncated."""
+    strict = cfg.strict if strict is None else strict
+    return read_records(paths, lambda record: encode_record(record, tok, cfg, vocab_size, speaker_fn), strict)

@@ -113,24 +113,7 @@ def truncate(pair: Pair, dpo: DPOConfig) -> Pair:
 
 def read_pairs(paths, tok, data: DataConfig, dpo: DPOConfig, vocab_size: int, strict: bool = False):
     """All pairs of the JSONL file(s) and the report of what was skipped / truncated."""
-    report = jsonl.DataReport()
-    pairs = []
-    for where, record in jsonl.iter_jsonl(paths):
-        report.records += 1
-        try:
-            if isinstance(record, RecordError):
-                raise record
-            pair = record_to_pair(record, tok, data, dpo, vocab_size)
-        except RecordError as e:
-            if strict:
-                raise RecordError(e.reason, e.detail, where) from None
-            report.skipped[e.reason] += 1
-            report.first_error.setdefault(e.reason, f"{where}: {e}")
-            continue
-        report.kept += 1
-        report.truncated += pair.truncated
-        pairs.append(pair)
-    return pairs, report
+    return jsonl.read_records(paths, lambda record: record_to_pair(record, tok, data, dpo, vocab_size), strict)
 
 
 def as_arrays(pairs):
