@@ -157,3 +157,35 @@ def test_bad_input_is_a_clear_error():
         DPOConfig(truncation="keep_start")
     with pytest.raises(ConfigError, match="reward.readout"):
         load_config(None, ["reward.readout=first"])
+
+
+def test_audio_reward_decodes_in_process_and_scores_each_completion():
+    from test_token2wav import SMALL_HIFT, small_flow_config
+
+    from editx_jax.decoder import flow, hift
+    from editx_jax.decoder.token2wav import Decoder
+    from editx_jax.random_init import random_params
+    from editx_jax.train import rollout
+
+    cfg = small_flow_config()
+    decoder = Decoder(random_params(flow.abstract_params(cfg), 1), cfg,
+                      random_params(hift.abstract_params(SMALL_HIFT), 3, kernel_scale=0.3), SMALL_HIFT)
+    rng = np.random.default_rng(0)
+    source = list(65536 + rng.integers(0, 1024, 10))
+    record = {"source": source, "prompt_mel": rng.normal(size=(12, 80)).astype(np.float32),
+              "spk_embedding": rng.normal(size=192).astype(np.float32)}
+    seen = []
+
+    def seconds(wave, sr, rec):
+        seen.append(wave)
+        return len(wave) / sr
+
+    fn = rollout.audio_reward_fn(decoder, seconds, name="seconds")
+    completions = [list(65536 + rng.integers(0, 5120, 10)) + [3], [3], list(65536 + rng.integers(0, 5120, 4))]
+    rewards = fn([[1]] * 3, completions, [record] * 3)
+    assert rewards[1] is None  # nothing to decode
+    assert rewards[0] == pytest.approx(2 * 2880 / 24000) and rewards[2] == pytest.approx(2880 / 24000)
+    alone = decoder.token2wav([completions[0][:-1]], [source], [record["prompt_mel"]], [record["spk_embedding"]])
+    np.testing.assert_allclose(seen[0], alone.speech[0, :alone.lengths[0]], atol=2e-5)
+    total, parts = rollout.score([fn], None, [[1]] * 3, completions, [record] * 3)
+    assert list(parts) == ["seconds"] and total[1] == 0.0

@@ -66,6 +66,46 @@ def reward_model_fn(params, score_cfg: LLMConfig, rcfg: RewardConfig, policy_cfg
     return reward
 
 
+AUDIO_FIRST, AUDIO_END = 65536, 65536 + 5120
+
+
+def audio_reward_fn(decoder, scorer: Callable, name: str = "audio") -> RewardFn:
+    """A reward that listens: completions are decoded to 24 kHz speech in-process by our decoder
+    (`editx_jax.decoder.token2wav.Decoder`, one batched call), then `scorer(wave, sample_rate, record)
+    -> float` scores each (an ASR error rate, a speaker similarity, ...). No HTTP services.
+
+    records[i] gives the decoder's speaker prompt: "source" (the edited clip's audio ids, 65536 + ...)
+    and either "prompt_mel" [T, 80] + "spk_embedding" [192], or "audio" (a file; its prompt features
+    are computed once and cached). Non-audio ids (the final <|EOT|>, stray text) are left out; a
+    completion with no audio ids scores None (missing).
+    """
+    from editx_jax.audio import load_audio
+
+    cached: dict = {}
+
+    def features(record):
+        if "prompt_mel" in record:
+            return record["prompt_mel"], record["spk_embedding"]
+        path = str(record["audio"])
+        if path not in cached:
+            cached[path] = decoder.prompt_features(*load_audio(path))
+        return cached[path]
+
+    def reward(prompts, completions, records):
+        out: list = [None] * len(completions)
+        keep = [(i, [t for t in c if AUDIO_FIRST <= t < AUDIO_END]) for i, c in enumerate(completions)]
+        keep = [(i, ids) for i, ids in keep if ids]
+        if keep:
+            feats = [features(records[i]) for i, _ in keep]
+            speech = decoder.token2wav([ids for _, ids in keep], [records[i]["source"] for i, _ in keep],
+                                       [f[0] for f in feats], [f[1] for f in feats])
+            for row, (i, _) in enumerate(keep):
+                out[i] = float(scorer(speech.speech[row, :speech.lengths[row]], 24000, records[i]))
+        return out
+    reward.__name__ = name
+    return reward
+
+
 def resolve(spec) -> RewardFn:
     """A reward function from a token-level name, a "module:function" path, or a callable."""
     if callable(spec):
