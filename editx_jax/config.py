@@ -494,6 +494,9 @@ class PPOConfig:
     temperature: float = 1.0
     max_new_tokens: int = 1024
     value_init: str = "reward"  # critic from the reward model, or "policy" (trunk + zero head)
+    # 0: every role shares the one mesh. N > 0: the critic (and its optimizer state) lives on its own
+    # mesh over the last N devices (fsdp across them); the policy and reference take `mesh` over the rest.
+    critic_devices: int = 0
 
     def __post_init__(self):
         _check(self.kl_beta >= 0, "ppo.kl_beta", "must be >= 0")
@@ -503,4 +506,5 @@ class PPOConfig:
         _check(self.epochs > 0 and self.minibatches > 0, "ppo.epochs", "epochs and minibatches must be > 0")
         _check(self.critic_warmup >= 0, "ppo.critic_warmup", "must be >= 0")
         _check(self.value_init in ("reward", "policy"), "ppo.value_init", "'reward' or 'policy'")
+        _check(self.critic_devices >= 0, "ppo.critic_devices", "must be >= 0 (0: share the policy's mesh)")
         _check(self.max_new_tokens > 0, "ppo.max_new_tokens", "must be > 0")

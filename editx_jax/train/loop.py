@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from editx_jax import sharding
-from editx_jax.config import Config, ConfigError
+from editx_jax.config import Config, ConfigError, MeshConfig
 from editx_jax.data import jsonl, pipeline
 from editx_jax.train import sft
 from editx_jax.train import state as train_state
@@ -660,6 +660,14 @@ def run_rollouts(algo: str, cfg: Config, *, resume=False, init_from=None, log=pr
     log = _log_fn(log)
     tc = cfg.train
     rows = tc.batch_size * (cfg.grpo.group_size if algo == "grpo" else 1)
+    devices = list(jax.devices() if devices is None else devices)
+    value_mesh = None
+    if algo == "ppo" and cfg.ppo.critic_devices:
+        n = cfg.ppo.critic_devices
+        if n >= len(devices):
+            raise RunError(f"ppo.critic_devices {n} leaves no device for the policy ({len(devices)} devices)")
+        value_mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices[-n:])
+        devices = devices[:-n]
     mesh, _ = _mesh_and_shards(cfg, devices, rows, "train.batch_size" + (" x grpo.group_size" if algo == "grpo" else ""))
     if algo == "ppo" and rows % cfg.ppo.minibatches:
         raise RunError(f"ppo.minibatches {cfg.ppo.minibatches} does not divide train.batch_size {rows}")
@@ -695,7 +703,7 @@ def run_rollouts(algo: str, cfg: Config, *, resume=False, init_from=None, log=pr
     else:
         from editx_jax.models import reward as rm
         vtx = train_state.make_optimizer(cfg.optimizer, tc.steps)
-        vsh = ppo.value_shardings(cfg.llm, vtx, mesh)
+        vsh = ppo.value_shardings(cfg.llm, vtx, value_mesh or mesh)
         if fresh:
             rparams = load_reward_params(reward_model, cfg) if reward_model and cfg.ppo.value_init == "reward" else None
             value = rl_common.create_state(ppo.init_value_params(rparams, None if rparams is not None else policy),
@@ -704,7 +712,7 @@ def run_rollouts(algo: str, cfg: Config, *, resume=False, init_from=None, log=pr
             value = _zeros_state(rm.abstract_params(master_config(cfg.llm)), vtx, vsh)
         gen = dataclasses.replace(cfg.generation, max_new_tokens=cfg.ppo.max_new_tokens, drop_last=False)
         trainer = ppo.PPO(cfg.llm, cfg.ppo, gen, tx, vtx, mesh, pol_state, ref, value, fns, pad_id=cfg.llm.pad_id,
-                          sample_mesh=mesh)
+                          sample_mesh=mesh, value_mesh=value_mesh)
         state = {"policy": pol_state, "ref": ref, "value": value}
 
         def step_fn(state, i):

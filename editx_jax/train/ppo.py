@@ -3,12 +3,13 @@
 Roles: the policy (a train state), the reference (frozen params, the initial policy), the reward
 (`rollout.RewardFn`: `rollout.reward_model_fn(...)` for the Bradley-Terry model), the critic (a
 `models.reward` score model with per-token outputs, a train state; initialised from the reward model,
-`ppo.value_init="reward"`, or from the policy trunk with a zero head). All roles share one mesh
-(placing roles on separate meshes is not built).
+`ppo.value_init="reward"`, or from the policy trunk with a zero head). The policy and the reference
+live on one mesh; the critic on the same mesh or on its own (`value_mesh`, `ppo.critic_devices`);
+the reward model wherever its params are. Rollout arrays cross between meshes through the host.
 
 One iteration:
   1. rollouts from the jitted sampler (temperature, top-k, the repetition rule of `generation`);
-  2. `prepare` (jitted): per-token log-probs of policy and reference, values, entropy; per-token rewards
+  2. `prepare` (jitted; split into `policy_side`, `critic_side`, `advantages`): per-token log-probs of policy and reference, values, entropy; per-token rewards
      -kl_beta * (logp - ref_logp) with the sequence reward added at the last response token; GAE
      (reverse `lax.scan`); advantage whitening;
   3. `ppo.epochs` passes of `ppo.minibatches` minibatches: the clipped value loss for the critic and,
@@ -39,13 +40,23 @@ def critic_values(params, cfg: LLMConfig, batch: dict):
     return rm.scores(params, cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
 
 
-def prepare(policy_params, ref_params, value_params, batch: dict, *, cfg: LLMConfig, pcfg: PPOConfig):
-    """Rollout batch + sequence "scores" [N] -> everything the update needs (all [N, T] unless noted)."""
+def policy_side(policy_params, ref_params, batch: dict, *, cfg: LLMConfig, pcfg: PPOConfig):
+    """Per-token log-probs of the policy and the reference, and the policy's entropy ([N, T] each)."""
     cfg = master_config(cfg)
-    mask = batch["action_mask"]
     logp, entropy = rl_common.token_logps(policy_params, cfg, batch, pcfg.temperature, with_entropy=True)
-    ref = rl_common.token_logps(ref_params, cfg, batch, pcfg.temperature)
-    values = critic_values(value_params, cfg, batch) * mask
+    return {"logp": logp, "ref_logp": rl_common.token_logps(ref_params, cfg, batch, pcfg.temperature),
+            "entropy": entropy}
+
+
+def critic_side(value_params, batch: dict, *, cfg: LLMConfig):
+    return critic_values(value_params, master_config(cfg), batch) * batch["action_mask"]
+
+
+def advantages(batch: dict, *, pcfg: PPOConfig):
+    """The rollout batch with "logp", "ref_logp", "entropy", "values" [N, T] and sequence "scores" [N]
+    -> everything the update needs (all [N, T]) and statistics: per-token KL penalty, the score at the
+    last response token, GAE, optional whitening."""
+    mask, logp, ref, values = batch["action_mask"], batch["logp"], batch["ref_logp"], batch["values"]
     kl = (logp - ref) * mask
     cols = jnp.arange(mask.shape[1])
     last = jnp.max(jnp.where(mask > 0, cols, -1), axis=1)
@@ -54,9 +65,16 @@ def prepare(policy_params, ref_params, value_params, batch: dict, *, cfg: LLMCon
     if pcfg.whiten_advantages:
         adv = losses.whiten(adv, mask)
     stats = {"kl": jnp.mean(jnp.sum(kl, axis=1)), "kl_k3_token": losses.masked_mean(losses.k3_kl(logp, ref), mask),
-             "entropy": losses.masked_mean(entropy, mask), "response_length": jnp.mean(jnp.sum(mask, axis=1)),
+             "entropy": losses.masked_mean(batch["entropy"], mask), "response_length": jnp.mean(jnp.sum(mask, axis=1)),
              "value_mean": losses.masked_mean(values, mask)}
     return {"old_logps": logp * mask, "old_values": values, "advantages": adv, "returns": returns}, stats
+
+
+def prepare(policy_params, ref_params, value_params, batch: dict, *, cfg: LLMConfig, pcfg: PPOConfig):
+    """Rollout batch + sequence "scores" [N] -> everything the update needs, all roles on one device set."""
+    sides = {**policy_side(policy_params, ref_params, batch, cfg=cfg, pcfg=pcfg),
+             "values": critic_side(value_params, batch, cfg=cfg)}
+    return advantages({**batch, **sides}, pcfg=pcfg)
 
 
 def policy_loss(params, cfg: LLMConfig, pcfg: PPOConfig, mb: dict):
@@ -95,20 +113,28 @@ class PPO:
 
     def __init__(self, cfg: LLMConfig, pcfg: PPOConfig, gen: GenerationConfig, policy_tx, value_tx, mesh,
                  policy_state, ref_params, value_state, reward_fns, reward_weights=None, pad_id: int = 0,
-                 sample_mesh=None):
+                 sample_mesh=None, value_mesh=None):
+        """mesh: the policy's and the reference's. value_mesh: the critic's (state placed with
+        `value_shardings(cfg, value_tx, value_mesh)`); by default the same mesh. Rollout arrays move
+        between the two through the host."""
         self.cfg, self.pcfg, self.gen, self.mesh, self.pad_id = cfg, pcfg, gen, mesh, pad_id
         self.policy, self.ref_params, self.value = policy_state, ref_params, value_state
         self.fns, self.weights = [rollout.resolve(f) for f in reward_fns], reward_weights
         self.iterations, self.sample_mesh = 0, sample_mesh
+        self.value_mesh = value_mesh or mesh
         psh = rl_common.llm_state_shardings(cfg, policy_tx, mesh)
-        vsh = value_shardings(cfg, value_tx, mesh)
+        vsh = value_shardings(cfg, value_tx, self.value_mesh)
         rep = rl_common.replicated(mesh)
-        self.prepare_fn = rl_common.ShardedStep(functools.partial(prepare, cfg=cfg, pcfg=pcfg), mesh,
-                                                (psh["params"], psh["params"], vsh["params"]), rep)
+        self.policy_side_fn = rl_common.ShardedStep(functools.partial(policy_side, cfg=cfg, pcfg=pcfg), mesh,
+                                                    (psh["params"], psh["params"]), rep)
+        self.critic_side_fn = rl_common.ShardedStep(functools.partial(critic_side, cfg=cfg), self.value_mesh,
+                                                    (vsh["params"],), rl_common.replicated(self.value_mesh))
+        self.advantages_fn = rl_common.ShardedStep(functools.partial(advantages, pcfg=pcfg), mesh, (), rep)
         self.policy_fn = rl_common.ShardedStep(functools.partial(policy_step, cfg=cfg, pcfg=pcfg, tx=policy_tx),
                                                mesh, (psh,), (psh, rep), donate=(0,))
         self.value_fn = rl_common.ShardedStep(functools.partial(value_step, cfg=cfg, pcfg=pcfg, tx=value_tx),
-                                              mesh, (vsh,), (vsh, rep), donate=(0,))
+                                              self.value_mesh, (vsh,), (vsh, rl_common.replicated(self.value_mesh)),
+                                              donate=(0,))
 
     def iteration(self, prompts, records, key) -> dict:
         pcfg = self.pcfg
@@ -124,7 +150,9 @@ class PPO:
         batch = rl_common.sequence_batch(rows, completions, pad_id=self.pad_id, allow_empty=True)
         batch = {k: batch[k] for k in INPUT_KEYS}
         batch["scores"] = scores
-        prepared, stats = self.prepare_fn(self.policy["params"], self.ref_params, self.value["params"], batch)
+        sides = jax.device_get(self.policy_side_fn(self.policy["params"], self.ref_params, batch))
+        sides["values"] = np.asarray(self.critic_side_fn(self.value["params"], batch))
+        prepared, stats = self.advantages_fn({**batch, **sides})
         data = {**batch, **{k: np.asarray(v) for k, v in prepared.items()}}
         t3 = time.perf_counter()
         del data["scores"]
