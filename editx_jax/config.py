@@ -28,6 +28,13 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+MATMUL_PRECISIONS = ("default", "high", "highest")  # jax.lax.Precision names, for *.matmul_precision
+
+
+def check_matmul_precision(value: str, field: str) -> None:
+    _check(value in MATMUL_PRECISIONS, field, f"one of {', '.join(MATMUL_PRECISIONS)}, got {value!r}")
+
+
 def _check(cond: bool, field: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"{field}: {message}")

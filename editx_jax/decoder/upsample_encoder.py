@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError
+from editx_jax.config import ConfigError, check_matmul_precision
+from editx_jax.layers.precision import PRECISIONS
 
 
 class EncoderInputError(ValueError):
@@ -89,9 +90,7 @@ class UpsampleEncoderConfig:
         for name in ("layer_eps", "embed_eps"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"upsample_encoder.{name}: must be positive, got {getattr(self, name)!r}")
-        if self.matmul_precision not in ("default", "high", "highest"):
-            raise ConfigError(f"upsample_encoder.matmul_precision: must be default, high or highest, "
-                              f"got {self.matmul_precision!r}")
+        check_matmul_precision(self.matmul_precision, "upsample_encoder.matmul_precision")
 
     @property
     def head_dim(self) -> int:
@@ -99,7 +98,7 @@ class UpsampleEncoderConfig:
 
     @property
     def precision(self) -> jax.lax.Precision:
-        return jax.lax.Precision[self.matmul_precision.upper()]
+        return PRECISIONS[self.matmul_precision]
 
     def output_lengths(self, lengths):
         return lengths * self.up_stride

@@ -18,8 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-PRECISIONS = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
-              "highest": jax.lax.Precision.HIGHEST}
+from editx_jax.layers.precision import PRECISIONS
 
 _DIMS = ("NWC", "WIO", "NWC")
 

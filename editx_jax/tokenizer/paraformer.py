@@ -37,10 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError
+from editx_jax.config import ConfigError, check_matmul_precision
+from editx_jax.layers.precision import PRECISIONS
 
-PRECISIONS = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
-              "highest": jax.lax.Precision.HIGHEST}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +83,7 @@ class ParaformerEncoderConfig:
         if self.look_back <= 0:
             raise ConfigError(f"paraformer.look_back: only a positive encoder look-back is supported, "
                               f"got {self.look_back}")
-        if self.matmul_precision not in PRECISIONS:
-            raise ConfigError(f"paraformer.matmul_precision: one of {sorted(PRECISIONS)}, "
-                              f"got {self.matmul_precision!r}")
+        check_matmul_precision(self.matmul_precision, "paraformer.matmul_precision")
 
     @property
     def head_dim(self) -> int:

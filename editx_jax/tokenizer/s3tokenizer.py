@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError
+from editx_jax.config import ConfigError, check_matmul_precision
+from editx_jax.layers.precision import PRECISIONS
 
 # ---------------------------------------------------------------------------------------- config
 
@@ -69,9 +70,7 @@ class S3TokenizerConfig:
         if self.min_chunk_samples > self.chunk_samples:
             raise ConfigError(f"s3tokenizer.min_chunk_samples: {self.min_chunk_samples} exceeds "
                               f"chunk_samples {self.chunk_samples}")
-        if self.matmul_precision not in ("default", "high", "highest"):
-            raise ConfigError(f"s3tokenizer.matmul_precision: must be default, high or highest, "
-                              f"got {self.matmul_precision!r}")
+        check_matmul_precision(self.matmul_precision, "s3tokenizer.matmul_precision")
 
     @property
     def head_dim(self) -> int:
@@ -79,7 +78,7 @@ class S3TokenizerConfig:
 
     @property
     def precision(self) -> jax.lax.Precision:
-        return jax.lax.Precision[self.matmul_precision.upper()]
+        return PRECISIONS[self.matmul_precision]
 
     def token_lengths(self, mel_len):
         """Frames after the conv stem: (T-1)//s1 + 1, then (T1-1)//2 + 1 (0 stays 0)."""
