@@ -16,13 +16,14 @@ from editx_jax.audio import MIN_AUDIO_SECONDS
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
-import prepare_data  # noqa: E402
-import tokenize_audio  # noqa: E402
-import train  # noqa: E402
+import prepare_data
+import tokenize_audio
+
+import train
 
 
 def _run(script, *argv, cwd):
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd, capture_output=True,
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd, capture_output=True, check=False,
                           text=True, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -144,3 +145,27 @@ def test_prepare_data_refuses_an_empty_data_file(tmp_path, capsys):
                               "--config", str(ROOT / "configs/sft_tiny.yaml")]) == 1
     assert "no examples" in _one_error_line(capsys.readouterr().err)
     assert _files(tmp_path) == {pathlib.Path("empty.jsonl")}
+
+
+def test_a_misshapen_decoder_tensor_is_one_line(clips, capsys):
+    """The decoder load checks every name and shape (the check the LLM and tokenizer loads use)."""
+    import infer
+    from editx_jax.checkpoint import CheckpointError
+    from editx_jax.config import load_config
+    from editx_jax.decoder.token2wav import Decoder
+    from editx_jax.pipeline import EditX
+
+    model = clips.parent / "model"
+    EditX.random(load_config(ROOT / "configs/tiny.yaml")).save(model)
+    good = Decoder.from_pretrained(model / "decoder")
+    table = np.asarray(good.flow_params["input_embedding"]["embedding"]["embedding"])
+    bad_flow = {**good.flow_params, "input_embedding": {"embedding": {"embedding": table[:-1]}}}
+    Decoder(bad_flow, good.flow_config, good.vocoder_params, good.vocoder_config, good.campplus_params,
+            good.campplus_config, good.config).save(model / "decoder")
+    with pytest.raises(CheckpointError, match="param flow/input_embedding/embedding/embedding has shape"):
+        Decoder.from_pretrained(model / "decoder")
+    capsys.readouterr()
+    assert infer.main(["edit", "--model", str(model), "--audio", str(clips / "good.wav"), "--audio-text", "hi",
+                       "--edit-type", "emotion", "--edit-info", "happy", "--out", str(clips.parent / "x.wav")]) == 1
+    assert "flow/input_embedding/embedding/embedding has shape" in _one_error_line(capsys.readouterr().err)
+    assert not (clips.parent / "x.wav").exists()

@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from editx_jax.cli import UsageError, check_output_file  # noqa: E402  (after the path insert)
+from editx_jax.cli import UsageError, check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
