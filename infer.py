@@ -12,26 +12,56 @@ builds random weights from configs/tiny.yaml: the output is noise; it shows the 
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
+
+from editx_jax.audio import AudioError, load_audio
+from editx_jax.cli import (
+    OneLineParser,
+    UsageError,
+    check_output_dir,
+    check_output_file,
+    check_seed,
+)
+from editx_jax.config import (
+    ConfigError,
+    GenerationConfig,
+    add_config_args,
+    from_dict,
+    load_config,
+)
+from editx_jax.text.prompts import EditError, with_language
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEMO_CLIP = ROOT / "editx_jax" / "assets" / "demo_prompt.wav"
 
 
+def _generation_overrides(args) -> dict:
+    return {k: getattr(args, k) for k in ("temperature", "top_k", "max_new_tokens") if getattr(args, k) is not None}
+
+
+def check_arguments(args) -> None:
+    """Every argument that can be wrong on its own, before any model loads: one line each
+    (UsageError, ConfigError, EditError or AudioError), and nothing is written. The input clip is
+    read once here too (cheap next to a model load), so a truncated or too short file fails fast."""
+    check_seed(args.seed)
+    if getattr(args, "n_iter", 1) < 1:
+        raise UsageError(f"--n-iter must be at least 1, got {args.n_iter}")
+    from_dict(GenerationConfig, _generation_overrides(args), "generation")  # --temperature 0, --top-k -1, ...
+    if getattr(args, "language", None) is not None:
+        with_language("", args.language)  # the prompt rule's own list of languages
+    if args.command == "demo":
+        check_output_dir(args.out_dir, "--out-dir")
+    else:
+        check_output_file(args.out)
+        load_audio(args.audio if args.command == "edit" else args.prompt_audio, max_seconds=None)
+
+
 def _load_model(args):
-    from editx_jax.config import load_config
     from editx_jax.pipeline import EditX
 
-    overrides = {}
-    if args.temperature is not None:
-        overrides["temperature"] = args.temperature
-    if args.top_k is not None:
-        overrides["top_k"] = args.top_k
-    if args.max_new_tokens is not None:
-        overrides["max_new_tokens"] = args.max_new_tokens
+    overrides = _generation_overrides(args)
     t = time.perf_counter()
     if args.model:
         model = EditX.from_pretrained(args.model, **overrides)
@@ -94,10 +124,8 @@ def cmd_demo(args):
          [out / "edit_happy.wav"])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from editx_jax.config import add_config_args
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="infer.py", description=__doc__.split("\n")[0])
     parser.add_argument("--list-edits", action="store_true", help="print every supported edit type and value")
     sub = parser.add_subparsers(dest="command")
 
@@ -106,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         src.add_argument("--model", help="model folder written by tools/convert.py editx")
         src.add_argument("--random-tiny", action="store_true", help="random weights from --config (noise)")
         add_config_args(p, default=str(ROOT / default_config))
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="sampling seed, an integer in [0, 2^32)")
         p.add_argument("--temperature", type=float)
         p.add_argument("--top-k", type=int)
         p.add_argument("--max-new-tokens", type=int)
@@ -151,11 +179,13 @@ def main(argv=None) -> int:
     if args.command != "demo" and not args.model and not args.random_tiny:
         print("error: give --model DIR (tools/convert.py editx writes one) or --random-tiny", file=sys.stderr)
         return 1
-    from editx_jax.audio import AudioError
+    try:
+        check_arguments(args)
+    except (UsageError, ConfigError, EditError, AudioError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     from editx_jax.checkpoint import CheckpointError
-    from editx_jax.config import ConfigError
     from editx_jax.pipeline import EditXError
-    from editx_jax.text.prompts import EditError
     try:
         args.func(args)
     except (EditXError, EditError, AudioError, ConfigError, CheckpointError, FileNotFoundError) as e:

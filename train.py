@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 
+from editx_jax.cli import check_output_dir
 from editx_jax.config import ConfigError, add_config_args, load_config
 
 
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
     try:
         cfg = load_config(args.config, overrides)
+        check_output_dir(cfg.train.output_dir, "train.output_dir")  # before any model loads
+        if args.export:
+            check_output_dir(args.export, "--export")
         if args.export and args.algo == "reward":
             raise ValueError("--export writes a policy; a reward model has no released format")
         init_distributed(args)

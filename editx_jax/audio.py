@@ -21,6 +21,10 @@ import numpy as np
 
 TOKENIZER_SAMPLE_RATE = 16000
 DEFAULT_MAX_SECONDS = 3600.0  # refuse clips longer than an hour unless asked (memory guard)
+# The one rule for clips too short, in every tool (load_audio, the tokenizer, the pipeline): under
+# 0.1 s there is no syllable to edit; 0.1 s always holds one 2+3 token group, even untrimmed (from
+# 0.09 s on), and the 24 kHz mel and fbank analysis windows.
+MIN_AUDIO_SECONDS = 0.1
 
 
 class AudioError(ValueError):
@@ -33,8 +37,9 @@ class AudioError(ValueError):
 def load_audio(path, *, mono: bool = False, max_seconds: float | None = DEFAULT_MAX_SECONDS):
     """(wave, sample_rate) of an audio file: float32 [C, N] (or [N] with mono=True, channels averaged).
 
-    Errors (AudioError, one line): missing file, empty file, undecodable file, zero samples,
-    NaN/Inf samples, and audio longer than `max_seconds` (None: no limit).
+    Errors (AudioError, one line): missing file, empty file, undecodable file, a WAV whose header
+    promises more samples than the file holds (truncated), zero samples, NaN/Inf samples, audio
+    shorter than MIN_AUDIO_SECONDS and audio longer than `max_seconds` (None: no limit).
     """
     path = pathlib.Path(path)
     if not path.exists():
@@ -43,6 +48,7 @@ def load_audio(path, *, mono: bool = False, max_seconds: float | None = DEFAULT_
         raise AudioError(f"not a file: {path}")
     if path.stat().st_size == 0:
         raise AudioError(f"audio file is empty (0 bytes): {path}")
+    _check_wav_length(path)
     wave, sr = _read_soundfile(path, max_seconds)
     if wave is None:
         wave, sr = _read_librosa(path, max_seconds)
@@ -55,9 +61,45 @@ def load_audio(path, *, mono: bool = False, max_seconds: float | None = DEFAULT_
     return wave, int(sr)
 
 
+def check_min_duration(samples: int, sr: int, what) -> None:
+    """AudioError for a clip shorter than MIN_AUDIO_SECONDS (see there); `what` names it."""
+    if samples < MIN_AUDIO_SECONDS * sr:
+        raise AudioError(f"audio is too short: {samples} samples ({samples / sr:.3f} s), the minimum is "
+                         f"{MIN_AUDIO_SECONDS:g} s: {what}")
+
+
+# Data-chunk sizes that streaming writers leave when they cannot seek back: "length unknown".
+_UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
+
+
+def _check_wav_length(path) -> None:
+    """A RIFF/WAVE file whose data chunk promises more bytes than the file holds is truncated.
+
+    libsndfile silently clamps such a header to what is there, so the cut is checked here, from
+    the chunk headers alone (no samples are read). Other formats pass through untouched."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        offset = 12
+        while offset + 8 <= size:
+            f.seek(offset)
+            chunk = f.read(8)
+            chunk_id, chunk_size = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if chunk_id == b"data":
+                if chunk_size not in _UNKNOWN_WAV_SIZES and offset + 8 + chunk_size > size:
+                    raise AudioError(f"audio file is truncated: its header promises {chunk_size} bytes of samples, "
+                                     f"the file holds {size - offset - 8}: {path}")
+                return
+            offset += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to an even length
+    raise AudioError(f"audio file is truncated: its WAV header has no complete data chunk: {path}")
+
+
 def _check_duration(path, frames: int, sr: int, max_seconds):
     if sr <= 0:
         raise AudioError(f"audio file has an invalid sample rate {sr}: {path}")
+    check_min_duration(frames, sr, path)
     if max_seconds is not None and frames / sr > max_seconds:
         raise AudioError(f"audio is {frames / sr:.1f} s long, over the limit of {max_seconds:g} s: {path}")
 

@@ -241,7 +241,7 @@ class EditX:
     def _load(self, r: Request) -> tuple[np.ndarray, int, np.ndarray]:
         """(mono wave with the 0.6 peak cap of `preprocess_prompt_wav`, sample rate, the samples as
         read); the length limit."""
-        from editx_jax.audio import AudioError, cap_peak, check_wave, load_audio, to_mono
+        from editx_jax.audio import AudioError, cap_peak, check_min_duration, check_wave, load_audio, to_mono
 
         limit = self.config.editx.max_audio_seconds
         try:
@@ -255,6 +255,7 @@ class EditX:
                     raise AudioError(f"audio is {wave.shape[-1] / sr:.1f} s, over the {limit:g} s limit "
                                      f"(editx.max_audio_seconds)")
             raw = check_wave(wave)
+            check_min_duration(raw.shape[-1], sr, "audio")  # files were checked as read; this covers waves
             wave = cap_peak(to_mono(raw))
         except AudioError as e:
             raise EditXError(str(e)) from None

@@ -4,10 +4,29 @@ Each leaf takes the dtype of its abstract leaf and goes to the device as soon as
 a released-size tree (7 GB in bfloat16) never exists twice in host memory. Kernels N(0, 1/fan_in)
 times `kernel_scale`, embeddings N(0, 1), norm scales 1 + N(0, 0.1), everything else N(0, 0.1).
 Random weights make noise, never speech; these only exercise the code.
+
+A kernel's fan-in is its second-to-last axis ([..., in, out]: Dense, and convs by their channels),
+except the LLM's multi-axis attention projections, whose input is not that axis: q/k/v
+[L, E, H|G, D] read E, o_proj [L, H, D, E] reads H*D. Scaling those by H or D instead would make
+random-weight attention logits so large that every softmax is one-hot.
 """
+
+import math
 
 import jax
 import numpy as np
+
+# Module name -> the axes (counted from the end) that a multi-axis kernel contracts with its input.
+MULTI_AXIS_FAN_IN = {"q_proj": (-3,), "k_proj": (-3,), "v_proj": (-3,), "o_proj": (-3, -2)}
+
+
+def kernel_fan_in(path, shape: tuple) -> int:
+    """The number of inputs each output of the kernel at `path` sums over (see module doc)."""
+    parent = str(path[-2].key) if len(path) >= 2 and hasattr(path[-2], "key") else ""
+    axes = MULTI_AXIS_FAN_IN.get(parent)
+    if axes is not None and len(shape) >= 3:
+        return math.prod(shape[a] for a in axes)
+    return shape[-2]
 
 
 def random_params(abstract, seed: int, kernel_scale: float = 1.0) -> dict:
@@ -20,8 +39,8 @@ def random_params(abstract, seed: int, kernel_scale: float = 1.0) -> dict:
         x = rng.standard_normal(size=shape, dtype=np.float32)
         if name == "scale":
             x = 1 + 0.1 * x
-        elif name == "kernel" and len(shape) >= 2:  # [..., in, out]: scaled by the input width
-            x *= kernel_scale / np.sqrt(shape[-2])
+        elif name == "kernel" and len(shape) >= 2:
+            x *= kernel_scale / np.sqrt(kernel_fan_in(path, shape))
         elif name != "embedding":
             x *= 0.1
         return jax.device_put(x.astype(leaf.dtype, copy=False))

@@ -3,6 +3,7 @@
     python tools/convert.py llm SRC DST [--dtype bfloat16|float32]
     python tools/convert.py export-llm CKPT DST [--dtype bfloat16|float32]
     python tools/convert.py decoder CosyVoice-300M-25Hz/ DST [--bigvgan CKPT]
+    python tools/convert.py export-decoder CKPT DST
     python tools/convert.py tokenizer Step-Audio-Tokenizer/ DST
     python tools/convert.py editx Step-Audio-EditX/ DST --tokenizer Step-Audio-Tokenizer/
 
@@ -33,6 +34,13 @@ def _decoder(src, dst, progress=True, dtype=None, bigvgan=None):
     return convert_decoder(src, dst, bigvgan=bigvgan, progress=progress, dtype=dtype)
 
 
+def _export_decoder(src, dst, progress=True, dtype=None):
+    from editx_jax.convert.decoder import export_decoder
+    if dtype not in (None, "float32"):
+        raise ValueError(f"export-decoder writes float32 (the decoder's dtype), got --dtype {dtype}")
+    return export_decoder(src, dst)
+
+
 def _tokenizer(src, dst, progress=True, dtype=None):
     from editx_jax.tokenizer.pipeline import convert_tokenizer
     return convert_tokenizer(src, dst, progress=progress, dtype=dtype)
@@ -50,6 +58,8 @@ SUBCOMMANDS = {
                                 "with the PyTorch names (default: keep the stored dtype)"),
     "decoder": (_decoder, "released CosyVoice-300M-25Hz/ folder (flow.pt, hift.pt, campplus.onnx, "
                           "cosyvoice.yaml) -> one decoder checkpoint folder (float32)"),
+    "export-decoder": (_export_decoder, "decoder checkpoint folder -> flow.pt and hift.pt (or "
+                                        "bigvgan_generator.pt) with the PyTorch names; campplus.onnx is not written"),
     "tokenizer": (_tokenizer, "released Step-Audio-Tokenizer/ folder (FunASR Paraformer, linguistic_tokenizer.npy, "
                               "speech_tokenizer_v1.onnx) -> one audio tokenizer checkpoint folder (float32)"),
     "editx": (_editx, "released Step-Audio-EditX/ (with CosyVoice-300M-25Hz/) and --tokenizer Step-Audio-Tokenizer/ "

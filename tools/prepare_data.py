@@ -68,6 +68,9 @@ def write_shards(jsonl_path, prefix, cfg, num_shards: int = 1, tokenizer=None) -
 
     tok = tokenizer or jsonl.load_text_tokenizer(cfg.data.text_tokenizer)
     examples, report = jsonl.read_examples(jsonl_path, tok, cfg.data, cfg.llm.vocab_size)
+    if not examples:  # an empty shard would only fail later, in training, far from its cause
+        raise ValueError(f"{jsonl_path}: no examples to write (the file is empty or every record was "
+                         f"skipped: {report.summary().splitlines()[0]})")
     prefix = pathlib.Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = [f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]

@@ -6,18 +6,24 @@
 --model is a tokenizer checkpoint folder (`tools/convert.py tokenizer SRC DST`) or a released
 `Step-Audio-Tokenizer/` folder (converted in memory on every run). Each line:
     {"file", "seconds", "vq02": [...], "vq06": [...], "ids": [LLM ids], "tokens": "<audio_N>..."}
-A file that cannot be tokenized prints one `error: FILE: reason` line on stderr and the run goes on;
-the exit status is 1 if any file failed (the count is printed at the end), 0 otherwise.
+A file that cannot be tokenized (unreadable, truncated, shorter than `audio.MIN_AUDIO_SECONDS`, ...)
+prints one `error: FILE: reason` line on stderr and the run goes on; the exit status is 1 if any
+file failed (the count is printed at the end), 0 otherwise. `--out` is checked before the model
+loads and written through a temporary sibling renamed into place; it is not created when no file
+gave tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from editx_jax.cli import UsageError, check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +60,12 @@ def main(argv=None) -> int:
     if args.batch < 1:
         print("error: --batch must be at least 1", file=sys.stderr)
         return 2
+    if args.out:
+        try:
+            check_output_file(args.out)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from editx_jax.config import ConfigError
     from editx_jax.convert.keymap import ConversionError
     try:
@@ -63,8 +75,9 @@ def main(argv=None) -> int:
         return 1
     from editx_jax.audio import AudioError
 
-    out = open(args.out, "w") if args.out else sys.stdout
-    failed = 0
+    tmp = pathlib.Path(args.out).with_name(f".{pathlib.Path(args.out).name}.tmp") if args.out else None
+    out = open(tmp, "w") if tmp else sys.stdout
+    failed = written = 0
     bar = None
     if not args.quiet and len(args.files) > 1:
         from tqdm import tqdm
@@ -90,6 +103,7 @@ def main(argv=None) -> int:
                     (bar.write if bar else lambda m: print(m, file=sys.stderr))(f"error: {message}")
                 else:
                     out.write(json.dumps(r.to_json(file=f)) + "\n")
+                    written += 1
             out.flush()
             if bar:
                 bar.update(len(files))
@@ -99,8 +113,12 @@ def main(argv=None) -> int:
     finally:
         if bar:
             bar.close()
-        if out is not sys.stdout:
+        if tmp:
             out.close()
+            if written:  # whole lines only (flushed per batch), also after an interrupt
+                os.replace(tmp, args.out)
+            else:
+                tmp.unlink()
     if failed:
         print(f"{failed} of {len(args.files)} file(s) failed", file=sys.stderr)
         return 1

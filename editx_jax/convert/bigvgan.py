@@ -6,6 +6,9 @@ Weight norm (old `weight_g`/`weight_v`, or the parametrizations kind) is folded 
 (`*.upsample.filter`, `*.downsample.lowpass.filter`) are not params: our activation computes the
 Kaiser-sinc filter itself, so the converter checks each stored buffer against it (a mismatch means
 a different filter design, which the model would silently ignore) and consumes it.
+
+`to_state_dict` is the inverse: torch names and layouts, weight norm on every conv (as the
+official generator holds it before `remove_weight_norm`), and the filter buffers it registers.
 """
 
 from __future__ import annotations
@@ -16,21 +19,26 @@ from typing import Mapping
 import numpy as np
 
 from editx_jax.convert.hift import conv_rules
-from editx_jax.convert.keymap import ConversionError, Rule, TensorSource, convert
-from editx_jax.convert.sources import TorchSource, WeightNormSource, checkpoint_source
+from editx_jax.convert.keymap import ConversionError, Rule, TensorSource, convert, export
+from editx_jax.convert.sources import TorchSource, WeightNormSource, checkpoint_source, with_weight_norm
 from editx_jax.decoder.bigvgan import BigVGANConfig, abstract_params
 from editx_jax.layers.activations import kaiser_sinc_filter
 
 FILTER_SUFFIXES = (".upsample.filter", ".downsample.lowpass.filter")
 FILTER_ATOL = 1e-6
+RATIO, FILTER_SIZE = 2, 12  # the anti-alias resampling of every Activation1d: 2x, 12 taps
+
+
+def _filter(ratio: int = RATIO, kernel_size: int = FILTER_SIZE) -> np.ndarray:
+    return np.asarray(kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size), np.float32)
 
 
 class _WithoutFilters:
     """A TensorSource view of `inner` without the anti-alias filter buffers, each checked on the way."""
 
-    def __init__(self, inner: TensorSource, ratio: int = 2, kernel_size: int = 12):
+    def __init__(self, inner: TensorSource, ratio: int = RATIO, kernel_size: int = FILTER_SIZE):
         self.inner = inner
-        want = kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size)
+        want = _filter(ratio, kernel_size)
         self._names = []
         for name in inner.names():
             if not name.endswith(FILTER_SUFFIXES):
@@ -94,3 +102,22 @@ def from_checkpoint(path: str | os.PathLike, config: BigVGANConfig = BigVGANConf
     """Params from a torch-pickled (NVIDIA's `bigvgan_generator.pt` holds it under 'generator') or
     safetensors BigVGAN state_dict."""
     return from_source(checkpoint_source(path), config, dtype)
+
+
+def to_state_dict(params: Mapping, config: BigVGANConfig = BigVGANConfig(),
+                  weight_norm: str = "old") -> dict[str, np.ndarray]:
+    """Our params back to a BigVGAN generator state_dict (the inverse of `from_state_dict`).
+
+    weight_norm: 'old' (`weight_g` / `weight_v`, how NVIDIA's `bigvgan_generator.pt` stores it),
+    'parametrizations' or 'none' (plain folded weights, the round trip is then bit-exact). Every
+    activation gets its `upsample.filter` and `downsample.lowpass.filter` buffers [1, 1, 12]."""
+    config_rules = rules(config)
+    convs = {r.source[:-len(".weight")] for r in config_rules if r.source.endswith(".weight")}
+    out = with_weight_norm(export(params, config_rules), convs, weight_norm)
+    buffer = _filter().reshape(1, 1, FILTER_SIZE)
+    for r in config_rules:
+        if r.source.endswith(".act.alpha"):
+            base = r.source[:-len(".act.alpha")]
+            out[f"{base}.upsample.filter"] = buffer.copy()
+            out[f"{base}.downsample.lowpass.filter"] = buffer.copy()
+    return out

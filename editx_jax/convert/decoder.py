@@ -22,8 +22,14 @@ import os
 import pathlib
 import re
 
+import numpy as np
+
 from editx_jax.config import ConfigError
+from editx_jax.convert.bigvgan import to_state_dict as bigvgan_state_dict
+from editx_jax.convert.flow import export_flow
+from editx_jax.convert.hift import to_state_dict as hift_state_dict
 from editx_jax.convert.keymap import ConversionError
+from editx_jax.decoder.token2wav import Decoder
 
 
 # ------------------------------------------------------------------------------------------ yaml
@@ -191,3 +197,33 @@ def convert_decoder(src, dst, bigvgan: str | os.PathLike | None = None, progress
                                 "yaml": yaml_path.is_file()})
     return {"dst": str(folder), "vocoder": kind, "yaml": yaml_path.is_file(),
             "flow_depth": flow_cfg.estimator.depth, "flow_width": flow_cfg.input_size}
+
+
+# ------------------------------------------------------------------ export
+
+
+def export_decoder(src, dst) -> dict:
+    """A decoder checkpoint folder -> `flow.pt` and the vocoder's state dict (`hift.pt`, weight norm
+    as parametrizations like the release, or `bigvgan_generator.pt` as {'generator': ...}) in the
+    released torch names and layouts; `convert_decoder` reads them back. Not written: campplus.onnx
+    (there is no CAM++ ONNX export) and cosyvoice.yaml."""
+    import torch  # noqa: PLC0415  (optional: the convert extra)
+
+    decoder = Decoder.from_pretrained(src)
+    dst = pathlib.Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+
+    def save(tensors, name, wrap=None):
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors}
+        tmp = dst / f".{name}.tmp"
+        torch.save({wrap: state} if wrap else state, tmp)
+        os.replace(tmp, dst / name)
+        return name
+
+    written = [save(export_flow(decoder.flow_params), "flow.pt")]
+    if decoder.config.vocoder == "hift":
+        written.append(save(hift_state_dict(decoder.vocoder_params, decoder.vocoder_config).items(), "hift.pt"))
+    else:
+        written.append(save(bigvgan_state_dict(decoder.vocoder_params, decoder.vocoder_config).items(),
+                            "bigvgan_generator.pt", wrap="generator"))
+    return {"dst": str(dst.absolute()), "files": written, "vocoder": decoder.config.vocoder}

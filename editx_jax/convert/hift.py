@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from editx_jax.convert.keymap import Rule, TensorSource, convert, export
-from editx_jax.convert.sources import TorchSource, WeightNormSource, checkpoint_source, unfold_weight_norm
+from editx_jax.convert.sources import TorchSource, WeightNormSource, checkpoint_source, with_weight_norm
 from editx_jax.decoder.hift import HiFTConfig, abstract_params
 
 # --------------------------------------------------------------------------------------- rules
@@ -85,20 +85,6 @@ def to_state_dict(params: Mapping, config: HiFTConfig = HiFTConfig(),
                   weight_norm: str = "parametrizations") -> dict[str, np.ndarray]:
     """Our params back to torch names. `weight_norm`: 'parametrizations' (original0/1, like hift.pt),
     'old' (weight_g/weight_v) or 'none' (plain folded weights). Folding the result gives params back."""
-    if weight_norm not in ("parametrizations", "old", "none"):
-        raise ValueError(f"weight_norm must be 'parametrizations', 'old' or 'none', got {weight_norm!r}")
-    out = {}
     wn = {r.source[:-len(".weight")] for r in rules(config)
           if r.layout == "conv1d" and not r.source.startswith("source_downs.")}
-    for name, arr in export(params, rules(config)):
-        module = name[:-len(".weight")] if name.endswith(".weight") else None
-        if weight_norm == "none" or module not in wn:
-            out[name] = arr
-            continue
-        g, v = unfold_weight_norm(arr)
-        if weight_norm == "parametrizations":
-            prefix = f"{module}.parametrizations.weight"
-            out[f"{prefix}.original0"], out[f"{prefix}.original1"] = g, v
-        else:
-            out[f"{module}.weight_g"], out[f"{module}.weight_v"] = g, v
-    return out
+    return with_weight_norm(export(params, rules(config)), wn, weight_norm)

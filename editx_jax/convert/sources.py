@@ -302,6 +302,29 @@ def unfold_weight_norm(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return g.astype(np.float32), w
 
 
+WEIGHT_NORM_STYLES = ("parametrizations", "old", "none")
+
+
+def with_weight_norm(pairs, modules: set[str], style: str) -> dict[str, np.ndarray]:
+    """(name, array) pairs with each `<m>.weight` of a module in `modules` stored weight-normed:
+    'parametrizations' (`<m>.parametrizations.weight.original0/1`, torch >= 2.1), 'old'
+    (`<m>.weight_g` / `<m>.weight_v`) or 'none' (as is). WeightNormSource folds any of them back."""
+    if style not in WEIGHT_NORM_STYLES:
+        raise ValueError(f"weight_norm must be one of {', '.join(WEIGHT_NORM_STYLES)}, got {style!r}")
+    out = {}
+    for name, arr in pairs:
+        module = name[:-len(".weight")] if name.endswith(".weight") else None
+        if style == "none" or module not in modules:
+            out[name] = arr
+            continue
+        g, v = unfold_weight_norm(arr)
+        if style == "parametrizations":
+            out[f"{module}.parametrizations.weight.original0"], out[f"{module}.parametrizations.weight.original1"] = g, v
+        else:
+            out[f"{module}.weight_g"], out[f"{module}.weight_v"] = g, v
+    return out
+
+
 class WeightNormSource:
     """A TensorSource view that shows every weight-norm (g, v) pair of `inner` as one `<m>.weight`.
 

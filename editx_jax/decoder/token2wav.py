@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from editx_jax.config import ConfigError
+from editx_jax.decoder import bigvgan, campplus, flow, hift
 from editx_jax.decoder.bigvgan import BigVGANConfig, bigvgan_inference
 from editx_jax.decoder.campplus import CAMPPlusConfig
 from editx_jax.decoder.embedding import dual_frames, group_pairs
@@ -264,7 +265,13 @@ class Decoder:
         voc_cfg = from_dict(voc_cls, raw["vocoder"], "vocoder")
         mel_cfg = from_dict(MelConfig, raw.get("mel", {}), "mel")
         cam_cfg = from_dict(CAMPPlusConfig, raw["campplus"], "campplus") if "campplus" in raw else None
-        params = load_params(folder)
+        # Checked name by name and shape by shape against the configs (as the LLM and tokenizer loads
+        # are), so a misshapen tensor is one CheckpointError line, not a Flax shape error later.
+        abstract = {"flow": flow.abstract_params(flow_cfg),
+                    "vocoder": (hift if t2w.vocoder == "hift" else bigvgan).abstract_params(voc_cfg)}
+        if cam_cfg is not None:
+            abstract["campplus"] = campplus.abstract_params(cam_cfg)
+        params = load_params(folder, abstract)
         return cls(params["flow"], flow_cfg, params["vocoder"], voc_cfg, params.get("campplus"), cam_cfg,
                    t2w, mel_cfg)
 

@@ -79,7 +79,9 @@ class Attention(nn.Module):
             new_cache = {"k": k_all, "v": v_all}
         out = alibi_attention(q, k_all.astype(dtype), v_all, positions, k_pos,
                               segment_ids if k_seg is not None else None, k_seg, dtype=dtype)
-        out = proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), in_ndim=2, name="o_proj")(out)
+        # o_proj sums over H*D inputs, which need not equal E: its own fan-in sets its scale.
+        out = proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), in_ndim=2, std=(h * d) ** -0.5,
+                   name="o_proj")(out)
         return out, new_cache
 
 

@@ -25,8 +25,10 @@ Bad input (documented results; everything else is one `AudioError` line naming t
   * multichannel audio is averaged to mono; any sample rate is resampled (up as well as down);
   * all-silent (or all-zero) audio is not trimmed (librosa counts it all as non-silent) and yields
     the codes of silence, as the official code does;
-  * very short audio: trim_silence pads every clip to at least 0.27 s, which always gives 2 groups;
-    with `trim=False`, a clip too short for one 2+3 group raises `TooShortError` (an AudioError).
+  * a WAV whose header promises more samples than the file holds -> AudioError ("truncated");
+  * audio shorter than `audio.MIN_AUDIO_SECONDS` (0.1 s), as a file or a wave -> AudioError, as in
+    every tool; above it, trim_silence pads every clip to at least 0.27 s (2 groups or more), and
+    even untrimmed the minimum holds one 2+3 group; `TooShortError` (an AudioError) guards the rest.
 """
 
 from __future__ import annotations
@@ -411,6 +413,7 @@ class AudioTokenizer:
             valid_rate = False
         if not valid_rate:
             raise AudioError(f"{name or 'audio'}: invalid sample rate {sample_rate!r}")
+        audio.check_min_duration(wave.shape[-1], int(sample_rate), name or "audio")
         if cfg.peak_cap > 0:
             wave = audio.cap_peak(wave, cfg.peak_cap)
         wave = audio.check_wave(wave, name or "audio")
