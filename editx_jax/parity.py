@@ -15,7 +15,8 @@ same). One line per fixture:
 Anything that keeps a fixture from being compared is a FAIL: no runner registered, a runner module
 or function that cannot be found, a runner that raises, an `outputs.npz` without arrays, an expected
 array not produced. SKIP is only for the components listed in NOT_IMPLEMENTED. Every runner runs with
-float32 matmuls (RUNNER_MATMUL_PRECISION), so the verdict is the same on CPU, GPU and TPU.
+float32 matmuls (RUNNER_MATMUL_PRECISION), so the verdict does not depend on a backend's default
+matmul precision (CPU, GPU or TPU).
 The exit status is 1 if any fixture failed, 2 for a bad command line.
 """
 
@@ -71,7 +72,7 @@ RUNNERS: dict[str, str] = {
 NOT_IMPLEMENTED: dict[str, str] = {}
 
 # Every fixture is float32 (weights, inputs and outputs). "highest" keeps GPUs (TF32) and TPUs (bf16
-# passes) from rounding matmul operands, which would move results by far more than the tolerances.
+# passes) from rounding matmul operands to ~1e-3 relative, more than most fixtures' rtol.
 # Applied around every runner; modules whose configs name a precision default to the same.
 RUNNER_MATMUL_PRECISION = "highest"
 check_matmul_precision(RUNNER_MATMUL_PRECISION, "parity.RUNNER_MATMUL_PRECISION")
