@@ -2,6 +2,7 @@
 compared can pass as a SKIP or kill the gate."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from editx_jax import parity
-from conftest import FIXTURES, ROOT, fixture_dirs
+from conftest import AUDIO, FIXTURES, ROOT, fixture_dirs
 
 
 @pytest.mark.parametrize("path", fixture_dirs(), ids=lambda p: p.name)
@@ -28,7 +29,18 @@ def test_every_shipped_component_has_a_runner():
 
 
 def test_default_fixture_folder_is_the_repositorys():
+    # a clone on its own has everything the suite reads: fixtures and audio inside the repository
     assert parity.REPO_FIXTURES == FIXTURES and FIXTURES.is_dir()
+    assert AUDIO.is_relative_to(ROOT) and len(list(AUDIO.glob("*.wav"))) == 9
+
+
+def test_conftest_adds_the_device_count_to_flags_already_set():
+    # flags the caller set are kept and the 8 host devices added, so the sharding tests run instead of skipping
+    code = "import conftest, jax, os; print(os.environ['XLA_FLAGS'], jax.device_count())"
+    env = {**os.environ, "XLA_FLAGS": "--xla_dump_hlo_as_text", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=ROOT / "tests", check=True).stdout.split()
+    assert out == ["--xla_dump_hlo_as_text", "--xla_force_host_platform_device_count=8", "8"]
 
 
 # A toy component with a runner in this module, so each way of breaking it can be tried in seconds.
