@@ -29,8 +29,7 @@ import json
 import pathlib
 import sys
 import traceback
-from collections.abc import Mapping
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
@@ -130,7 +129,7 @@ class Fixture:
             return {k: z[k] for k in z.files}
 
     @classmethod
-    def load(cls, path: pathlib.Path) -> "Fixture":
+    def load(cls, path: pathlib.Path) -> Fixture:
         return cls(path=path, manifest=json.loads((path / "manifest.json").read_text()))
 
 
@@ -245,7 +244,7 @@ def check_fixture(path: pathlib.Path, verbose: bool = False) -> Result:
         if component in NOT_IMPLEMENTED:
             return Result(fx.name, component, "SKIP", detail=f"not implemented: {NOT_IMPLEMENTED[component]}")
         return _run_and_compare(fx)
-    except Exception as e:  # whatever keeps a fixture from being compared is a failing fixture, in one line
+    except Exception as e:  # noqa: BLE001  (whatever keeps a fixture from being compared is a FAIL line)
         if verbose:
             traceback.print_exc()
         detail = str(e) if isinstance(e, GateError) else f"error: {type(e).__name__}: {e}"

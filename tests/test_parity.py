@@ -86,8 +86,8 @@ def test_toy_fixture_passes(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("runner, detail", [
-    ("editx_jax.fixture_runners.removed_module:run", "runner module editx_jax.fixture_runners.removed_module "
-                                                     "cannot be imported"),
+    ("editx_jax.fixture_runners.removed_module:run",
+     "runner module editx_jax.fixture_runners.removed_module cannot be imported"),
     (f"{__name__}:renamed", f"runner {__name__}:renamed: {__name__} has no function 'renamed'"),
     (f"{__name__}:crash", "error: RuntimeError: boom"),
     (f"{__name__}:nothing", "y: not produced"),
@@ -154,14 +154,14 @@ def test_cli_reports_and_exit_status(tmp_path):
     with np.load(src / "outputs.npz") as z:
         np.savez(bad / "outputs.npz", logits=z["logits"] + 1e-2)
     proc = subprocess.run([sys.executable, "-m", "editx_jax.parity", str(bad)],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, check=False)
     assert proc.returncode == 1
     assert proc.stdout.startswith("FAIL step1_llm_bad step1_llm max_abs=0.01")
 
 
 def test_cli_rejects_a_missing_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "editx_jax.parity", str(tmp_path / "nope")],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, check=False)
     assert proc.returncode == 2 and "not a fixture folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
