@@ -1,16 +1,23 @@
 """The parity gate: run our modules on golden fixture folders and compare with the reference outputs.
 
+    python -m editx_jax.parity               # the fixtures shipped in the repository (tests/fixtures)
     python -m editx_jax.parity DIR [DIR ...]
 
 Each DIR is a fixture folder (`manifest.json`, `inputs.npz`, `outputs.npz`, optional
-`weights.safetensors`; see shared/fixtures/FORMAT.md) or a folder of such folders. For each fixture
+`weights.safetensors`; see tests/fixtures/README.md) or a folder of such folders. For each fixture
 the runner registered for its `component` converts the weights with our converter, runs our module and
 returns named arrays; every array in `outputs.npz` must be returned and match within the manifest's
-atol/rtol (integer arrays exactly). One line per fixture:
+atol/rtol (integer and string arrays exactly; NaN and infinities only where the reference has the
+same). One line per fixture:
 
     PASS|FAIL|SKIP <fixture> <component> max_abs=<x> max_rel=<y>
 
-The exit status is 1 if any fixture failed (a SKIP is not a failure, and never a PASS).
+Anything that keeps a fixture from being compared is a FAIL: no runner registered, a runner module
+or function that cannot be found, a runner that raises, an `outputs.npz` without arrays, an expected
+array not produced. SKIP is only for the components listed in NOT_IMPLEMENTED. Every runner runs with
+float32 matmuls (RUNNER_MATMUL_PRECISION), so the verdict does not depend on a backend's default
+matmul precision (CPU, GPU or TPU).
+The exit status is 1 if any fixture failed, 2 for a bad command line.
 """
 
 from __future__ import annotations
@@ -18,17 +25,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import importlib.util
 import json
 import pathlib
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable, Mapping
 
+import jax
 import numpy as np
+from safetensors.numpy import load_file
 
-# component id -> "module:function". A component whose module does not exist yet is reported as
-# SKIP ... not implemented; once the module exists, any error in it is a FAIL.
+from editx_jax.config import check_matmul_precision
+
+# The fixtures shipped with the repository; found from the package's own folder, so only a source
+# checkout (or an editable install) has them.
+REPO_FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+
+# component id -> "module:function".
 RUNNERS: dict[str, str] = {
     "step1_llm": "editx_jax.fixture_runners.llm:run_forward",
     "step1_llm_decode": "editx_jax.fixture_runners.llm:run_greedy_decode",
@@ -52,6 +65,20 @@ RUNNERS: dict[str, str] = {
     "token2wav": "editx_jax.fixture_runners.decoder_token2wav:run_token2wav",
     "token2wav_hift": "editx_jax.fixture_runners.decoder_token2wav:run_token2wav_hift",
 }
+
+# Components this version deliberately does not implement (component id -> why). Only these SKIP;
+# a component that is neither here nor in RUNNERS FAILs.
+NOT_IMPLEMENTED: dict[str, str] = {}
+
+# Every fixture is float32 (weights, inputs and outputs). "highest" keeps GPUs (TF32) and TPUs (bf16
+# passes) from rounding matmul operands to ~1e-3 relative, more than most fixtures' rtol.
+# Applied around every runner; modules whose configs name a precision default to the same.
+RUNNER_MATMUL_PRECISION = "highest"
+check_matmul_precision(RUNNER_MATMUL_PRECISION, "parity.RUNNER_MATMUL_PRECISION")
+
+
+class GateError(Exception):
+    """A fixture that cannot be compared (no runner, no expected arrays, ...): reported as FAIL."""
 
 
 @dataclasses.dataclass
@@ -78,8 +105,17 @@ class Fixture:
         w = self.manifest.get("weights")
         return self.path / w if w else None
 
+    def call_arg(self, name: str):
+        """A named argument of the reference call (manifest `call_args`), such as a step count.
+
+        Counts come from here, never from the shape of an expected output or from the `call` text.
+        """
+        args = self.manifest.get("call_args") or {}
+        if name not in args:
+            raise GateError(f"manifest.json has no call_args.{name}")
+        return args[name]
+
     def weights(self) -> dict[str, np.ndarray]:
-        from safetensors.numpy import load_file
         if self.weights_path is None:
             return {}
         return load_file(str(self.weights_path))
@@ -93,7 +129,7 @@ class Fixture:
             return {k: z[k] for k in z.files}
 
     @classmethod
-    def load(cls, path: pathlib.Path) -> "Fixture":
+    def load(cls, path: pathlib.Path) -> Fixture:
         return cls(path=path, manifest=json.loads((path / "manifest.json").read_text()))
 
 
@@ -126,17 +162,30 @@ def find_fixtures(paths: list[str | pathlib.Path]) -> list[pathlib.Path]:
     return found
 
 
-def resolve_runner(component: str) -> Callable[[Fixture], dict] | None:
+def resolve_runner(component: str) -> Callable[[Fixture], Mapping]:
+    """The registered runner function; GateError when it is not registered or cannot be found."""
     target = RUNNERS.get(component)
     if target is None:
-        return None
-    module_name, func_name = target.split(":")
-    if importlib.util.find_spec(module_name) is None:
-        return None
-    return getattr(importlib.import_module(module_name), func_name)
+        raise GateError(f"no runner registered for component {component!r}")
+    module_name, _, func_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise GateError(f"runner module {module_name} cannot be imported: {e}") from e
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise GateError(f"runner {target}: {module_name} has no function {func_name!r}")
+    return func
 
 
-def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], atol: float, rtol: float):
+def _nonfinite_mismatch(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Where NaN or an infinity of one side is not the same NaN / same-signed infinity on the other."""
+    either = ~np.isfinite(got) | ~np.isfinite(want)
+    same = (np.isnan(got) & np.isnan(want)) | (np.isinf(want) & (got == want))
+    return either & ~same
+
+
+def compare(expected: dict[str, np.ndarray], actual: Mapping, atol: float, rtol: float):
     """(ok, max_abs, max_rel, detail) over all expected arrays."""
     max_abs, max_rel, problems = 0.0, 0.0, []
     for key, want in expected.items():
@@ -147,7 +196,7 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], atol
         if got.shape != want.shape:
             problems.append(f"{key}: shape {got.shape} != {want.shape}")
             continue
-        if want.dtype.kind in "iub" or want.dtype.kind in "US":
+        if want.dtype.kind in "iubUS":
             bad = int(np.sum(got != want))
             if want.dtype.kind in "iub":
                 diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
@@ -156,10 +205,12 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], atol
                 problems.append(f"{key}: {bad} of {want.size} values differ")
             continue
         got64, want64 = got.astype(np.float64), want.astype(np.float64)
+        nonfinite_bad = int(np.sum(_nonfinite_mismatch(got64, want64)))
+        if nonfinite_bad:
+            problems.append(f"{key}: {nonfinite_bad} of {want.size} NaN/inf values differ")
+        finite = np.isfinite(got64) & np.isfinite(want64)  # the others were judged just above
+        got64, want64 = np.where(finite, got64, 0.0), np.where(finite, want64, 0.0)
         diff = np.abs(got64 - want64)
-        if not np.all(np.isfinite(got64) == np.isfinite(want64)):
-            problems.append(f"{key}: non-finite values differ")
-        diff = np.where(np.isfinite(diff), diff, 0.0)
         rel = diff / np.maximum(np.abs(want64), 1e-12)
         max_abs = max(max_abs, float(diff.max(initial=0.0)))
         max_rel = max(max_rel, float(rel.max(initial=0.0)))
@@ -169,29 +220,49 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], atol
     return not problems, max_abs, max_rel, "; ".join(problems)
 
 
-def check_fixture(path: pathlib.Path, verbose: bool = False) -> Result:
-    fx = Fixture.load(path)
+def _run_and_compare(fx: Fixture) -> Result:
+    expected = fx.outputs()
+    if not expected:
+        raise GateError(f"{fx.manifest.get('outputs', 'outputs.npz')} holds no arrays")
+    atol, rtol = float(fx.manifest["atol"]), float(fx.manifest["rtol"])
     runner = resolve_runner(fx.component)
-    if runner is None:
-        return Result(fx.name, fx.component, "SKIP", detail="not implemented")
-    try:
+    with jax.default_matmul_precision(RUNNER_MATMUL_PRECISION):
         actual = runner(fx)
-    except Exception as e:  # a runner that crashes is a failing fixture, reported in one line
+    if not isinstance(actual, Mapping):
+        raise GateError(f"runner returned {type(actual).__name__}, not a mapping of named arrays")
+    ok, max_abs, max_rel, detail = compare(expected, actual, atol, rtol)
+    return Result(fx.name, fx.component, "PASS" if ok else "FAIL", max_abs, max_rel, detail)
+
+
+def check_fixture(path: pathlib.Path, verbose: bool = False) -> Result:
+    """One fixture's verdict. Never raises for a problem with the fixture or its runner: that is a FAIL."""
+    path = pathlib.Path(path)
+    component = "?"
+    try:
+        fx = Fixture.load(path)
+        component = fx.component
+        if component in NOT_IMPLEMENTED:
+            return Result(fx.name, component, "SKIP", detail=f"not implemented: {NOT_IMPLEMENTED[component]}")
+        return _run_and_compare(fx)
+    except Exception as e:  # noqa: BLE001  (whatever keeps a fixture from being compared is a FAIL line)
         if verbose:
             traceback.print_exc()
-        return Result(fx.name, fx.component, "FAIL", detail=f"error: {type(e).__name__}: {e}")
-    ok, max_abs, max_rel, detail = compare(fx.outputs(), actual, float(fx.manifest["atol"]),
-                                           float(fx.manifest["rtol"]))
-    return Result(fx.name, fx.component, "PASS" if ok else "FAIL", max_abs, max_rel, detail)
+        detail = str(e) if isinstance(e, GateError) else f"error: {type(e).__name__}: {e}"
+        return Result(path.name, component, "FAIL", detail=detail)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m editx_jax.parity", description=__doc__.split("\n")[0])
-    parser.add_argument("dirs", nargs="+", help="fixture folders, or folders that contain them")
+    parser.add_argument("dirs", nargs="*", help="fixture folders, or folders that contain them "
+                        "(default: the repository's tests/fixtures)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of runner errors")
     args = parser.parse_args(argv)
+    if not args.dirs and not REPO_FIXTURES.is_dir():
+        print(f"error: no fixture folder given and the repository's fixtures are not at {REPO_FIXTURES} "
+              "(an installed package does not ship them): pass a fixture folder", file=sys.stderr)
+        return 2
     try:
-        paths = find_fixtures(args.dirs)
+        paths = find_fixtures(args.dirs or [REPO_FIXTURES])
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

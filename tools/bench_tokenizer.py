@@ -2,7 +2,7 @@
 resample, normalise, trim, vq02 and vq06 encoders, interleave), at the released sizes with random
 weights (drawn in numpy: no real weights needed), for each batch size.
 
-    python tools/bench_tokenizer.py                          # 5-10 s clips of ../shared/audio, batch 1 and 8
+    python tools/bench_tokenizer.py                          # 5-10 s clips of tests/audio, batch 1 and 8
     python tools/bench_tokenizer.py a.wav b.wav --batch 1 4 --repeats 3 [--tiny]
 
 Prints the machine's measured GEMM FLOP/s and copy bandwidth, then per batch size: the first
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 def default_files() -> list[pathlib.Path]:
     import soundfile as sf
-    audio = ROOT.parent / "shared" / "audio"
+    audio = ROOT / "tests" / "audio"
     files = sorted(p for p in audio.glob("*.wav") if 5.0 <= sf.info(str(p)).duration <= 10.0)
     if not files:
         raise SystemExit(f"no 5-10 s wav files in {audio}; pass FILES")

@@ -8,12 +8,11 @@ from editx_jax.tokenizer.codebook import get_audio_tokens, interleave_codes, int
 
 
 def run_interleave(fx) -> dict[str, np.ndarray]:
-    """For every case cK in the inputs: speech_tokens, token_str (0-d unicode array), token_str_ids,
+    """For every case cK of the manifest: speech_tokens, token_str (0-d unicode array), token_str_ids,
     parsed_ids."""
     inputs = fx.inputs()
-    cases = sorted({name.rsplit("_", 1)[0] for name in inputs if name.endswith(("_vq02", "_vq06"))})
     out = {}
-    for case in cases:
+    for case in fx.config["cases"]:
         vq02, vq06 = inputs[f"{case}_vq02"], inputs[f"{case}_vq06"]
         text = merge_vq0206_to_token_str(vq02, vq06)
         out[f"{case}_speech_tokens"] = interleave_ids(vq02, vq06)

@@ -8,9 +8,15 @@ LLM ids, so 65536 is added back. Weights are the impl's state dict: `flow.*` (= 
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
+from editx_jax.convert import bigvgan as convert_bigvgan
+from editx_jax.convert import hift as convert_hift
+from editx_jax.convert.flow import convert_flow
+from editx_jax.decoder.bigvgan import BigVGANConfig
+from editx_jax.decoder.flow import FlowConfig
+from editx_jax.decoder.hift import HiFTConfig, NSFNoise
+from editx_jax.decoder.token2wav import Decoder, Token2WavConfig
 from editx_jax.tokenizer.codebook import AUDIO_ID_OFFSET
 
 
@@ -19,10 +25,6 @@ def _split(weights: dict, prefix: str) -> dict:
 
 
 def _decoder(fx, vocoder: str):
-    from editx_jax.convert.flow import convert_flow
-    from editx_jax.decoder.flow import FlowConfig
-    from editx_jax.decoder.token2wav import Decoder, Token2WavConfig
-
     cfg = fx.config
     weights = fx.weights()
     unknown = sorted(k for k in weights if not k.startswith(("flow.", "hift.")))
@@ -31,30 +33,24 @@ def _decoder(fx, vocoder: str):
     flow_config = FlowConfig.from_reference(cfg["flow"])
     flow_params = convert_flow(_split(weights, "flow."), flow_config)
     if vocoder == "hift":
-        from editx_jax.convert.hift import from_state_dict
-        from editx_jax.decoder.hift import HiFTConfig
         voc_config = HiFTConfig.from_reference(cfg["hift"])
+        voc_params = convert_hift.from_state_dict(_split(weights, "hift."), voc_config)
     else:
-        from editx_jax.convert.bigvgan import from_state_dict
-        from editx_jax.decoder.bigvgan import BigVGANConfig
         voc_config = BigVGANConfig.from_reference(cfg["hift"])
-    voc_params = from_state_dict(_split(weights, "hift."), voc_config)
-    t2w = Token2WavConfig(vocoder=vocoder, n_timesteps=int(cfg.get("n_timesteps", 10)),
-                          chunk_size_list=tuple(cfg.get("chunk_size_list", (15, 24, 48))),
-                          mel_cache_len=int(cfg.get("mel_cache_len", 8)))
+        voc_params = convert_bigvgan.from_state_dict(_split(weights, "hift."), voc_config)
+    # constructor arguments of CosyVoice_stream_impl_, all recorded in the manifest: no defaults here
+    t2w = Token2WavConfig(vocoder=vocoder, n_timesteps=int(cfg["n_timesteps"]),
+                          chunk_size_list=tuple(cfg["chunk_size_list"]), mel_cache_len=int(cfg["mel_cache_len"]))
     return Decoder(flow_params, flow_config, voc_params, voc_config, config=t2w)
 
 
 def _run(fx, vocoder: str) -> dict[str, np.ndarray]:
-    from editx_jax.decoder.hift import NSFNoise
-
     decoder = _decoder(fx, vocoder)
     inputs = fx.inputs()
     nsf = NSFNoise(inputs["nsf_phase_rand"], inputs["nsf_sine_noise"]) if vocoder == "hift" else None
-    with jax.default_matmul_precision("highest"):
-        out = decoder.token2wav(inputs["token"][0] + AUDIO_ID_OFFSET, inputs["prompt_token"][0] + AUDIO_ID_OFFSET,
-                                inputs["prompt_feat"][0], inputs["embedding"][0],
-                                noise=np.swapaxes(inputs["rand_noise"], 1, 2), nsf_noise=nsf)
+    out = decoder.token2wav(inputs["token"][0] + AUDIO_ID_OFFSET, inputs["prompt_token"][0] + AUDIO_ID_OFFSET,
+                            inputs["prompt_feat"][0], inputs["embedding"][0],
+                            noise=np.swapaxes(inputs["rand_noise"], 1, 2), nsf_noise=nsf)
     return {"speech": out.speech[:, :int(out.lengths[0])],
             "mel": np.swapaxes(out.mel[:, :int(out.mel_lengths[0])], 1, 2)}
 

@@ -6,6 +6,7 @@ import numpy as np
 from editx_jax.config import GenerationConfig, LLMConfig
 from editx_jax.convert import keymap
 from editx_jax.convert.llm import RULES
+from editx_jax.generate.decode import generate
 from editx_jax.models import llm
 
 
@@ -23,11 +24,11 @@ def run_forward(fx):
 
 
 def run_greedy_decode(fx):
-    from editx_jax.generate.decode import generate
-
+    """HF generate(max_new_tokens=call_args.max_new_tokens, do_sample=False): sequences, generated_ids,
+    step_logits [n_new, B, vocab]."""
     cfg, params = _model(fx)
     prompt = fx.inputs()["input_ids"]
-    n_new = fx.outputs()["generated_ids"].shape[1]
+    n_new = int(fx.call_arg("max_new_tokens"))
     gen = GenerationConfig(greedy=True, max_new_tokens=n_new, max_length=prompt.shape[1] + n_new,
                            repetition_window=0, drop_last=False, top_k=0)
     out = generate(params, cfg, gen, [list(row) for row in prompt], return_logits=True)
