@@ -54,9 +54,10 @@ def remat_policy(name: str):
 
 class Attention(nn.Module):
     cfg: LLMConfig
+    prefill: bool = False  # the cache is empty before this call: attend over this call's keys only
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, layer_cache, cache_positions, cache_index):
+    def __call__(self, x, positions, segment_ids, cache, layer, cache_positions, cache_index):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         std = cfg.hidden_size ** -0.5
@@ -66,19 +67,28 @@ class Attention(nn.Module):
         k = proj((g, d), ("embed", "kv_heads", "head_dim"), name="k_proj")(x)
         v = proj((g, d), ("embed", "kv_heads", "head_dim"), name="v_proj")(x)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
-        if layer_cache is None:
-            k_all, v_all, k_pos, k_seg = k, v, positions, segment_ids
+        if cache is None:
+            k_all, v_all, k_pos = k, v, positions
             new_cache = None
         else:
-            # Write this call's k/v (grouped, not expanded) at [cache_index, cache_index + T).
-            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                        cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                        cache_index, axis=1)
-            k_pos, k_seg = cache_positions, None
-            new_cache = {"k": k_all, "v": v_all}
-        out = alibi_attention(q, k_all.astype(dtype), v_all, positions, k_pos,
-                              segment_ids if k_seg is not None else None, k_seg, dtype=dtype)
+            # Write this call's k/v (grouped, not expanded) into this layer's rows of the whole
+            # carried cache at columns [cache_index, cache_index + T): an in-place update of T
+            # slots, never a rewrite of the cache.
+            k = k.astype(cache["k"].dtype)
+            v = v.astype(cache["v"].dtype)
+            start = (layer, jnp.int32(0), cache_index, jnp.int32(0), jnp.int32(0))
+            new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None], start),
+                         "v": jax.lax.dynamic_update_slice(cache["v"], v[None], start)}
+            if self.prefill:
+                # Every other slot is empty (invisible): the prompt's own keys are all there is.
+                k_all, v_all, k_pos = k, v, positions
+            else:
+                k_all = jax.lax.dynamic_index_in_dim(new_cache["k"], layer, 0, keepdims=False)
+                v_all = jax.lax.dynamic_index_in_dim(new_cache["v"], layer, 0, keepdims=False)
+                k_pos = cache_positions
+            segment_ids = None
+        out = alibi_attention(q, k_all.astype(dtype), v_all, positions, k_pos, segment_ids, segment_ids,
+                              dtype=dtype)
         out = proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), in_ndim=2, name="o_proj")(out)
         return out, new_cache
 
@@ -100,19 +110,27 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One layer under `nn.scan`: the carry is (x, cache), `layer` (this layer's index) is scanned.
+
+    The whole KV cache rides in the carry and each layer updates its own rows in place, so the scan
+    holds one cache, not an input stack plus an output stack."""
+
     cfg: LLMConfig
+    prefill: bool = False
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, cache_positions, segment_ids, cache_index):
+    def __call__(self, carry, layer, positions, cache_positions, segment_ids, cache_index):
         cfg = self.cfg
+        x, cache = carry
         norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=jnp_dtype(cfg.dtype),
                                  param_dtype=jnp_dtype(cfg.param_dtype))
-        attn_out, new_cache = Attention(cfg, name="attn")(norm(name="input_norm")(x), positions, segment_ids,
-                                                          layer_cache, cache_positions, cache_index)
+        attn_out, cache = Attention(cfg, self.prefill, name="attn")(norm(name="input_norm")(x), positions,
+                                                                    segment_ids, cache, layer, cache_positions,
+                                                                    cache_index)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm(name="post_attention_norm")(x))
         x = nn.with_logical_constraint(x, ACT)
-        return x, new_cache
+        return (x, cache), None
 
 
 class TokenEmbedding(nn.Module):
@@ -138,13 +156,16 @@ class Step1(nn.Module):
     segment_ids: [B, T] for packed training (attention stays inside a segment); None otherwise.
     cache: None for a plain forward; else a dict from `init_cache` and `cache_index` (scalar) where
     this call's T tokens are written. Cache positions must be set by the caller (see generate/).
+    prefill: the cache holds nothing yet, so attention reads this call's keys only (not the cache).
+    last_only: logits of the last position only ([B, 1, V]), the one a prefill keeps.
     """
 
     cfg: LLMConfig
+    prefill: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids=None, cache=None, cache_index=None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, last_only: bool = False):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         x = nn.with_logical_constraint(TokenEmbedding(cfg, name="embed")(tokens), ACT)
@@ -155,14 +176,18 @@ class Step1(nn.Module):
         layer_caches, cache_positions = None, None
         if cache is not None:
             layer_caches = {"k": cache["k"], "v": cache["v"]}
+            cache_index = jnp.asarray(cache_index, jnp.int32)
             # Positions of every cache slot after this call's write, shared by all layers.
             cache_positions = jax.lax.dynamic_update_slice_in_dim(
                 cache["pos"], positions.astype(cache["pos"].dtype), cache_index, axis=1)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_layer_caches = stack(cfg, name="layers")(x, layer_caches, positions, cache_positions,
-                                                        segment_ids, cache_index)
+        (x, new_layer_caches), _ = stack(cfg, self.prefill, name="layers")(
+            (x, layer_caches), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions, cache_positions,
+            segment_ids, cache_index)
+        if last_only:
+            x = x[:, -1:]
         x = RMSNorm(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
         if return_hidden:
             return x
