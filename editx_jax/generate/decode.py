@@ -23,7 +23,7 @@ import numpy as np
 from editx_jax import sharding
 from editx_jax.config import GenerationConfig, LLMConfig
 from editx_jax.generate.sampling import sample
-from editx_jax.models.llm import Step1, check_token_ids, init_cache, param_logical_axes
+from editx_jax.models.llm import Step1, as_scan_bits, check_token_ids, init_cache, param_logical_axes
 
 
 class PromptTooLongError(ValueError):
@@ -93,7 +93,7 @@ def initial_state(cfg: LLMConfig, cache, last_logits, recent, lengths, budget, r
 def _prefill(params, tokens, positions, cache, *, cfg: LLMConfig):
     # The cache is empty: attention reads the prompt's own keys, and only the last position's
     # logits are computed (the only ones sampled from).
-    logits, cache = Step1(cfg, prefill=True).apply({"params": params}, tokens, positions, cache=cache,
+    logits, cache = Step1(cfg, prefill=True).apply({"params": as_scan_bits(params)}, tokens, positions, cache=cache,
                                                    cache_index=0, last_only=True)
     return logits[:, -1].astype(jnp.float32), cache
 
@@ -101,6 +101,7 @@ def _prefill(params, tokens, positions, cache, *, cfg: LLMConfig):
 def _decode(params, state: DecodeState, row_keys, budget, start, max_steps, *, cfg: LLMConfig,
             gen: GenerationConfig) -> DecodeState:
     model = Step1(cfg)
+    params = as_scan_bits(params)
     slots = state.cache["pos"].shape[1]
     keep_logits = state.logit_buf.shape[1] > 0
 

@@ -230,6 +230,19 @@ def init_params(cfg: LLMConfig, key) -> dict:
     return nn.meta.unbox(Step1(cfg).init(key, tokens, tokens)["params"])
 
 
+def as_scan_bits(params):
+    """The stacked bfloat16 layer kernels as their uint16 bits (a free bitcast inside a jit).
+
+    XLA:CPU has no bfloat16 dynamic-slice: it converts the whole [L, ...] stack to float32 before the
+    layer scan slices it, a float32 copy of every layer at once (12.8 GiB at the released size). On
+    uint16 the scan slices one layer and `Projection` reinterprets it as bfloat16 inside the loop, so
+    only one layer's working copy exists at a time. No numeric change; other dtypes pass through.
+    """
+    def bits(x):
+        return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 and x.ndim > 2 else x
+    return {**params, "layers": jax.tree_util.tree_map(bits, params["layers"])}
+
+
 def check_token_ids(tokens, cfg: LLMConfig) -> None:
     """Reject ids outside the vocabulary before they reach a gather that would clamp them."""
     arr = np.asarray(tokens)
