@@ -171,6 +171,10 @@ def decode_jit(cfg: LLMConfig, gen: GenerationConfig, mesh):
 
 def prefill(params, cfg: LLMConfig, tokens, positions, cache, mesh=None):
     """Run the padded prompts through the model, filling cache columns [0, P)."""
+    if mesh is not None:
+        batch = sharding.batch_sharding(mesh)
+        tokens, positions = jax.device_put((tokens, positions), (batch, batch))
+        cache = jax.device_put(cache, sharding.cache_shardings(mesh), donate=True)
     with _rules(mesh):
         return prefill_jit(cfg, mesh)(params, tokens, positions, cache)
 
@@ -185,9 +189,12 @@ def decode(params, cfg: LLMConfig, gen: GenerationConfig, state: DecodeState, *,
     Returns the final state: `out` [B, room] (EOS-padded after a row stops), `count` new tokens per
     row, `logit_buf` (when kept), `step` steps run, and the cache (the donated input's buffer).
     """
+    row_keys, budget = jnp.asarray(row_keys), jnp.asarray(budget)
+    if mesh is not None:  # small host-made fields onto their shardings (the cache is already there)
+        rows = sharding.batch_sharding(mesh, 1)
+        state, row_keys, budget = jax.device_put((state, row_keys, budget), (_state_shardings(mesh), rows, rows))
     with _rules(mesh):
-        return decode_jit(cfg, gen, mesh)(params, state, jnp.asarray(row_keys), jnp.asarray(budget),
-                                                     jnp.int32(start), jnp.int32(max_steps))
+        return decode_jit(cfg, gen, mesh)(params, state, row_keys, budget, jnp.int32(start), jnp.int32(max_steps))
 
 
 def _rules(mesh):
@@ -248,9 +255,6 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
         recent[i, window - len(tail):] = tail
 
     cache = init_cache(cfg, len(prompts), cache_len)
-    if mesh is not None:
-        cache = sharding.shard_tree(cache, sharding.cache_shardings(mesh))
-        tokens, positions = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (tokens, positions))
     last_logits, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache, mesh=mesh)
     state = initial_state(cfg, cache, last_logits, recent, lengths, budget, room, return_logits)
     state = decode(params, cfg, gen, state, row_keys=row_keys, budget=budget, start=prompt_len,
