@@ -22,7 +22,7 @@ DEMO_CLIP = ROOT / "editx_jax" / "assets" / "demo_prompt.wav"
 
 
 def _load_model(args):
-    from editx_jax.config import load_config
+    from editx_jax.config import apply_overrides, load_config
     from editx_jax.pipeline import EditX
 
     overrides = {}
@@ -34,7 +34,13 @@ def _load_model(args):
         overrides["max_new_tokens"] = args.max_new_tokens
     t = time.perf_counter()
     if args.model:
-        model = EditX.from_pretrained(args.model, **overrides)
+        # --set llm.* / generation.* and --dtype apply to the converted model too
+        sections = apply_overrides({}, args.overrides)
+        llm_overrides = dict(sections.get("llm", {}))
+        if args.dtype:
+            llm_overrides.update(dtype=args.dtype, param_dtype=args.dtype)
+        model = EditX.from_pretrained(args.model, llm_overrides=llm_overrides, mesh=args.mesh_obj,
+                                      **{**sections.get("generation", {}), **overrides})
     else:
         config = load_config(args.config, args.overrides + [f"generation.{k}={v}" for k, v in overrides.items()])
         model = EditX.random(config, seed=args.seed)
@@ -94,6 +100,28 @@ def cmd_demo(args):
          [out / "edit_happy.wav"])
 
 
+def _parse_mesh(args) -> str | None:
+    """--mesh data=2,tensor=4 -> args.mesh_obj (before any model loads); an error line, or None."""
+    import jax
+
+    from editx_jax import sharding
+    from editx_jax.config import ConfigError, MeshConfig
+
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    try:
+        for item in args.mesh.split(","):
+            name, _, value = item.partition("=")
+            if name.strip() not in sizes:
+                return f"--mesh: unknown axis {name.strip()!r} (use data, fsdp, tensor)"
+            sizes[name.strip()] = int(value)
+        args.mesh_obj = sharding.make_mesh(MeshConfig(**sizes))
+    except ConfigError as e:  # before ValueError, its base
+        return f"--mesh {args.mesh}: {e}"
+    except ValueError:
+        return f"--mesh: expected e.g. data=2,tensor=4, got {args.mesh!r}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from editx_jax.config import add_config_args
 
@@ -110,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float)
         p.add_argument("--top-k", type=int)
         p.add_argument("--max-new-tokens", type=int)
+        p.add_argument("--dtype", help="LLM weights and compute: float32 or bfloat16 (default: the model's)")
+        p.add_argument("--mesh", help="devices for the LLM, e.g. data=2,tensor=4 (axes data, fsdp, tensor; "
+                                      "default: one device)")
 
     p = sub.add_parser("clone", help="speak new text in the voice of a prompt clip")
     common(p)
@@ -151,6 +182,15 @@ def main(argv=None) -> int:
     if args.command != "demo" and not args.model and not args.random_tiny:
         print("error: give --model DIR (tools/convert.py editx writes one) or --random-tiny", file=sys.stderr)
         return 1
+    if getattr(args, "dtype", None) not in (None, "float32", "bfloat16"):
+        print(f"error: --dtype must be float32 or bfloat16, got {args.dtype!r}", file=sys.stderr)
+        return 1
+    args.mesh_obj = None
+    if getattr(args, "mesh", None):
+        error = _parse_mesh(args)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     from editx_jax.audio import AudioError
     from editx_jax.checkpoint import CheckpointError
     from editx_jax.config import ConfigError
