@@ -206,7 +206,7 @@ def cache_length(prompt_len: int, max_steps: int, limit: int, minimum: int) -> i
     """Cache slots for a left-padded prompt bucket of `prompt_len` plus `max_steps` new tokens: a power
     of two, never more than `limit` (max_length): the official rule counts prompt plus new tokens,
     so a row never holds more than `limit` ids; the padding columns are reused (a ring, see `decode`)."""
-    return min(bucket(prompt_len + max_steps, minimum), max(limit, prompt_len))
+    return min(bucket(prompt_len + max_steps, minimum), limit)
 
 
 def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Sequence[int]], key=None,
