@@ -102,8 +102,6 @@ def cmd_demo(args):
 
 def _parse_mesh(args) -> str | None:
     """--mesh data=2,tensor=4 -> args.mesh_obj (before any model loads); an error line, or None."""
-    import jax
-
     from editx_jax import sharding
     from editx_jax.config import ConfigError, MeshConfig
 

@@ -15,6 +15,7 @@ less so. Run it on the target backend (`--platform`) for exact numbers.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
@@ -156,14 +157,16 @@ def plan_inference(cfg, mesh, batches, clip_seconds) -> int:
             steps = min(gen.max_new_tokens, limit - prompt)
             slots = dec.cache_length(p_len, steps, limit, gen.min_prompt_bucket)
             room = min(dec.bucket(steps, gen.min_prompt_bucket), slots)
-            cache = jax.eval_shape(lambda: llm.init_cache(c, batch, slots))
+            cache = jax.eval_shape(functools.partial(llm.init_cache, c, batch, slots))
             ids = jax.ShapeDtypeStruct((batch, p_len), jnp.int32)
             m_pre = dec.prefill_jit(c, run_mesh).lower(params, ids, ids, cache).compile().memory_analysis()
-            state = jax.eval_shape(lambda: dec.initial_state(
-                c, llm.init_cache(c, batch, slots), jnp.zeros((batch, c.vocab_size)),
-                jnp.zeros((batch, max(gen.repetition_window, 1)), jnp.int32), jnp.zeros((batch,), jnp.int32),
-                jnp.zeros((batch,), jnp.int32), room))
-            keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+            window = max(gen.repetition_window, 1)
+            state = jax.eval_shape(functools.partial(
+                dec.initial_state, c, llm.init_cache(c, batch, 1), jnp.zeros((batch, c.vocab_size)),
+                jnp.zeros((batch, window), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
+                room))
+            state = state.replace(cache=cache)
+            keys = jax.eval_shape(functools.partial(jax.random.split, jax.random.key(0), batch))
             rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
             scalar = jax.ShapeDtypeStruct((), jnp.int32)
             m_dec = dec.decode_jit(c, gen, run_mesh).lower(params, state, keys, rows, scalar,

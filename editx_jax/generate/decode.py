@@ -23,7 +23,13 @@ import numpy as np
 from editx_jax import sharding
 from editx_jax.config import GenerationConfig, LLMConfig
 from editx_jax.generate.sampling import sample
-from editx_jax.models.llm import Step1, as_scan_bits, check_token_ids, init_cache, param_logical_axes
+from editx_jax.models.llm import (
+    Step1,
+    as_scan_bits,
+    check_token_ids,
+    init_cache,
+    param_logical_axes,
+)
 
 
 class PromptTooLongError(ValueError):
