@@ -16,6 +16,7 @@ import pathlib
 import sys
 import time
 
+from editx_jax import sharding
 from editx_jax.audio import AudioError, load_audio
 from editx_jax.cli import (
     OneLineParser,
@@ -27,7 +28,9 @@ from editx_jax.cli import (
 from editx_jax.config import (
     ConfigError,
     GenerationConfig,
+    MeshConfig,
     add_config_args,
+    apply_overrides,
     from_dict,
     load_config,
 )
@@ -46,6 +49,9 @@ def check_arguments(args) -> None:
     (UsageError, ConfigError, EditError or AudioError), and nothing is written. The input clip is
     read once here too (cheap next to a model load), so a truncated or too short file fails fast."""
     check_seed(args.seed)
+    if getattr(args, "dtype", None) not in (None, "float32", "bfloat16"):
+        raise UsageError(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
+    args.mesh_obj = parse_mesh(args.mesh) if getattr(args, "mesh", None) else None
     if getattr(args, "n_iter", 1) < 1:
         raise UsageError(f"--n-iter must be at least 1, got {args.n_iter}")
     from_dict(GenerationConfig, _generation_overrides(args), "generation")  # --temperature 0, --top-k -1, ...
@@ -64,7 +70,13 @@ def _load_model(args):
     overrides = _generation_overrides(args)
     t = time.perf_counter()
     if args.model:
-        model = EditX.from_pretrained(args.model, **overrides)
+        # --set llm.* / generation.* and --dtype apply to the converted model too
+        sections = apply_overrides({}, args.overrides)
+        llm_overrides = dict(sections.get("llm", {}))
+        if args.dtype:
+            llm_overrides.update(dtype=args.dtype, param_dtype=args.dtype)
+        model = EditX.from_pretrained(args.model, llm_overrides=llm_overrides, mesh=args.mesh_obj,
+                                      **{**sections.get("generation", {}), **overrides})
     else:
         config = load_config(args.config, args.overrides + [f"generation.{k}={v}" for k, v in overrides.items()])
         model = EditX.random(config, seed=args.seed)
@@ -124,6 +136,23 @@ def cmd_demo(args):
          [out / "edit_happy.wav"])
 
 
+def parse_mesh(spec: str):
+    """--mesh data=2,tensor=4 -> a device mesh (axes not named are 1); UsageError naming the problem."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for item in spec.split(","):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if name not in sizes:
+            raise UsageError(f"--mesh: unknown axis {name!r} (use data, fsdp, tensor)")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise UsageError(f"--mesh: expected e.g. data=2,tensor=4, got {spec!r}") from None
+    try:
+        return sharding.make_mesh(MeshConfig(**sizes))
+    except ConfigError as e:
+        raise UsageError(f"--mesh {spec}: {e}") from None
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="infer.py", description=__doc__.split("\n")[0])
     parser.add_argument("--list-edits", action="store_true", help="print every supported edit type and value")
@@ -138,6 +167,9 @@ def build_parser() -> OneLineParser:
         p.add_argument("--temperature", type=float)
         p.add_argument("--top-k", type=int)
         p.add_argument("--max-new-tokens", type=int)
+        p.add_argument("--dtype", help="LLM weights and compute: float32 or bfloat16 (default: the model's)")
+        p.add_argument("--mesh", help="devices for the LLM, e.g. data=2,tensor=4 (axes data, fsdp, tensor; "
+                                      "default: one device)")
 
     p = sub.add_parser("clone", help="speak new text in the voice of a prompt clip")
     common(p)

@@ -224,8 +224,13 @@ def load_llm(folder: str | pathlib.Path, shardings=None, **overrides) -> tuple[L
     `dtype="float32"`; a different `param_dtype` casts the params on restore."""
     from editx_jax.models.llm import abstract_params
 
+    cfg, _ = load_llm_config(folder, **overrides)
+    return cfg, load_params(folder, abstract_params(cfg), shardings)
+
+
+def load_llm_config(folder: str | pathlib.Path, **overrides) -> tuple[LLMConfig, dict]:
+    """(LLMConfig with `overrides`, meta) of an LLM checkpoint folder, without reading the params."""
     meta = read_meta(folder)
     if meta.get("component", "llm") != "llm":
         raise CheckpointError(f"{folder} holds a {meta.get('component')!r} checkpoint, not the LLM")
-    cfg = from_dict(LLMConfig, {**read_config(folder), **overrides}, "llm")
-    return cfg, load_params(folder, abstract_params(cfg), shardings)
+    return from_dict(LLMConfig, {**read_config(folder), **overrides}, "llm"), meta

@@ -67,6 +67,8 @@ class Request:
 
 
 class EditX:
+    mesh = None  # the LLM's device mesh, when from_pretrained(mesh=...) placed it over one
+
     def __init__(self, config: Config, llm_params, text_tokenizer, audio_tokenizer, decoder):
         self.config = config
         # On the device once: numpy leaves would be copied again on every jitted call (7 GB each at
@@ -80,11 +82,17 @@ class EditX:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_pretrained(cls, folder, **generation_overrides) -> "EditX":
+    def from_pretrained(cls, folder, llm_overrides: dict | None = None, mesh=None,
+                        **generation_overrides) -> "EditX":
         """Load a folder written by `save` / `tools/convert.py editx`: llm/, audio_tokenizer/,
         decoder/ (each a checkpoint folder with its own config), tokenizer.model, and config.json
-        with the pipeline sections (generation, editx)."""
-        from editx_jax.checkpoint import load_llm
+        with the pipeline sections (generation, editx).
+
+        llm_overrides: LLM config fields, e.g. {"dtype": "float32", "param_dtype": "float32"} (a
+        different param_dtype is cast while restoring). mesh: place the LLM's params by the rules
+        table over this mesh, and generate sharded. The params are restored straight onto the
+        device(s), with no second host copy."""
+        from editx_jax.checkpoint import load_llm, load_llm_config
         from editx_jax.decoder.token2wav import Decoder
         from editx_jax.text.tokenizer import TextTokenizer
         from editx_jax.tokenizer.pipeline import AudioTokenizer
@@ -97,7 +105,13 @@ class EditX:
                 raise EditXError(f"model folder {folder} is missing {part} (convert with tools/convert.py editx)")
         settings = json.loads((folder / "config.json").read_text())
         settings.setdefault("generation", {}).update(generation_overrides)
-        llm_config, llm_params = load_llm(folder / "llm")
+        from editx_jax import sharding
+        from editx_jax.models.llm import param_logical_axes
+
+        llm_config, _ = load_llm_config(folder / "llm", **(llm_overrides or {}))
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else \
+            sharding.logical_to_sharding(param_logical_axes(llm_config), mesh)
+        llm_config, llm_params = load_llm(folder / "llm", shardings, **(llm_overrides or {}))
         audio_tokenizer = AudioTokenizer.from_pretrained(folder / "audio_tokenizer")
         decoder = Decoder.from_pretrained(folder / "decoder")
         config = from_dict(Config, settings)
@@ -106,8 +120,10 @@ class EditX:
         config = dataclasses.replace(config, llm=llm_config, tokenizer=audio_tokenizer.config,
                                      flow=decoder.flow_config, token2wav=decoder.config,
                                      campplus=decoder.campplus_config or config.campplus, **vocoder)
-        return cls(config, llm_params, TextTokenizer.from_pretrained(folder / "tokenizer.model"),
-                   audio_tokenizer, decoder)
+        model = cls(config, llm_params, TextTokenizer.from_pretrained(folder / "tokenizer.model"),
+                    audio_tokenizer, decoder)
+        model.mesh = mesh
+        return model
 
     @classmethod
     def random(cls, config: Config, seed: int = 0) -> "EditX":
@@ -236,7 +252,7 @@ class EditX:
     def _generate(self, prompt_ids: list[list[int]], row_keys) -> list[list[int]]:
         from editx_jax.generate.decode import generate
         return generate(self.llm_params, self.config.llm, self.config.generation, prompt_ids,
-                        row_keys=row_keys).tokens
+                        row_keys=row_keys, mesh=self.mesh).tokens
 
     def _load(self, r: Request) -> tuple[np.ndarray, int, np.ndarray]:
         """(mono wave with the 0.6 peak cap of `preprocess_prompt_wav`, sample rate, the samples as

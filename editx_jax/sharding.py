@@ -43,12 +43,6 @@ LLM_RULES: tuple[tuple[str, object], ...] = (
     ("norm", None),
 )
 
-# Decoder and vocoder: weights replicated, batch and time sharded.
-DECODER_RULES: tuple[tuple[str, object], ...] = (
-    ("activation_batch", BATCH),
-    ("activation_length", "tensor"),
-)
-
 # KV cache arrays of models/llm.py: k, v [L, B, S, G, D] and slot positions [B, S].
 CACHE_AXES = {
     "k": ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"),

@@ -104,6 +104,34 @@ def test_model_folder_round_trip(model, tmp_path):
         EditX.from_pretrained(folder)
 
 
+def test_model_folder_with_dtype_and_mesh(model, tmp_path):
+    """from_pretrained honours LLM overrides and places the params over a mesh (restored straight to
+    the devices); the sharded edit equals the one-device edit."""
+    import jax
+
+    from editx_jax import sharding
+    from editx_jax.config import MeshConfig
+    folder = model.save(tmp_path / "model")
+    f32 = EditX.from_pretrained(folder, llm_overrides={"param_dtype": "float32", "dtype": "float32"})
+    leaf = f32.llm_params["layers"]["mlp"]["up_proj"]["kernel"]
+    assert f32.config.llm.param_dtype == "float32" and leaf.dtype == np.float32 and isinstance(leaf, jax.Array)
+    if jax.device_count() >= 2:
+        mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=2), jax.devices()[:2])
+        sharded = EditX.from_pretrained(folder, mesh=mesh)
+        assert sharding.split_factor(sharded.llm_params["layers"]["mlp"]["up_proj"]["kernel"]) == 2
+        a, _ = model.edit(CLIP16, "hello", "emotion", "angry", seed=9)
+        b, _ = sharded.edit(CLIP16, "hello", "emotion", "angry", seed=9)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_cli_bad_dtype_and_mesh_fail_before_loading(tmp_path):
+    for flag in (["--dtype", "float16"], ["--mesh", "data=3"], ["--mesh", "rows=2"]):
+        bad = run_cli("edit", "--model", str(tmp_path / "absent"), "--audio", CLIP16, "--audio-text", "hi",
+                      "--edit-type", "emotion", "--edit-info", "happy", "--out", str(tmp_path / "o.wav"), *flag)
+        assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and flag[0] in bad.stderr, bad.stderr
+        assert "model folder" not in bad.stderr  # refused before looking for the model
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "infer.py"), *args], capture_output=True, text=True, cwd=ROOT)
 

@@ -54,3 +54,33 @@ def test_sharded_forward_and_decode_equal_single_device(setup):
     assert got.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
     assert got_tokens == want_tokens
+
+
+TINY = LLMConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=8, num_groups=8, num_layers=2)
+TINY_GEN = GenerationConfig(greedy=True, max_new_tokens=5, max_length=64, repetition_window=0, min_prompt_bucket=16)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 1, 4), (8, 1, 1)])
+def test_sharded_generate_equals_one_device(shape):
+    """Prefill and decode jitted with the rules table's shardings: the same greedy ids as one device,
+    the params and the returned cache laid out as the rules say."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    from editx_jax.generate import decode
+    mesh = sharding.make_mesh(MeshConfig(*shape))
+    params = llm.init_params(TINY, jax.random.key(1))
+    placed = sharding.shard_tree(params, sharding.logical_to_sharding(llm.param_logical_axes(TINY), mesh))
+    rng = np.random.RandomState(2)
+    prompts = [list(map(int, rng.randint(4, 256, n))) for n in (7, 3, 12, 5, 9, 4, 11, 6)]
+    want = generate(params, TINY, TINY_GEN, prompts).tokens
+    assert generate(placed, TINY, TINY_GEN, prompts, mesh=mesh).tokens == want
+    data, _, tensor = shape
+    q = placed["layers"]["attn"]["q_proj"]["kernel"]
+    assert tuple(q.sharding.spec) == (None, "fsdp", "tensor", None) and sharding.split_factor(q) == tensor
+    # The cache the jitted prefill returns: rows over data, kv heads over tensor.
+    cache = llm.init_cache(TINY, 8, 32)
+    cache = sharding.shard_tree(cache, sharding.cache_shardings(mesh))
+    tokens = jax.device_put(np.asarray([p[:3] for p in prompts], np.int32), sharding.batch_sharding(mesh))
+    _, cache = decode.prefill(placed, TINY, tokens, tokens * 0, cache, mesh=mesh)
+    assert tuple(cache["k"].sharding.spec)[:4] == (None, ("data", "fsdp"), None, "tensor")
+    assert sharding.split_factor(cache["k"]) == data * tensor

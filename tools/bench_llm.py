@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from editx_jax.benchmarking import copy_bandwidth, peak_memory_bytes, timed, tree_bytes  # noqa: E402
 from editx_jax.config import add_config_args, load_config  # noqa: E402
-from editx_jax.generate.decode import bucket, decode, prefill  # noqa: E402
+from editx_jax.generate.decode import bucket, decode_jit, initial_state, prefill_jit  # noqa: E402
 from editx_jax.models import llm  # noqa: E402
 
 
@@ -55,13 +55,14 @@ def main(argv=None):
     budget = jnp.full((b,), n, jnp.int32)
 
     t = time.perf_counter()
-    c_prefill = prefill.lower(params, cfg, tokens, positions, llm.init_cache(cfg, b, cache_len)).compile()
+    c_prefill = prefill_jit(cfg, None).lower(params, tokens, positions, llm.init_cache(cfg, b, cache_len)).compile()
     t_compile_prefill = time.perf_counter() - t
     last, cache = c_prefill(params, tokens, positions, llm.init_cache(cfg, b, cache_len))
     row_keys = jax.random.split(jax.random.key(1), b)
-    decode_args = (params, cfg, gen, cache, last, recent, lengths, budget, row_keys, p, n)
     t = time.perf_counter()
-    c_decode = decode.lower(*decode_args, room=cache_len - p).compile()
+    c_decode = decode_jit(cfg, gen, None).lower(
+        params, initial_state(cfg, cache, last, recent, lengths, budget, cache_len - p), row_keys, budget, p,
+        n).compile()
     t_compile_decode = time.perf_counter() - t
 
     prefill_times, decode_times = [], []
@@ -69,8 +70,9 @@ def main(argv=None):
         fresh = jax.block_until_ready(llm.init_cache(cfg, b, cache_len))
         (last, cache), seconds = timed(c_prefill, params, tokens, positions, fresh)
         prefill_times.append(seconds)
-        (out, count, _, steps, cache), seconds = timed(c_decode, params, cache, last, recent, lengths, budget,
-                                                       row_keys, p, n)
+        state = initial_state(cfg, cache, last, recent, lengths, budget, cache_len - p)
+        state, seconds = timed(c_decode, params, state, row_keys, budget, p, n)
+        steps, cache = state.step, state.cache
         decode_times.append(seconds)
     steps = int(steps)
     t_prefill, t_decode = min(prefill_times), min(decode_times)

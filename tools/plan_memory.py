@@ -3,6 +3,8 @@ and print XLA's per-device memory analysis and FLOPs per step. Nothing is alloca
 
     python tools/plan_memory.py --config configs/sft_step_audio_editx.yaml --devices 4 --mesh 1,4,1
     python tools/plan_memory.py --config configs/sft_step_audio_editx.yaml --devices 1 --batch 8 --seq 1536
+    python tools/plan_memory.py --inference --config configs/step_audio_editx.yaml --devices 1 --batch 1 4 \
+        --clip-seconds 5 30   # an edit: params + KV cache + prefill / decode temporaries, per device
 
 Runs on CPU with fake devices (`--devices` sets XLA's host device count before jax starts), so the
 figures are those of the XLA CPU compiler: buffer sizes (params, optimizer state, activations and
@@ -13,8 +15,12 @@ less so. Run it on the target backend (`--platform`) for exact numbers.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import pathlib
 import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 GiB = 1024 ** 3
 
@@ -25,11 +31,16 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--devices", type=int, default=8, help="fake CPU devices to plan for")
     p.add_argument("--mesh", help="data,fsdp,tensor (default: the config's mesh)")
-    p.add_argument("--batch", type=int, help="rows per step (default: train.batch_size)")
+    p.add_argument("--batch", type=int, nargs="+", help="rows per step (default: train.batch_size); "
+                   "--inference takes several")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step (default: train.grad_accum)")
     p.add_argument("--seq", type=int, help="tokens per row (default: data.max_length)")
     p.add_argument("--platform", default="cpu", help="cpu (fake devices) or the real backend")
+    p.add_argument("--inference", action="store_true", help="plan an edit's generation instead of a train step")
+    p.add_argument("--clip-seconds", type=float, nargs="+", default=[5.0, 30.0], help="(--inference) clip lengths")
     args = p.parse_args(argv)
+    if args.inference:
+        args.batch = args.batch or [1]
     if args.platform == "cpu":
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices} " + \
             os.environ.get("XLA_FLAGS", "")
@@ -50,7 +61,9 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    batch = args.batch or cfg.train.batch_size
+    if args.inference:
+        return plan_inference(cfg, mesh, args.batch, args.clip_seconds)
+    batch = args.batch[0] if args.batch else cfg.train.batch_size
     accum = args.grad_accum or cfg.train.grad_accum
     seq = args.seq or cfg.data.max_length
     if batch % accum or (batch // accum) % (mesh.shape["data"] * mesh.shape["fsdp"]):
@@ -102,6 +115,68 @@ def main(argv=None) -> int:
           f"({model_flops / len(devices):.4g} per device)")
     print(f"XLA cost analysis (per device): {flops:.4g} -- counts one layer of one micro-batch, since it "
           f"counts a loop body once")
+    return 0
+
+
+# An edit's prompt: the clip's audio ids (vq02 at 50/3 Hz + vq06 at 25 Hz, architecture.md §2) plus
+# the instruction and transcript (about 100 text ids); the edited speech is about as long as the clip.
+AUDIO_IDS_PER_SECOND = 50 / 3 + 25
+TEXT_IDS = 100
+
+
+def plan_inference(cfg, mesh, batches, clip_seconds) -> int:
+    """Compile prefill and decode as `generate` sizes them (abstract shapes, nothing allocated) and
+    print per-device bytes: params, KV cache, and each phase's temporaries."""
+    import jax
+    import jax.numpy as jnp
+
+    from editx_jax import sharding
+    from editx_jax.generate import decode as dec
+    from editx_jax.models import llm
+
+    c, gen = cfg.llm, cfg.generation
+    single = mesh.size == 1
+    run_mesh = None if single else mesh
+    params = llm.abstract_params(c)
+    if not single:
+        shardings = sharding.logical_to_sharding(llm.param_logical_axes(c), mesh)
+        params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                        params, shardings)
+    limit = min(gen.max_length, c.max_seq_len)
+    print(f"LLM {c.num_params / 1e9:.2f}B, weights {c.param_dtype}, compute {c.dtype}; mesh {dict(mesh.shape)}; "
+          f"max_length {gen.max_length}, max_new_tokens {gen.max_new_tokens}; GiB per device")
+    print(f"{'batch':>5} {'clip s':>6} {'prompt':>6} {'cache':>6} {'params':>7} {'cache':>6} {'prefill tmp':>11} "
+          f"{'decode tmp':>10} {'peak':>6}")
+    for batch in batches:
+        for seconds in clip_seconds:
+            prompt = int(seconds * AUDIO_IDS_PER_SECOND) + TEXT_IDS
+            if prompt >= limit:
+                print(f"{batch:>5} {seconds:>6g}  prompt of {prompt} ids leaves no room under max_length {limit}")
+                continue
+            p_len = min(dec.bucket(prompt, gen.min_prompt_bucket), limit)
+            steps = min(gen.max_new_tokens, limit - prompt)
+            slots = dec.cache_length(p_len, steps, limit, gen.min_prompt_bucket)
+            room = min(dec.bucket(steps, gen.min_prompt_bucket), slots)
+            cache = jax.eval_shape(functools.partial(llm.init_cache, c, batch, slots))
+            ids = jax.ShapeDtypeStruct((batch, p_len), jnp.int32)
+            m_pre = dec.prefill_jit(c, run_mesh).lower(params, ids, ids, cache).compile().memory_analysis()
+            window = max(gen.repetition_window, 1)
+            state = jax.eval_shape(functools.partial(
+                dec.initial_state, c, llm.init_cache(c, batch, 1), jnp.zeros((batch, c.vocab_size)),
+                jnp.zeros((batch, window), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
+                room))
+            state = state.replace(cache=cache)
+            keys = jax.eval_shape(functools.partial(jax.random.split, jax.random.key(0), batch))
+            rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+            scalar = jax.ShapeDtypeStruct((), jnp.int32)
+            m_dec = dec.decode_jit(c, gen, run_mesh).lower(params, state, keys, rows, scalar,
+                                                           scalar).compile().memory_analysis()
+            p_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)) / mesh.size
+            c_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)) / mesh.size
+            peak = p_bytes + c_bytes + max(m_pre.temp_size_in_bytes, m_dec.temp_size_in_bytes)
+            print(f"{batch:>5} {seconds:>6g} {p_len:>6} {slots:>6} {p_bytes / GiB:>7.2f} {c_bytes / GiB:>6.2f} "
+                  f"{m_pre.temp_size_in_bytes / GiB:>11.2f} {m_dec.temp_size_in_bytes / GiB:>10.2f} {peak / GiB:>6.2f}")
+    print("params and cache are split evenly in this estimate; XLA:CPU figures (temporaries differ by backend)")
     return 0
 
 

@@ -9,18 +9,27 @@ ends when every row has stopped or the step limit is reached.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 from typing import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from editx_jax import sharding
 from editx_jax.config import GenerationConfig, LLMConfig
 from editx_jax.generate.sampling import sample
-from editx_jax.models.llm import Step1, check_token_ids, init_cache
+from editx_jax.models.llm import (
+    Step1,
+    as_scan_bits,
+    check_token_ids,
+    init_cache,
+    param_logical_axes,
+)
 
 
 class PromptTooLongError(ValueError):
@@ -56,58 +65,154 @@ def from_padded(tokens, mask) -> list[list[int]]:
     return [list(map(int, row[m])) for row, m in zip(tokens, mask)]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill(params, cfg: LLMConfig, tokens, positions, cache):
-    """Run the padded prompts through the model, filling cache columns [0, P)."""
-    logits, cache = Step1(cfg).apply({"params": params}, tokens, positions, cache=cache, cache_index=0)
+@flax.struct.dataclass
+class DecodeState:
+    """The `lax.while_loop` state of `decode` (all arrays; batch-major except `step` and `cache`).
+
+    step: steps run; cache: the KV cache (models/llm.py `init_cache`); logits [B, V]: the next-token
+    logits to sample from; recent [B, W]: each row's last ids (repetition rule); lengths [B]: ids each
+    row holds; done [B]: rows that stopped; count [B]: new tokens per row; out [B, room]: new ids
+    (EOS after a row stops); logit_buf [B, room or 0, V]: the logits sampled from, when kept.
+    """
+
+    step: jax.Array
+    cache: dict
+    logits: jax.Array
+    recent: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    count: jax.Array
+    out: jax.Array
+    logit_buf: jax.Array
+
+
+def initial_state(cfg: LLMConfig, cache, last_logits, recent, lengths, budget, room: int,
+                  return_logits: bool = False) -> DecodeState:
+    batch = last_logits.shape[0]
+    return DecodeState(
+        step=jnp.int32(0), cache=cache, logits=last_logits, recent=jnp.asarray(recent),
+        lengths=jnp.asarray(lengths), done=jnp.asarray(budget) <= 0, count=jnp.zeros((batch,), jnp.int32),
+        out=jnp.full((batch, room), cfg.eos_id, jnp.int32),
+        logit_buf=jnp.zeros((batch, room if return_logits else 0, last_logits.shape[-1]), jnp.float32))
+
+
+def _prefill(params, tokens, positions, cache, *, cfg: LLMConfig):
+    # The cache is empty: attention reads the prompt's own keys, and only the last position's
+    # logits are computed (the only ones sampled from).
+    logits, cache = Step1(cfg, prefill=True).apply({"params": as_scan_bits(params)}, tokens, positions, cache=cache,
+                                                   cache_index=0, last_only=True)
     return logits[:, -1].astype(jnp.float32), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "gen", "room", "return_logits"),
-                   donate_argnames=("cache",))
-def decode(params, cfg: LLMConfig, gen: GenerationConfig, cache, last_logits, recent, lengths, budget, row_keys,
-           start, max_steps, room: int, return_logits: bool = False):
-    """Sample up to `max_steps` (<= room, the static buffer size) tokens per row, feeding each back through the cache.
-
-    last_logits [B, V]: the prefill's next-token logits; recent [B, W]: the last ids of each row;
-    lengths [B]: ids each row holds; budget [B]: how many new tokens each row may take;
-    row_keys [B]: one PRNG key per row, folded with the step number (a row samples as it would alone);
-    start: the cache column of the first new token. Returns tokens [B, max_steps] (EOS-padded after
-    a row stops), the number of new tokens per row, optional logits [B, room, V], steps run, and the cache.
-    """
-    batch = last_logits.shape[0]
+def _decode(params, state: DecodeState, row_keys, budget, start, max_steps, *, cfg: LLMConfig,
+            gen: GenerationConfig) -> DecodeState:
     model = Step1(cfg)
-    out = jnp.full((batch, room), cfg.eos_id, jnp.int32)
-    logit_buf = jnp.zeros((batch, room if return_logits else 0, last_logits.shape[-1]), jnp.float32)
-    state = dict(step=jnp.int32(0), cache=cache, logits=last_logits, recent=recent, lengths=lengths,
-                 done=budget <= 0, count=jnp.zeros((batch,), jnp.int32), out=out, logit_buf=logit_buf)
+    params = as_scan_bits(params)
+    slots = state.cache["pos"].shape[1]
+    keep_logits = state.logit_buf.shape[1] > 0
 
-    def cond(s):
-        return (s["step"] < max_steps) & ~jnp.all(s["done"])
+    def cond(s: DecodeState):
+        return (s.step < max_steps) & ~jnp.all(s.done)
 
-    def body(s):
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, s["step"])
-        if return_logits:
-            s["logit_buf"] = jax.lax.dynamic_update_slice_in_dim(s["logit_buf"], s["logits"][:, None], s["step"], 1)
-        token = sample(s["logits"], step_keys, gen, s["recent"], s["lengths"])
-        token = jnp.where(s["done"], cfg.eos_id, token)
-        active = ~s["done"]
-        count = s["count"] + active
-        done = s["done"] | (token == cfg.eos_id) | (count >= budget)
-        out = jax.lax.dynamic_update_slice_in_dim(s["out"], token[:, None], s["step"], 1)
-        recent = jnp.where(active[:, None], jnp.concatenate([s["recent"][:, 1:], token[:, None]], 1), s["recent"])
-        lengths = s["lengths"] + active
+    def body(s: DecodeState) -> DecodeState:
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, s.step)
+        logit_buf = s.logit_buf
+        if keep_logits:
+            logit_buf = jax.lax.dynamic_update_slice_in_dim(logit_buf, s.logits[:, None], s.step, 1)
+        token = sample(s.logits, step_keys, gen, s.recent, s.lengths)
+        token = jnp.where(s.done, cfg.eos_id, token)
+        active = ~s.done
+        count = s.count + active
+        done = s.done | (token == cfg.eos_id) | (count >= budget)
+        out = jax.lax.dynamic_update_slice_in_dim(s.out, token[:, None], s.step, 1)
+        recent = jnp.where(active[:, None], jnp.concatenate([s.recent[:, 1:], token[:, None]], 1), s.recent)
         # Stopped rows still run through the model (shapes are static); their position is set to
         # -1, so what they write is never visible to anything.
-        position = jnp.where(active, s["lengths"], -1)[:, None]
-        logits, cache = model.apply({"params": params}, token[:, None], position, cache=s["cache"],
-                                    cache_index=start + s["step"])
-        return dict(step=s["step"] + 1, cache=cache, logits=logits[:, -1].astype(jnp.float32), recent=recent,
-                    lengths=lengths, done=done, count=count, out=out, logit_buf=s["logit_buf"])
+        position = jnp.where(active, s.lengths, -1)[:, None]
+        # The cache is a ring over its columns (attention masks by stored positions, not columns):
+        # past the last column, new tokens go to the first ones, which are left padding for every
+        # row still running, since a row's prompt plus its budget fits in the cache (see `generate`).
+        column = (start + s.step) % slots
+        logits, cache = model.apply({"params": params}, token[:, None], position, cache=s.cache,
+                                    cache_index=column)
+        return DecodeState(step=s.step + 1, cache=cache, logits=logits[:, -1].astype(jnp.float32), recent=recent,
+                           lengths=s.lengths + active, done=done, count=count, out=out, logit_buf=logit_buf)
 
-    s = jax.lax.while_loop(cond, body, state)
-    # The cache is returned so that the donated input buffer becomes the output (no copy).
-    return s["out"], s["count"], s["logit_buf"], s["step"], s["cache"]
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _state_shardings(mesh) -> DecodeState:
+    """Batch-major fields split over data x fsdp, the cache by the LLM rules, the step replicated."""
+    rows = functools.partial(sharding.batch_sharding, mesh)
+    return DecodeState(step=sharding.replicated(mesh), cache=sharding.cache_shardings(mesh), logits=rows(2),
+                       recent=rows(2), lengths=rows(1), done=rows(1), count=rows(1), out=rows(2), logit_buf=rows(3))
+
+
+@functools.cache
+def prefill_jit(cfg: LLMConfig, mesh):
+    """The jitted prefill `(params, tokens, positions, cache) -> (last logits [B, V], cache)`; the
+    cache is donated. With a mesh, in/out shardings come from the LLM rules table."""
+    fn = functools.partial(_prefill, cfg=cfg)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=(3,))
+    params = sharding.logical_to_sharding(param_logical_axes(cfg), mesh)
+    batch, cache = sharding.batch_sharding(mesh), sharding.cache_shardings(mesh)
+    return jax.jit(fn, in_shardings=(params, batch, batch, cache), out_shardings=(batch, cache),
+                   donate_argnums=(3,))
+
+
+@functools.cache
+def decode_jit(cfg: LLMConfig, gen: GenerationConfig, mesh):
+    """The jitted decode `(params, state, row_keys, budget, start, max_steps) -> state`; the state
+    (its cache included) is donated, so each step updates one cache column in place."""
+    fn = functools.partial(_decode, cfg=cfg, gen=gen)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=(1,))
+    params = sharding.logical_to_sharding(param_logical_axes(cfg), mesh)
+    rows, scalar = sharding.batch_sharding(mesh, 1), sharding.replicated(mesh)
+    state = _state_shardings(mesh)
+    return jax.jit(fn, in_shardings=(params, state, rows, rows, scalar, scalar), out_shardings=state,
+                   donate_argnums=(1,))
+
+
+def prefill(params, cfg: LLMConfig, tokens, positions, cache, mesh=None):
+    """Run the padded prompts through the model, filling cache columns [0, P)."""
+    if mesh is not None:
+        batch = sharding.batch_sharding(mesh)
+        tokens, positions = jax.device_put((tokens, positions), (batch, batch))
+        cache = jax.device_put(cache, sharding.cache_shardings(mesh), donate=True)
+    with _rules(mesh):
+        return prefill_jit(cfg, mesh)(params, tokens, positions, cache)
+
+
+def decode(params, cfg: LLMConfig, gen: GenerationConfig, state: DecodeState, *, row_keys, budget, start,
+           max_steps, mesh=None) -> DecodeState:
+    """Sample up to `max_steps` (<= room, the width of `state.out`) tokens per row, feeding each back
+    through the cache.
+
+    row_keys [B]: one PRNG key per row, folded with the step number (a row samples as it would alone);
+    budget [B]: how many new tokens each row may take; start: the cache column of the first new token.
+    Returns the final state: `out` [B, room] (EOS-padded after a row stops), `count` new tokens per
+    row, `logit_buf` (when kept), `step` steps run, and the cache (the donated input's buffer).
+    """
+    row_keys, budget = jnp.asarray(row_keys), jnp.asarray(budget)
+    if mesh is not None:  # small host-made fields onto their shardings (the cache is already there)
+        rows = sharding.batch_sharding(mesh, 1)
+        state, row_keys, budget = jax.device_put((state, row_keys, budget), (_state_shardings(mesh), rows, rows))
+    with _rules(mesh):
+        return decode_jit(cfg, gen, mesh)(params, state, row_keys, budget, jnp.int32(start), jnp.int32(max_steps))
+
+
+def _rules(mesh):
+    """The mesh and the LLM rules, so the layers' logical constraints apply (nothing without a mesh)."""
+    return contextlib.nullcontext() if mesh is None else sharding.use_mesh(mesh)
+
+
+def cache_length(prompt_len: int, max_steps: int, limit: int, minimum: int) -> int:
+    """Cache slots for a left-padded prompt bucket of `prompt_len` plus `max_steps` new tokens: a power
+    of two, never more than `limit` (max_length): the official rule counts prompt plus new tokens,
+    so a row never holds more than `limit` ids; the padding columns are reused (a ring, see `decode`)."""
+    return min(bucket(prompt_len + max_steps, minimum), limit)
 
 
 def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Sequence[int]], key=None,
@@ -116,9 +221,10 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
 
     Each row's tokens equal that prompt's tokens alone: greedy trivially, and sampling because every
     row draws from its own key (`row_keys` [B]; by default `fold_in(key, row)`, so a prompt alone
-    with `row_keys=[k]` reproduces its row exactly when given the same k). With `mesh`, the KV cache
-    and the batch are sharded
-    by the LLM rules (the batch must divide over data x fsdp); params should already be placed.
+    with `row_keys=[k]` reproduces its row exactly when given the same k). With `mesh`, prefill and
+    decode run with the shardings of the LLM rules table: rows over data x fsdp (the batch is padded
+    with idle rows to a multiple of it), heads and MLP over tensor, weights over fsdp; params should
+    already be placed (`sharding.logical_to_sharding(param_logical_axes(cfg), mesh)`).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -130,34 +236,38 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
         raise PromptTooLongError(f"prompt of {longest} tokens leaves no room for new tokens "
                                  f"(max_length {gen.max_length}, model max_seq_len {cfg.max_seq_len})")
     key = jax.random.key(0) if key is None else key
+    n_rows = len(prompts)
     if row_keys is None:
-        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(len(prompts)))
-    elif len(row_keys) != len(prompts):
-        raise ValueError(f"{len(row_keys)} row keys for {len(prompts)} prompts")
-    prompt_len = bucket(longest, gen.min_prompt_bucket)
+        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n_rows))
+    elif len(row_keys) != n_rows:
+        raise ValueError(f"{len(row_keys)} row keys for {n_rows} prompts")
+    prompts = [list(p) for p in prompts]
+    idle = 0
+    if mesh is not None:  # idle rows (budget 0, done from the start) fill the batch up to the mesh
+        idle = -n_rows % (mesh.shape["data"] * mesh.shape["fsdp"])
+        prompts += [prompts[0]] * idle
+        row_keys = jnp.concatenate([row_keys, jnp.repeat(row_keys[:1], idle)]) if idle else row_keys
+    prompt_len = min(bucket(longest, gen.min_prompt_bucket), limit)
     max_steps = min(gen.max_new_tokens, limit - min(len(p) for p in prompts))
-    cache_len = bucket(prompt_len + max_steps, gen.min_prompt_bucket)  # both bucketed: few compiles
+    cache_len = cache_length(prompt_len, max_steps, limit, gen.min_prompt_bucket)
+    room = min(bucket(max_steps, gen.min_prompt_bucket), cache_len)  # `out` width: bucketed, few compiles
     tokens, positions, lengths = left_pad(prompts, prompt_len, cfg.pad_id)
     budget = np.minimum(gen.max_new_tokens, limit - lengths).astype(np.int32)
+    budget[n_rows:] = 0
     window = max(gen.repetition_window, 1)
     recent = np.full((len(prompts), window), -1, np.int32)
     for i, p in enumerate(prompts):
-        tail = list(p)[-window:]
+        tail = p[-window:]
         recent[i, window - len(tail):] = tail
 
     cache = init_cache(cfg, len(prompts), cache_len)
-    if mesh is not None:
-        from editx_jax import sharding
-
-        cache = sharding.shard_tree(cache, sharding.cache_shardings(mesh))
-        tokens, positions = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (tokens, positions))
-    last_logits, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache)
-    out, count, logit_buf, steps, _ = decode(params, cfg, gen, cache, last_logits, jnp.asarray(recent),
-                                          jnp.asarray(lengths), jnp.asarray(budget), row_keys, prompt_len,
-                                          max_steps, room=cache_len - prompt_len, return_logits=return_logits)
-    out, count = np.asarray(out), np.asarray(count)
-    rows = [list(map(int, out[i, :count[i]])) for i in range(len(prompts))]
+    last_logits, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache, mesh=mesh)
+    state = initial_state(cfg, cache, last_logits, recent, lengths, budget, room, return_logits)
+    state = decode(params, cfg, gen, state, row_keys=row_keys, budget=budget, start=prompt_len,
+                   max_steps=max_steps, mesh=mesh)
+    out, count, steps = np.asarray(state.out), np.asarray(state.count), int(state.step)
+    rows = [list(map(int, out[i, :count[i]])) for i in range(n_rows)]
     if gen.drop_last:
         rows = [r[:-1] for r in rows]
-    logits = np.asarray(logit_buf)[:, :int(steps)] if return_logits else None
-    return GenerateOutput(tokens=rows, logits=logits, num_steps=int(steps))
+    logits = np.asarray(state.logit_buf)[:n_rows, :steps] if return_logits else None
+    return GenerateOutput(tokens=rows, logits=logits, num_steps=steps)

@@ -27,5 +27,7 @@ class Projection(nn.Module):
         shape = tuple(in_shape) + tuple(self.out_shape)
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.std), tuple(self.axes)),
                             shape, self.param_dtype)
+        if kernel.dtype == jnp.uint16:  # bfloat16 bits (see models/llm.py `as_scan_bits`)
+            kernel = jax.lax.bitcast_convert_type(kernel, jnp.bfloat16)
         contract = (tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim)))
         return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))

@@ -54,9 +54,10 @@ def remat_policy(name: str):
 
 class Attention(nn.Module):
     cfg: LLMConfig
+    prefill: bool = False  # the cache is empty before this call: attend over this call's keys only
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, layer_cache, cache_positions, cache_index):
+    def __call__(self, x, positions, segment_ids, cache, layer, cache_positions, cache_index):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         std = cfg.hidden_size ** -0.5
@@ -66,19 +67,28 @@ class Attention(nn.Module):
         k = proj((g, d), ("embed", "kv_heads", "head_dim"), name="k_proj")(x)
         v = proj((g, d), ("embed", "kv_heads", "head_dim"), name="v_proj")(x)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
-        if layer_cache is None:
-            k_all, v_all, k_pos, k_seg = k, v, positions, segment_ids
+        if cache is None:
+            k_all, v_all, k_pos = k, v, positions
             new_cache = None
         else:
-            # Write this call's k/v (grouped, not expanded) at [cache_index, cache_index + T).
-            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                        cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                        cache_index, axis=1)
-            k_pos, k_seg = cache_positions, None
-            new_cache = {"k": k_all, "v": v_all}
-        out = alibi_attention(q, k_all.astype(dtype), v_all, positions, k_pos,
-                              segment_ids if k_seg is not None else None, k_seg, dtype=dtype)
+            # Write this call's k/v (grouped, not expanded) into this layer's rows of the whole
+            # carried cache at columns [cache_index, cache_index + T): an in-place update of T
+            # slots, never a rewrite of the cache.
+            k = k.astype(cache["k"].dtype)
+            v = v.astype(cache["v"].dtype)
+            start = (layer, jnp.int32(0), cache_index, jnp.int32(0), jnp.int32(0))
+            new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None], start),
+                         "v": jax.lax.dynamic_update_slice(cache["v"], v[None], start)}
+            if self.prefill:
+                # Every other slot is empty (invisible): the prompt's own keys are all there is.
+                k_all, v_all, k_pos = k, v, positions
+            else:
+                k_all = jax.lax.dynamic_index_in_dim(new_cache["k"], layer, 0, keepdims=False)
+                v_all = jax.lax.dynamic_index_in_dim(new_cache["v"], layer, 0, keepdims=False)
+                k_pos = cache_positions
+            segment_ids = None
+        out = alibi_attention(q, k_all.astype(dtype), v_all, positions, k_pos, segment_ids, segment_ids,
+                              dtype=dtype)
         # o_proj sums over H*D inputs, which need not equal E: its own fan-in sets its scale.
         out = proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), in_ndim=2, std=(h * d) ** -0.5,
                    name="o_proj")(out)
@@ -102,19 +112,27 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One layer under `nn.scan`: the carry is (x, cache), `layer` (this layer's index) is scanned.
+
+    The whole KV cache rides in the carry and each layer updates its own rows in place, so the scan
+    holds one cache, not an input stack plus an output stack."""
+
     cfg: LLMConfig
+    prefill: bool = False
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, cache_positions, segment_ids, cache_index):
+    def __call__(self, carry, layer, positions, cache_positions, segment_ids, cache_index):
         cfg = self.cfg
+        x, cache = carry
         norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=jnp_dtype(cfg.dtype),
                                  param_dtype=jnp_dtype(cfg.param_dtype))
-        attn_out, new_cache = Attention(cfg, name="attn")(norm(name="input_norm")(x), positions, segment_ids,
-                                                          layer_cache, cache_positions, cache_index)
+        attn_out, cache = Attention(cfg, self.prefill, name="attn")(norm(name="input_norm")(x), positions,
+                                                                    segment_ids, cache, layer, cache_positions,
+                                                                    cache_index)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm(name="post_attention_norm")(x))
         x = nn.with_logical_constraint(x, ACT)
-        return x, new_cache
+        return (x, cache), None
 
 
 class TokenEmbedding(nn.Module):
@@ -140,13 +158,16 @@ class Step1(nn.Module):
     segment_ids: [B, T] for packed training (attention stays inside a segment); None otherwise.
     cache: None for a plain forward; else a dict from `init_cache` and `cache_index` (scalar) where
     this call's T tokens are written. Cache positions must be set by the caller (see generate/).
+    prefill: the cache holds nothing yet, so attention reads this call's keys only (not the cache).
+    last_only: logits of the last position only ([B, 1, V]), the one a prefill keeps.
     """
 
     cfg: LLMConfig
+    prefill: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids=None, cache=None, cache_index=None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, last_only: bool = False):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         x = nn.with_logical_constraint(TokenEmbedding(cfg, name="embed")(tokens), ACT)
@@ -157,14 +178,18 @@ class Step1(nn.Module):
         layer_caches, cache_positions = None, None
         if cache is not None:
             layer_caches = {"k": cache["k"], "v": cache["v"]}
+            cache_index = jnp.asarray(cache_index, jnp.int32)
             # Positions of every cache slot after this call's write, shared by all layers.
             cache_positions = jax.lax.dynamic_update_slice_in_dim(
                 cache["pos"], positions.astype(cache["pos"].dtype), cache_index, axis=1)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_layer_caches = stack(cfg, name="layers")(x, layer_caches, positions, cache_positions,
-                                                        segment_ids, cache_index)
+        (x, new_layer_caches), _ = stack(cfg, self.prefill, name="layers")(
+            (x, layer_caches), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions, cache_positions,
+            segment_ids, cache_index)
+        if last_only:
+            x = x[:, -1:]
         x = RMSNorm(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
         if return_hidden:
             return x
@@ -205,6 +230,19 @@ def init_params(cfg: LLMConfig, key) -> dict:
     """Random params as a plain nested dict (logical-axis boxes removed)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     return nn.meta.unbox(Step1(cfg).init(key, tokens, tokens)["params"])
+
+
+def as_scan_bits(params):
+    """The stacked bfloat16 layer kernels as their uint16 bits (a free bitcast inside a jit).
+
+    XLA:CPU has no bfloat16 dynamic-slice: it converts the whole [L, ...] stack to float32 before the
+    layer scan slices it, a float32 copy of every layer at once (12.8 GiB at the released size). On
+    uint16 the scan slices one layer and `Projection` reinterprets it as bfloat16 inside the loop, so
+    only one layer's working copy exists at a time. No numeric change; other dtypes pass through.
+    """
+    def bits(x):
+        return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 and x.ndim > 2 else x
+    return {**params, "layers": jax.tree_util.tree_map(bits, params["layers"])}
 
 
 def check_token_ids(tokens, cfg: LLMConfig) -> None:
