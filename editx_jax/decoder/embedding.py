@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from editx_jax.config import ConfigError
-from editx_jax.tokenizer.codebook import AUDIO_TOKENS, GROUP, VQ02_CODES, AudioTokenError, checked_codes
+from editx_jax.tokenizer.codebook import AudioTokenError, checked_codes
+from editx_jax.vocab import AUDIO_TOKENS, GROUP, VQ02_CODES
 
 PAD_ID = VQ02_CODES  # 1024: the vq02 slot of every third frame
 VQ06_SHIFT = VQ02_CODES + 1  # a vq06 value v (= code + 1024) indexes row v + 1 = code + 1025

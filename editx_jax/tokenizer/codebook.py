@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.vocab import (AUDIO_ID_OFFSET, AUDIO_TOKENS, GROUP, VQ02_CODES, VQ02_PER_GROUP,  # noqa: F401
+from editx_jax.vocab import (AUDIO_ID_OFFSET, AUDIO_TOKENS, GROUP, VQ02_CODES, VQ02_PER_GROUP,
                              VQ06_CODES, VQ06_PER_GROUP)
 
 VQ02_ID_OFFSET = AUDIO_ID_OFFSET
