@@ -106,7 +106,9 @@ def _run(model, requests, args, out_paths):
     print(f"timing: tokenize {t['tokenize']:.2f} s, generate {t['generate']:.2f} s, decode {t['decode']:.2f} s; "
           f"{sum(info['generated_tokens'])} tokens generated over {info['rounds']} round(s)")
     if info["stray_ids"]:
-        print(f"note: {info['stray_ids']} generated ids were not audio tokens (mapped to audio value 0)")
+        print(f"note: {info['stray_ids']} generated ids were not audio tokens ({info['stray_text_ids']} text ids, "
+              f"read as the official decoder reads them; {info['stray_past_audio_ids']} past the audio range, "
+              f"read as text ids)")
 
 
 def cmd_clone(args):

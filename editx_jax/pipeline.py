@@ -11,9 +11,15 @@ assembled exactly as `tts.py` does; the LLM samples until <|EOT|> and the final 
 token2wav turns the ids into 24 kHz speech with the source (edit) or the prompt (clone) as the
 speaker prompt.
 
-Ids the LLM writes outside the audio range: text ids are clamped to audio value 0 as the official
-decoder does; ids past the audio range (70656...) would crash the official decoder and are mapped
-to the same value 0 here, and counted in `last_info["stray_ids"]`.
+Iterative edits (`n_iter`) follow `tts_infer.py`: each round's output is written as a 16-bit wav and
+read back before the next round tokenizes it (`pcm16_round_trip`; `editx.float_between_rounds` keeps
+float instead), and from round 2 on a paralinguistic edit takes its tagged new text as the transcript
+of the audio it edits again. The clone speaker name hashes the prompt as read, all channels.
+
+Ids the LLM writes outside the audio range (`editx_jax/vocab.py`): text ids go to the decoder as they
+are, whose clamp rule reads them as the official decoder does; ids past the audio range (70656...)
+would crash the official decoder and become a text id. Both kinds are counted in `last_info`
+(`stray_text_ids`, `stray_past_audio_ids`, and their sum `stray_ids`).
 """
 
 from __future__ import annotations
@@ -27,11 +33,11 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from editx_jax import vocab
 from editx_jax.config import Config, ConfigError, from_dict, to_dict
 
 OUTPUT_SAMPLE_RATE = 24000
 PARTS = ("config.json", "llm", "audio_tokenizer", "decoder", "tokenizer.model")
-AUDIO_FIRST, AUDIO_END = 65536, 65536 + 5120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +46,7 @@ class EditXConfig:
 
     max_audio_seconds: float = 60.0  # longer inputs are refused with a message, never cut silently
     keep_prompt_features: bool = False  # iterative edits: keep round 1's speaker prompt (less timbre drift)
-    inner_bos: bool = True  # see editx_jax/text/prompts.py: every enc() of tts.py starts with BOS
+    float_between_rounds: bool = False  # iterative edits: skip the 16-bit wav round trip of tts_infer.py
 
     def __post_init__(self):
         if not self.max_audio_seconds > 0:
@@ -105,6 +111,13 @@ class EditX:
                 raise EditXError(f"model folder {folder} is missing {part} (convert with tools/convert.py editx)")
         settings = json.loads((folder / "config.json").read_text())
         settings.setdefault("generation", {}).update(generation_overrides)
+        # Folders written before the tokenizer's own settings decided inner BOS carry editx.inner_bos;
+        # a value that the tokenizer settings contradict must not be dropped silently.
+        old_inner_bos = settings.get("editx", {}).pop("inner_bos", None)
+        text_tokenizer = TextTokenizer.from_pretrained(folder / "tokenizer.model")
+        if old_inner_bos is not None and bool(old_inner_bos) != text_tokenizer.settings.add_bos_token:
+            raise EditXError(f"{folder}/config.json sets editx.inner_bos={old_inner_bos}, which is now "
+                             f"add_bos_token in tokenizer_config.json; set it there and remove editx.inner_bos")
         from editx_jax import sharding
         from editx_jax.models.llm import param_logical_axes
 
@@ -120,8 +133,7 @@ class EditX:
         config = dataclasses.replace(config, llm=llm_config, tokenizer=audio_tokenizer.config,
                                      flow=decoder.flow_config, token2wav=decoder.config,
                                      campplus=decoder.campplus_config or config.campplus, **vocoder)
-        model = cls(config, llm_params, TextTokenizer.from_pretrained(folder / "tokenizer.model"),
-                    audio_tokenizer, decoder)
+        model = cls(config, llm_params, text_tokenizer, audio_tokenizer, decoder)
         model.mesh = mesh
         return model
 
@@ -157,7 +169,7 @@ class EditX:
         save_llm(folder / "llm", jax.tree_util.tree_map(np.asarray, self.llm_params), self.config.llm)
         self.audio_tokenizer.save(folder / "audio_tokenizer")
         self.decoder.save(folder / "decoder")
-        (folder / "tokenizer.model").write_bytes(self.text_tokenizer.model_bytes)
+        self.text_tokenizer.save(folder)
         write_settings(folder, self.config)
         return folder
 
@@ -200,7 +212,7 @@ class EditX:
         raw = [x[2] for x in loaded]  # as read: the clone speaker id hashes these samples
         waves = [x[:2] for x in loaded]  # (wave [N] mono capped, sr)
         first_prompt = None
-        stray = 0
+        stray_text = stray_past = 0
         for round_ in range(n_iter):
             key, k_flow, k_voc = jax.random.split(key, 3)
             # one sampling key per request, from its own seed: a batch samples each request as alone
@@ -214,13 +226,12 @@ class EditX:
                 if r.edit_type == "clone":
                     speaker = prompts.clone_speaker_id(r.audio_text, raw_wave)
                     prompt_ids.append(prompts.build_clone_ids(self.text_tokenizer, r.audio_text, audio_ids,
-                                                              r.new_text, speaker=speaker, language=r.language,
-                                                              inner_bos=self.config.editx.inner_bos))
+                                                              r.new_text, speaker=speaker, language=r.language))
                 else:
                     new_text = r.new_text if r.edit_type == "paralinguistic" else None
                     prompt_ids.append(prompts.build_edit_ids(self.text_tokenizer, r.edit_type, r.edit_info,
-                                                             r.audio_text, audio_ids, new_text=new_text,
-                                                             inner_bos=self.config.editx.inner_bos))
+                                                             round_transcript(r, round_), audio_ids,
+                                                             new_text=new_text))
             if first_prompt is not None and self.config.editx.keep_prompt_features:
                 speaker_prompts = first_prompt  # round 1's speaker prompt: no timbre drift across rounds
             else:
@@ -235,18 +246,21 @@ class EditX:
             t = time.perf_counter()
             gen_ids = []
             for g in gen:
-                g = np.asarray(g, np.int64)
-                bad = (g < AUDIO_FIRST) | (g >= AUDIO_END)
-                stray += int(bad.sum())
-                gen_ids.append(np.where(bad, AUDIO_FIRST, g))
+                ids, n_text, n_past = vocab.for_decoder(g)
+                stray_text, stray_past = stray_text + n_text, stray_past + n_past
+                gen_ids.append(ids)
             out = self.decoder.token2wav(gen_ids, [p[0] for p in speaker_prompts], [p[1] for p in speaker_prompts],
                                          [p[2] for p in speaker_prompts], key=k_flow, vocoder_key=k_voc)
-            waves = [(out.speech[i, :out.lengths[i]], OUTPUT_SAMPLE_RATE) for i in range(len(requests))]
+            waves = [(out.item(i), OUTPUT_SAMPLE_RATE) for i in range(len(requests))]
+            if round_ + 1 < n_iter and not self.config.editx.float_between_rounds:
+                # tts_infer.py saves each round as a 16-bit wav and the next round reads that file
+                waves = [(pcm16_round_trip(w), sr) for w, sr in waves]
             timings["decode"] += time.perf_counter() - t
             if progress is not None:
                 progress(round_ + 1, n_iter)
-        self.last_info = {"timings": timings, "stray_ids": stray,
-                          "generated_tokens": [len(g) for g in gen_ids], "rounds": n_iter}
+        self.last_info = {"timings": timings, "stray_ids": stray_text + stray_past, "stray_text_ids": stray_text,
+                          "stray_past_audio_ids": stray_past, "generated_tokens": [len(g) for g in gen_ids],
+                          "rounds": n_iter}
         return [(w.astype(np.float32), sr) for w, sr in waves]
 
     def _generate(self, prompt_ids: list[list[int]], row_keys) -> list[list[int]]:
@@ -256,7 +270,7 @@ class EditX:
 
     def _load(self, r: Request) -> tuple[np.ndarray, int, np.ndarray]:
         """(mono wave with the 0.6 peak cap of `preprocess_prompt_wav`, sample rate, the samples as
-        read); the length limit."""
+        read: float32 [C, N] from a file, as torchaudio.load gives them); the length limit."""
         from editx_jax.audio import AudioError, cap_peak, check_min_duration, check_wave, load_audio, to_mono
 
         limit = self.config.editx.max_audio_seconds
@@ -270,12 +284,28 @@ class EditX:
                 if wave.shape[-1] / sr > limit:
                     raise AudioError(f"audio is {wave.shape[-1] / sr:.1f} s, over the {limit:g} s limit "
                                      f"(editx.max_audio_seconds)")
-            raw = check_wave(wave)
-            check_min_duration(raw.shape[-1], sr, "audio")  # files were checked as read; this covers waves
-            wave = cap_peak(to_mono(raw))
+            raw = np.asarray(wave, np.float32)  # before any mono mix: the clone speaker name hashes these
+            wave = cap_peak(check_wave(raw))
+            check_min_duration(wave.shape[-1], sr, "audio")  # files were checked as read; this covers waves
         except AudioError as e:
             raise EditXError(str(e)) from None
         return wave, sr, raw
+
+
+def round_transcript(r: Request, round_: int) -> str | None:
+    """The transcript of the audio a round edits. `tts_infer.py` hands each round's target text on as
+    the next round's transcript: for a paralinguistic edit that is the tagged new text, for the other
+    edits the transcript itself."""
+    return r.new_text if round_ > 0 and r.edit_type == "paralinguistic" else r.audio_text
+
+
+def pcm16_round_trip(wave) -> np.ndarray:
+    """`wave` as it reads back from a 16-bit wav written by soundfile (libsndfile), which is how
+    `tts_infer.py` saves a round: float -> int32 by rounding x * 2^31 (clipped), the top 16 bits kept
+    (an arithmetic shift, i.e. floor), read back as int16 / 32768 like torchaudio.load."""
+    scaled = np.rint(np.asarray(wave, np.float32).astype(np.float64) * 2.0 ** 31)
+    pcm = np.right_shift(np.clip(scaled, -2.0 ** 31, 2.0 ** 31 - 1).astype(np.int64), 16)
+    return (pcm.astype(np.float32) / np.float32(32768)).astype(np.float32)
 
 
 def validate_request(r: Request) -> None:

@@ -152,3 +152,130 @@ def test_cli_edit_and_errors(tmp_path):
     assert not (tmp_path / "bad.wav").exists()
     listing = run_cli("--list-edits")
     assert listing.returncode == 0 and "whisper" in listing.stdout and "[Laughter]" in listing.stdout
+
+
+# ---------------------------------------------------------------- the official glue (architecture.md §1.8-1.10)
+
+
+class Spy:
+    """Records what the pipeline hands the tokenizer, the LLM and the decoder, round by round."""
+
+    def __init__(self, model, monkeypatch, generated=None):
+        self.tokenized, self.prompts, self.decoded, self.outputs = [], [], [], []
+        tokenize, generate, token2wav = model.audio_tokenizer.tokenize, model._generate, model.decoder.token2wav
+
+        def spy_tokenize(waves, rates):
+            self.tokenized.append([np.array(w) for w in waves])
+            out = tokenize(waves, rates)
+            self.audio_ids = [t.ids for t in out]
+            return out
+
+        def spy_generate(prompt_ids, row_keys):
+            self.prompts.append([list(p) for p in prompt_ids])
+            return generate(prompt_ids, row_keys) if generated is None else [list(generated) for _ in prompt_ids]
+
+        def spy_token2wav(gen_ids, *args, **kwargs):
+            self.decoded.append([np.array(g) for g in gen_ids])
+            out = token2wav(gen_ids, *args, **kwargs)
+            self.outputs.append([out.item(i) for i in range(len(gen_ids))])
+            return out
+
+        monkeypatch.setattr(model.audio_tokenizer, "tokenize", spy_tokenize)
+        monkeypatch.setattr(model, "_generate", spy_generate)
+        monkeypatch.setattr(model.decoder, "token2wav", spy_token2wav)
+
+
+def test_paralinguistic_round_two_takes_the_tagged_text(model, monkeypatch):
+    from test_text import ref_edit  # tts.py's assembly written out from the strings (architecture.md §1.8)
+
+    spy = Spy(model, monkeypatch)
+    tagged = "hello [Laughter] there"
+    model.edit(CLIP16, "hello there", "paralinguistic", new_text=tagged, n_iter=2, seed=3)
+    assert len(spy.prompts) == 2
+    round2_audio = spy.audio_ids[0]  # the ids of the last tokenize call: round 1's output
+    want = ref_edit(model.text_tokenizer, "paralinguistic", None, tagged, round2_audio, tagged)
+    assert spy.prompts[1][0] == want
+    # round 1 still describes the source audio with its own transcript
+    assert "The text corresponding to the audio is: hello there\n" in model.text_tokenizer.decode(spy.prompts[0][0])
+    # other edits keep the transcript in every round
+    model.edit(CLIP16, "hello there", "emotion", "sad", n_iter=2, seed=3)
+    assert spy.prompts[-1][0] == ref_edit(model.text_tokenizer, "emotion", "sad", "hello there", spy.audio_ids[0])
+
+
+def test_clone_name_hashes_every_channel_as_read(model, monkeypatch, tmp_path):
+    import hashlib
+
+    from test_text import ref_clone
+
+    rng = np.random.default_rng(0)
+    mono, _ = sf.read(CLIP16, dtype="float32")
+    stereo = np.stack([mono, 0.5 * mono + 0.01 * rng.standard_normal(mono.size).astype(np.float32)], axis=1)
+    path = tmp_path / "stereo.wav"
+    sf.write(str(path), stereo, 16000, subtype="PCM_16")
+    # torchaudio.load: int16 / 32768, [channels, frames], flattened channel by channel
+    pcm, _ = sf.read(str(path), dtype="int16", always_2d=True)
+    flat = (pcm.T.astype(np.float32) / 32768).reshape(-1)
+    name = "clone_" + hashlib.sha256("hello there".encode() + np.r_[flat[:1000], flat[-1000:]].tobytes()).hexdigest()[:16]
+    mix = pcm.T.astype(np.float32).mean(axis=0) / 32768
+    mono_name = "clone_" + hashlib.sha256(b"hello there" + np.r_[mix[:1000], mix[-1000:]].tobytes()).hexdigest()[:16]
+    assert name != mono_name
+
+    spy = Spy(model, monkeypatch)
+    model.clone(str(path), "hello there", "a new sentence", seed=1)
+    assert spy.prompts[0][0] == ref_clone(model.text_tokenizer, "hello there", spy.audio_ids[0], "a new sentence", name)
+
+
+def test_stray_ids_left_to_the_decoder_rule(model, monkeypatch):
+    """A text id in a vq06 slot reaches the decoder as it is (its clamp reads row 0 there, as the official
+    flow does); only an id past the audio range is replaced, by a text id."""
+    generated = [65536 + 3, 65536 + 4, 1234, 66560 + 9, 70656 + 40, 65536 + 1, 65536 + 2, 66560, 66561, 66562]
+    spy = Spy(model, monkeypatch, generated=generated)
+    model.edit(CLIP16, "hello", "emotion", "happy", seed=1)
+    sent = spy.decoded[0][0]
+    assert sent[2] == 1234 and sent[4] < 65536
+    np.testing.assert_array_equal(np.delete(sent, 4), np.delete(generated, 4))
+    info = model.last_info
+    assert (info["stray_text_ids"], info["stray_past_audio_ids"], info["stray_ids"]) == (1, 1, 2)
+    # the decoder's pairs for that slot: column 1 clamped to row 0, not vq06 code 0 (row 1025)
+    gen_pairs = model.decoder.prepare([sent], [65536] * 5, np.zeros((6, 80), np.float32), np.ones(192, np.float32))[0]
+    assert gen_pairs[0][0].tolist() == [3, 0] and gen_pairs[0][1].tolist() == [4, 1025 + 9]
+    assert gen_pairs[0][2].tolist() == [1024, 0]  # the id past the range reads row 0 like a text id
+
+
+def test_pcm16_round_trip_equals_a_wav_write_and_read(tmp_path):
+    from editx_jax.pipeline import pcm16_round_trip
+
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.uniform(-1.3, 1.3, 50000), rng.normal(0, 1e-4, 5000),
+                        (rng.integers(-32768, 32768, 5000) + 0.5) / 32768,
+                        [1.0, -1.0, 0.99999, -1.00002, 3.0, -3.0, 0.0, -1e-12]]).astype(np.float32)
+    path = tmp_path / "round.wav"
+    sf.write(str(path), x, 24000)  # tts_infer.py save_audio: soundfile's default WAV subtype, PCM_16
+    assert sf.info(str(path)).subtype == "PCM_16"
+    back, _ = sf.read(str(path), dtype="float32")
+    got = pcm16_round_trip(x)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, back)
+
+
+def test_rounds_see_the_16_bit_wav(model, monkeypatch, tmp_path):
+    spy = Spy(model, monkeypatch)
+    model.edit(CLIP16, "hello", "emotion", "sad", n_iter=2, seed=4)
+    path = tmp_path / "round1.wav"
+    sf.write(str(path), spy.outputs[0][0], 24000)
+    back, _ = sf.read(str(path), dtype="float32")
+    np.testing.assert_array_equal(spy.tokenized[1][0], back)
+    assert not np.array_equal(back, spy.outputs[0][0])
+    floats = dataclasses.replace(model.config, editx=dataclasses.replace(model.config.editx, float_between_rounds=True))
+    monkeypatch.setattr(model, "config", floats)
+    model.edit(CLIP16, "hello", "emotion", "sad", n_iter=2, seed=4)
+    np.testing.assert_array_equal(spy.tokenized[-1][0], spy.outputs[-2][0])
+
+
+def test_refusals_stay_one_line(model):
+    for kwargs, needle in [(dict(edit_type="speed", edit_info="remove"), "unknown speed value 'remove'"),
+                           (dict(edit_type="style", edit_info="happy"), "unknown style value 'happy'"),
+                           (dict(edit_type="emotion", edit_info="whisper"), "unknown emotion value 'whisper'")]:
+        with pytest.raises(EditXError, match=needle) as e:
+            model.edit(CLIP16, "text", **kwargs)
+        assert "\n" not in str(e.value)

@@ -75,7 +75,7 @@ def test_reshape_values():
     assert reshape_tokens([]).shape == (0, 2)
 
 
-@pytest.mark.parametrize("bad", [[5120], [-1, 3], [[1, 2]], np.array([1.5])])
+@pytest.mark.parametrize("bad", [[5120], [-1, 3], 7, [[1, 2], [3, 5120]], np.array([1.5])])
 def test_reshape_rejects_bad_values(bad):
     with pytest.raises(AudioTokenError):
         reshape_tokens(bad)

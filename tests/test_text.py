@@ -9,6 +9,7 @@ the ids verified against the real tokenizer.
 """
 
 import hashlib
+import json
 import os
 import pathlib
 
@@ -20,7 +21,7 @@ from conftest import AUDIO
 from editx_jax.text import prompts
 from editx_jax.text.prompts import EditError, build_clone_ids, build_edit_ids, chat_template, chat_template_ids
 from editx_jax.text.tiny import train_layout_model
-from editx_jax.text.tokenizer import TextTokenizer, TokenizerError, audio_token_string
+from editx_jax.text.tokenizer import TextTokenizer, TokenizerError, TokenizerSettings, audio_token_string
 
 # ---------------------------------------------------------------- the strings, as architecture.md prints them
 
@@ -93,6 +94,18 @@ def model_bytes():
 @pytest.fixture(scope="module")
 def tok(model_bytes):
     return TextTokenizer(model_bytes)
+
+
+@pytest.fixture(scope="module")
+def tok_no_bos(model_bytes):
+    """The same model with a tokenizer_config.json that turns HF's add_bos_token off."""
+    return TextTokenizer(model_bytes, {"legacy": False, "add_bos_token": False})
+
+
+@pytest.fixture(params=[True, False], ids=["inner_bos", "no_inner_bos"])
+def tok_bos(request, tok, tok_no_bos):
+    """(tokenizer, whether its encode adds BOS)."""
+    return (tok, True) if request.param else (tok_no_bos, False)
 
 
 def audio_ids(n, seed=0):
@@ -184,18 +197,73 @@ def test_load_from_folder(tmp_path, model_bytes, tok):
     assert TextTokenizer.from_pretrained(tmp_path).encode("hello world") == tok.encode("hello world")
 
 
+# ---------------------------------------------------------------- tokenizer_config.json
+
+
+RELEASED_KEYS = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "bos_token": "<s>", "eos_token": "</s>",
+                 "unk_token": "<unk>", "pad_token": "<unk>", "model_max_length": 65536, "padding_side": "left",
+                 "clean_up_tokenization_spaces": False, "use_default_system_prompt": False,
+                 "chat_template": "{{ bos_token }}..."}  # architecture.md §1.6: no add_bos_token key
+
+
+def test_settings_follow_hf_defaults_for_absent_keys():
+    s = TokenizerSettings.from_hf_config(RELEASED_KEYS)
+    assert (s.add_bos_token, s.add_eos_token, s.legacy) == (True, False, False)  # HF LlamaTokenizerFast defaults
+    s = TokenizerSettings.from_hf_config({"legacy": False, "add_bos_token": False, "add_eos_token": True,
+                                          "bos_token": {"content": "<s>", "lstrip": False}, "pad_token": None})
+    assert (s.add_bos_token, s.add_eos_token, s.bos_token, s.pad_token) == (False, True, "<s>", None)
+    for bad, needle in [({}, "non-legacy"), ({"legacy": True}, "non-legacy"),
+                        ({"legacy": False, "add_prefix_space": True}, "add_prefix_space"),
+                        ({"legacy": False, "add_bos_token": "yes"}, "true or false"),
+                        ({"legacy": False, "eos_token": 7}, "token string"), ([], "JSON object")]:
+        with pytest.raises(TokenizerError, match=needle):
+            TokenizerSettings.from_hf_config(bad)
+
+
+def test_settings_read_beside_the_model(tmp_path, model_bytes, tok):
+    (tmp_path / "tokenizer.model").write_bytes(model_bytes)
+    assert TextTokenizer.from_pretrained(tmp_path).special_ids() == ([1], [])  # no config: the released one
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(RELEASED_KEYS))
+    released = TextTokenizer.from_pretrained(tmp_path / "tokenizer.model")
+    assert released.special_ids() == ([1], []) and released.hf_config == RELEASED_KEYS
+    ids = audio_ids(7)
+    assert build_edit_ids(released, "emotion", "sad", "t", ids) == ref_edit(tok, "emotion", "sad", "t", ids)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**RELEASED_KEYS, "add_bos_token": False}))
+    plain = TextTokenizer.from_pretrained(tmp_path)
+    got = build_edit_ids(plain, "emotion", "sad", "t", ids)
+    assert got == ref_edit(tok, "emotion", "sad", "t", ids, inner_bos=False) and got.count(1) == 1
+    out = tmp_path / "copy"
+    out.mkdir()
+    plain.save(out)
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is False
+    assert TextTokenizer.from_pretrained(out).special_ids() == ([], [])
+    # add_eos_token: HF's encode appends EOS to every segment, the clone target cut included
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**RELEASED_KEYS, "add_eos_token": True}))
+    eos = TextTokenizer.from_pretrained(tmp_path)
+    enc = lambda text: [1] + tok.encode(text) + [2]  # noqa: E731
+    want = ([1, 4] + enc("system\n" + clone_sys("debug", "p", audio_token_string(ids))) + [3, 4] + enc("human\n")
+            + enc("\nsay it")[len(enc("\n")):] + [3, 4] + enc("assistant\n"))
+    assert build_clone_ids(eos, "p", ids, "say it") == want
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**RELEASED_KEYS, "bos_token": "<bos>"}))
+    with pytest.raises(TokenizerError, match="bos_token '<bos>' is not a piece"):
+        TextTokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="cannot read"):
+        TextTokenizer.from_pretrained(tmp_path)
+
+
 # ---------------------------------------------------------------- prompts
 
 
-@pytest.mark.parametrize("inner_bos", [True, False])
-def test_every_edit_matches_the_official_assembly(tok, inner_bos):
+def test_every_edit_matches_the_official_assembly(tok_bos):
+    tok, inner_bos = tok_bos
     text = "  the weather is nice today "  # the transcript is stripped in the instruction
     new_text = "the weather [Laughter] is nice [Sigh] today"
     ids = audio_ids(23, seed=1)
     assert len(ALL_EDITS) == 15 + 33 + 4 + 3
     for edit_type, info in ALL_EDITS:
         nt = new_text if edit_type == "paralinguistic" else None
-        got = build_edit_ids(tok, edit_type, info, text, ids, new_text=nt, inner_bos=inner_bos)
+        got = build_edit_ids(tok, edit_type, info, text, ids, new_text=nt)
         want = ref_edit(tok, edit_type, info, text, ids, nt, inner_bos=inner_bos)
         assert got == want, (edit_type, info)
         assert got[:2] == [1, 4]
@@ -219,31 +287,30 @@ def test_instruction_strings_exact():
         assert value in listing
 
 
-@pytest.mark.parametrize("inner_bos", [True, False])
-def test_clone_matches_the_official_assembly(tok, inner_bos):
+def test_clone_matches_the_official_assembly(tok_bos):
+    tok, inner_bos = tok_bos
     ids = audio_ids(31, seed=2)
     for target in ["What a lovely day it is.", "  leading spaces", "今天天气很好", "[Laughter] ha"]:
-        got = build_clone_ids(tok, "hello there ", ids, target, speaker="clone_0123456789abcdef",
-                              inner_bos=inner_bos)
+        got = build_clone_ids(tok, "hello there ", ids, target, speaker="clone_0123456789abcdef")
         assert got == ref_clone(tok, "hello there ", ids, target, "clone_0123456789abcdef", inner_bos)
         # The target carries neither BOS nor the "▁" dummy prefix: it tokenizes as a continuation.
         tail = tok.encode(target, prefix_space=False) + [3, 4] + ([1] if inner_bos else []) \
             + tok.encode("assistant\n")
         assert got[-len(tail):] == tail
-    tagged = build_clone_ids(tok, "p", ids, "你好", language="cantonese", inner_bos=inner_bos)
+    tagged = build_clone_ids(tok, "p", ids, "你好", language="cantonese")
     assert tagged == ref_clone(tok, "p", ids, "[Cantonese]你好", inner_bos=inner_bos)
     assert prompts.with_language("[Korean]x", "Korean") == "[Korean]x"
     assert prompts.with_language("x", "english") == "x"
 
 
-def test_chat_template_equivalence(tok):
+def test_chat_template_equivalence(tok, tok_no_bos):
     """The template string tokenized once (training's path) against the id-level builders."""
     ids, src = audio_ids(12, seed=3), audio_ids(9, seed=4)
     # Clone: template ids == official assembly without inner BOS.
     system, user = prompts.clone_turns("hello there", ids, "What a lovely day.")
     text = chat_template(clone_sys("debug", "hello there", audio_token_string(ids)), "What a lovely day.")
     assert chat_template_ids(tok, system, user) == tok.encode(text)
-    assert tok.encode(text) == build_clone_ids(tok, "hello there", ids, "What a lovely day.", inner_bos=False)
+    assert tok.encode(text) == build_clone_ids(tok_no_bos, "hello there", ids, "What a lovely day.")
     # Edit, with a completion: template ids == official assembly without inner BOS, except that the
     # instruction tokenizes as a continuation of " human\n" ("Make", not "▁Make").
     system, user = prompts.edit_turns("emotion", "happy", "hi there", ids)
@@ -251,7 +318,7 @@ def test_chat_template_equivalence(tok):
     text = chat_template(SYS_EDIT, prefix + "\n" + audio_token_string(ids) + "\n", audio_token_string(src))
     templ = chat_template_ids(tok, system, user, [src])
     assert templ == tok.encode(text)
-    official = build_edit_ids(tok, "emotion", "happy", "hi there", ids, inner_bos=False) + list(src)
+    official = build_edit_ids(tok_no_bos, "emotion", "happy", "hi there", ids) + list(src)
     first_word = tok.encode(prefix + "\n" + audio_token_string(ids) + "\n")
     continued = tok.encode(prefix + "\n" + audio_token_string(ids) + "\n", prefix_space=False)
     assert first_word != continued

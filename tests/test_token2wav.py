@@ -108,6 +108,70 @@ def test_stray_text_id_equals_vq02_code_zero(small_decoder):
         small_decoder.token2wav(stray, p_ids, p_mel, emb, clamp_stray=False)
 
 
+def official_reshape(mix_seq: list[int]) -> list[list[int]]:
+    """cli/cosyvoice.py `_reshape`, written out on Python lists (the rows before torch.stack)."""
+    mix_seq = list(mix_seq)
+    if len(mix_seq) % 5 > 0:
+        mix_seq += [0, 0, 0, 1024, 1024, 1024][-(5 - len(mix_seq) % 5):]
+    rows = []
+    for g in range(len(mix_seq) // 5):
+        a, b, c, d, e = mix_seq[g * 5:g * 5 + 5]
+        rows += [[a, c - 1024 + 1025], [b, d - 1024 + 1025], [1024, e - 1024 + 1025]]
+    return rows
+
+
+def test_reshape_takes_a_batch_and_any_length():
+    from editx_jax.decoder.embedding import reshape_tokens
+    rng = np.random.default_rng(0)
+    for n in range(0, 12):
+        batch = np.stack([ids(n, s) - OFFSET for s in range(3)]) if n else np.zeros((3, 0), np.int64)
+        got = reshape_tokens(batch)
+        assert got.shape == (3, 3 * -(-n // 5), 2)
+        for row, values in zip(got, batch):
+            assert row.tolist() == (official_reshape(values.tolist()) if n else [])
+    deep = rng.integers(0, 5120, size=(2, 3, 7))
+    assert reshape_tokens(deep).shape == (2, 3, 6, 2)
+    np.testing.assert_array_equal(reshape_tokens(deep)[1, 2], reshape_tokens(deep[1, 2]))
+    with pytest.raises(AudioTokenError, match="outside"):
+        reshape_tokens(np.array([[1, 2], [3, 5120]]))
+
+
+def test_embedding_takes_what_the_official_module_takes(small_decoder):
+    """DualCodebookEmbedding.forward: token (b, t, 2) -> cat(E[token[..., 0]], E[token[..., 1]]); any
+    leading dims, a single frame included."""
+    from editx_jax.decoder.embedding import DualCodebookEmbedding
+    cfg = small_decoder.flow_config.embedding
+    params = small_decoder.flow_params["input_embedding"]
+    table = np.asarray(params["embedding"]["embedding"])
+    module = DualCodebookEmbedding(cfg)
+    rng = np.random.default_rng(1)
+    for shape in [(4, 9, 2), (9, 2), (1, 1, 2), (2,), (2, 3, 1, 2)]:
+        pairs = rng.integers(0, cfg.vocab_size, size=shape)
+        got = np.asarray(module.apply({"params": params}, pairs))
+        want = np.concatenate([table[pairs[..., 0]], table[pairs[..., 1]]], axis=-1)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_stray_text_id_in_a_vq06_slot_reads_row_zero(small_decoder):
+    """tts.py: values = ids - 65536; `_reshape`; flow.inference embeds clamp(token, min=0)."""
+    p_ids, p_mel, emb = prompt()
+    gen = ids(10, 2)
+    gen[3] = 1234  # a text id in the second vq06 slot of group 0
+    values = (gen - OFFSET).tolist()
+    rows = np.maximum(np.asarray(official_reshape(values)), 0)
+    assert rows[1].tolist() == [int(gen[1] - OFFSET), 0]
+    gen_pairs = small_decoder.prepare(gen, p_ids, p_mel, emb)[0][0]
+    np.testing.assert_array_equal(gen_pairs, rows)
+    table = np.asarray(small_decoder.flow_params["input_embedding"]["embedding"]["embedding"])
+    x = flow_mod.FlowModel(small_decoder.flow_config).apply({"params": small_decoder.flow_params}, jnp.asarray(gen_pairs),
+                                                            method=lambda m, p: m.input_embedding(p))
+    np.testing.assert_array_equal(np.asarray(x)[1], np.concatenate([table[rows[1, 0]], table[0]]))
+    # the remap EditX used to do (to <audio_0>, value 0) reads another row in a vq06 slot: 0 - 1024 + 1025 = 1
+    remapped = gen.copy()
+    remapped[3] = OFFSET
+    assert small_decoder.prepare(remapped, p_ids, p_mel, emb)[0][0][1, 1] == 1
+
+
 # ----------------------------------------------------------------------------------- batching
 
 

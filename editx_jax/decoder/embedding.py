@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from editx_jax.config import ConfigError
-from editx_jax.tokenizer.codebook import AUDIO_TOKENS, GROUP, VQ02_CODES, AudioTokenError, checked_codes
+from editx_jax.tokenizer.codebook import AudioTokenError, checked_codes
+from editx_jax.vocab import AUDIO_TOKENS, GROUP, VQ02_CODES
 
 PAD_ID = VQ02_CODES  # 1024: the vq02 slot of every third frame
 VQ06_SHIFT = VQ02_CODES + 1  # a vq06 value v (= code + 1024) indexes row v + 1 = code + 1025
@@ -53,24 +54,31 @@ class DualCodebookConfig:
 
 
 def reshape_tokens(mix_tokens) -> np.ndarray:
-    """The official `_reshape`: audio values (LLM ids - 65536) [N] -> (vq02, vq06) pairs [3*ceil(N/5), 2].
+    """The official `_reshape`: audio values (LLM ids - 65536) [..., N] -> (vq02, vq06) pairs
+    [..., 3*ceil(N/5), 2]; a batch [B, N] is reshaped row by row.
 
     A ragged tail is padded with `[0, 0, 0, 1024, 1024, 1024][-pad:]`, pad = 5 - N % 5, before grouping.
     Values must lie in [0, 5120); the group pattern itself is not checked (the official code embeds
     whatever the LLM produced).
     """
-    return group_pairs(checked_codes(mix_tokens, AUDIO_TOKENS, "audio value"))
+    arr = np.asarray(mix_tokens)
+    if arr.ndim == 0:
+        raise AudioTokenError("audio values must be a sequence [N] or a batch [..., N], got a scalar")
+    return group_pairs(checked_codes(arr.reshape(-1), AUDIO_TOKENS, "audio value").reshape(arr.shape))
 
 
 def group_pairs(arr: np.ndarray) -> np.ndarray:
-    """`reshape_tokens` without the range check: int64 values [N] -> pair rows [3*ceil(N/5), 2]."""
-    pad = (-arr.size) % GROUP
+    """`reshape_tokens` without the range check: int64 values [..., N] -> pair rows [..., 3*ceil(N/5), 2]."""
+    arr = np.asarray(arr, np.int64)
+    lead = arr.shape[:-1]
+    pad = (-arr.shape[-1]) % GROUP
     if pad:
-        arr = np.concatenate([arr, np.asarray(_TAIL_PATTERN[-pad:], np.int64)])
-    groups = arr.reshape(-1, GROUP)
-    vq02 = np.stack([groups[:, 0], groups[:, 1], np.full(len(groups), PAD_ID, np.int64)], axis=1)
-    vq06 = groups[:, 2:] - VQ02_CODES + VQ06_SHIFT
-    return np.stack([vq02.reshape(-1), vq06.reshape(-1)], axis=1)
+        tail = np.broadcast_to(np.asarray(_TAIL_PATTERN[-pad:], np.int64), lead + (pad,))
+        arr = np.concatenate([arr, tail], axis=-1)
+    groups = arr.reshape(lead + (-1, GROUP))
+    vq02 = np.stack([groups[..., 0], groups[..., 1], np.full(groups.shape[:-1], PAD_ID, np.int64)], axis=-1)
+    vq06 = groups[..., 2:] - VQ02_CODES + VQ06_SHIFT
+    return np.stack([vq02.reshape(lead + (-1,)), vq06.reshape(lead + (-1,))], axis=-1)
 
 
 def dual_frames(num_tokens: int) -> int:
@@ -80,6 +88,9 @@ def dual_frames(num_tokens: int) -> int:
 
 class DualCodebookEmbedding(nn.Module):
     """pairs [..., 2] int -> [..., input_size]: concat(E[pairs[..., 0]], E[pairs[..., 1]]), one table E.
+
+    Any leading dims, as the official module: a batch [B, T, 2] (what `_reshape` of each row of a
+    batch [B, N] of audio values gives, see `reshape_tokens`), one sequence [T, 2], a single frame.
 
     Indices are clamped at 0 first, as `flow.inference` does (`torch.clamp(token, min=0)`), so a -1
     padding id reads row 0.

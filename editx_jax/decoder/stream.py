@@ -52,7 +52,7 @@ from editx_jax.decoder.dit import TIME_FREQ_DIM, modulate, mish, timestep_featur
 from editx_jax.decoder.flow import FlowConfig, cosine_t_span, noise_from_key
 from editx_jax.decoder.hift import HiFTGenerator, NSFNoise, draw_nsf_noise, hift_decode
 from editx_jax.decoder.upsample_encoder import rel_position_table
-from editx_jax.tokenizer.codebook import GROUP
+from editx_jax.vocab import GROUP
 
 _HI = jax.lax.Precision.HIGHEST
 LOOKAHEAD_IDS = 5  # the reference's _mixed_len(pre_lookahead_len = 3) = (3 // 3) * 5

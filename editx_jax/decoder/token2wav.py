@@ -55,7 +55,8 @@ from editx_jax.decoder.flow import (FlowConfig, FlowModel, cfg_velocity, cosine_
                                     solve_euler, stretch_prompt_mel)
 from editx_jax.decoder.hift import HiFTConfig, NSFNoise, draw_nsf_noise, hift_inference
 from editx_jax.decoder.mel import MelConfig
-from editx_jax.tokenizer.codebook import AUDIO_ID_OFFSET, AUDIO_TOKENS, AudioTokenError
+from editx_jax.tokenizer.codebook import AudioTokenError
+from editx_jax.vocab import AUDIO_ID_OFFSET, AUDIO_TOKENS
 
 VOCODERS = ("hift", "bigvgan")
 BIGVGAN_CONTEXT = 3  # mel frames reflect-padded on each side before BigVGAN (its conv_pre has no padding)
@@ -124,9 +125,22 @@ def audio_values(ids, clamp_stray: bool = True) -> np.ndarray:
 
 
 def reshape_values(values) -> np.ndarray:
-    """The official `_reshape` on audio values [N] (negatives allowed) -> pair rows [3 ceil(N/5), 2],
+    """The official `_reshape` on audio values [..., N] (negatives allowed) -> pair rows [..., 3 ceil(N/5), 2],
     then `clamp(min=0)` as `flow.inference` does before the embedding."""
     return np.maximum(group_pairs(np.asarray(values, np.int64)), 0)
+
+
+def reshape_batch(seqs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """`reshape_values` of each sequence, one batched call per distinct length."""
+    out: list = [None] * len(seqs)
+    by_length: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        by_length.setdefault(len(s), []).append(i)
+    for length, items in by_length.items():
+        pairs = reshape_values(np.stack([seqs[i] for i in items]).reshape(len(items), length))
+        for row, i in enumerate(items):
+            out[i] = pairs[row]
+    return out
 
 
 def _as_sequences(x, what: str) -> list:
@@ -329,8 +343,7 @@ class Decoder:
                 raise Token2WavError(f"prompt_mel[{i}] has {m.shape[0]} frames for {p.size} prompt ids, which "
                                      f"need {frames}: more than a factor {s:g} apart (mel and tokens of different clips?)")
             conds.append(stretch_prompt_mel(m[None], frames)[0])
-        gen_pairs = [reshape_values(g) if g.size else np.zeros((0, 2), np.int64) for g in gens]
-        prompt_pairs = [reshape_values(p) if p.size else np.zeros((0, 2), np.int64) for p in prompts]
+        gen_pairs, prompt_pairs = reshape_batch(gens), reshape_batch(prompts)  # no ids: (0, 2) pairs
         return gen_pairs, prompt_pairs, conds, np.stack(embs).astype(np.float32)
 
     def flow_mels(self, gen_pairs, prompt_pairs, conds, embeddings, noise=None, key=None) -> list[np.ndarray]:

@@ -11,19 +11,17 @@ string. `encode` never adds BOS by itself.
 official `tts.py` (`build_edit_ids`, `build_clone_ids`) and of the chat template used in training
 (`chat_template_ids`).
 
-The BOS question of §1.8.2: `tts.py` calls `tokenizer.encode(s)` with default arguments for every segment.
-The checkpoint's `tokenizer_config.json` has no `add_bos_token` key, so HF's default applies (True, for both
-the slow `LlamaTokenizer` and the `LlamaTokenizerFast` that `AutoTokenizer` builds from it), and every one of
-those calls starts with BOS (1). The official prompts therefore read `1, 4, 1, ▁system, ...`.
-`prompts.INNER_BOS = True` reproduces that; it is the single switch (`inner_bos=`) the builders take. The clone
-target text is unaffected either way: it is cut as `enc("\\n" + text)[len(enc("\\n")):]`, which drops BOS and
-the `▁` together. See `prompts.py` for the full reasoning.
+The BOS question of §1.8.2: `tts.py` calls `tokenizer.encode(s)` with default arguments for every segment, so
+each segment gets what the checkpoint's `tokenizer_config.json` makes HF add. The released file has no
+`add_bos_token` key, HF's default (True) applies, and the official prompts read `1, 4, 1, ▁system, ...`.
+`TextTokenizer` reads that file (`TokenizerSettings`) and the builders follow it (`TextTokenizer.special_ids`).
+The clone target text is unaffected either way: it is cut as `enc("\\n" + text)[len(enc("\\n")):]`, which drops
+BOS and the `▁` together. See `prompts.py` for the full reasoning.
 """
 
 from editx_jax.text.prompts import (  # noqa: F401
     EDIT_TYPES,
     EDIT_VALUES,
-    INNER_BOS,
     EditError,
     build_clone_ids,
     build_edit_ids,
@@ -31,4 +29,4 @@ from editx_jax.text.prompts import (  # noqa: F401
     chat_template_ids,
     clone_speaker_id,
 )
-from editx_jax.text.tokenizer import TextTokenizer, TokenizerError  # noqa: F401
+from editx_jax.text.tokenizer import TextTokenizer, TokenizerError, TokenizerSettings  # noqa: F401

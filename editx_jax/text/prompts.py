@@ -13,19 +13,16 @@ Two assemblies of the same chat exist upstream:
 * Training (TRL `apply_chat_template`), reproduced by `chat_template_ids`: the string
   `<s><|BOT|> system\\n{SYS}<|EOT|><|BOT|> human\\n{USER}<|EOT|><|BOT|> assistant\\n` tokenized once.
 
-BOS decision (`INNER_BOS`, the `inner_bos=` switch of both builders). `enc` is HF `tokenizer.encode` with its
-default `add_special_tokens=True`. The checkpoint's `tokenizer_config.json` names `LlamaTokenizer`, sets
-`legacy: false`, and has no `add_bos_token` key; `AutoTokenizer` (transformers 4.53.3, pinned upstream) builds
-a `LlamaTokenizerFast` from `tokenizer.model` whose `add_bos_token` defaults to True (as does the slow class),
-and its post-processor then puts BOS (1) in front of every `encode` result. So the prompt `tts.py` feeds the
-model is `1, 4, 1, ▁system, ...`, with BOS again before `▁human`, before the edit instruction and before
-`▁assistant`: 4 inner BOS in an edit prompt, 3 in a clone prompt (TGT loses its BOS with the cut). We follow
-the tokenizer's own behaviour: `INNER_BOS = True`. The chat template has no inner BOS, and its edit human turn
-starts `Make` where `tts.py`'s starts `▁Make`; `inner_bos=False` removes the BOS difference only (the
-instruction keeps its `▁`, as `enc` always gives it). A Swift port reports equal prompt lengths for both
-paths, which would mean no inner BOS; that was not measured with the HF tokenizer, so it does not override
-the tokenizer defaults. Flip `INNER_BOS` (or pass `inner_bos=False`) if a run of the real HF tokenizer shows
-otherwise.
+BOS decision. `enc` is HF `tokenizer.encode` with its default `add_special_tokens=True`, so what it puts around
+a segment comes from the checkpoint's `tokenizer_config.json` (`TextTokenizer.special_ids`, from its
+`add_bos_token` / `add_eos_token`, HF LlamaTokenizerFast defaults True / False where absent). The released file
+names `LlamaTokenizer`, sets `legacy: false` and has no `add_bos_token` key; `AutoTokenizer` (transformers
+4.53.3, pinned upstream) builds a `LlamaTokenizerFast` whose post-processor puts BOS (1) in front of every
+`encode` result. So the prompt `tts.py` feeds the model is `1, 4, 1, ▁system, ...`, with BOS again before
+`▁human`, before the edit instruction and before `▁assistant`: 4 inner BOS in an edit prompt, 3 in a clone
+prompt (TGT loses its BOS with the cut). A folder whose config says `add_bos_token: false` gives prompts without
+inner BOS. The chat template has no inner BOS, and its edit human turn starts `Make` where `tts.py`'s starts
+`▁Make` (the instruction keeps its `▁`, as `enc` always gives it).
 
 Audio tokens are spliced in as ids (65536 + N), never rendered to `<audio_N>` strings and re-tokenized: the
 result is the same (they are added tokens, cut out of the text before SentencePiece), and it is faster.
@@ -39,8 +36,6 @@ from typing import Sequence
 import numpy as np
 
 from editx_jax.text.tokenizer import BOS_ID, BOT_ID, EOT_ID, Part, TextTokenizer, TokenizerError
-
-INNER_BOS = True  # every enc() of tts.py starts with BOS: see the module docstring
 
 # ---------------------------------------------------------------------- exact strings (§1.8.1)
 
@@ -189,28 +184,27 @@ def _audio(tok: TextTokenizer, ids, what: str) -> np.ndarray:
     return arr
 
 
-def _enc(tok: TextTokenizer, inner_bos: bool):
-    """`tokenizer.encode(s)` of `tts.py`: BOS first when the tokenizer adds it (see INNER_BOS)."""
-    bos = [BOS_ID] if inner_bos else []
+def _enc(tok: TextTokenizer):
+    """`tokenizer.encode(s)` of `tts.py`: with the BOS / EOS the tokenizer's settings add (module doc)."""
+    head, tail = tok.special_ids()
 
     def enc(*parts: Part) -> list[int]:
-        return bos + tok.encode_parts(parts)
+        return head + tok.encode_parts(parts) + tail
     return enc
 
 
 def build_edit_ids(tok: TextTokenizer, edit_type: str, edit_info: str | None, audio_text: str | None,
-                   audio_ids, new_text: str | None = None, *, inner_bos: bool = INNER_BOS) -> list[int]:
+                   audio_ids, new_text: str | None = None) -> list[int]:
     """Prompt ids of an edit, as `tts.py::_encode_audio_edit_prompt` builds them."""
     prefix = edit_instruction(edit_type, edit_info, audio_text, new_text)
     audio = _audio(tok, audio_ids, "audio_ids")
-    enc = _enc(tok, inner_bos)
+    enc = _enc(tok)
     return ([BOS_ID, BOT_ID] + enc("system\n" + EDIT_SYSTEM_PROMPT) + [EOT_ID, BOT_ID] + enc("human\n")
             + enc(prefix + "\n", audio, "\n") + [EOT_ID, BOT_ID] + enc("assistant\n"))
 
 
 def build_clone_ids(tok: TextTokenizer, prompt_text: str, prompt_audio_ids, target_text: str,
-                    speaker: str = DEFAULT_SPEAKER, *, language: str | None = None,
-                    inner_bos: bool = INNER_BOS) -> list[int]:
+                    speaker: str = DEFAULT_SPEAKER, *, language: str | None = None) -> list[int]:
     """Prompt ids of a clone, as `tts.py::_encode_audio_edit_clone_prompt` builds them. `speaker` is
     "debug" or `clone_speaker_id(...)`; `language` puts its tag in front of the target text."""
     if not prompt_text or not prompt_text.strip():
@@ -219,7 +213,7 @@ def build_clone_ids(tok: TextTokenizer, prompt_text: str, prompt_audio_ids, targ
         raise EditError("clone needs target_text: the text to speak")
     target_text = with_language(target_text, language)
     audio = _audio(tok, prompt_audio_ids, "prompt_audio_ids")
-    enc = _enc(tok, inner_bos)
+    enc = _enc(tok)
     head = CLONE_SYSTEM_HEAD.format(speaker=speaker, prompt_text=prompt_text)
     # Whatever enc puts in front of a lone "\n" (BOS, "▁") is cut off the target, so it starts bare.
     target = enc("\n" + target_text)[len(enc("\n")):]

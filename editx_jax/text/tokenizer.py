@@ -16,8 +16,17 @@ What the official code runs is transformers' `LlamaTokenizerFast` converted from
    `▁assistant`, "\\n" -> the byte piece, no dummy prefix because the text does not start the string.
 3. Each section is segmented by the Unigram model over its whole length (no whitespace split); characters
    outside the vocabulary fall back to their UTF-8 byte pieces.
-4. No BOS or EOS is added (`add_special_tokens=False` semantics): prompt assembly adds BOS explicitly, see
-   `prompts.INNER_BOS`.
+4. No BOS or EOS is added (`add_special_tokens=False` semantics): what HF's `encode` adds by default
+   (`add_bos_token` / `add_eos_token` of `tokenizer_config.json`) is `special_ids()`, which the prompt
+   assembly puts around each segment.
+
+`tokenizer_config.json` (kept beside `tokenizer.model` in a model folder) is read into `TokenizerSettings`
+with HF `LlamaTokenizerFast`'s defaults for absent keys: `add_bos_token` True, `add_eos_token` False,
+`legacy` True, bos `<s>`, eos `</s>`, unk `<unk>`. The released file sets `legacy: false` and has no
+`add_bos_token` key, so BOS starts every `encode` (architecture.md §1.6, §1.8.2). Only the non-legacy
+encoding is implemented, so a file that asks for the legacy one (or sets `add_prefix_space`) is refused
+rather than encoded differently. Without the file (folders converted before it was kept, random demo
+models), `RELEASED_CONFIG` applies.
 
 `decode` mirrors the fast tokenizer's decoder: pieces concatenated, `▁` -> space, byte pieces fused into
 UTF-8, then one leading space stripped.
@@ -25,17 +34,24 @@ UTF-8, then one leading space stripped.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
 import re
 from typing import Sequence, Union
 
 import numpy as np
 
-UNK_ID, BOS_ID, EOS_ID, EOT_ID, BOT_ID = 0, 1, 2, 3, 4
-AUDIO_ID_OFFSET = 65536  # id of <audio_0>
-AUDIO_TOKENS = 5120  # <audio_0> ... <audio_5119>: 1024 vq02 + 4096 vq06 codes (§1.7)
+from editx_jax.vocab import AUDIO_ID_OFFSET, AUDIO_TOKENS, BOS_ID, BOT_ID, EOS_ID, EOT_ID, UNK_ID
+
 SPIECE = "\u2581"  # "▁", SentencePiece's whitespace marker
 MODEL_FILENAME = "tokenizer.model"
+CONFIG_FILENAME = "tokenizer_config.json"
+
+# The released tokenizer_config.json without its chat_template (architecture.md §1.6).
+RELEASED_CONFIG = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "pad_token": "<unk>", "model_max_length": 65536, "padding_side": "left",
+                   "clean_up_tokenization_spaces": False, "use_default_system_prompt": False}
 
 # (id, piece) pairs the prompt assembly hard-codes; a model that disagrees is refused at load time.
 _FIXED_PIECES = ((UNK_ID, "<unk>"), (BOS_ID, "<s>"), (EOS_ID, "</s>"), (EOT_ID, "<|EOT|>"), (BOT_ID, "<|BOT|>"))
@@ -50,10 +66,57 @@ class TokenizerError(ValueError):
     """The text tokenizer cannot be loaded or cannot handle the given ids."""
 
 
-class TextTokenizer:
-    """The Step1 LM's text tokenizer over a SentencePiece `tokenizer.model` (path, folder or serialized bytes)."""
+@dataclasses.dataclass(frozen=True)
+class TokenizerSettings:
+    """The keys of `tokenizer_config.json` that change ids; defaults are HF LlamaTokenizerFast's."""
 
-    def __init__(self, model: str | pathlib.Path | bytes):
+    bos_token: str = "<s>"
+    eos_token: str = "</s>"
+    unk_token: str = "<unk>"
+    pad_token: str | None = None
+    legacy: bool = True  # HF's default when the key is absent (with a warning)
+    add_bos_token: bool = True
+    add_eos_token: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config: dict, where: str = CONFIG_FILENAME) -> "TokenizerSettings":
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{where}: expected a JSON object, got {type(config).__name__}")
+        values = {}
+        for field in dataclasses.fields(cls):
+            if config.get(field.name) is None:
+                continue  # absent (or null): HF's default
+            value = config[field.name]
+            if field.name.endswith("_token") and not field.name.startswith("add_"):
+                value = value.get("content") if isinstance(value, dict) else value  # AddedToken form
+                if not isinstance(value, str) or not value:
+                    raise TokenizerError(f"{where}: {field.name} must be a token string, got {config[field.name]!r}")
+            elif not isinstance(value, bool):
+                raise TokenizerError(f"{where}: {field.name} must be true or false, got {value!r}")
+            values[field.name] = value
+        settings = cls(**values)
+        if settings.legacy:
+            raise TokenizerError(f"{where}: only the non-legacy encoding is implemented (the released file sets "
+                                 f"\"legacy\": false; HF's default when absent is legacy)")
+        if config.get("add_prefix_space") is not None:
+            raise TokenizerError(f"{where}: add_prefix_space is not supported (the released file has none)")
+        return settings
+
+
+def read_hf_config(path: str | pathlib.Path) -> dict:
+    """A `tokenizer_config.json` as a dict (TokenizerError, one line, if it is not JSON)."""
+    path = pathlib.Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+class TextTokenizer:
+    """The Step1 LM's text tokenizer over a SentencePiece `tokenizer.model` (path, folder or serialized bytes)
+    and the settings of its `tokenizer_config.json` (a dict; default `RELEASED_CONFIG`)."""
+
+    def __init__(self, model: str | pathlib.Path | bytes, hf_config: dict | None = None):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
@@ -118,10 +181,38 @@ class TextTokenizer:
             n += 1
         self.num_audio_tokens = n
 
+        self.hf_config = dict(RELEASED_CONFIG if hf_config is None else hf_config)  # written back by `save`
+        self.settings = TokenizerSettings.from_hf_config(self.hf_config)
+        s = self.settings
+        ids = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            token = getattr(s, name)
+            try:
+                ids[name] = None if token is None else self.piece_to_id(token)
+            except TokenizerError:
+                raise TokenizerError(f"{CONFIG_FILENAME}: {name} {token!r} is not a piece of {where}") from None
+        self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
+
     @classmethod
     def from_pretrained(cls, path: str | pathlib.Path) -> "TextTokenizer":
-        """Load `tokenizer.model` from a model folder, or a model file directly."""
-        return cls(path)
+        """Load `tokenizer.model` from a model folder, or a model file directly, with the
+        `tokenizer_config.json` beside it (`RELEASED_CONFIG` when there is none)."""
+        path = pathlib.Path(path)
+        config = (path if path.is_dir() else path.parent) / CONFIG_FILENAME
+        return cls(path, read_hf_config(config) if config.is_file() else None)
+
+    def save(self, folder: str | pathlib.Path) -> None:
+        """Write `tokenizer.model` and `tokenizer_config.json` into `folder`."""
+        folder = pathlib.Path(folder)
+        (folder / MODEL_FILENAME).write_bytes(self.model_bytes)
+        (folder / CONFIG_FILENAME).write_text(json.dumps(self.hf_config, indent=2, ensure_ascii=False),
+                                              encoding="utf-8")
+
+    def special_ids(self) -> tuple[list[int], list[int]]:
+        """(ids before, ids after) that HF's `encode(s)` with default arguments puts around a segment:
+        BOS if `add_bos_token`, EOS if `add_eos_token` (architecture.md §1.8.2)."""
+        return ([self.bos_id] if self.settings.add_bos_token else [],
+                [self.eos_id] if self.settings.add_eos_token else [])
 
     # ------------------------------------------------------------------ encode
 

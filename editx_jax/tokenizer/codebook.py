@@ -16,14 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-VQ02_CODES = 1024
-VQ06_CODES = 4096
-AUDIO_ID_OFFSET = 65536  # id of <audio_0>
+from editx_jax.vocab import (AUDIO_ID_OFFSET, AUDIO_TOKENS, GROUP, VQ02_CODES, VQ02_PER_GROUP,
+                             VQ06_CODES, VQ06_PER_GROUP)
+
 VQ02_ID_OFFSET = AUDIO_ID_OFFSET
 VQ06_ID_OFFSET = AUDIO_ID_OFFSET + VQ02_CODES  # 66560
-VQ02_PER_GROUP, VQ06_PER_GROUP = 2, 3
-GROUP = VQ02_PER_GROUP + VQ06_PER_GROUP
-AUDIO_TOKENS = VQ02_CODES + VQ06_CODES  # <audio_0> ... <audio_5119>
 
 
 class AudioTokenError(ValueError):
