@@ -27,10 +27,20 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from editx_jax.config import Config, ConfigError, from_dict, to_dict
+from editx_jax.audio import AudioError, cap_peak, check_min_duration, check_wave, load_audio, to_mono
+from editx_jax.checkpoint import PARTS, load_llm, save_llm, write_settings
+from editx_jax.config import Config, ConfigError, from_dict
+from editx_jax.decoder import campplus, flow, hift
+from editx_jax.decoder.token2wav import Decoder
+from editx_jax.generate.decode import generate
+from editx_jax.models import llm
+from editx_jax.random_init import random_params
+from editx_jax.text import prompts
+from editx_jax.text.tiny import train_layout_model
+from editx_jax.text.tokenizer import TextTokenizer
+from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer
 
 OUTPUT_SAMPLE_RATE = 24000
-PARTS = ("config.json", "llm", "audio_tokenizer", "decoder", "tokenizer.model")
 AUDIO_FIRST, AUDIO_END = 65536, 65536 + 5120
 
 
@@ -84,11 +94,6 @@ class EditX:
         """Load a folder written by `save` / `tools/convert.py editx`: llm/, audio_tokenizer/,
         decoder/ (each a checkpoint folder with its own config), tokenizer.model, and config.json
         with the pipeline sections (generation, editx)."""
-        from editx_jax.checkpoint import load_llm
-        from editx_jax.decoder.token2wav import Decoder
-        from editx_jax.text.tokenizer import TextTokenizer
-        from editx_jax.tokenizer.pipeline import AudioTokenizer
-
         folder = pathlib.Path(folder)
         if not folder.is_dir():
             raise EditXError(f"model folder not found: {folder}")
@@ -113,14 +118,6 @@ class EditX:
     def random(cls, config: Config, seed: int = 0) -> "EditX":
         """Random weights at the sizes of `config` (e.g. configs/tiny.yaml), with a small trained
         text tokenizer of the released id layout. Produces noise: for demos and tests only."""
-        from editx_jax.decoder import campplus, flow, hift
-        from editx_jax.decoder.token2wav import Decoder
-        from editx_jax.models import llm
-        from editx_jax.random_init import random_params
-        from editx_jax.text.tiny import train_layout_model
-        from editx_jax.text.tokenizer import TextTokenizer
-        from editx_jax.tokenizer.pipeline import AudioTokenizer
-
         if config.token2wav.vocoder != "hift":
             raise ConfigError("EditX.random builds the HiFT vocoder; set token2wav.vocoder: hift")
         llm_params = random_params(llm.abstract_params(config.llm), seed, kernel_scale=1.0)
@@ -134,8 +131,6 @@ class EditX:
 
     def save(self, folder) -> pathlib.Path:
         """Write the model folder `from_pretrained` reads."""
-        from editx_jax.checkpoint import save_llm
-
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_llm(folder / "llm", jax.tree_util.tree_map(np.asarray, self.llm_params), self.config.llm)
@@ -168,8 +163,6 @@ class EditX:
     # ------------------------------------------------------------------ the work
 
     def run(self, requests: list[Request], n_iter: int = 1, seed: int = 0, progress=None) -> list:
-        from editx_jax.text import prompts
-
         if not requests:
             raise EditXError("no requests")
         if n_iter < 1:
@@ -234,15 +227,12 @@ class EditX:
         return [(w.astype(np.float32), sr) for w, sr in waves]
 
     def _generate(self, prompt_ids: list[list[int]], row_keys) -> list[list[int]]:
-        from editx_jax.generate.decode import generate
         return generate(self.llm_params, self.config.llm, self.config.generation, prompt_ids,
                         row_keys=row_keys).tokens
 
     def _load(self, r: Request) -> tuple[np.ndarray, int, np.ndarray]:
         """(mono wave with the 0.6 peak cap of `preprocess_prompt_wav`, sample rate, the samples as
         read); the length limit."""
-        from editx_jax.audio import AudioError, cap_peak, check_min_duration, check_wave, load_audio, to_mono
-
         limit = self.config.editx.max_audio_seconds
         try:
             if isinstance(r.audio, (str, pathlib.Path)):
@@ -264,8 +254,6 @@ class EditX:
 
 def validate_request(r: Request) -> None:
     """Check the edit type, value and texts before any model work (EditXError, one line)."""
-    from editx_jax.text import prompts
-
     if r.edit_type == "clone":
         if not (r.audio_text or "").strip():
             raise EditXError("clone needs the prompt audio's transcript (prompt text)")
@@ -276,15 +264,6 @@ def validate_request(r: Request) -> None:
         prompts.edit_instruction(r.edit_type, r.edit_info, r.audio_text, r.new_text)
     except prompts.EditError as e:
         raise EditXError(str(e)) from None
-
-
-def write_settings(folder, config: Config) -> None:
-    """config.json of a model folder: the pipeline sections; model sizes live with each part."""
-    import os
-    settings = {"generation": to_dict(config.generation), "editx": to_dict(config.editx)}
-    tmp = pathlib.Path(folder) / ".config.json.tmp"
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, pathlib.Path(folder) / "config.json")
 
 
 def write_wav(path, wave: np.ndarray, sample_rate: int = OUTPUT_SAMPLE_RATE) -> pathlib.Path:

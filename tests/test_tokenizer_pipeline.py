@@ -13,12 +13,13 @@ from conftest import AUDIO, ROOT
 from editx_jax.audio import AudioError
 from editx_jax.config import ConfigError
 from editx_jax.convert.keymap import ConversionError
+from editx_jax.convert.tokenizer import convert_tokenizer, tokenizer_from_released
 from editx_jax.tokenizer import codebook as cb
 from editx_jax.tokenizer import frontend
 from editx_jax.tokenizer import paraformer as pf
 from editx_jax.tokenizer import s3tokenizer as s3
-from editx_jax.tokenizer.pipeline import (AudioTokenizer, AudioTokenizerConfig, context_start,
-                                          convert_tokenizer, min_dependency, vq02_features)
+from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
+from editx_jax.tokenizer.vq02 import context_start, min_dependency, vq02_features
 
 sys.path.insert(0, str(ROOT / "tools"))
 
@@ -221,7 +222,7 @@ def released(tmp_path_factory, tok):
 
 def test_convert_round_trip_and_onnxruntime(released, tmp_path):
     files = [AUDIO / CLIPS[0], AUDIO / CLIPS[2]]
-    direct = AudioTokenizer.from_released(released)
+    direct = tokenizer_from_released(released)
     assert direct.config.s3.n_audio_state == 64 and direct.config.s3.n_audio_head == 4
     assert direct.config.paraformer.num_blocks == 4 and direct.config.fbank.dither == 0.0
     want = direct.tokenize(files)
@@ -252,9 +253,9 @@ def test_convert_errors(released, tmp_path):
     shutil.copytree(released, broken)
     (broken / "speech_tokenizer_v1.onnx").unlink()
     with pytest.raises(ConversionError, match="speech_tokenizer_v1.onnx"):
-        AudioTokenizer.from_released(broken)
+        tokenizer_from_released(broken)
     with pytest.raises(ConversionError, match="not a folder"):
-        AudioTokenizer.from_released(tmp_path / "nowhere")
+        tokenizer_from_released(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="float32"):
         convert_tokenizer(released, tmp_path / "x", dtype="bfloat16", progress=False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from editx_jax.convert.tokenizer import fbank_config_from_reference
 from editx_jax.tokenizer import frontend
 
 
@@ -12,7 +13,7 @@ def run_wav_frontend(fx) -> dict[str, np.ndarray]:
 
     Rows of different lengths are padded with zeros after their last frame, as pad_sequence does.
     """
-    config = frontend.FbankConfig.from_reference(fx.config)
+    config = fbank_config_from_reference(fx.config)
     inputs = fx.inputs()
     waves = np.atleast_2d(inputs["waveform"])
     lengths = inputs.get("input_lengths", np.full(waves.shape[0], waves.shape[1]))
@@ -30,7 +31,7 @@ def run_wav_frontend_online(fx) -> dict[str, np.ndarray]:
 
     Uses the step-by-step emulation (the reference itself), and checks it against the fast path.
     """
-    config = frontend.FbankConfig.from_reference(fx.config)
+    config = fbank_config_from_reference(fx.config)
     inputs = fx.inputs()
     wave, cmvn = inputs["waveform"].reshape(-1), inputs.get("cmvn")
     feats, lens = frontend.wav_frontend_online_stepwise(wave, cmvn, config)
