@@ -16,7 +16,7 @@ import pathlib
 import sys
 import time
 
-from editx_jax.audio import AudioError, load_audio
+from editx_jax.audio.io import AudioError, load_audio
 from editx_jax.cli import (
     OneLineParser,
     UsageError,

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from editx_jax.audio import AudioError, cap_peak, check_min_duration, check_wave, load_audio, to_mono
+from editx_jax.audio.io import AudioError, prepare_clip
 from editx_jax.checkpoint import PARTS, load_llm, save_llm, write_settings
 from editx_jax.config import Config, ConfigError, from_dict
 from editx_jax.decoder import campplus, flow, hift
@@ -233,23 +233,11 @@ class EditX:
     def _load(self, r: Request) -> tuple[np.ndarray, int, np.ndarray]:
         """(mono wave with the 0.6 peak cap of `preprocess_prompt_wav`, sample rate, the samples as
         read); the length limit."""
-        limit = self.config.editx.max_audio_seconds
         try:
-            if isinstance(r.audio, (str, pathlib.Path)):
-                wave, sr = load_audio(r.audio, max_seconds=limit)
-            else:
-                if r.sample_rate is None:
-                    raise AudioError("a wave array needs its sample_rate")
-                wave, sr = np.asarray(r.audio, np.float32), int(r.sample_rate)
-                if wave.shape[-1] / sr > limit:
-                    raise AudioError(f"audio is {wave.shape[-1] / sr:.1f} s, over the {limit:g} s limit "
-                                     f"(editx.max_audio_seconds)")
-            raw = check_wave(wave)
-            check_min_duration(raw.shape[-1], sr, "audio")  # files were checked as read; this covers waves
-            wave = cap_peak(to_mono(raw))
+            clip = prepare_clip(r.audio, r.sample_rate, max_seconds=self.config.editx.max_audio_seconds)
         except AudioError as e:
             raise EditXError(str(e)) from None
-        return wave, sr, raw
+        return clip.wave, clip.sr, clip.raw
 
 
 def validate_request(r: Request) -> None:

@@ -295,7 +295,7 @@ def test_nearest_centroid_exact_points_and_ties():
 
 def test_waveform_to_encoder_output():
     """The fixture's waveform through our online front end and encoder gives the reference enc_out."""
-    frontend = pytest.importorskip("editx_jax.tokenizer.frontend")
+    frontend = pytest.importorskip("editx_jax.audio.features")
     fx = Fixture.load(ENCODER_FIXTURE)
     inputs = fx.inputs()
     feats, lens = frontend.wav_frontend_online(inputs["waveform"], inputs["cmvn"])

@@ -289,7 +289,7 @@ def test_stream_versus_offline(small_decoder):
 
 
 def test_prompt_features_bf16_rounding():
-    from editx_jax.audio import cap_peak, load_audio
+    from editx_jax.audio.io import cap_peak, load_audio
     from editx_jax.convert.campplus import from_state_dict
     from editx_jax.decoder import campplus, mel
     fx = Fixture.load(FIXTURES / "campplus")

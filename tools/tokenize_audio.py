@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     except (ConversionError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
-    from editx_jax.audio import AudioError
+    from editx_jax.audio.io import AudioError
 
     tmp = pathlib.Path(args.out).with_name(f".{pathlib.Path(args.out).name}.tmp") if args.out else None
     out = open(tmp, "w") if tmp else sys.stdout

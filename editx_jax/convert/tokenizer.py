@@ -19,6 +19,7 @@ import yaml
 from tqdm import tqdm
 
 from editx_jax import checkpoint
+from editx_jax.audio.features import FbankConfig
 from editx_jax.config import ConfigError
 from editx_jax.convert import paraformer as cp
 from editx_jax.convert import s3tokenizer as cs
@@ -26,7 +27,6 @@ from editx_jax.convert.keymap import ConversionError, DictSource, convert
 from editx_jax.tokenizer import paraformer as pf
 from editx_jax.tokenizer import s3tokenizer as s3
 from editx_jax.tokenizer.audio_tokenizer import COMPONENT, AudioTokenizer, AudioTokenizerConfig
-from editx_jax.tokenizer.frontend import FbankConfig
 from editx_jax.tokenizer.s3tokenizer import S3TokenizerConfig
 from editx_jax.tree import flatten
 

@@ -26,7 +26,7 @@ Bad input (documented results; everything else is one `AudioError` line naming t
   * all-silent (or all-zero) audio is not trimmed (librosa counts it all as non-silent) and yields
     the codes of silence, as the official code does;
   * a WAV whose header promises more samples than the file holds -> AudioError ("truncated");
-  * audio shorter than `audio.MIN_AUDIO_SECONDS` (0.1 s), as a file or a wave -> AudioError, as in
+  * audio shorter than `audio_io.MIN_AUDIO_SECONDS` (0.1 s), as a file or a wave -> AudioError, as in
     every tool; above it, trim_silence pads every clip to at least 0.27 s (2 groups or more), and
     even untrimmed the minimum holds one 2+3 group; `TooShortError` (an AudioError) guards the rest.
 """
@@ -42,15 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax import audio
-from editx_jax.audio import AudioError
+from editx_jax.audio import features
+from editx_jax.audio import io as audio_io
+from editx_jax.audio.features import FbankConfig, WhisperMelConfig
+from editx_jax.audio.io import AudioError
 from editx_jax import checkpoint
 from editx_jax.config import ConfigError, from_dict
 from editx_jax.tokenizer import codebook as cb
-from editx_jax.tokenizer import frontend
 from editx_jax.tokenizer import paraformer as pf
 from editx_jax.tokenizer import s3tokenizer as s3
-from editx_jax.tokenizer.frontend import FbankConfig, WhisperMelConfig
 from editx_jax.tokenizer.paraformer import ParaformerEncoderConfig
 from editx_jax.tokenizer.s3tokenizer import S3TokenizerConfig
 from editx_jax.tokenizer.vq02 import vq02_codes_from_features, vq02_features
@@ -70,7 +70,7 @@ class AudioTokenizerConfig:
     fbank: FbankConfig = dataclasses.field(default_factory=FbankConfig)
     s3: S3TokenizerConfig = dataclasses.field(default_factory=S3TokenizerConfig)
     vq02_codes: int = cb.VQ02_CODES  # rows of linguistic_tokenizer.npy
-    sample_rate: int = audio.TOKENIZER_SAMPLE_RATE
+    sample_rate: int = audio_io.TOKENIZER_SAMPLE_RATE
     peak_cap: float = 0.6  # §0.1 step 1 (undone by the 0.999 normalisation up to rounding); 0: off
     energy_peak: float = 0.999
     trim: bool = True
@@ -255,35 +255,12 @@ class AudioTokenizer:
         Integer waves are PCM (scaled by 1/32768 for int16); a 2-D wave with more than 64 rows and
         at most 64 columns is taken as soundfile's [samples, channels]."""
         cfg = self.config
-        if isinstance(source, (str, pathlib.Path)):
-            wave, sample_rate = audio.load_audio(source, mono=True)
-        else:
-            if sample_rate is None:
-                raise AudioError(f"{name or 'audio'}: a waveform needs its sample rate")
-            wave = np.asarray(source)
-            if wave.dtype.kind not in "fiu" or wave.ndim not in (1, 2):
-                raise AudioError(f"{name or 'audio'}: expected a float wave [samples] or [channels, samples], "
-                                 f"got {wave.dtype} shape {list(wave.shape)}")
-            if wave.ndim == 2 and wave.shape[1] <= 64 < wave.shape[0]:
-                wave = wave.T  # soundfile's [samples, channels] layout
-            if wave.dtype.kind in "iu":  # integer PCM: scale like torchaudio.load
-                wave = wave.astype(np.float32) / float(np.iinfo(wave.dtype).max + 1)
-            wave = audio.check_wave(wave, name or "audio")
-        try:
-            valid_rate = float(sample_rate) == int(sample_rate) > 0
-        except (TypeError, ValueError, OverflowError):
-            valid_rate = False
-        if not valid_rate:
-            raise AudioError(f"{name or 'audio'}: invalid sample rate {sample_rate!r}")
-        audio.check_min_duration(wave.shape[-1], int(sample_rate), name or "audio")
-        if cfg.peak_cap > 0:
-            wave = audio.cap_peak(wave, cfg.peak_cap)
-        wave = audio.check_wave(wave, name or "audio")
-        wave = audio.resample(wave, int(sample_rate), cfg.sample_rate)
-        wave = audio.energy_norm(wave, peak=cfg.energy_peak)
+        clip = audio_io.prepare_clip(source, sample_rate, name=name, peak_cap=cfg.peak_cap)
+        wave = audio_io.resample(clip.wave, clip.sr, cfg.sample_rate)
+        wave = audio_io.energy_norm(wave, peak=cfg.energy_peak)
         if cfg.trim:
-            wave = audio.trim_silence(wave, cfg.sample_rate)
-        groups = cb.num_groups(sum(frontend.online_chunk_lens(wave.shape[0], cfg.fbank)),
+            wave = audio_io.trim_silence(wave, cfg.sample_rate)
+        groups = cb.num_groups(sum(features.online_chunk_lens(wave.shape[0], cfg.fbank)),
                                vq06_length(wave.shape[0], cfg.s3))
         if groups == 0:
             raise TooShortError(f"{name or 'audio'}: {wave.shape[0] / cfg.sample_rate:.3f} s after preprocessing "
@@ -339,4 +316,4 @@ class AudioTokenizer:
 
 
 def _logmel(piece, config: WhisperMelConfig):
-    return np.asarray(frontend.whisper_log_mel(piece, config))
+    return np.asarray(features.whisper_log_mel(piece, config))

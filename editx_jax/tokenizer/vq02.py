@@ -21,10 +21,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from editx_jax.audio import features
+from editx_jax.audio.features import FbankConfig
 from editx_jax.tokenizer import codebook as cb
-from editx_jax.tokenizer import frontend
 from editx_jax.tokenizer import paraformer as pf
-from editx_jax.tokenizer.frontend import FbankConfig
 from editx_jax.tokenizer.paraformer import ParaformerEncoderConfig
 
 
@@ -50,7 +50,7 @@ def context_start(min_dep: np.ndarray, start: int, num_layers: int) -> int:
 
 def _row_bucket(n: int) -> int:
     """Rows of a single pass: 2^k or 3·2^(k-1), at least 8 (few compilations, at most 1/3 padding)."""
-    return frontend.bucket_length(n, 8)
+    return features.bucket_length(n, 8)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -121,17 +121,17 @@ def vq02_codes_from_features(params, centroids, cfg: ParaformerEncoderConfig, fe
 
 
 def vq02_features(wave: np.ndarray, cmvn, config: FbankConfig, segment_frames: int = 1 << 14):
-    """`frontend.wav_frontend_online` (feats [T, 560], chunk lens) of a 16 kHz clip, with the fbank
+    """`features.wav_frontend_online` (feats [T, 560], chunk lens) of a 16 kHz clip, with the fbank
     of a long clip computed `segment_frames` frames at a time (fbank frames only see their own 400
     samples, so the segments join exactly) before LFR and CMVN."""
     wave = np.asarray(wave, np.float32).reshape(-1)
-    lens = frontend.online_chunk_lens(wave.shape[0], config)
+    lens = features.online_chunk_lens(wave.shape[0], config)
     total = sum(lens)
     if total == 0:
         return np.zeros((0, config.feat_dim), np.float32), lens
-    n_frames = frontend.num_fbank_frames(wave.shape[0], config)
+    n_frames = features.num_fbank_frames(wave.shape[0], config)
     if n_frames <= segment_frames:
-        feats, _ = frontend.wav_frontend_online(wave, cmvn, config)
+        feats, _ = features.wav_frontend_online(wave, cmvn, config)
         return np.asarray(feats), lens
     shift, length = config.frame_shift, config.frame_length
     parts = []
@@ -140,9 +140,9 @@ def vq02_features(wave: np.ndarray, cmvn, config: FbankConfig, segment_frames: i
         piece = wave[f0 * shift:(f1 - 1) * shift + length]
         if f1 - f0 < segment_frames:  # the same padded length as the other segments: one compilation
             piece = np.pad(piece, (0, (segment_frames - 1) * shift + length - piece.shape[0]))
-        parts.append(np.asarray(frontend.kaldi_fbank(piece, config))[:f1 - f0])
+        parts.append(np.asarray(features.kaldi_fbank(piece, config))[:f1 - f0])
     fbank = np.concatenate(parts)
-    feats = frontend.apply_lfr(fbank, config.lfr_m, config.lfr_n)[:total]
+    feats = features.apply_lfr(fbank, config.lfr_m, config.lfr_n)[:total]
     if cmvn is not None:
-        feats = frontend.apply_cmvn(feats, cmvn)
+        feats = features.apply_cmvn(feats, cmvn)
     return np.asarray(feats, np.float32), lens
