@@ -17,7 +17,7 @@ import sys
 import time
 
 from editx_jax import sharding
-from editx_jax.audio import AudioError, load_audio
+from editx_jax.audio.io import AudioError, load_audio
 from editx_jax.cli import (
     OneLineParser,
     UsageError,

@@ -22,14 +22,18 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from editx_jax.config import ConfigError, LLMConfig, from_dict
-from editx_jax.convert.keymap import flatten, unflatten
+from editx_jax.config import Config, ConfigError, LLMConfig, from_dict, to_dict
+from editx_jax.models.llm import abstract_params as llm_abstract_params
+from editx_jax.tree import flatten, unflatten
 
 FORMAT = "editx-jax checkpoint"
 VERSION = 1
 PARAMS_DIR = "params"
 CONFIG_NAME = "config.json"
 META_NAME = "meta.json"
+# what an EditX model folder holds (`write_settings` writes config.json; each other part is a folder
+# or file of its own)
+PARTS = ("config.json", "llm", "audio_tokenizer", "decoder", "tokenizer.model")
 
 
 class CheckpointError(ValueError):
@@ -222,10 +226,8 @@ def save_llm(folder, params, cfg: LLMConfig, meta: Mapping | None = None) -> pat
 def load_llm(folder: str | pathlib.Path, shardings=None, **overrides) -> tuple[LLMConfig, dict]:
     """(LLMConfig, params) of an LLM checkpoint folder. `overrides` replace config fields, e.g.
     `dtype="float32"`; a different `param_dtype` casts the params on restore."""
-    from editx_jax.models.llm import abstract_params
-
     cfg, _ = load_llm_config(folder, **overrides)
-    return cfg, load_params(folder, abstract_params(cfg), shardings)
+    return cfg, load_params(folder, llm_abstract_params(cfg), shardings)
 
 
 def load_llm_config(folder: str | pathlib.Path, **overrides) -> tuple[LLMConfig, dict]:
@@ -234,3 +236,11 @@ def load_llm_config(folder: str | pathlib.Path, **overrides) -> tuple[LLMConfig,
     if meta.get("component", "llm") != "llm":
         raise CheckpointError(f"{folder} holds a {meta.get('component')!r} checkpoint, not the LLM")
     return from_dict(LLMConfig, {**read_config(folder), **overrides}, "llm"), meta
+
+
+def write_settings(folder, config: Config) -> None:
+    """config.json of a model folder: the pipeline sections; model sizes live with each part."""
+    settings = {"generation": to_dict(config.generation), "editx": to_dict(config.editx)}
+    tmp = pathlib.Path(folder) / ".config.json.tmp"
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, pathlib.Path(folder) / "config.json")

@@ -85,40 +85,6 @@ class LLMConfig:
         per_layer = 2 * e + e * self.num_heads * d * 2 + 2 * e * self.num_groups * d + 3 * e * f
         return 2 * v * e + e + self.num_layers * per_layer
 
-    @classmethod
-    def from_hf(cls, hf: dict, **overrides) -> "LLMConfig":
-        """Our config from the released `config.json` (Step1Config key names)."""
-        if hf.get("tie_word_embeddings"):
-            raise ConfigError("config.json: tie_word_embeddings=true is not a Step1 checkpoint we know "
-                              "(the released model stores a separate lm_head)")
-        try:
-            fields = dict(
-                vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
-                num_groups=hf["num_attention_groups"], num_layers=hf["num_hidden_layers"],
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-5), max_seq_len=hf.get("max_seq_len", 32768),
-                bos_id=hf.get("bos_token_id", 1), pad_id=hf.get("pad_token_id", 0),
-                eos_id=hf.get("eos_token_id", 3))
-        except KeyError as e:
-            raise ConfigError(f"config.json: missing key {e.args[0]!r}") from None
-        fields.update(overrides)
-        return cls(**fields)
-
-    def to_hf(self) -> dict:
-        """The released `config.json` layout for this config (for export back to PyTorch)."""
-        return {
-            "architectures": ["Step1ForCausalLM"],
-            "auto_map": {"AutoConfig": "configuration_step1.Step1Config",
-                         "AutoModelForCausalLM": "modeling_step1.Step1ForCausalLM"},
-            "model_type": "step1", "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_attention_heads": self.num_heads,
-            "num_attention_groups": self.num_groups, "num_hidden_layers": self.num_layers,
-            "max_seq_len": self.max_seq_len, "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.rms_norm_eps, "bos_token_id": self.bos_id,
-            "eos_token_id": self.eos_id, "pad_token_id": self.pad_id,
-            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
-        }
-
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
@@ -299,7 +265,7 @@ class Config:
 
 
 COMPONENT_SECTIONS = {
-    "tokenizer": ("editx_jax.tokenizer.pipeline", "AudioTokenizerConfig"),
+    "tokenizer": ("editx_jax.tokenizer.audio_tokenizer", "AudioTokenizerConfig"),
     "flow": ("editx_jax.decoder.flow", "FlowConfig"),
     "hift": ("editx_jax.decoder.hift", "HiFTConfig"),
     "bigvgan": ("editx_jax.decoder.bigvgan", "BigVGANConfig"),

@@ -33,11 +33,22 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from editx_jax import vocab
-from editx_jax.config import Config, ConfigError, from_dict, to_dict
+from editx_jax import sharding, vocab
+from editx_jax.audio.io import AudioError, prepare_clip
+from editx_jax.checkpoint import PARTS, load_llm, load_llm_config, save_llm, write_settings
+from editx_jax.config import Config, ConfigError, from_dict
+from editx_jax.decoder import campplus, flow, hift
+from editx_jax.decoder.token2wav import Decoder
+from editx_jax.generate.decode import generate
+from editx_jax.models import llm
+from editx_jax.models.llm import param_logical_axes
+from editx_jax.random_init import random_params
+from editx_jax.text import prompts
+from editx_jax.text.tiny import train_layout_model
+from editx_jax.text.tokenizer import TextTokenizer
+from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer
 
 OUTPUT_SAMPLE_RATE = 24000
-PARTS = ("config.json", "llm", "audio_tokenizer", "decoder", "tokenizer.model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +109,6 @@ class EditX:
         different param_dtype is cast while restoring). mesh: place the LLM's params by the rules
         table over this mesh, and generate sharded. The params are restored straight onto the
         device(s), with no second host copy."""
-        from editx_jax.checkpoint import load_llm, load_llm_config
-        from editx_jax.decoder.token2wav import Decoder
-        from editx_jax.text.tokenizer import TextTokenizer
-        from editx_jax.tokenizer.pipeline import AudioTokenizer
-
         folder = pathlib.Path(folder)
         if not folder.is_dir():
             raise EditXError(f"model folder not found: {folder}")
@@ -118,9 +124,6 @@ class EditX:
         if old_inner_bos is not None and bool(old_inner_bos) != text_tokenizer.settings.add_bos_token:
             raise EditXError(f"{folder}/config.json sets editx.inner_bos={old_inner_bos}, which is now "
                              f"add_bos_token in tokenizer_config.json; set it there and remove editx.inner_bos")
-        from editx_jax import sharding
-        from editx_jax.models.llm import param_logical_axes
-
         llm_config, _ = load_llm_config(folder / "llm", **(llm_overrides or {}))
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else \
             sharding.logical_to_sharding(param_logical_axes(llm_config), mesh)
@@ -141,14 +144,6 @@ class EditX:
     def random(cls, config: Config, seed: int = 0) -> "EditX":
         """Random weights at the sizes of `config` (e.g. configs/tiny.yaml), with a small trained
         text tokenizer of the released id layout. Produces noise: for demos and tests only."""
-        from editx_jax.decoder import campplus, flow, hift
-        from editx_jax.decoder.token2wav import Decoder
-        from editx_jax.models import llm
-        from editx_jax.random_init import random_params
-        from editx_jax.text.tiny import train_layout_model
-        from editx_jax.text.tokenizer import TextTokenizer
-        from editx_jax.tokenizer.pipeline import AudioTokenizer
-
         if config.token2wav.vocoder != "hift":
             raise ConfigError("EditX.random builds the HiFT vocoder; set token2wav.vocoder: hift")
         llm_params = random_params(llm.abstract_params(config.llm), seed, kernel_scale=1.0)
@@ -162,8 +157,6 @@ class EditX:
 
     def save(self, folder) -> pathlib.Path:
         """Write the model folder `from_pretrained` reads."""
-        from editx_jax.checkpoint import save_llm
-
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_llm(folder / "llm", jax.tree_util.tree_map(np.asarray, self.llm_params), self.config.llm)
@@ -196,8 +189,6 @@ class EditX:
     # ------------------------------------------------------------------ the work
 
     def run(self, requests: list[Request], n_iter: int = 1, seed: int = 0, progress=None) -> list:
-        from editx_jax.text import prompts
-
         if not requests:
             raise EditXError("no requests")
         if n_iter < 1:
@@ -264,32 +255,17 @@ class EditX:
         return [(w.astype(np.float32), sr) for w, sr in waves]
 
     def _generate(self, prompt_ids: list[list[int]], row_keys) -> list[list[int]]:
-        from editx_jax.generate.decode import generate
         return generate(self.llm_params, self.config.llm, self.config.generation, prompt_ids,
                         row_keys=row_keys, mesh=self.mesh).tokens
 
     def _load(self, r: Request) -> tuple[np.ndarray, int, np.ndarray]:
         """(mono wave with the 0.6 peak cap of `preprocess_prompt_wav`, sample rate, the samples as
         read: float32 [C, N] from a file, as torchaudio.load gives them); the length limit."""
-        from editx_jax.audio import AudioError, cap_peak, check_min_duration, check_wave, load_audio, to_mono
-
-        limit = self.config.editx.max_audio_seconds
         try:
-            if isinstance(r.audio, (str, pathlib.Path)):
-                wave, sr = load_audio(r.audio, max_seconds=limit)
-            else:
-                if r.sample_rate is None:
-                    raise AudioError("a wave array needs its sample_rate")
-                wave, sr = np.asarray(r.audio, np.float32), int(r.sample_rate)
-                if wave.shape[-1] / sr > limit:
-                    raise AudioError(f"audio is {wave.shape[-1] / sr:.1f} s, over the {limit:g} s limit "
-                                     f"(editx.max_audio_seconds)")
-            raw = np.asarray(wave, np.float32)  # before any mono mix: the clone speaker name hashes these
-            wave = cap_peak(check_wave(raw))
-            check_min_duration(wave.shape[-1], sr, "audio")  # files were checked as read; this covers waves
+            clip = prepare_clip(r.audio, r.sample_rate, max_seconds=self.config.editx.max_audio_seconds)
         except AudioError as e:
             raise EditXError(str(e)) from None
-        return wave, sr, raw
+        return clip.wave, clip.sr, clip.raw
 
 
 def round_transcript(r: Request, round_: int) -> str | None:
@@ -310,8 +286,6 @@ def pcm16_round_trip(wave) -> np.ndarray:
 
 def validate_request(r: Request) -> None:
     """Check the edit type, value and texts before any model work (EditXError, one line)."""
-    from editx_jax.text import prompts
-
     if r.edit_type == "clone":
         if not (r.audio_text or "").strip():
             raise EditXError("clone needs the prompt audio's transcript (prompt text)")
@@ -322,15 +296,6 @@ def validate_request(r: Request) -> None:
         prompts.edit_instruction(r.edit_type, r.edit_info, r.audio_text, r.new_text)
     except prompts.EditError as e:
         raise EditXError(str(e)) from None
-
-
-def write_settings(folder, config: Config) -> None:
-    """config.json of a model folder: the pipeline sections; model sizes live with each part."""
-    import os
-    settings = {"generation": to_dict(config.generation), "editx": to_dict(config.editx)}
-    tmp = pathlib.Path(folder) / ".config.json.tmp"
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, pathlib.Path(folder) / "config.json")
 
 
 def write_wav(path, wave: np.ndarray, sample_rate: int = OUTPUT_SAMPLE_RATE) -> pathlib.Path:

@@ -92,9 +92,9 @@ def write_step_audio_tokenizer(root: pathlib.Path, seed: int = 0, s3_cfg: dict |
     import yaml
 
     from editx_jax.convert import paraformer as cp
+    from editx_jax.tokenizer.audio_tokenizer import AudioTokenizerConfig
     from editx_jax.tokenizer.paraformer import random_params
 
-    from editx_jax.tokenizer.pipeline import AudioTokenizerConfig
     cfg = AudioTokenizerConfig.tiny().paraformer
     folder = root / cp.PARAFORMER_SUBDIR
     folder.mkdir(parents=True)

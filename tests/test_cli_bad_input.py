@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from editx_jax.audio import MIN_AUDIO_SECONDS
+from editx_jax.audio.io import MIN_AUDIO_SECONDS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

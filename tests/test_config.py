@@ -1,6 +1,7 @@
 import pytest
 
 from editx_jax.config import Config, ConfigError, LLMConfig, MeshConfig, load_config
+from editx_jax.convert.llm import llm_config_from_hf, llm_config_to_hf
 from conftest import ROOT
 
 
@@ -55,8 +56,8 @@ def test_mesh_resolution():
 
 def test_hf_config_round_trip():
     cfg = LLMConfig(hidden_size=128, num_heads=4, num_groups=2, num_layers=2, intermediate_size=320, vocab_size=600)
-    assert LLMConfig.from_hf(cfg.to_hf()) == cfg
+    assert llm_config_from_hf(llm_config_to_hf(cfg)) == cfg
     with pytest.raises(ConfigError, match="tie_word_embeddings"):
-        LLMConfig.from_hf({**cfg.to_hf(), "tie_word_embeddings": True})
+        llm_config_from_hf({**llm_config_to_hf(cfg), "tie_word_embeddings": True})
     with pytest.raises(ConfigError, match="hidden_size"):
-        LLMConfig.from_hf({k: v for k, v in cfg.to_hf().items() if k != "hidden_size"})
+        llm_config_from_hf({k: v for k, v in llm_config_to_hf(cfg).items() if k != "hidden_size"})

@@ -16,8 +16,10 @@ from safetensors.numpy import load_file, save_file
 from editx_jax import checkpoint
 from editx_jax.config import ConfigError, LLMConfig, load_config
 from editx_jax.convert import keymap
-from editx_jax.convert.llm import RULES, check_plan, convert_llm, export_llm, source_shapes
+from editx_jax.convert.llm import (RULES, check_plan, convert_llm, export_llm, llm_config_from_hf, llm_config_to_hf,
+                                   source_shapes)
 from editx_jax.models import llm
+from editx_jax.tree import flatten
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TINY = LLMConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_heads=4, num_groups=2,
@@ -57,7 +59,7 @@ def random_state(cfg=TINY, dtype=np.float32, seed=0):
 
 
 def hf_config(cfg=TINY, **changes):
-    hf = cfg.to_hf()
+    hf = llm_config_to_hf(cfg)
     hf.update(changes)
     return hf
 
@@ -95,7 +97,7 @@ def test_rules_cover_the_released_checkpoint_exactly():
     assert source_shapes(RULES, abstract) == expected
 
     # torch -> ours: every released name matches exactly one rule, whose target slot fits its shape
-    specs = keymap.flatten(abstract)
+    specs = flatten(abstract)
     hits = {}
     match = keymap._Matcher(RULES)
     for name, torch_shape in expected.items():
@@ -133,8 +135,8 @@ def test_convert_folder_matches_in_memory_conversion(tmp_path, dtype, index):
     cfg, params = checkpoint.load_llm(tmp_path / "ckpt")
     assert cfg == TINY.__class__(**{**TINY.__dict__, "param_dtype": dtype, "dtype": dtype})
     ref = keymap.convert(keymap.DictSource(state), RULES, llm.abstract_params(cfg))
-    for path, leaf in keymap.flatten(ref).items():
-        got = keymap.flatten(params)[path]
+    for path, leaf in flatten(ref).items():
+        got = flatten(params)[path]
         assert got.dtype == np.dtype(BF16 if dtype == "bfloat16" else np.float32), path
         assert got.tobytes() == leaf.tobytes(), path
 
@@ -174,7 +176,7 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in state.values())
     exported_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert exported_cfg["torch_dtype"] == dtype
-    assert LLMConfig.from_hf(exported_cfg) == LLMConfig.from_hf(hf)
+    assert llm_config_from_hf(exported_cfg) == llm_config_from_hf(hf)
 
     # the names and dtypes load as a PyTorch state dict
     torch = pytest.importorskip("torch")
@@ -317,8 +319,8 @@ def test_checkpoint_round_trip_and_shardings(tmp_path):
     assert checkpoint.read_config(folder) == {"x": 1}
     assert checkpoint.read_meta(folder)["component"] == "test"
     got = checkpoint.load_params(folder)
-    for path, ref in keymap.flatten(_tree()).items():
-        leaf = keymap.flatten(got)[path]
+    for path, ref in flatten(_tree()).items():
+        leaf = flatten(got)[path]
         assert isinstance(leaf, np.ndarray) and leaf.dtype == ref.dtype and leaf.tobytes() == ref.tobytes()
 
     mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",))

@@ -9,14 +9,15 @@ import jax.numpy as jnp
 
 from editx_jax.config import ConfigError
 from editx_jax.convert.flow import (DIT_RULES, convert_dit, convert_flow, expected_flow_shapes, export_flow,
-                                    flow_rules)
-from editx_jax.convert.keymap import ConversionError, flatten
+                                    flow_config_from_reference, flow_rules)
+from editx_jax.convert.keymap import ConversionError
 from editx_jax.decoder.dit import DiTConfig
 from editx_jax.decoder.embedding import DualCodebookConfig
 from editx_jax.decoder.flow import (FlowConfig, FlowInputError, cfg_velocity, cosine_t_span, inference,
                                     init_params, noise_from_key, solve_euler, stretch_prompt_mel)
 from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
 from editx_jax.parity import Fixture, check_fixture
+from editx_jax.tree import flatten
 
 
 @pytest.mark.parametrize("path", fixture_dirs("dit_estimator") + fixture_dirs("flow_inference"), ids=lambda p: p.name)
@@ -148,8 +149,8 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="flow.estimator"):
         FlowConfig(estimator=DiTConfig(in_channels=4 * 64))
     with pytest.raises(ConfigError, match="flow.decoder.sigma"):
-        FlowConfig.from_reference({"decoder": {"sigma": 1}})
-    assert FlowConfig.from_reference(Fixture.load(fixture_dirs("flow_inference")[0]).config).estimator.depth == 4
+        flow_config_from_reference({"decoder": {"sigma": 1}})
+    assert flow_config_from_reference(Fixture.load(fixture_dirs("flow_inference")[0]).config).estimator.depth == 4
 
 
 # ------------------------------------------------------------------------------------------ converter
@@ -218,7 +219,7 @@ def flow_fixture():
 def test_convert_flow_from_torch_file_and_export_round_trip(flow_fixture, tmp_path):
     torch = pytest.importorskip("torch")
     weights = flow_fixture.weights()
-    config = FlowConfig.from_reference(flow_fixture.config)
+    config = flow_config_from_reference(flow_fixture.config)
     path = tmp_path / "flow.pt"
     torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, path)
     from_file = flatten(convert_flow(path, config))
@@ -234,7 +235,7 @@ def test_convert_flow_from_torch_file_and_export_round_trip(flow_fixture, tmp_pa
 
 def test_convert_flow_bad_input(flow_fixture, tmp_path):
     weights = flow_fixture.weights()
-    config = FlowConfig.from_reference(flow_fixture.config)
+    config = flow_config_from_reference(flow_fixture.config)
     with pytest.raises(ConversionError, match="not found"):
         convert_flow(tmp_path / "missing.pt", config)
     junk = tmp_path / "junk.pt"
@@ -251,7 +252,7 @@ def test_convert_flow_bad_input(flow_fixture, tmp_path):
     with pytest.raises(ConversionError, match="decoder.rand_noise"):
         convert_flow({**weights, "decoder.rand_noise": np.zeros((1, 80, 30), np.float32)}, config)
     with pytest.raises(ConversionError, match="out of range"):  # a depth-4 checkpoint into a depth-2 model
-        convert_flow(weights, FlowConfig.from_reference(
+        convert_flow(weights, flow_config_from_reference(
             {**flow_fixture.config, "decoder": {"estimator": {**flow_fixture.config["decoder"]["estimator"],
                                                               "depth": 2}}}))
 

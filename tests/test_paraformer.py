@@ -174,7 +174,7 @@ def test_released_config_constants():
     assert (cfg.head_dim, cfg.overlap_frames, cfg.cache_frames, cfg.fsmn_padding) == (128, 5, 16, (5, 5))
     assert cfg.input_scale == pytest.approx(22.627417)
     leaves = convert_paraformer.abstract_params(cfg)
-    from editx_jax.convert.keymap import flatten
+    from editx_jax.tree import flatten
     n_tensors = sum(leaf.shape[0] if path.startswith("encoders/") else 1
                     for path, leaf in flatten(leaves).items())
     assert n_tensors == 652
@@ -295,7 +295,7 @@ def test_nearest_centroid_exact_points_and_ties():
 
 def test_waveform_to_encoder_output():
     """The fixture's waveform through our online front end and encoder gives the reference enc_out."""
-    frontend = pytest.importorskip("editx_jax.tokenizer.frontend")
+    frontend = pytest.importorskip("editx_jax.audio.features")
     fx = Fixture.load(ENCODER_FIXTURE)
     inputs = fx.inputs()
     feats, lens = frontend.wav_frontend_online(inputs["waveform"], inputs["cmvn"])

@@ -86,8 +86,8 @@ def test_toy_fixture_passes(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("runner, detail", [
-    ("editx_jax.fixture_runners.removed_module:run",
-     "runner module editx_jax.fixture_runners.removed_module cannot be imported"),
+    ("editx_jax.parity.runners.removed_module:run",
+     "runner module editx_jax.parity.runners.removed_module cannot be imported"),
     (f"{__name__}:renamed", f"runner {__name__}:renamed: {__name__} has no function 'renamed'"),
     (f"{__name__}:crash", "error: RuntimeError: boom"),
     (f"{__name__}:nothing", "y: not produced"),
@@ -167,7 +167,7 @@ def test_cli_rejects_a_missing_folder(tmp_path):
 
 def test_no_argument_without_the_repository_fixtures(tmp_path, monkeypatch, capsys):
     # an installed package (not a checkout) has no tests/fixtures: one line, exit 2
-    monkeypatch.setattr(parity, "REPO_FIXTURES", tmp_path / "tests" / "fixtures")
+    monkeypatch.setattr(parity.gate, "REPO_FIXTURES", tmp_path / "tests" / "fixtures")
     assert parity.main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pass a fixture folder" in err[0]
@@ -175,7 +175,7 @@ def test_no_argument_without_the_repository_fixtures(tmp_path, monkeypatch, caps
 
 def test_no_argument_runs_the_repository_fixtures(tmp_path, monkeypatch, capsys):
     _toy(tmp_path)
-    monkeypatch.setattr(parity, "REPO_FIXTURES", tmp_path)
+    monkeypatch.setattr(parity.gate, "REPO_FIXTURES", tmp_path)
     monkeypatch.setitem(parity.RUNNERS, "toy", f"{__name__}:double")
     assert parity.main([]) == 0
     assert capsys.readouterr().out.startswith("PASS toy toy ")

@@ -245,7 +245,7 @@ def test_released_sizes_shapes():
 
 def test_default_front_end_is_whisper_log_mel(small_params):
     """Without logmel_fn, pieces go through the project's whisper 128-bin log-mel."""
-    frontend = pytest.importorskip("editx_jax.tokenizer.frontend")
+    frontend = pytest.importorskip("editx_jax.audio.features")
     clip = _speechy(16000 + 55, seed=4)
     got = tokenize_waveforms(small_params, [clip], SMALL)[0]
     mel = np.asarray(frontend.whisper_log_mel(clip))[None]

@@ -71,7 +71,7 @@ def prompt(seed: int = 0, n_ids: int = 20):
 
 @pytest.mark.parametrize("name", ["token2wav", "token2wav_hift"])
 def test_parity(name):
-    from editx_jax.fixture_runners.decoder_token2wav import run_token2wav, run_token2wav_hift
+    from editx_jax.parity.runners.decoder_token2wav import run_token2wav, run_token2wav_hift
     fx = Fixture.load(FIXTURES / name)
     got = (run_token2wav if name == "token2wav" else run_token2wav_hift)(fx)
     ok, max_abs, _, detail = compare(fx.outputs(), got, float(fx.manifest["atol"]), float(fx.manifest["rtol"]))
@@ -353,7 +353,7 @@ def test_stream_versus_offline(small_decoder):
 
 
 def test_prompt_features_bf16_rounding():
-    from editx_jax.audio import cap_peak, load_audio
+    from editx_jax.audio.io import cap_peak, load_audio
     from editx_jax.convert.campplus import from_state_dict
     from editx_jax.decoder import campplus, mel
     fx = Fixture.load(FIXTURES / "campplus")

@@ -10,15 +10,17 @@ import pytest
 import soundfile as sf
 from conftest import AUDIO, ROOT
 
-from editx_jax.audio import AudioError
+from editx_jax.audio import features
+from editx_jax.audio import io as audio_io
+from editx_jax.audio.io import AudioError
 from editx_jax.config import ConfigError
 from editx_jax.convert.keymap import ConversionError
+from editx_jax.convert.tokenizer import convert_tokenizer, tokenizer_from_released
 from editx_jax.tokenizer import codebook as cb
-from editx_jax.tokenizer import frontend
 from editx_jax.tokenizer import paraformer as pf
 from editx_jax.tokenizer import s3tokenizer as s3
-from editx_jax.tokenizer.pipeline import (AudioTokenizer, AudioTokenizerConfig, context_start,
-                                          convert_tokenizer, min_dependency, vq02_features)
+from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
+from editx_jax.tokenizer.vq02 import context_start, min_dependency, vq02_features
 
 sys.path.insert(0, str(ROOT / "tools"))
 
@@ -65,11 +67,11 @@ def test_batch_matches_the_stream_reference(tok):
     loop (one call per 3840 samples), cdist k-means; whisper log-mel + S3 on each piece alone."""
     cfg = tok.config
     wave = tok.load(AUDIO / CLIPS[1])
-    feats, lens = frontend.wav_frontend_online_stepwise(wave, tok.cmvn, cfg.fbank)
+    feats, lens = features.wav_frontend_online_stepwise(wave, tok.cmvn, cfg.fbank)
     enc, _ = pf.encode_stream(tok.paraformer_params, cfg.paraformer, feats[None], lens, method="sequential")
     got = tok.encode([tok.load(AUDIO / CLIPS[0]), wave])[1]
     assert np.array_equal(got[0], cb.quantize_vq02(enc, tok.vq02_codebook))
-    mel = np.asarray(frontend.whisper_log_mel(wave))
+    mel = np.asarray(features.whisper_log_mel(wave))
     codes, n, _ = s3.tokenize(tok.s3_params, mel[None], np.array([mel.shape[1]], np.int32), cfg.s3)
     assert np.array_equal(got[1], np.asarray(codes)[0, :int(n[0])])
 
@@ -95,7 +97,7 @@ def test_long_audio_equals_official_chunking(tok):
     small = AudioTokenizer(AudioTokenizerConfig.tiny(vq02_block_calls=64), tok.params)
     (vq02, vq06), = small.encode([long])
     # vq02: the fbank of a long clip in segments == in one go; then one whole sequential stream
-    feats, lens = frontend.wav_frontend_online(long, tok.cmvn, cfg.fbank)
+    feats, lens = features.wav_frontend_online(long, tok.cmvn, cfg.fbank)
     seg, seg_lens = vq02_features(long, tok.cmvn, cfg.fbank, segment_frames=1000)
     assert seg_lens == lens and np.array_equal(seg, np.asarray(feats))
     enc, _ = pf.encode_stream(tok.paraformer_params, cfg.paraformer, np.asarray(feats)[None], lens,
@@ -106,7 +108,7 @@ def test_long_audio_equals_official_chunking(tok):
     assert len(pieces) == 3
     want = []
     for piece in pieces:
-        mel = np.asarray(frontend.whisper_log_mel(piece))
+        mel = np.asarray(features.whisper_log_mel(piece))
         codes, n, _ = s3.tokenize(tok.s3_params, mel[None], np.array([mel.shape[1]], np.int32), cfg.s3)
         want.append(np.asarray(codes)[0, :int(n[0])])
     assert np.array_equal(vq06, np.concatenate(want))
@@ -171,9 +173,8 @@ def test_channels_rates_silence_and_short_clips(tok, tmp_path):
     pcm = np.round(wave * 32767).astype(np.int16)
     assert tok.tokenize([pcm], sr)[0].num_groups == mono.num_groups  # int16 PCM is scaled like torchaudio
     # 8 kHz (resampled up; the official code asserts there) and 192 kHz: defined codes of the right length
-    from editx_jax import audio
     for rate in (8000, 192000):
-        r = tok.tokenize([audio.resample(wave, sr, rate)], rate)[0]
+        r = tok.tokenize([audio_io.resample(wave, sr, rate)], rate)[0]
         _check_tokens(r)
         assert abs(r.seconds - mono.seconds) < 0.05
     # all-silent audio is not trimmed and gives the codes of silence, deterministically
@@ -221,7 +222,7 @@ def released(tmp_path_factory, tok):
 
 def test_convert_round_trip_and_onnxruntime(released, tmp_path):
     files = [AUDIO / CLIPS[0], AUDIO / CLIPS[2]]
-    direct = AudioTokenizer.from_released(released)
+    direct = tokenizer_from_released(released)
     assert direct.config.s3.n_audio_state == 64 and direct.config.s3.n_audio_head == 4
     assert direct.config.paraformer.num_blocks == 4 and direct.config.fbank.dither == 0.0
     want = direct.tokenize(files)
@@ -234,7 +235,7 @@ def test_convert_round_trip_and_onnxruntime(released, tmp_path):
     # the vq06 codes are those of the ONNX file run by onnxruntime on the same log-mel
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(released / "speech_tokenizer_v1.onnx"), providers=["CPUExecutionProvider"])
-    mel = np.asarray(frontend.whisper_log_mel(direct.load(files[0])))[None]
+    mel = np.asarray(features.whisper_log_mel(direct.load(files[0])))[None]
     codes = session.run(None, {"feats": mel, "feats_length": np.array([mel.shape[2]], np.int32)})[0]
     assert np.array_equal(np.asarray(codes).reshape(-1), want[0].vq06)
     # a second conversion replaces the folder; a folder of something else is refused
@@ -252,9 +253,9 @@ def test_convert_errors(released, tmp_path):
     shutil.copytree(released, broken)
     (broken / "speech_tokenizer_v1.onnx").unlink()
     with pytest.raises(ConversionError, match="speech_tokenizer_v1.onnx"):
-        AudioTokenizer.from_released(broken)
+        tokenizer_from_released(broken)
     with pytest.raises(ConversionError, match="not a folder"):
-        AudioTokenizer.from_released(tmp_path / "nowhere")
+        tokenizer_from_released(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="float32"):
         convert_tokenizer(released, tmp_path / "x", dtype="bfloat16", progress=False)
 

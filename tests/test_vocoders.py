@@ -10,6 +10,7 @@ from conftest import fixture_dirs
 
 from editx_jax.config import ConfigError
 from editx_jax.convert import bigvgan as convert_bigvgan
+from editx_jax.convert.bigvgan import bigvgan_config_from_reference
 from editx_jax.convert import hift as convert_hift
 from editx_jax.convert import sources
 from editx_jax.convert.keymap import ConversionError, DictSource
@@ -74,7 +75,7 @@ def test_hift_on_token2wav_hift_mel():
 def test_bigvgan_on_token2wav_mel():
     """The vocoder half of token2wav: the saved mel, reflect-padded by 3 frames a side, through BigVGAN."""
     fx, weights = _pipeline_fixture("token2wav")
-    config = BigVGANConfig.from_reference(fx.config["hift"])
+    config = bigvgan_config_from_reference(fx.config["hift"])
     outputs = fx.outputs()
     mel = np.pad(outputs["mel"], ((0, 0), (0, 0), (3, 3)), mode="reflect")
     wav = bigvgan_inference(convert_bigvgan.from_state_dict(weights, config), mel, config)
@@ -116,7 +117,7 @@ def test_hift_key_path_and_bad_input(hift_fx):
 
 def test_bigvgan_lengths_and_bad_input():
     fx = Fixture.load(BIGVGAN_DIRS[0])
-    config = BigVGANConfig.from_reference(fx.config)
+    config = bigvgan_config_from_reference(fx.config)
     t = fx.inputs()["mel"].shape[-1]
     assert config.frames_consumed == 6 and fx.outputs()["wav"].shape[-1] == (t - 6) * config.hop == (t - 6) * 480
     assert BigVGANConfig(conv_pre_padding=3).frames_consumed == 0  # NVIDIA's padding keeps every frame
@@ -233,7 +234,7 @@ def test_hift_from_torch_file(hift_fx, tmp_path):
 
 def test_bigvgan_converter_checks_filters():
     fx = Fixture.load(BIGVGAN_DIRS[0])
-    config = BigVGANConfig.from_reference(fx.config)
+    config = bigvgan_config_from_reference(fx.config)
     w = dict(fx.weights())
     w["resblocks.3.activations.2.upsample.filter"] = w["resblocks.3.activations.2.upsample.filter"] * 1.01
     with pytest.raises(ConversionError, match="resblocks.3.activations.2.upsample.filter"):

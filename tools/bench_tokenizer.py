@@ -69,7 +69,8 @@ def run_once(tok, files) -> dict:
     """One end-to-end pass over `files`, timed per stage (each stage waits for its results)."""
     from editx_jax.tokenizer import codebook as cb
     from editx_jax.tokenizer import s3tokenizer as s3
-    from editx_jax.tokenizer.pipeline import vq02_codes_from_features, vq02_features, _logmel
+    from editx_jax.tokenizer.audio_tokenizer import _logmel
+    from editx_jax.tokenizer.vq02 import vq02_codes_from_features, vq02_features
     import functools
     cfg = tok.config
     t0 = time.perf_counter()
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     import soundfile as sf
 
     from editx_jax.benchmarking import copy_bandwidth, matmul_flops, peak_memory_bytes
-    from editx_jax.tokenizer.pipeline import AudioTokenizer, AudioTokenizerConfig
+    from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
 
     files = args.files or default_files()
     config = AudioTokenizerConfig.tiny() if args.tiny else AudioTokenizerConfig()

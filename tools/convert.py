@@ -42,7 +42,7 @@ def _export_decoder(src, dst, progress=True, dtype=None):
 
 
 def _tokenizer(src, dst, progress=True, dtype=None):
-    from editx_jax.tokenizer.pipeline import convert_tokenizer
+    from editx_jax.convert.tokenizer import convert_tokenizer
     return convert_tokenizer(src, dst, progress=progress, dtype=dtype)
 
 

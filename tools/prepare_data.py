@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "tokenize":
-            from editx_jax.tokenizer.pipeline import AudioTokenizer
+            from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer
             info = tokenize_manifest(args.manifest, args.out, AudioTokenizer.from_pretrained(args.tokenizer),
                                      args.batch)
             print(f"{info['written']} records written to {args.out}; {len(info['failed'])} failed")

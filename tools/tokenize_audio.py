@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_tokenizer(args):
     from editx_jax.checkpoint import is_checkpoint
-    from editx_jax.tokenizer.pipeline import AudioTokenizer, AudioTokenizerConfig
+    from editx_jax.convert.tokenizer import tokenizer_from_released
+    from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
     if args.random_tiny:
         return AudioTokenizer.random(AudioTokenizerConfig.tiny())
     model = pathlib.Path(args.model)
@@ -48,7 +49,7 @@ def load_tokenizer(args):
         return AudioTokenizer.from_pretrained(model)
     if not model.is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
-    return AudioTokenizer.from_released(model, progress=not args.quiet)
+    return tokenizer_from_released(model, progress=not args.quiet)
 
 
 def _one_line(e: BaseException) -> str:
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     except (ConversionError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
-    from editx_jax.audio import AudioError
+    from editx_jax.audio.io import AudioError
 
     tmp = pathlib.Path(args.out).with_name(f".{pathlib.Path(args.out).name}.tmp") if args.out else None
     out = open(tmp, "w") if tmp else sys.stdout

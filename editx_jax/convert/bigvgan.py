@@ -13,11 +13,13 @@ official generator holds it before `remove_weight_norm`), and the filter buffers
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Mapping
 
 import numpy as np
 
+from editx_jax.config import ConfigError
 from editx_jax.convert.hift import conv_rules
 from editx_jax.convert.keymap import ConversionError, Rule, TensorSource, convert, export
 from editx_jax.convert.sources import TorchSource, WeightNormSource, checkpoint_source, with_weight_norm
@@ -27,6 +29,19 @@ from editx_jax.layers.activations import kaiser_sinc_filter
 FILTER_SUFFIXES = (".upsample.filter", ".downsample.lowpass.filter")
 FILTER_ATOL = 1e-6
 RATIO, FILTER_SIZE = 2, 12  # the anti-alias resampling of every Activation1d: 2x, 12 taps
+
+
+def bigvgan_config_from_reference(cfg: dict, **overrides) -> BigVGANConfig:
+    """From Step's BigVGAN(**kwargs) arguments, as in the fixture manifests."""
+    cfg = dict(cfg)
+    cfg.pop("use_cuda_kernel", None)  # NVIDIA's fused CUDA activation computes the same maths
+    known = {f.name for f in dataclasses.fields(BigVGANConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"bigvgan.{unknown[0]}: unknown BigVGAN argument")
+    if "resblock" in cfg:
+        cfg["resblock"] = str(cfg["resblock"])
+    return BigVGANConfig(**{**cfg, **overrides})
 
 
 def _filter(ratio: int = RATIO, kernel_size: int = FILTER_SIZE) -> np.ndarray:

@@ -17,19 +17,34 @@ folder's config.json records what was used either way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import re
 
 import numpy as np
+import yaml
+from tqdm import tqdm
 
 from editx_jax.config import ConfigError
+from editx_jax.convert.bigvgan import _WithoutFilters, bigvgan_config_from_reference
+from editx_jax.convert.bigvgan import rules as bigvgan_rules
 from editx_jax.convert.bigvgan import to_state_dict as bigvgan_state_dict
-from editx_jax.convert.flow import export_flow
+from editx_jax.convert.campplus import convert_folded, fold_state_dict, onnx_to_state_dict
+from editx_jax.convert.flow import export_flow, flow_config_from_reference, flow_rules
+from editx_jax.convert.hift import rules as hift_rules
 from editx_jax.convert.hift import to_state_dict as hift_state_dict
-from editx_jax.convert.keymap import ConversionError
-from editx_jax.decoder.token2wav import Decoder
+from editx_jax.convert.keymap import ConversionError, convert
+from editx_jax.convert.sources import TorchSource, WeightNormSource, checkpoint_source
+from editx_jax.decoder.bigvgan import BigVGANConfig
+from editx_jax.decoder.bigvgan import abstract_params as bigvgan_abstract
+from editx_jax.decoder.flow import FlowConfig
+from editx_jax.decoder.flow import abstract_params as flow_abstract
+from editx_jax.decoder.hift import HiFTConfig
+from editx_jax.decoder.hift import abstract_params as hift_abstract
+from editx_jax.decoder.mel import MelConfig
+from editx_jax.decoder.token2wav import Decoder, Token2WavConfig
 
 
 # ------------------------------------------------------------------------------------------ yaml
@@ -37,8 +52,6 @@ from editx_jax.decoder.token2wav import Decoder
 
 def read_yaml(path: str | os.PathLike) -> dict:
     """cosyvoice.yaml as plain dicts/lists, tags ignored, `!ref <key>` resolved (top-level keys)."""
-    import yaml
-
     class Loader(yaml.SafeLoader):
         pass
 
@@ -80,7 +93,7 @@ _CFM_IGNORED = {"in_channels", "n_spks", "spk_emb_dim", "cfm_params", "sigma_min
 
 
 def flow_reference_config(flow: dict) -> dict:
-    """The yaml `flow:` block reduced to what `FlowConfig.from_reference` reads."""
+    """The yaml `flow:` block reduced to what `flow_config_from_reference` reads."""
     flow = dict(flow)
     decoder = dict(flow.get("decoder") or {})
     rate = decoder.get("inference_cfg_rate", (decoder.get("cfm_params") or {}).get("inference_cfg_rate"))
@@ -94,17 +107,12 @@ def flow_reference_config(flow: dict) -> dict:
 
 def configs_from_yaml(data: dict):
     """(FlowConfig, vocoder config, MelConfig) from a parsed cosyvoice.yaml."""
-    from editx_jax.decoder.bigvgan import BigVGANConfig
-    from editx_jax.decoder.flow import FlowConfig
-    from editx_jax.decoder.hift import HiFTConfig
-    from editx_jax.decoder.mel import MelConfig
-
     for key in ("flow", "hift"):
         if key not in data:
             raise ConfigError(f"cosyvoice.yaml: no `{key}:` entry")
-    flow = FlowConfig.from_reference(flow_reference_config(data["flow"]))
+    flow = flow_config_from_reference(flow_reference_config(data["flow"]))
     hift = dict(data["hift"])
-    vocoder = BigVGANConfig.from_reference(hift) if "upsample_initial_channel" in hift else \
+    vocoder = bigvgan_config_from_reference(hift) if "upsample_initial_channel" in hift else \
         HiFTConfig.from_reference(hift)
     mel = MelConfig.from_reference(data["mel_conf"]) if "mel_conf" in data else MelConfig()
     return flow, vocoder, mel
@@ -116,13 +124,10 @@ def configs_from_yaml(data: dict):
 def _tqdm(progress: bool, desc: str):
     if not progress:
         return None
-    from tqdm import tqdm
     return lambda it: tqdm(it, desc=desc, unit="tensor", leave=False)
 
 
 def _bigvgan_config(path: pathlib.Path, source):
-    from editx_jax.decoder.bigvgan import BigVGANConfig
-    import dataclasses
     known = {f.name for f in dataclasses.fields(BigVGANConfig)}
     args = {}
     cfg_path = path.parent / "config.json"
@@ -134,21 +139,13 @@ def _bigvgan_config(path: pathlib.Path, source):
             if name in source.names():
                 args["upsample_initial_channel"] = int(source.shape(name)[0])
                 break
-    return BigVGANConfig.from_reference(args)
+    return bigvgan_config_from_reference(args)
 
 
 def convert_decoder(src, dst, bigvgan: str | os.PathLike | None = None, progress: bool = True,
                     dtype: str | None = None) -> dict:
     """Convert `CosyVoice-300M-25Hz/` (flow.pt, hift.pt, campplus.onnx, cosyvoice.yaml) into a decoder
     checkpoint folder `dst` loadable with `Decoder.from_pretrained`. Returns a summary dict."""
-    from editx_jax.convert.flow import flow_rules
-    from editx_jax.convert.keymap import convert
-    from editx_jax.convert.sources import TorchSource, WeightNormSource, checkpoint_source
-    from editx_jax.decoder.flow import FlowConfig, abstract_params as flow_abstract
-    from editx_jax.decoder.hift import HiFTConfig
-    from editx_jax.decoder.mel import MelConfig
-    from editx_jax.decoder.token2wav import Decoder, Token2WavConfig
-
     if dtype not in (None, "float32"):
         raise ConfigError(f"decoder.dtype: the flow and vocoders run in float32 (architecture.md §5), got {dtype!r}")
     src = pathlib.Path(src)
@@ -167,8 +164,6 @@ def convert_decoder(src, dst, bigvgan: str | os.PathLike | None = None, progress
     flow_params = convert(TorchSource(src / "flow.pt"), flow_rules(), flow_abstract(flow_cfg),
                           progress=_tqdm(progress, "flow.pt"))
     if bigvgan:
-        from editx_jax.convert.bigvgan import _WithoutFilters, rules as bigvgan_rules
-        from editx_jax.decoder.bigvgan import abstract_params as bigvgan_abstract
         path = pathlib.Path(bigvgan)
         source = checkpoint_source(path)
         voc_cfg = _bigvgan_config(path, source)
@@ -178,12 +173,9 @@ def convert_decoder(src, dst, bigvgan: str | os.PathLike | None = None, progress
     else:
         if not isinstance(voc_cfg, HiFTConfig):
             raise ConversionError("cosyvoice.yaml describes a BigVGAN vocoder: pass its checkpoint with --bigvgan")
-        from editx_jax.convert.hift import rules as hift_rules
-        from editx_jax.decoder.hift import abstract_params as hift_abstract
         voc_params = convert(WeightNormSource(checkpoint_source(src / "hift.pt")), hift_rules(voc_cfg),
                              hift_abstract(voc_cfg), progress=_tqdm(progress, "hift.pt"))
         voc_name = "hift.pt"
-    from editx_jax.convert.campplus import convert_folded, fold_state_dict, onnx_to_state_dict
     if progress:
         print("converting campplus.onnx ...", flush=True)
     tensors, eps, cam_cfg = onnx_to_state_dict(str(src / "campplus.onnx"))

@@ -19,18 +19,17 @@ import pathlib
 import shutil
 import time
 
+from editx_jax.checkpoint import write_settings
 from editx_jax.config import Config
+from editx_jax.convert.decoder import convert_decoder
+from editx_jax.convert.llm import convert_llm
+from editx_jax.convert.tokenizer import convert_tokenizer
 from editx_jax.text.tokenizer import CONFIG_FILENAME, MODEL_FILENAME, TextTokenizer, TokenizerError, read_hf_config
 
 DECODER_SUBFOLDER = "CosyVoice-300M-25Hz"
 
 
 def convert_editx(src, dst, tokenizer, progress: bool = True, dtype=None) -> dict:
-    from editx_jax.convert.decoder import convert_decoder
-    from editx_jax.convert.llm import convert_llm
-    from editx_jax.pipeline import write_settings
-    from editx_jax.tokenizer.pipeline import convert_tokenizer
-
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     if tokenizer is None:
         raise FileNotFoundError("give the released Step-Audio-Tokenizer/ folder with --tokenizer")

@@ -15,10 +15,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
+import jax
 import numpy as np
 
+from editx_jax.config import ConfigError
+from editx_jax.convert.flow_encoder import EMBEDDING_RULES, ENCODER_RULES
 from editx_jax.convert.keymap import Rule, convert, export
 from editx_jax.convert.sources import TorchSource
+from editx_jax.decoder import dit
+from editx_jax.decoder.dit import DiTConfig
+from editx_jax.decoder.embedding import DualCodebookConfig
+from editx_jax.decoder.flow import FlowConfig, abstract_params
+from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
 
 # ------------------------------------------------------------------------------------------ rules
 
@@ -74,9 +82,39 @@ def prefixed(rules: list[Rule], source_prefix: str = "", target_prefix: str = ""
 
 def flow_rules() -> list[Rule]:
     """The whole `flow.pt` key map -> `editx_jax.decoder.flow.FlowModel` params."""
-    from editx_jax.convert.flow_encoder import EMBEDDING_RULES, ENCODER_RULES
     # their source names and target paths already carry the flow.pt prefixes
     return EMBEDDING_RULES + ENCODER_RULES + HEAD_RULES + prefixed(DIT_RULES, "decoder.estimator.", "estimator")
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+def flow_config_from_reference(cfg: dict, **overrides) -> FlowConfig:
+    """From a fixture manifest's config: the scalar args plus `input_embedding`, `encoder` and
+    `decoder: {inference_cfg_rate, estimator}` blocks (the cosyvoice.yaml `flow:` structure)."""
+    cfg = dict(cfg)
+    kwargs = {}
+    if "output_type" in cfg and cfg.pop("output_type") != "mel":
+        raise ConfigError("flow.output_type: only 'mel' is implemented")
+    for key in ("input_size", "output_size", "spk_embed_dim", "vocab_size"):
+        if key in cfg:
+            kwargs[key] = int(cfg.pop(key))
+    if "input_embedding" in cfg:
+        kwargs["embedding"] = DualCodebookConfig.from_reference(cfg.pop("input_embedding"))
+    if "encoder" in cfg:
+        kwargs["encoder"] = UpsampleEncoderConfig.from_reference(cfg.pop("encoder"))
+    if "decoder" in cfg:
+        decoder = dict(cfg.pop("decoder"))
+        if "estimator" in decoder:
+            kwargs["estimator"] = DiTConfig.from_reference(decoder.pop("estimator"))
+        if "inference_cfg_rate" in decoder:
+            kwargs["inference_cfg_rate"] = float(decoder.pop("inference_cfg_rate"))
+        if decoder:
+            raise ConfigError(f"flow.decoder.{sorted(decoder)[0]}: unknown key")
+    if cfg:
+        raise ConfigError(f"flow.{sorted(cfg)[0]}: unknown key")
+    kwargs.update(overrides)
+    return FlowConfig(**kwargs)
 
 
 # ------------------------------------------------------------------------------------- converters
@@ -84,8 +122,7 @@ def flow_rules() -> list[Rule]:
 
 def convert_dit(state_dict: Mapping, config) -> dict:
     """Params of `editx_jax.decoder.dit.DiT` from a reference `DiT` state_dict (unprefixed names)."""
-    from editx_jax.decoder.dit import abstract_params
-    return convert(TorchSource(state_dict), DIT_RULES, abstract_params(config))
+    return convert(TorchSource(state_dict), DIT_RULES, dit.abstract_params(config))
 
 
 def convert_flow(flow_pt, config=None, dtype=None) -> dict:
@@ -94,7 +131,6 @@ def convert_flow(flow_pt, config=None, dtype=None) -> dict:
     `config` is a `FlowConfig` (default: the released sizes). Every tensor is used exactly once and
     every param filled exactly once, else ConversionError names the tensor and the expected shape.
     """
-    from editx_jax.decoder.flow import FlowConfig, abstract_params
     config = config or FlowConfig()
     return convert(TorchSource(flow_pt), flow_rules(), abstract_params(config), dtype=dtype)
 
@@ -106,8 +142,6 @@ def export_flow(params: Mapping, dtype=None):
 
 def expected_flow_shapes(config=None) -> dict[str, tuple[int, ...]]:
     """`flow.pt` tensor name -> torch shape implied by our params at `config` (default: released)."""
-    import jax
-    from editx_jax.decoder.flow import FlowConfig, abstract_params
     abstract = abstract_params(config or FlowConfig())
     zeros = jax.tree_util.tree_map(lambda s: np.broadcast_to(np.zeros((), np.float32), s.shape), abstract)
     return {name: tuple(a.shape) for name, a in export(zeros, flow_rules())}

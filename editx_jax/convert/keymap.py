@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 
+from editx_jax.tree import flatten, unflatten
+
 
 class ConversionError(ValueError):
     """A checkpoint does not match the model: a tensor is missing, extra, misshapen or used twice."""
@@ -107,31 +109,6 @@ class DictSource:
 
     def get(self, name):
         return np.asarray(self._t[name])
-
-
-# ------------------------------------------------------------------ tree helpers
-
-
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten(v, path))
-        else:
-            out[path] = v
-    return out
-
-
-def unflatten(flat: Mapping[str, object]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
 
 
 # ------------------------------------------------------------------ convert / export

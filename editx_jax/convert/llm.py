@@ -9,19 +9,22 @@ reshape, and a dtype cast happens only when asked for).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import time
 from typing import Mapping
 
 import numpy as np
+from tqdm import tqdm
 
+from editx_jax import checkpoint
 from editx_jax.config import DTYPES, ConfigError, LLMConfig
 from editx_jax.convert import keymap
 from editx_jax.convert.keymap import ConversionError, Rule
 from editx_jax.convert.sources import (DEFAULT_IGNORED, FLOAT_DTYPES, INDEX_NAME, SafetensorsSource,
                                        numpy_dtype, write_safetensors)
+from editx_jax.models.llm import abstract_params
+from editx_jax.tree import flatten
 
 LAYER = "model.layers.{layer}."
 
@@ -46,6 +49,41 @@ IGNORED_SUFFIXES = DEFAULT_IGNORED
 EXPORT_FILE = "model-00001.safetensors"
 
 
+def llm_config_from_hf(hf: dict, **overrides) -> LLMConfig:
+    """Our config from the released `config.json` (Step1Config key names)."""
+    if hf.get("tie_word_embeddings"):
+        raise ConfigError("config.json: tie_word_embeddings=true is not a Step1 checkpoint we know "
+                          "(the released model stores a separate lm_head)")
+    try:
+        fields = dict(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
+            num_groups=hf["num_attention_groups"], num_layers=hf["num_hidden_layers"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5), max_seq_len=hf.get("max_seq_len", 32768),
+            bos_id=hf.get("bos_token_id", 1), pad_id=hf.get("pad_token_id", 0),
+            eos_id=hf.get("eos_token_id", 3))
+    except KeyError as e:
+        raise ConfigError(f"config.json: missing key {e.args[0]!r}") from None
+    fields.update(overrides)
+    return LLMConfig(**fields)
+
+
+def llm_config_to_hf(cfg: LLMConfig) -> dict:
+    """The released `config.json` layout for this config (for export back to PyTorch)."""
+    return {
+        "architectures": ["Step1ForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_step1.Step1Config",
+                     "AutoModelForCausalLM": "modeling_step1.Step1ForCausalLM"},
+        "model_type": "step1", "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_heads,
+        "num_attention_groups": cfg.num_groups, "num_hidden_layers": cfg.num_layers,
+        "max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.rms_norm_eps, "bos_token_id": cfg.bos_id,
+        "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    }
+
+
 def read_hf_config(folder: pathlib.Path, **overrides) -> LLMConfig:
     folder = pathlib.Path(folder)
     if not folder.is_dir():
@@ -57,7 +95,7 @@ def read_hf_config(folder: pathlib.Path, **overrides) -> LLMConfig:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return LLMConfig.from_hf(hf, **overrides)
+    return llm_config_from_hf(hf, **overrides)
 
 
 def to_numpy_dtype(name):
@@ -78,7 +116,7 @@ def check_source_dtypes(source, allowed=FLOAT_DTYPES) -> None:
 def source_shapes(rules: list[Rule], abstract: Mapping) -> dict[str, tuple[int, ...]]:
     """Every source tensor name the rules expect for the params tree `abstract`, with its torch shape."""
     out = {}
-    for path, spec in keymap.flatten(abstract).items():
+    for path, spec in flatten(abstract).items():
         rule = keymap._rule_for_target(rules, path)
         shape = tuple(spec.shape)
         if rule.stack:
@@ -118,14 +156,11 @@ def check_plan(shapes: Mapping[str, tuple[int, ...]], rules: list[Rule], abstrac
 def _tqdm(enabled: bool, desc: str):
     if not enabled:
         return None
-    from tqdm import tqdm
     return lambda it: tqdm(it, desc=desc, unit="tensor")
 
 
 def convert_llm_params(source, cfg: LLMConfig, progress: bool = False) -> dict:
     """Params (nested dict of numpy arrays in cfg.param_dtype) from a tensor source."""
-    from editx_jax.models.llm import abstract_params
-
     abstract = abstract_params(cfg)
     check_source_dtypes(source)
     check_plan({n: tuple(source.shape(n)) for n in source.names()}, RULES, abstract)
@@ -140,8 +175,6 @@ def convert_llm(src_folder, dst_folder, dtype: str = "bfloat16", progress: bool 
     Peak memory is about the converted params plus a few source tensors: target leaves are
     preallocated numpy arrays filled one source tensor at a time, and Orbax writes them from numpy.
     """
-    from editx_jax import checkpoint
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     start = time.time()
@@ -151,7 +184,7 @@ def convert_llm(src_folder, dst_folder, dtype: str = "bfloat16", progress: bool 
         params = convert_llm_params(source, cfg, progress)
         n_tensors, ignored = len(source.names()), list(source.ignored)
         src_dtypes = sorted({source.dtype(n) for n in source.names()})
-    nbytes = sum(a.nbytes for a in keymap.flatten(params).values())
+    nbytes = sum(a.nbytes for a in flatten(params).values())
     meta = {"converted_from": str(src_folder.absolute()), "source_format": "safetensors",
             "source_dtypes": src_dtypes, "source_tensors": n_tensors, "ignored_buffers": ignored,
             "num_params": cfg.num_params}
@@ -172,8 +205,6 @@ def export_llm(params_or_folder, cfg: LLMConfig | None, dst_folder, dtype: str |
     params_or_folder: a params tree (then `cfg` is required) or a checkpoint folder (`cfg` may be
     None: the folder's own config is used). dtype: None keeps the params' dtype (bit-exact export).
     """
-    from editx_jax import checkpoint
-
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if isinstance(params_or_folder, (str, pathlib.Path)):
@@ -189,7 +220,7 @@ def export_llm(params_or_folder, cfg: LLMConfig | None, dst_folder, dtype: str |
     params = jax.tree_util.tree_map(np.asarray, params)
     out_dtype = numpy_dtype(dtype) if dtype else None
     if out_dtype is None:
-        dtypes = {str(a.dtype) for a in keymap.flatten(params).values()}
+        dtypes = {str(a.dtype) for a in flatten(params).values()}
         hf_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
     else:
         hf_dtype = dtype
@@ -204,7 +235,7 @@ def export_llm(params_or_folder, cfg: LLMConfig | None, dst_folder, dtype: str |
     total = write_safetensors(dst / EXPORT_FILE, tensors, metadata={"format": "pt"})
     index = {"metadata": {"total_size": total}, "weight_map": {n: EXPORT_FILE for n in sorted(names)}}
     (dst / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    hf = cfg.to_hf()
+    hf = llm_config_to_hf(cfg)
     hf["torch_dtype"] = hf_dtype
     (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return {"tensors": len(names), "bytes": total, "dtype": hf_dtype, "dst": str(dst.absolute())}

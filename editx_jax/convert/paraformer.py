@@ -17,6 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
+from editx_jax.audio.features import FrontendError, parse_am_mvn
 from editx_jax.config import ConfigError
 from editx_jax.convert.keymap import ConversionError, Rule, convert, export
 from editx_jax.convert.sources import TorchSource
@@ -123,7 +124,6 @@ def read_config_yaml(path: pathlib.Path, **overrides) -> ParaformerEncoderConfig
 
 def read_am_mvn(path: pathlib.Path, dim: int | None = None) -> np.ndarray:
     """[2, D] (shift; scale) from `am.mvn`, parsed by the front end's reader."""
-    from editx_jax.tokenizer.frontend import FrontendError, parse_am_mvn
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConversionError(f"{path.parent}: no am.mvn (the CMVN file of the Paraformer front end)")

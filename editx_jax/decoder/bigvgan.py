@@ -95,19 +95,6 @@ class BigVGANConfig:
     def stage_channels(self, i: int) -> int:
         return self.upsample_initial_channel // 2 ** (i + 1)
 
-    @classmethod
-    def from_reference(cls, cfg: dict, **overrides) -> "BigVGANConfig":
-        """From Step's BigVGAN(**kwargs) arguments, as in the fixture manifests."""
-        cfg = dict(cfg)
-        cfg.pop("use_cuda_kernel", None)  # NVIDIA's fused CUDA activation computes the same maths
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"bigvgan.{unknown[0]}: unknown BigVGAN argument")
-        if "resblock" in cfg:
-            cfg["resblock"] = str(cfg["resblock"])
-        return cls(**{**cfg, **overrides})
-
 
 class BigVGANInputError(ValueError):
     """BigVGAN was given a mel of the wrong shape or too few frames."""

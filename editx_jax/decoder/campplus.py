@@ -3,7 +3,7 @@
 Front end (`campplus_fbank`): 16 kHz wave -> Kaldi fbank with the *Povey* window (80 bins, 25/10 ms,
 snip edges, DC removal, pre-emphasis 0.97, 512-point power spectrum, Kaldi mel 20-8000 Hz, log with a
 float32-eps floor), the samples **not** scaled by 32768, then the mean over time subtracted (CMN).
-The fbank is the tokenizer's (`editx_jax.tokenizer.frontend.kaldi_fbank`) set by `fbank_config`.
+The fbank is the tokenizer's (`editx_jax.audio.features.kaldi_fbank`) set by `fbank_config`.
 
 Network (`CAMPPlus`, 3D-Speaker's CAM++ in inference form), on feats [B, T, F]:
 
@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from editx_jax.audio.features import FbankConfig, FrontendError, kaldi_fbank
+from editx_jax.audio.io import resample
 from editx_jax.config import ConfigError
-from editx_jax.tokenizer.frontend import FbankConfig, FrontendError, kaldi_fbank
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 SAMPLE_RATE = 16000
@@ -338,7 +339,6 @@ def embed_feats(params, feats, config: CAMPPlusConfig = CAMPPlusConfig(), return
 def speaker_embedding(params, wave, sr: int, config: CAMPPlusConfig = CAMPPlusConfig()) -> jax.Array:
     """The prompt's x-vector as `extract_spk_embedding` computes it: resample to 16 kHz (torchaudio's
     sinc resampler), CAM++ fbank with CMN, CAM++. wave [N] -> [E]; [B, N] (equal lengths) -> [B, E]."""
-    from editx_jax.audio import resample
 
     wave = np.asarray(wave, np.float32)
     if wave.ndim not in (1, 2) or wave.shape[-1] == 0:

@@ -76,34 +76,6 @@ class FlowConfig:
         if not self.temperature > 0:
             raise ConfigError(f"flow.temperature: must be positive, got {self.temperature!r}")
 
-    @classmethod
-    def from_reference(cls, cfg: dict, **overrides) -> "FlowConfig":
-        """From a fixture manifest's config: the scalar args plus `input_embedding`, `encoder` and
-        `decoder: {inference_cfg_rate, estimator}` blocks (the cosyvoice.yaml `flow:` structure)."""
-        cfg = dict(cfg)
-        kwargs = {}
-        if "output_type" in cfg and cfg.pop("output_type") != "mel":
-            raise ConfigError("flow.output_type: only 'mel' is implemented")
-        for key in ("input_size", "output_size", "spk_embed_dim", "vocab_size"):
-            if key in cfg:
-                kwargs[key] = int(cfg.pop(key))
-        if "input_embedding" in cfg:
-            kwargs["embedding"] = DualCodebookConfig.from_reference(cfg.pop("input_embedding"))
-        if "encoder" in cfg:
-            kwargs["encoder"] = UpsampleEncoderConfig.from_reference(cfg.pop("encoder"))
-        if "decoder" in cfg:
-            decoder = dict(cfg.pop("decoder"))
-            if "estimator" in decoder:
-                kwargs["estimator"] = DiTConfig.from_reference(decoder.pop("estimator"))
-            if "inference_cfg_rate" in decoder:
-                kwargs["inference_cfg_rate"] = float(decoder.pop("inference_cfg_rate"))
-            if decoder:
-                raise ConfigError(f"flow.decoder.{sorted(decoder)[0]}: unknown key")
-        if cfg:
-            raise ConfigError(f"flow.{sorted(cfg)[0]}: unknown key")
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
 
 # ------------------------------------------------------------------------------------------ ODE
 

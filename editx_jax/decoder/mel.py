@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from editx_jax.config import ConfigError
-from editx_jax.tokenizer.frontend import bucket_length, slaney_mel_filters
+from editx_jax.audio.features import bucket_length, slaney_mel_filters
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

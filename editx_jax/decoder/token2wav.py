@@ -297,7 +297,7 @@ class Decoder:
         wave: [N] or [channels, N] float in [-1, 1] at `sr`. Mono mix and the 0.6 peak cap of
         `preprocess_prompt_wav` come first; the mel resamples to 24 kHz, CAM++ to 16 kHz.
         """
-        from editx_jax.audio import cap_peak, resample, to_mono
+        from editx_jax.audio.io import cap_peak, resample, to_mono
         from editx_jax.decoder.campplus import speaker_embedding
         from editx_jax.decoder.mel import mel_spectrogram
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from editx_jax.audio.features import bucket_length, whisper_log_mel
 from editx_jax.config import ConfigError, check_matmul_precision
 from editx_jax.layers.precision import PRECISIONS
 
@@ -282,13 +283,11 @@ def split_chunks(audio: np.ndarray, config: S3TokenizerConfig = S3TokenizerConfi
 def _bucket(frames: int, cap: int) -> int:
     """Padded mel length: the smallest 2^k or 3·2^(k-1) >= frames (at least 64, so at most a third
     is padding), but never beyond a full chunk."""
-    from editx_jax.tokenizer.frontend import bucket_length
     return min(cap, bucket_length(frames, 64))
 
 
 def _default_logmel(audio: np.ndarray) -> np.ndarray:
-    from editx_jax.tokenizer import frontend  # the whisper 128-bin log-mel front end
-    return np.asarray(frontend.whisper_log_mel(audio))
+    return np.asarray(whisper_log_mel(audio))  # the whisper 128-bin log-mel front end
 
 
 def tokenize_waveforms(params, waves: Sequence[np.ndarray], config: S3TokenizerConfig = S3TokenizerConfig(),

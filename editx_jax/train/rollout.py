@@ -79,7 +79,7 @@ def audio_reward_fn(decoder, scorer: Callable, name: str = "audio") -> RewardFn:
     are computed once and cached). Non-audio ids (the final <|EOT|>, stray text) are left out; a
     completion with no audio ids scores None (missing).
     """
-    from editx_jax.audio import load_audio
+    from editx_jax.audio.io import load_audio
 
     cached: dict = {}
 

@@ -3,15 +3,15 @@
 import jax
 import numpy as np
 
-from editx_jax.config import GenerationConfig, LLMConfig
+from editx_jax.config import GenerationConfig
 from editx_jax.convert import keymap
-from editx_jax.convert.llm import RULES
+from editx_jax.convert.llm import RULES, llm_config_from_hf
 from editx_jax.generate.decode import generate
 from editx_jax.models import llm
 
 
 def _model(fx):
-    cfg = LLMConfig.from_hf(fx.config, param_dtype="float32", dtype="float32")
+    cfg = llm_config_from_hf(fx.config, param_dtype="float32", dtype="float32")
     params = keymap.convert(keymap.DictSource(fx.weights()), RULES, llm.abstract_params(cfg))
     return cfg, jax.tree_util.tree_map(np.asarray, params)
 

@@ -39,31 +39,31 @@ from editx_jax.config import check_matmul_precision
 
 # The fixtures shipped with the repository; found from the package's own folder, so only a source
 # checkout (or an editable install) has them.
-REPO_FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+REPO_FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 
 # component id -> "module:function".
 RUNNERS: dict[str, str] = {
-    "step1_llm": "editx_jax.fixture_runners.llm:run_forward",
-    "step1_llm_decode": "editx_jax.fixture_runners.llm:run_greedy_decode",
-    "audio_preprocess": "editx_jax.fixture_runners.audio:run_preprocess",
-    "wav_frontend": "editx_jax.fixture_runners.frontend:run_wav_frontend",
-    "wav_frontend_online": "editx_jax.fixture_runners.frontend:run_wav_frontend_online",
-    "whisper_logmel128": "editx_jax.fixture_runners.frontend:run_whisper_logmel",
-    "paraformer_encoder": "editx_jax.fixture_runners.paraformer:run_encoder",
-    "linguistic_kmeans": "editx_jax.fixture_runners.paraformer:run_kmeans",
-    "s3tokenizer_v1": "editx_jax.fixture_runners.s3tokenizer:run_tokenizer",
-    "dual_codebook_interleave": "editx_jax.fixture_runners.codebook:run_interleave",
-    "dual_codebook_embedding": "editx_jax.fixture_runners.decoder_flow_encoder:run_dual_codebook_embedding",
-    "upsample_encoder_v2": "editx_jax.fixture_runners.decoder_flow_encoder:run_upsample_encoder",
-    "dit_estimator": "editx_jax.fixture_runners.decoder_flow:run_dit",
-    "flow_inference": "editx_jax.fixture_runners.decoder_flow:run_flow_inference",
-    "mel_24k": "editx_jax.fixture_runners.decoder_prompt:run_mel_24k",
-    "campplus_fbank": "editx_jax.fixture_runners.decoder_prompt:run_campplus_fbank",
-    "campplus": "editx_jax.fixture_runners.decoder_prompt:run_campplus",
-    "hift": "editx_jax.fixture_runners.decoder_vocoder:run_hift",
-    "bigvgan": "editx_jax.fixture_runners.decoder_vocoder:run_bigvgan",
-    "token2wav": "editx_jax.fixture_runners.decoder_token2wav:run_token2wav",
-    "token2wav_hift": "editx_jax.fixture_runners.decoder_token2wav:run_token2wav_hift",
+    "step1_llm": "editx_jax.parity.runners.llm:run_forward",
+    "step1_llm_decode": "editx_jax.parity.runners.llm:run_greedy_decode",
+    "audio_preprocess": "editx_jax.parity.runners.audio:run_preprocess",
+    "wav_frontend": "editx_jax.parity.runners.frontend:run_wav_frontend",
+    "wav_frontend_online": "editx_jax.parity.runners.frontend:run_wav_frontend_online",
+    "whisper_logmel128": "editx_jax.parity.runners.frontend:run_whisper_logmel",
+    "paraformer_encoder": "editx_jax.parity.runners.paraformer:run_encoder",
+    "linguistic_kmeans": "editx_jax.parity.runners.paraformer:run_kmeans",
+    "s3tokenizer_v1": "editx_jax.parity.runners.s3tokenizer:run_tokenizer",
+    "dual_codebook_interleave": "editx_jax.parity.runners.codebook:run_interleave",
+    "dual_codebook_embedding": "editx_jax.parity.runners.decoder_flow_encoder:run_dual_codebook_embedding",
+    "upsample_encoder_v2": "editx_jax.parity.runners.decoder_flow_encoder:run_upsample_encoder",
+    "dit_estimator": "editx_jax.parity.runners.decoder_flow:run_dit",
+    "flow_inference": "editx_jax.parity.runners.decoder_flow:run_flow_inference",
+    "mel_24k": "editx_jax.parity.runners.decoder_prompt:run_mel_24k",
+    "campplus_fbank": "editx_jax.parity.runners.decoder_prompt:run_campplus_fbank",
+    "campplus": "editx_jax.parity.runners.decoder_prompt:run_campplus",
+    "hift": "editx_jax.parity.runners.decoder_vocoder:run_hift",
+    "bigvgan": "editx_jax.parity.runners.decoder_vocoder:run_bigvgan",
+    "token2wav": "editx_jax.parity.runners.decoder_token2wav:run_token2wav",
+    "token2wav_hift": "editx_jax.parity.runners.decoder_token2wav:run_token2wav_hift",
 }
 
 # Components this version deliberately does not implement (component id -> why). Only these SKIP;
@@ -275,7 +275,3 @@ def main(argv=None) -> int:
         print(result.line(), flush=True)
         failed += result.status == "FAIL"
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

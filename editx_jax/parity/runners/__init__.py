@@ -1,4 +1,4 @@
-"""One runner per fixture component (registered in editx_jax.parity.RUNNERS).
+"""One runner per fixture component (registered in editx_jax.parity.gate.RUNNERS).
 
 A runner takes a parity.Fixture, converts its weights with our converter, runs our module on its
 inputs and returns the named arrays of its outputs.npz. Every size and count (decode steps, ODE steps,

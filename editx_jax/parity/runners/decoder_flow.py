@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from editx_jax.convert.flow import convert_dit, convert_flow
+from editx_jax.convert.flow import convert_dit, convert_flow, flow_config_from_reference
 from editx_jax.decoder.dit import DiTConfig, apply
-from editx_jax.decoder.flow import FlowConfig, cosine_t_span, inference
+from editx_jax.decoder.flow import cosine_t_span, inference
 
 
 def _frames_last(a: np.ndarray) -> np.ndarray:
@@ -35,7 +35,7 @@ def run_dit(fx) -> dict[str, np.ndarray]:
 
 def run_flow_inference(fx) -> dict[str, np.ndarray]:
     """feat (1, 80, 2 * token frames) of CausalMaskedDiffWithXvec.inference, and the solver's t_span."""
-    config = FlowConfig.from_reference(fx.config)
+    config = flow_config_from_reference(fx.config)
     params = convert_flow(fx.weights(), config)
     inputs = fx.inputs()
     n_timesteps = int(fx.call_arg("n_timesteps"))  # an argument of the reference call, not of the config

@@ -6,7 +6,8 @@ import numpy as np
 
 from editx_jax.convert import bigvgan as convert_bigvgan
 from editx_jax.convert import hift as convert_hift
-from editx_jax.decoder.bigvgan import BigVGANConfig, bigvgan_inference
+from editx_jax.convert.bigvgan import bigvgan_config_from_reference
+from editx_jax.decoder.bigvgan import bigvgan_inference
 from editx_jax.decoder.hift import HiFTConfig, NSFNoise, hift_inference
 
 
@@ -26,7 +27,7 @@ def run_hift(fx) -> dict[str, np.ndarray]:
 
 def run_bigvgan(fx) -> dict[str, np.ndarray]:
     """wav (B, 1, (T - 6) * 480) from mel (B, 80, T)."""
-    config = BigVGANConfig.from_reference(fx.config)
+    config = bigvgan_config_from_reference(fx.config)
     params = convert_bigvgan.from_state_dict(fx.weights(), config)
     wav = bigvgan_inference(params, fx.inputs()["mel"], config)
     return {"wav": np.asarray(wav)[:, None, :]}

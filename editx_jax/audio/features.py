@@ -98,26 +98,6 @@ class FbankConfig:
         check(0.0 <= self.low_freq < high <= nyquist, "low_freq",
               f"need 0 <= low_freq < high_freq <= Nyquist, got {self.low_freq}..{high}")
 
-    @classmethod
-    def from_reference(cls, ref: dict) -> "FbankConfig":
-        """From funasr `WavFrontend(Online)` arguments (fixture manifests, config.yaml `frontend_conf`)."""
-        known = {"fs", "window", "n_mels", "frame_length", "frame_shift", "lfr_m", "lfr_n", "dither",
-                 "snip_edges", "upsacle_samples", "cmvn_file", "chunk_size", "chunk_stride_samples",
-                 "filter_length_min", "filter_length_max"}
-        unknown = sorted(set(ref) - known)
-        if unknown:
-            raise ConfigError(f"fbank: unknown front-end option(s) {unknown}")
-        if not ref.get("snip_edges", True):
-            raise ConfigError("fbank.snip_edges: only snip_edges=True is implemented")
-        chunk = ref.get("chunk_stride_samples")
-        if chunk is None and "chunk_size" in ref:
-            chunk = int(ref["chunk_size"][1]) * 960
-        args = dict(sample_rate=ref.get("fs"), window=ref.get("window"), n_mels=ref.get("n_mels"),
-                    frame_length_ms=ref.get("frame_length"), frame_shift_ms=ref.get("frame_shift"),
-                    lfr_m=ref.get("lfr_m"), lfr_n=ref.get("lfr_n"), dither=ref.get("dither"),
-                    upscale_samples=ref.get("upsacle_samples"), chunk_samples=chunk)
-        return cls(**{k: v for k, v in args.items() if v is not None})
-
     @property
     def frame_length(self) -> int:  # samples
         return int(self.frame_length_ms * self.sample_rate / 1000)

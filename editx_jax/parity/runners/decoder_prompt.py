@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from editx_jax.audio import cap_peak, resample
+from editx_jax.audio.features import kaldi_fbank
+from editx_jax.audio.io import cap_peak, resample
 from editx_jax.config import ConfigError
 from editx_jax.convert.campplus import from_state_dict
 from editx_jax.decoder import campplus, mel
-from editx_jax.tokenizer.frontend import kaldi_fbank
 
 
 def run_mel_24k(fx) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ Everything here is numpy: it runs once per clip and is cheap next to the encoder
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 
@@ -336,3 +337,57 @@ def preprocess_for_tokenizer(wave, sr: int, *, target_sr: int = TOKENIZER_SAMPLE
     if trim:
         wave = trim_silence(wave, target_sr)
     return wave
+
+
+# ------------------------------------------------------------------------------ clip preparation
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """One input clip, prepared once: `wave` the mono float32 samples with the 0.6 peak cap of the
+    official `preprocess_prompt_wav` (architecture.md §0.1 step 1), `sr` its rate, `raw` the samples as
+    read, every channel, float32 [C, N] (or [N]), before any mix or cap: the clone speaker name hashes
+    these, as the official code hashes what torchaudio.load returns."""
+
+    wave: np.ndarray
+    sr: int
+    raw: np.ndarray
+
+
+def prepare_clip(source, sample_rate: int | None = None, *, name: str | None = None, peak_cap: float = 0.6,
+                 max_seconds: float | None = DEFAULT_MAX_SECONDS) -> Clip:
+    """Load (a path) or check (a wave [N] / [C, N] with its rate) one clip, mix it to mono, refuse it
+    when too short or longer than `max_seconds`, and cap its peak (`peak_cap` 0: no cap).
+
+    The one place every entry point (EditX, the audio tokenizer) prepares a clip. Integer waves are
+    PCM (scaled by 1/32768 for int16, like torchaudio.load); a 2-D wave with more than 64 rows and at
+    most 64 columns is taken as soundfile's [samples, channels]. Errors: one AudioError line naming
+    the clip (`name`, else the path, else "audio").
+    """
+    what = name or (str(source) if isinstance(source, (str, pathlib.Path)) else "audio")
+    if isinstance(source, (str, pathlib.Path)):
+        raw, sample_rate = load_audio(source, max_seconds=max_seconds)
+    else:
+        if sample_rate is None:
+            raise AudioError(f"{what}: a waveform needs its sample rate")
+        wave = np.asarray(source)
+        if wave.dtype.kind not in "fiu" or wave.ndim not in (1, 2):
+            raise AudioError(f"{what}: expected a float wave [samples] or [channels, samples], "
+                             f"got {wave.dtype} shape {list(wave.shape)}")
+        if wave.ndim == 2 and wave.shape[1] <= 64 < wave.shape[0]:
+            wave = wave.T  # soundfile's [samples, channels] layout
+        if wave.dtype.kind in "iu":  # integer PCM: scale like torchaudio.load
+            wave = wave.astype(np.float32) / float(np.iinfo(wave.dtype).max + 1)
+        raw = np.asarray(wave, np.float32)
+    wave = check_wave(raw, what)
+    try:
+        valid_rate = float(sample_rate) == int(sample_rate) > 0
+    except (TypeError, ValueError, OverflowError):
+        valid_rate = False
+    if not valid_rate:
+        raise AudioError(f"{what}: invalid sample rate {sample_rate!r}")
+    sr = int(sample_rate)
+    if max_seconds is not None and wave.shape[-1] / sr > max_seconds:
+        raise AudioError(f"audio is {wave.shape[-1] / sr:.1f} s, over the {max_seconds:g} s limit: {what}")
+    check_min_duration(wave.shape[-1], sr, what)
+    return Clip(cap_peak(wave, peak_cap) if peak_cap > 0 else wave, sr, raw)

@@ -12,9 +12,8 @@ import numpy as np
 
 from editx_jax.convert import bigvgan as convert_bigvgan
 from editx_jax.convert import hift as convert_hift
-from editx_jax.convert.flow import convert_flow
-from editx_jax.decoder.bigvgan import BigVGANConfig
-from editx_jax.decoder.flow import FlowConfig
+from editx_jax.convert.bigvgan import bigvgan_config_from_reference
+from editx_jax.convert.flow import convert_flow, flow_config_from_reference
 from editx_jax.decoder.hift import HiFTConfig, NSFNoise
 from editx_jax.decoder.token2wav import Decoder, Token2WavConfig
 from editx_jax.tokenizer.codebook import AUDIO_ID_OFFSET
@@ -30,13 +29,13 @@ def _decoder(fx, vocoder: str):
     unknown = sorted(k for k in weights if not k.startswith(("flow.", "hift.")))
     if unknown:
         raise KeyError(f"unexpected weight {unknown[0]!r} (expected flow.* and hift.*)")
-    flow_config = FlowConfig.from_reference(cfg["flow"])
+    flow_config = flow_config_from_reference(cfg["flow"])
     flow_params = convert_flow(_split(weights, "flow."), flow_config)
     if vocoder == "hift":
         voc_config = HiFTConfig.from_reference(cfg["hift"])
         voc_params = convert_hift.from_state_dict(_split(weights, "hift."), voc_config)
     else:
-        voc_config = BigVGANConfig.from_reference(cfg["hift"])
+        voc_config = bigvgan_config_from_reference(cfg["hift"])
         voc_params = convert_bigvgan.from_state_dict(_split(weights, "hift."), voc_config)
     # constructor arguments of CosyVoice_stream_impl_, all recorded in the manifest: no defaults here
     t2w = Token2WavConfig(vocoder=vocoder, n_timesteps=int(cfg["n_timesteps"]),
