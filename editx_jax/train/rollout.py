@@ -17,7 +17,7 @@ import numpy as np
 
 from editx_jax.config import ConfigError, GenerationConfig, LLMConfig, RewardConfig
 from editx_jax.generate.decode import generate
-from editx_jax.train import rl_common, token_rewards
+from editx_jax.train import batches, token_rewards
 
 RewardFn = Callable[[Sequence, Sequence, Sequence], Sequence[float]]
 
@@ -57,7 +57,7 @@ def reward_model_fn(params, score_cfg: LLMConfig, rcfg: RewardConfig, policy_cfg
         keep = [i for i, c in enumerate(completions) if len(c)]
         out = np.zeros(len(completions), np.float32)
         if keep:
-            b = rl_common.sequence_batch([prompts[i] for i in keep], [completions[i] for i in keep], pad_id=pad_id)
+            b = batches.sequence_batch([prompts[i] for i in keep], [completions[i] for i in keep], pad_id=pad_id)
             r, _ = score_jit(params, score_cfg, rcfg, {k: jnp.asarray(b[k]) for k in
                                                        ("tokens", "positions", "segment_ids", "response_mask")})
             out[keep] = np.asarray(r)

@@ -20,8 +20,8 @@ from typing import Sequence
 import grain
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
+from editx_jax import sharding
 from editx_jax.config import DataConfig
 from editx_jax.data.jsonl import Example
 
@@ -156,12 +156,18 @@ def eval_batches(examples: Sequence[Example], length: int, rows: int, process_in
     return out
 
 
-def batch_sharding(mesh) -> NamedSharding:
-    """[grad_accum, rows, length]: rows over data x fsdp."""
-    return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
-
-
 def to_global(local: dict, mesh) -> dict:
     """This process's rows -> global jax arrays (rows of all processes concatenated in order)."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in BATCH_KEYS}
+    sh = sharding.batch_sharding(mesh, ndim=3, axis=1)  # [grad_accum, rows, length]
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(local[k])) for k in BATCH_KEYS}
+
+
+def epoch_indices(n: int, size: int, step: int, seed: int) -> np.ndarray:
+    """The `size` example indices of `step`: consecutive slices of a fresh permutation per epoch, so a
+    resumed run needs nothing but the step to find its place (the reward / DPO / GRPO / PPO data)."""
+    if n == 0:
+        raise ValueError("no training examples")
+    pos = np.arange(step * size, (step + 1) * size)
+    epochs, offsets = pos // n, pos % n
+    perms = {e: np.random.RandomState(seed + int(e)).permutation(n) for e in np.unique(epochs)}
+    return np.asarray([perms[e][o] for e, o in zip(epochs, offsets)])
