@@ -27,7 +27,7 @@ def random_batch(rng, a, b, t):
 def run_steps(mesh_cfg, devices, batch, steps=2):
     mesh = sharding.make_mesh(mesh_cfg, devices)
     tx = st.make_optimizer(OPT, 10)
-    state = st.create_state(CFG, tx, mesh, jax.random.key(0))
+    state = st.init_llm_state(CFG, tx, st.llm_state_shardings(CFG, tx, mesh), jax.random.key(0))
     step = sft.make_train_step(CFG, tx, mesh)
     losses = []
     for _ in range(steps):

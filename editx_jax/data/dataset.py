@@ -15,7 +15,8 @@ it gets alone. The iterator's state (`get_state` / `set_state`) is saved with th
 
 from __future__ import annotations
 
-from typing import Sequence
+import glob
+from collections.abc import Sequence
 
 import grain
 import jax
@@ -51,7 +52,6 @@ class ArrayRecordExamples:
     """Random-access examples from ArrayRecord shards written by `tools/prepare_data.py shards`."""
 
     def __init__(self, paths: str | Sequence[str]):
-        import glob
         if isinstance(paths, str):
             paths = sorted(p for pat in paths.split(",") if pat for p in (glob.glob(pat) or [pat]))
         self.source = grain.sources.ArrayRecordDataSource(list(paths))

@@ -10,7 +10,7 @@ A sequence batch (`sequence_batch`) is right-padded, one sequence per row, batch
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

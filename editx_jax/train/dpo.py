@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import optax
 
-from editx_jax.config import DPOConfig, LLMConfig
 from editx_jax import sharding
+from editx_jax.config import DPOConfig, LLMConfig
 from editx_jax.train import batches, losses
 from editx_jax.train.jit import sharded_step
 from editx_jax.train.logprobs import sequence_logps

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-
 from typing import Any
 
 import flax.struct

@@ -5,7 +5,7 @@ apply. Every algorithm's steps (sft.py, reward.py, dpo.py, grpo.py, ppo.py) go t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np

@@ -19,7 +19,8 @@ import dataclasses
 import json
 import pathlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grain
 import jax
@@ -110,11 +111,6 @@ def _tensorboard_writer(path: pathlib.Path):
             self.w.close()
 
     return _TF()
-
-
-def read_metrics(out_dir) -> list[dict]:
-    path = pathlib.Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def read_metrics(out_dir) -> list[dict]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-
 from typing import Any
 
 import flax.struct

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import optax
 
+from editx_jax import sharding
 from editx_jax.config import LLMConfig, RewardConfig
 from editx_jax.models import reward as rm
-from editx_jax import sharding
 from editx_jax.train import batches, losses
 from editx_jax.train.jit import sharded_step
 from editx_jax.train.state import apply_update, master_config, state_shardings

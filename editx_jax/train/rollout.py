@@ -9,15 +9,19 @@ mapped into the model's vocabulary).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+import importlib
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from editx_jax.audio import load_audio
 from editx_jax.config import ConfigError, GenerationConfig, LLMConfig, RewardConfig
 from editx_jax.generate.decode import generate
+from editx_jax.models.reward import check_compatible
 from editx_jax.train import batches, token_rewards
+from editx_jax.train.reward import score_jit
 
 RewardFn = Callable[[Sequence, Sequence, Sequence], Sequence[float]]
 
@@ -48,8 +52,6 @@ def token_reward_fn(name: str) -> RewardFn:
 def reward_model_fn(params, score_cfg: LLMConfig, rcfg: RewardConfig, policy_cfg: LLMConfig | None = None,
                     pad_id: int = 0) -> RewardFn:
     """The reward model's score of prompt + completion (read per `reward.readout`)."""
-    from editx_jax.models.reward import check_compatible
-    from editx_jax.train.reward import score_jit
     if policy_cfg is not None:
         check_compatible(score_cfg, policy_cfg)
 
@@ -79,8 +81,6 @@ def audio_reward_fn(decoder, scorer: Callable, name: str = "audio") -> RewardFn:
     are computed once and cached). Non-audio ids (the final <|EOT|>, stray text) are left out; a
     completion with no audio ids scores None (missing).
     """
-    from editx_jax.audio import load_audio
-
     cached: dict = {}
 
     def features(record):
@@ -111,7 +111,6 @@ def resolve(spec) -> RewardFn:
     if callable(spec):
         return spec
     if isinstance(spec, str) and ":" in spec:
-        import importlib
         module, name = spec.split(":", 1)
         return getattr(importlib.import_module(module), name)
     return token_reward_fn(spec)

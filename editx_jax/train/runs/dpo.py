@@ -3,7 +3,7 @@ checkpointed, so a resume needs no --init-from), the jitted steps. train.batch_s
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from editx_jax import sharding
 from editx_jax.config import Config

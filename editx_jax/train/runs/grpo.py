@@ -3,7 +3,7 @@ data.train; the policy and its frozen reference are checkpointed as {"policy", "
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

@@ -5,7 +5,7 @@ own devices with ppo.critic_devices. Checkpointed as {"policy", "ref", "value"}.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

@@ -5,7 +5,7 @@ preference algorithm's wiring file uses these as runs/reward.py and runs/dpo.py 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -3,7 +3,7 @@ the jitted steps. train.batch_size = pairs per step (2 rows each)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from editx_jax.config import Config
 from editx_jax.models import reward as rm

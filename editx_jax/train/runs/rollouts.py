@@ -5,7 +5,7 @@ evaluation (mean reward of one sample per data.eval prompt, a fixed key per eval
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
