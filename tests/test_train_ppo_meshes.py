@@ -20,12 +20,10 @@ def run_one_iteration(policy_mesh, value_mesh):
     ref = llm.init_params(TINY, jax.random.key(3))
     policy = st.create_state(ref, tx, st.llm_state_shardings(TINY, tx, policy_mesh))
     value = st.create_state(ppo.init_value_params(policy_params=ref), tx,
-                                   ppo.value_shardings(TINY, tx, value_mesh or policy_mesh))
-    trainer = ppo.PPO(TINY, pcfg, gen, tx, tx, policy_mesh, [in_band_reward],
-                      value_mesh=value_mesh)
+                            ppo.value_shardings(TINY, tx, value_mesh or policy_mesh))
+    trainer = ppo.PPO(TINY, pcfg, gen, tx, tx, policy_mesh, [in_band_reward], value_mesh=value_mesh)
     prompts = [prompt_ids(*p) for p in make_prompts(4, 1)]
-    _, metrics = trainer.iteration(ppo.PPOState(policy, ref, value), prompts, [{}] * 4, jax.random.key(5))
-    return trainer, metrics
+    return trainer.iteration(ppo.PPOState(policy, ref, value), prompts, [{}] * 4, jax.random.key(5))
 
 
 def test_critic_on_its_own_devices():

@@ -65,7 +65,7 @@ def test_every_step_sharded_equals_one_device():
         pb = {k: pb[k] for k in ppo.INPUT_KEYS}
         pb["scores"] = np.linspace(0, 1, 8).astype(np.float32)
         prep = sharded_step(lambda a, b, c, d: ppo.prepare(a, b, c, d, cfg=TINY, pcfg=pcfg), mesh,
-                                     (lsh["params"], lsh["params"], vsh["params"]), sharding.replicated(mesh))
+                            (lsh["params"], lsh["params"], vsh["params"]), sharding.replicated(mesh))
         prepared, out["ppo_stats"] = prep(sharding.place(pol, lsh["params"]), sharding.place(ref, lsh["params"]),
                                           v["params"], pb)
         mb = {**{k: pb[k] for k in ppo.INPUT_KEYS}, **{k: np.asarray(x) for k, x in prepared.items()}}
