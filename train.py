@@ -24,6 +24,16 @@ import sys
 
 from editx_jax.cli import check_output_dir
 from editx_jax.config import ConfigError, add_config_args, load_config
+from editx_jax.train import loop, runs
+
+# One line per algorithm: its wiring file's setup(cfg, ...) -> loop.Run (train/runs/<algo>.py).
+RUNS = {
+    "sft": runs.sft.setup,
+    "reward": runs.reward.setup,
+    "dpo": runs.dpo.setup,
+    "grpo": runs.grpo.setup,
+    "ppo": runs.ppo.setup,
+}
 
 
 def init_distributed(args) -> None:
@@ -41,7 +51,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser, default="configs/sft_tiny.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
-    parser.add_argument("--algo", choices=("sft", "reward", "dpo", "grpo", "ppo"), default="sft",
+    parser.add_argument("--algo", choices=tuple(RUNS), default="sft",
                         help="what to train (default sft)")
     parser.add_argument("--init-from", metavar="DIR", help="start from a converted LLM checkpoint folder "
                         "(reward / dpo / grpo / ppo: also an SFT or RL run folder, its last checkpoint)")
@@ -64,14 +74,9 @@ def main(argv=None) -> int:
         if args.export and args.algo == "reward":
             raise ValueError("--export writes a policy; a reward model has no released format")
         init_distributed(args)
-        from editx_jax.train import loop
-        if args.algo in ("reward", "dpo"):
-            result = loop.run_pairs(args.algo, cfg, resume=args.resume, init_from=args.init_from)
-        elif args.algo in ("grpo", "ppo"):
-            result = loop.run_rollouts(args.algo, cfg, resume=args.resume, init_from=args.init_from,
-                                       reward_fns=args.reward_fn, reward_model=args.reward_model)
-        else:
-            result = loop.run_sft(cfg, resume=args.resume, init_from=args.init_from)
+        run = RUNS[args.algo](cfg, resume=args.resume, init_from=args.init_from, reward_fns=args.reward_fn,
+                              reward_model=args.reward_model)
+        result = loop.run(cfg, run, resume=args.resume)
         if args.export:
             state = result["state"]
             result = {"state": state.get("policy", state)}

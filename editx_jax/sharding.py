@@ -67,18 +67,22 @@ def cache_shardings(mesh: Mesh, rules=LLM_RULES) -> dict:
     return {k: NamedSharding(mesh, nn.logical_to_mesh_axes(v, list(rules))) for k, v in CACHE_AXES.items()}
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch-major inputs ([B, ...]): batch over data x fsdp, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
+    """Batch inputs: dimension `axis` (the rows) over data x fsdp, the rest replicated. Batch-major
+    arrays ([B, ...]) use axis 0; SFT's [grad_accum, rows, length] batches axis 1."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * axis), BATCH, *([None] * (ndim - axis - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def shard_tree(tree, shardings):
+def place(tree, shardings):
     """Place a tree of host arrays onto devices with the matching tree of shardings."""
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+shard_tree = place  # the name generate/decode.py and tests/test_sharding.py use
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import soundfile as sf
 from _sft_corpus import make_records, write_jsonl
 
 from editx_jax.config import DataConfig
-from editx_jax.data import jsonl, pipeline
+from editx_jax.data import dataset, jsonl
 
 TOK = jsonl.ByteTokenizer()
 V = 74752
@@ -102,14 +102,14 @@ def test_pipeline_shards_packs_and_resumes():
     # Unpacked: two processes see disjoint halves of the same shuffled order.
     seen = []
     for pi in range(2):
-        ds = pipeline.train_dataset(examples, DataConfig(**{**cfg.__dict__, "pack": False, "num_epochs": 1}),
+        ds = dataset.train_dataset(examples, DataConfig(**{**cfg.__dict__, "pack": False, "num_epochs": 1}),
                                     rows=4, process_index=pi, process_count=2)
         rows = [tuple(r[r != 0]) for b in ds for r in b["tokens"][0]]
         assert len(rows) == 12
         seen.append(set(rows))
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 24
     # Packed: several examples per row, positions restart, padding is invisible and carries no loss.
-    ds = pipeline.train_dataset(examples, cfg, rows=4, grad_accum=2)
+    ds = dataset.train_dataset(examples, cfg, rows=4, grad_accum=2)
     it = iter(ds)
     b = next(it)
     assert b["tokens"].shape == (2, 2, 256)
@@ -119,17 +119,17 @@ def test_pipeline_shards_packs_and_resumes():
     # The iterator state restores the exact stream (prefetching included).
     state = it.get_state()
     want = [next(it) for _ in range(3)]
-    it2 = iter(pipeline.train_dataset(examples, cfg, rows=4, grad_accum=2))
+    it2 = iter(dataset.train_dataset(examples, cfg, rows=4, grad_accum=2))
     it2.set_state(state)
     for w in want:
         got = next(it2)
-        for k in pipeline.BATCH_KEYS:
+        for k in dataset.BATCH_KEYS:
             np.testing.assert_array_equal(got[k], w[k])
 
 
 def test_eval_batches_cover_every_example_once():
     examples, cfg = _examples(10)
-    batches = pipeline.eval_batches(examples, 256, rows=4)
+    batches = dataset.eval_batches(examples, 256, rows=4)
     assert len(batches) == 3
     total = sum(float(b["weights"].sum()) for b in batches)
     assert total == sum(float(e.loss_mask[1:].sum()) for e in examples)
@@ -146,12 +146,12 @@ def test_array_record_shards_round_trip(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", make_records(10, 0) + [{"bad": 1}])
     info = prepare_data.write_shards(path, tmp_path / "shards" / "train", cfg, num_shards=3)
     assert info["examples"] == 10 and sum(info["report"].skipped.values()) == 1 and len(info["paths"]) == 3
-    src = pipeline.ArrayRecordExamples(str(tmp_path / "shards" / "train-*.array_record"))
+    src = dataset.ArrayRecordExamples(str(tmp_path / "shards" / "train-*.array_record"))
     want, _ = jsonl.read_examples(path, jsonl.WordHashTokenizer(), cfg.data, 512)
-    assert len(src) == 10 and pipeline.is_array_record(str(tmp_path / "shards" / "train-*.array_record"))
+    assert len(src) == 10 and dataset.is_array_record(str(tmp_path / "shards" / "train-*.array_record"))
     got = sorted(src[i].tokens.tolist() for i in range(10))
     assert got == sorted(e.tokens.tolist() for e in want)
-    a = next(iter(pipeline.train_dataset(src, cfg.data, rows=2)))
+    a = next(iter(dataset.train_dataset(src, cfg.data, rows=2)))
     assert a["tokens"].shape == (1, 2, 256)
 
 

@@ -15,8 +15,8 @@ from _sft_corpus import TINY_LLM, make_records, write_jsonl
 
 from editx_jax import sharding
 from editx_jax.config import Config, DataConfig, LLMConfig, MeshConfig, OptimizerConfig, load_config
-from editx_jax.data import jsonl, pipeline
-from editx_jax.train import loop
+from editx_jax.data import dataset, jsonl
+from editx_jax.train import loop, runs
 from editx_jax.train import state as st
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def _iterator():
     tok = jsonl.WordHashTokenizer()
     dcfg = DataConfig(audio_id_base=324, audio_codes=188, max_length=256, prefetch=0)
     examples = [jsonl.encode_record(r, tok, dcfg, 512) for r in make_records(16, 0)]
-    return iter(pipeline.train_dataset(examples, dcfg, rows=4))
+    return iter(dataset.train_dataset(examples, dcfg, rows=4))
 
 
 def test_restore_onto_fewer_devices_and_refuse_another_config(tmp_path):
@@ -36,7 +36,7 @@ def test_restore_onto_fewer_devices_and_refuse_another_config(tmp_path):
     cfg = Config(checkpoint=Config().checkpoint.__class__(keep=1, async_save=True))
     tx = st.make_optimizer(OptimizerConfig(), 10)
     mesh8 = sharding.make_mesh(MeshConfig(2, 2, 2))
-    state = st.create_state(CFG, tx, mesh8, jax.random.key(3))
+    state = st.init_llm_state(CFG, tx, st.llm_state_shardings(CFG, tx, mesh8), jax.random.key(3))
     it = _iterator()
     next(it)
     mgr = loop.checkpoint_manager(tmp_path / "ckpt", cfg)
@@ -46,7 +46,7 @@ def test_restore_onto_fewer_devices_and_refuse_another_config(tmp_path):
 
     mesh4 = sharding.make_mesh(MeshConfig(1, 2, 2), jax.devices()[:4])
     it4 = _iterator()
-    restored = loop.restore_checkpoint(mgr, 5, st.abstract_sharded_state(CFG, tx, mesh4), it4)
+    restored = loop.restore_checkpoint(mgr, 5, st.abstract_llm_state(CFG, tx, st.llm_state_shardings(CFG, tx, mesh4)), it4)
     q = restored["params"]["layers"]["attn"]["q_proj"]["kernel"]
     assert len(q.sharding.device_set) == 4 and tuple(q.sharding.spec) == (None, "fsdp", "tensor", None)
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(restored)):
@@ -55,7 +55,7 @@ def test_restore_onto_fewer_devices_and_refuse_another_config(tmp_path):
 
     other = LLMConfig(**{**CFG.__dict__, "hidden_size": 96, "num_heads": 6, "num_groups": 2})
     with pytest.raises(loop.RunError, match="does not match"):
-        loop.restore_checkpoint(mgr, 5, st.abstract_sharded_state(other, tx, mesh4))
+        loop.restore_checkpoint(mgr, 5, st.abstract_llm_state(other, tx, st.llm_state_shardings(other, tx, mesh4)))
     mgr.close()
 
 
@@ -75,9 +75,9 @@ def test_existing_run_and_other_config_are_refused(tmp_path):
     args = _run_cfg(tmp_path, out)
     cfg = load_config(args[1], [a.split("=", 1)[1] for a in args[2:]])
     with pytest.raises(loop.RunError, match="--resume"):
-        loop.run_sft(cfg)
+        runs.sft.setup(cfg)
     with pytest.raises(loop.RunError, match="another llm config"):
-        loop.run_sft(cfg, resume=True)
+        runs.sft.setup(cfg, resume=True)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4"]  # nothing written
 
 
@@ -153,7 +153,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(tmp_path):
     cfg = Config(checkpoint=Config().checkpoint.__class__(keep=2, async_save=False))
     tx = st.make_optimizer(OptimizerConfig(), 10)
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    state = st.create_state(CFG, tx, mesh, jax.random.key(1))
+    state = st.init_llm_state(CFG, tx, st.llm_state_shardings(CFG, tx, mesh), jax.random.key(1))
     mgr = loop.checkpoint_manager(tmp_path / "ckpt", cfg)
     loop.save_checkpoint(mgr, 4, state, _iterator())
     mgr.close()
@@ -162,7 +162,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(tmp_path):
     (partial / "state" / "half_written").write_bytes(b"\0" * 100)
     mgr = loop.checkpoint_manager(tmp_path / "ckpt", cfg)
     assert mgr.latest_step() == 4
-    restored = loop.restore_checkpoint(mgr, 4, st.abstract_sharded_state(CFG, tx, mesh))
+    restored = loop.restore_checkpoint(mgr, 4, st.abstract_llm_state(CFG, tx, st.llm_state_shardings(CFG, tx, mesh)))
     assert int(restored["step"]) == 0
     np.testing.assert_array_equal(np.asarray(restored["params"]["final_norm"]["scale"]),
                                   np.asarray(state["params"]["final_norm"]["scale"]))

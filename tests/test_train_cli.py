@@ -65,8 +65,8 @@ def test_bad_mesh_and_bad_init_from_are_clear_errors(tmp_path, capsys):
 def test_batches_with_ids_outside_the_vocabulary_are_refused():
     import pytest
 
-    from editx_jax.train import loop
+    from editx_jax.train import loop, runs
     ok = {"tokens": np.array([[[5, 511]]]), "targets": np.array([[[511, 3]]])}
-    loop._check_ids(ok, 512)
+    runs.sft.check_ids(ok, 512)
     with pytest.raises(loop.RunError, match="outside the vocabulary"):
-        loop._check_ids({**ok, "targets": np.array([[[600, 3]]])}, 512)
+        runs.sft.check_ids({**ok, "targets": np.array([[[600, 3]]])}, 512)

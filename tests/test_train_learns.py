@@ -1,4 +1,4 @@
-"""Proof that SFT learns: a tiny model trained by `run_sft` on a synthetic emotion-edit corpus, on CPU.
+"""Proof that SFT learns: a tiny model trained by `loop.run` + `runs.sft.setup` on a synthetic emotion-edit corpus, on CPU.
 
 Corpus (tests/_sft_corpus.py): 4000 upstream-format edit records with the real chat layout and
 instruction strings ("Make the following audio more happy/sad. ..."); the source is 4-8 distinct
@@ -21,7 +21,7 @@ from _sft_corpus import AUDIO_ID_BASE, BANDS, CODES, TINY_LLM, make_records, wri
 from editx_jax.config import GenerationConfig, load_config
 from editx_jax.data import jsonl
 from editx_jax.generate.decode import generate
-from editx_jax.train.loop import run_sft
+from editx_jax.train import loop, runs
 
 
 @pytest.mark.slow
@@ -34,7 +34,7 @@ def test_sft_learns_a_synthetic_emotion_edit(tmp_path):
         "train.eval_every=0", "train.progress=false", "data.max_length=256", "checkpoint.every=1000",
         "optimizer.learning_rate=3.0e-3", "optimizer.warmup_ratio=0.05", "mesh.fsdp=-1"]
     cfg = load_config("configs/sft_tiny.yaml", overrides)
-    result = run_sft(cfg, log=lambda *a: None)
+    result = loop.run(cfg, runs.sft.setup(cfg, log=lambda *a: None), log=lambda *a: None)
     first, last = result["eval"][0], result["eval"][-1]
     print(f"held-out next-token accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f}, "
           f"nll {first['nll']:.3f} -> {last['nll']:.3f}")

@@ -8,7 +8,7 @@ from _rl_corpus import TINY, in_band_reward, make_prompts, prompt_ids
 from editx_jax import sharding
 from editx_jax.config import GenerationConfig, MeshConfig, OptimizerConfig, PPOConfig
 from editx_jax.models import llm
-from editx_jax.train import ppo, rl_common
+from editx_jax.train import ppo
 from editx_jax.train import state as st
 
 
@@ -18,14 +18,12 @@ def run_one_iteration(policy_mesh, value_mesh):
                            temperature=1.0)
     tx = st.make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_ratio=0.0, schedule="constant"), 4)
     ref = llm.init_params(TINY, jax.random.key(3))
-    policy = rl_common.create_state(ref, tx, rl_common.llm_state_shardings(TINY, tx, policy_mesh))
-    value = rl_common.create_state(ppo.init_value_params(policy_params=ref), tx,
-                                   ppo.value_shardings(TINY, tx, value_mesh or policy_mesh))
-    trainer = ppo.PPO(TINY, pcfg, gen, tx, tx, policy_mesh, policy, ref, value, [in_band_reward],
-                      value_mesh=value_mesh)
+    policy = st.create_state(ref, tx, st.llm_state_shardings(TINY, tx, policy_mesh))
+    value = st.create_state(ppo.init_value_params(policy_params=ref), tx,
+                            ppo.value_shardings(TINY, tx, value_mesh or policy_mesh))
+    trainer = ppo.PPO(TINY, pcfg, gen, tx, tx, policy_mesh, [in_band_reward], value_mesh=value_mesh)
     prompts = [prompt_ids(*p) for p in make_prompts(4, 1)]
-    metrics = trainer.iteration(prompts, [{}] * 4, jax.random.key(5))
-    return trainer, metrics
+    return trainer.iteration(ppo.PPOState(policy, ref, value), prompts, [{}] * 4, jax.random.key(5))
 
 
 def test_critic_on_its_own_devices():

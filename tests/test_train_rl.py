@@ -8,11 +8,13 @@ from _rl_corpus import TINY, make_pairs
 from editx_jax import sharding
 from editx_jax.config import (ConfigError, DataConfig, DPOConfig, GRPOConfig, LLMConfig, MeshConfig,
                               OptimizerConfig, PPOConfig, RewardConfig, load_config)
+from editx_jax.data import pairs
 from editx_jax.data.jsonl import RecordError, WordHashTokenizer
 from editx_jax.models import llm
 from editx_jax.models import reward as rm
-from editx_jax.train import dpo, grpo, losses, pairs, ppo, reward, rl_common, rollout, token_rewards
+from editx_jax.train import batches, dpo, grpo, logprobs, losses, ppo, reward, rollout, token_rewards
 from editx_jax.train import state as st
+from editx_jax.train.jit import sharded_step
 
 OPT = OptimizerConfig(learning_rate=1e-3, warmup_ratio=0.0)
 
@@ -38,41 +40,41 @@ def test_every_step_sharded_equals_one_device():
     rmp = jax.tree_util.tree_map(lambda x: x + 0.01, rm.from_llm_params(pol))
     rb = reward.make_batch(P, C, R, length=24)
     db = dpo.make_batch(P, C, R, length=24)
-    gb = rl_common.sequence_batch(P + P, C + R, length=24)
+    gb = batches.sequence_batch(P + P, C + R, length=24)
     gb = {k: gb[k] for k in grpo.INPUT_KEYS}
     gb["advantages"] = np.linspace(-1, 1, 8).astype(np.float32)
-    gb["ref_logps"] = np.asarray(rl_common.token_logps(ref, TINY, gb)) * gb["action_mask"]
+    gb["ref_logps"] = np.asarray(logprobs.token_logps(ref, TINY, gb)) * gb["action_mask"]
     results = []
     for mesh in _both_meshes():
         out = {}
-        s = rl_common.create_state(rmp, tx, reward.shardings(TINY, tx, mesh))
+        s = st.create_state(rmp, tx, reward.shardings(TINY, tx, mesh))
         s, out["rm"] = reward.make_train_step(TINY, RewardConfig(), tx, mesh)(s, rb)
         out["rm_params"] = s["params"]
-        lsh = rl_common.llm_state_shardings(TINY, tx, mesh)
-        s = rl_common.create_state(pol, tx, lsh)
-        s, out["dpo"] = dpo.make_train_step(TINY, DPOConfig(), tx, mesh)(s, rl_common.place(ref, lsh["params"]), db)
+        lsh = st.llm_state_shardings(TINY, tx, mesh)
+        s = st.create_state(pol, tx, lsh)
+        s, out["dpo"] = dpo.make_train_step(TINY, DPOConfig(), tx, mesh)(s, sharding.place(ref, lsh["params"]), db)
         out["dpo_params"] = s["params"]
-        s = rl_common.create_state(pol, tx, lsh)
+        s = st.create_state(pol, tx, lsh)
         s, out["grpo"] = grpo.make_train_step(TINY, GRPOConfig(group_size=4), tx, mesh)(s, gb)
         out["grpo_params"] = s["params"]
         # PPO: prepare, then one critic and one policy step
         pcfg = PPOConfig(kl_beta=0.05)
         vsh = ppo.value_shardings(TINY, tx, mesh)
-        v = rl_common.create_state(rmp, tx, vsh)
-        pb = rl_common.sequence_batch(P + P, C + R, length=24)
+        v = st.create_state(rmp, tx, vsh)
+        pb = batches.sequence_batch(P + P, C + R, length=24)
         pb = {k: pb[k] for k in ppo.INPUT_KEYS}
         pb["scores"] = np.linspace(0, 1, 8).astype(np.float32)
-        prep = rl_common.ShardedStep(lambda a, b, c, d: ppo.prepare(a, b, c, d, cfg=TINY, pcfg=pcfg), mesh,
-                                     (lsh["params"], lsh["params"], vsh["params"]), rl_common.replicated(mesh))
-        prepared, out["ppo_stats"] = prep(rl_common.place(pol, lsh["params"]), rl_common.place(ref, lsh["params"]),
+        prep = sharded_step(lambda a, b, c, d: ppo.prepare(a, b, c, d, cfg=TINY, pcfg=pcfg), mesh,
+                            (lsh["params"], lsh["params"], vsh["params"]), sharding.replicated(mesh))
+        prepared, out["ppo_stats"] = prep(sharding.place(pol, lsh["params"]), sharding.place(ref, lsh["params"]),
                                           v["params"], pb)
         mb = {**{k: pb[k] for k in ppo.INPUT_KEYS}, **{k: np.asarray(x) for k, x in prepared.items()}}
         out["ppo_prepared"] = mb
-        v, out["value"] = rl_common.ShardedStep(
-            lambda s_, b: ppo.value_step(s_, b, cfg=TINY, pcfg=pcfg, tx=tx), mesh, (vsh,), (vsh, rl_common.replicated(mesh)))(v, mb)
-        s = rl_common.create_state(pol, tx, lsh)
-        s, out["policy"] = rl_common.ShardedStep(
-            lambda s_, b: ppo.policy_step(s_, b, cfg=TINY, pcfg=pcfg, tx=tx), mesh, (lsh,), (lsh, rl_common.replicated(mesh)))(s, mb)
+        v, out["value"] = sharded_step(
+            lambda s_, b: ppo.value_step(s_, b, cfg=TINY, pcfg=pcfg, tx=tx), mesh, (vsh,), (vsh, sharding.replicated(mesh)))(v, mb)
+        s = st.create_state(pol, tx, lsh)
+        s, out["policy"] = sharded_step(
+            lambda s_, b: ppo.policy_step(s_, b, cfg=TINY, pcfg=pcfg, tx=tx), mesh, (lsh,), (lsh, sharding.replicated(mesh)))(s, mb)
         out["policy_params"] = s["params"]
         results.append(jax.device_get(out))
     one, eight = results
@@ -90,7 +92,7 @@ def test_reward_readout_and_init_from_sft():
     assert "lm_head" not in p["trunk"]
     want = jax.tree_util.tree_structure(rm.abstract_params(TINY))
     assert jax.tree_util.tree_structure(p) == want
-    b = rl_common.sequence_batch([[1, 2, 3]], [[9, 10]])
+    b = batches.sequence_batch([[1, 2, 3]], [[9, 10]])
     np.testing.assert_allclose(rm.scores(p, TINY, b["tokens"], b["positions"], b["segment_ids"]), 0.0)  # zero head
     with pytest.raises(ConfigError, match="vocab_size"):
         rm.check_compatible(LLMConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_heads=4,
@@ -145,9 +147,9 @@ def test_dpo_pairs_from_records_and_truncation():
 
 
 def test_bad_input_is_a_clear_error():
-    with pytest.raises(rl_common.BatchError, match="empty chosen"):
+    with pytest.raises(batches.BatchError, match="empty chosen"):
         reward.make_batch([[1, 2]], [[]], [[5]])
-    with pytest.raises(rl_common.BatchError, match="identical"):
+    with pytest.raises(batches.BatchError, match="identical"):
         dpo.make_batch([[1, 2]], [[5, 6]], [[5, 6]])
     with pytest.raises(losses.LossInputError, match="does not divide"):
         losses.group_advantages(np.zeros(10, np.float32), 4)

@@ -127,20 +127,21 @@ def test_rl_cli_bad_input_is_a_clear_error(data, tmp_path, capsys):
 def test_epoch_indices_and_prompt_records(tmp_path):
     from editx_jax.config import load_config
     from editx_jax.data.jsonl import RecordError
-    from editx_jax.train import loop
-    seen = np.concatenate([loop.epoch_indices(10, 4, s, 0) for s in range(5)])
+    from editx_jax.data.dataset import epoch_indices
+    from editx_jax.data.records import read_prompt_records
+    seen = np.concatenate([epoch_indices(10, 4, s, 0) for s in range(5)])
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # each once an epoch
-    assert (loop.epoch_indices(10, 4, 3, 0) == loop.epoch_indices(10, 4, 3, 0)).all()  # a resume finds its place
+    assert (epoch_indices(10, 4, 3, 0) == epoch_indices(10, 4, 3, 0)).all()  # a resume finds its place
     cfg = load_config(ROOT / "configs/grpo_tiny.yaml")
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": [1, 5, 7, 9, 7], "source": [9], "target": [17]}\n{"prompt": []}\n'
                     '{"prompt": [1, 99]}\nnot json\n')
-    prompts, records, report = loop.read_prompt_records(str(path), cfg)
+    prompts, records, report = read_prompt_records(str(path), cfg)
     assert prompts == [[1, 5, 7, 9, 7]] and records == [{"source": [9], "target": [17]}]
     assert report.kept == 1 and sum(report.skipped.values()) == 3
     strict = load_config(ROOT / "configs/grpo_tiny.yaml", ["data.strict=true"])
     with pytest.raises(RecordError, match="empty prompt"):
-        loop.read_prompt_records(str(path), strict)
+        read_prompt_records(str(path), strict)
 
 
 if __name__ == "__main__":

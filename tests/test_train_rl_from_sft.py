@@ -10,7 +10,7 @@ from _rl_corpus import TINY, edit, in_band_reward, make_prompts, prompt_ids
 
 from editx_jax import sharding
 from editx_jax.config import GenerationConfig, MeshConfig, OptimizerConfig, PPOConfig
-from editx_jax.train import ppo, rl_common, rollout, sft
+from editx_jax.train import batches, ppo, rollout, sft
 from editx_jax.train import state as st
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def _sft_batch(prompts, targets, length=24):
     """[1, rows, T] SFT arrays: the loss on the response tokens (the edit and <|EOT|>)."""
-    b = rl_common.sequence_batch(prompts, targets, length=length)
+    b = batches.sequence_batch(prompts, targets, length=length)
     out = {k: b[k] for k in ("tokens", "targets", "positions", "segment_ids")}
     out["weights"] = b["action_mask"]
     return {k: np.asarray(v)[None] for k, v in out.items()}
@@ -27,7 +27,7 @@ def _sft_batch(prompts, targets, length=24):
 def sft_policy(steps, mesh, seed=0, lr=3e-3):
     tx = st.make_optimizer(OptimizerConfig(learning_rate=lr, warmup_ratio=0.0, schedule="constant"), steps)
     step = sft.make_train_step(TINY, tx, mesh)
-    s = st.create_state(TINY, tx, mesh, jax.random.key(seed))
+    s = st.init_llm_state(TINY, tx, st.llm_state_shardings(TINY, tx, mesh), jax.random.key(seed))
     ps = make_prompts(steps * 16, 40 + seed)
     for i in range(steps):
         chunk = ps[i * 16:(i + 1) * 16]
@@ -49,9 +49,10 @@ def test_ppo_from_the_sft_policy_raises_held_out_reward_within_the_kl_bound():
     const = lambda lr: st.make_optimizer(OptimizerConfig(learning_rate=lr, warmup_ratio=0.0,  # noqa: E731
                                                          schedule="constant"), iters)
     ptx, vtx = const(1e-2), const(3e-3)
-    policy = rl_common.create_state(ref, ptx, rl_common.llm_state_shardings(TINY, ptx, mesh))
-    value = rl_common.create_state(ppo.init_value_params(policy_params=ref), vtx, ppo.value_shardings(TINY, vtx, mesh))
-    trainer = ppo.PPO(TINY, pcfg, gen, ptx, vtx, mesh, policy, ref, value, [in_band_reward])
+    policy = st.create_state(ref, ptx, st.llm_state_shardings(TINY, ptx, mesh))
+    value = st.create_state(ppo.init_value_params(policy_params=ref), vtx, ppo.value_shardings(TINY, vtx, mesh))
+    trainer = ppo.PPO(TINY, pcfg, gen, ptx, vtx, mesh, [in_band_reward])
+    state = ppo.PPOState(policy, ref, value)
     held = [prompt_ids(*p) for p in make_prompts(32, 5)]
 
     def held_out_reward(params):
@@ -62,9 +63,9 @@ def test_ppo_from_the_sft_policy_raises_held_out_reward_within_the_kl_bound():
     train = [prompt_ids(*p) for p in make_prompts(iters * 16, 6)]
     kls = []
     for i in range(iters):
-        m = trainer.iteration(train[i * 16:(i + 1) * 16], [{}] * 16, jax.random.key(200 + i))
+        state, m = trainer.iteration(state, train[i * 16:(i + 1) * 16], [{}] * 16, jax.random.key(200 + i))
         kls.append(m["kl"])
-    after = held_out_reward(trainer.policy["params"])
+    after = held_out_reward(state.policy["params"])
     print(f"SFT loss after 12 steps {sft_loss:.3f}; PPO from SFT: held-out mean reward {before:.3f} -> {after:.3f}; "
           f"KL to the SFT reference {m['kl']:.3f} (max {max(kls):.3f}, bound {pcfg.kl_bound}); value loss "
           f"{m['value_loss']:.4f}, explained variance {m['explained_variance']:.3f}, clip fraction "

@@ -12,7 +12,7 @@ from editx_jax.config import (DPOConfig, GenerationConfig, GRPOConfig, MeshConfi
                               RewardConfig)
 from editx_jax.models import llm
 from editx_jax.models import reward as rm
-from editx_jax.train import dpo, grpo, ppo, reward, rl_common
+from editx_jax.train import dpo, grpo, ppo, reward
 from editx_jax.train import state as st
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def test_reward_model_reaches_90_percent_on_held_out_pairs():
     """120 steps of 16 pairs: held-out pairwise accuracy 0.0 -> 1.00, margin 0 -> ~7 (about 15 s)."""
     steps, mesh, rcfg = 120, _mesh(), RewardConfig()
     tx = _tx(3e-3, steps)
-    s = rl_common.create_state(rm.init_params(TINY, jax.random.key(0)), tx, reward.shardings(TINY, tx, mesh))
+    s = st.create_state(rm.init_params(TINY, jax.random.key(0)), tx, reward.shardings(TINY, tx, mesh))
     step, ev = reward.make_train_step(TINY, rcfg, tx, mesh), reward.make_eval_step(TINY, rcfg, tx, mesh)
     P, C, R = make_pairs(steps * 16, 0)
     held = [reward.make_batch(*make_pairs(128, 1), length=24)]
@@ -50,7 +50,7 @@ def test_dpo_raises_margin_and_held_out_preference_accuracy():
     steps, mesh, dcfg = 60, _mesh(), DPOConfig()
     tx = _tx(3e-3, steps)
     ref = llm.init_params(TINY, jax.random.key(1))
-    s = rl_common.create_state(ref, tx, rl_common.llm_state_shardings(TINY, tx, mesh))
+    s = st.create_state(ref, tx, st.llm_state_shardings(TINY, tx, mesh))
     step, ev = dpo.make_train_step(TINY, dcfg, tx, mesh), dpo.make_eval_step(TINY, dcfg, tx, mesh)
     P, C, R = make_pairs(steps * 16, 2)
     held = [dpo.make_batch(*make_pairs(128, 3), length=24)]
@@ -74,17 +74,17 @@ def test_grpo_with_token_level_rewards_raises_the_group_mean_reward():
     gcfg = GRPOConfig(group_size=g, max_new_tokens=20, beta=0.1)
     tx = _tx(1e-2, iters, 0.0)
     ref = llm.init_params(TINY, jax.random.key(2))
-    s = rl_common.create_state(ref, tx, rl_common.llm_state_shardings(TINY, tx, mesh))
+    s = st.create_state(ref, tx, st.llm_state_shardings(TINY, tx, mesh))
     prompts = make_prompts(iters * 4, 4, lengths=(5, 8))
-    trainer = grpo.GRPO(TINY, gcfg, tx, mesh, s, ref,
+    trainer = grpo.GRPO(TINY, gcfg, tx, mesh,
                         ["token_level_edit", "token_level_consistency", "token_level_follow", "token_level_length"],
                         gen=GenerationConfig(max_length=64, min_prompt_bucket=16))
-    history = []
+    history, state = [], grpo.GRPOState(policy=s, ref=ref)
     for i in range(iters):
         chunk = prompts[i * 4:(i + 1) * 4]
         ps = [prompt_ids(ins, src) for ins, src in chunk]
         recs = [{"source": p[3:-1] * 2, "target": edit(src, ins) * 2} for p, (ins, src) in zip(ps, chunk)]
-        m = trainer.iteration(ps, recs, jax.random.key(100 + i))
+        state, m = trainer.iteration(state, ps, recs, jax.random.key(100 + i))
         history.append(m["reward_mean"])
     first, last = np.mean(history[:5]), np.mean(history[-5:])
     print(f"GRPO group mean reward (token-level, 4 rewards) first 5 iterations {first:.3f} -> last 5 {last:.3f}; "
@@ -102,9 +102,10 @@ def test_ppo_raises_held_out_reward_within_the_kl_bound():
                            temperature=1.0)
     ptx, vtx = _tx(1e-2, iters, 0.0, "constant"), _tx(3e-3, iters, 0.0, "constant")
     ref = llm.init_params(TINY, jax.random.key(3))
-    policy = rl_common.create_state(ref, ptx, rl_common.llm_state_shardings(TINY, ptx, mesh))
-    value = rl_common.create_state(ppo.init_value_params(policy_params=ref), vtx, ppo.value_shardings(TINY, vtx, mesh))
-    trainer = ppo.PPO(TINY, pcfg, gen, ptx, vtx, mesh, policy, ref, value, [in_band_reward])
+    policy = st.create_state(ref, ptx, st.llm_state_shardings(TINY, ptx, mesh))
+    value = st.create_state(ppo.init_value_params(policy_params=ref), vtx, ppo.value_shardings(TINY, vtx, mesh))
+    trainer = ppo.PPO(TINY, pcfg, gen, ptx, vtx, mesh, [in_band_reward])
+    state = ppo.PPOState(policy, ref, value)
     held = [prompt_ids(*p) for p in make_prompts(32, 5)]
 
     def held_out_reward(params, key):
@@ -115,8 +116,8 @@ def test_ppo_raises_held_out_reward_within_the_kl_bound():
     before = held_out_reward(ref, jax.random.key(7))
     train = [prompt_ids(*p) for p in make_prompts(iters * 16, 6)]
     for i in range(iters):
-        m = trainer.iteration(train[i * 16:(i + 1) * 16], [{}] * 16, jax.random.key(200 + i))
-    after = held_out_reward(trainer.policy["params"], jax.random.key(7))
+        state, m = trainer.iteration(state, train[i * 16:(i + 1) * 16], [{}] * 16, jax.random.key(200 + i))
+    after = held_out_reward(state.policy["params"], jax.random.key(7))
     print(f"PPO held-out mean reward {before:.3f} -> {after:.3f}; KL to the reference {m['kl']:.3f} "
           f"(bound {pcfg.kl_bound}); value loss {m['value_loss']:.4f}, explained variance "
           f"{m['explained_variance']:.3f}, clip fraction {m['clip_fraction']:.3f}, entropy {m['entropy']:.3f}")

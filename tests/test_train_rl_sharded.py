@@ -11,7 +11,7 @@ from _rl_corpus import TINY, make_prompts, prompt_ids
 from editx_jax import sharding
 from editx_jax.config import GenerationConfig, MeshConfig, OptimizerConfig
 from editx_jax.models import llm
-from editx_jax.train import rl_common, rollout
+from editx_jax.train import rollout
 from editx_jax.train import state as st
 
 
@@ -28,7 +28,7 @@ def test_rollout_sharded_equals_one_device():
                            repetition_window=4)
     got = {}
     for name, mesh in (("one", one), ("eight", eight)):
-        placed = rl_common.place(params, rl_common.llm_state_shardings(TINY, tx, mesh)["params"])
+        placed = sharding.place(params, st.llm_state_shardings(TINY, tx, mesh)["params"])
         if name == "eight":
             assert len(jax.tree_util.tree_leaves(placed)[1].sharding.device_set) > 1
         for mode, g in (("sample", gen), ("greedy", dataclasses.replace(gen, greedy=True))):

@@ -6,7 +6,7 @@ import pytest
 
 from editx_jax import sharding
 from editx_jax.config import ConfigError, LLMConfig, MeshConfig, OptimizerConfig
-from editx_jax.data import pipeline
+from editx_jax.data import dataset
 from editx_jax.data.jsonl import Example
 from editx_jax.models import llm
 from editx_jax.train import sft
@@ -27,11 +27,11 @@ def random_batch(rng, a, b, t):
 def run_steps(mesh_cfg, devices, batch, steps=2):
     mesh = sharding.make_mesh(mesh_cfg, devices)
     tx = st.make_optimizer(OPT, 10)
-    state = st.create_state(CFG, tx, mesh, jax.random.key(0))
+    state = st.init_llm_state(CFG, tx, st.llm_state_shardings(CFG, tx, mesh), jax.random.key(0))
     step = sft.make_train_step(CFG, tx, mesh)
     losses = []
     for _ in range(steps):
-        state, m = step(state, pipeline.to_global(batch, mesh))
+        state, m = step(state, dataset.to_global(batch, mesh))
         losses.append(float(m["loss"]))
     return state, losses, m
 
@@ -64,8 +64,8 @@ def test_packed_examples_get_the_same_loss_as_alone():
         mask = np.zeros(n, bool)
         mask[n // 2:] = True
         examples.append(Example(rng.randint(4, 512, n).astype(np.int32), mask))
-    feats = [pipeline.example_features(e) for e in examples]
-    rows = pipeline.pack_rows(feats, length=32, bins=1)
+    feats = [dataset.example_features(e) for e in examples]
+    rows = dataset.pack_rows(feats, length=32, bins=1)
     assert len(rows) == 1 and rows[0]["segment_ids"].max() == 3
     row = rows[0]
     assert (row["positions"][row["segment_ids"] == 0] == -1).all()
@@ -75,7 +75,7 @@ def test_packed_examples_get_the_same_loss_as_alone():
     nll_fn = jax.jit(lambda p, b: sft.token_nll(p, CFG, b)[0])
     packed = np.asarray(nll_fn(params, {k: v[None] for k, v in row.items()}))[0]
     for i, f in enumerate(feats, start=1):
-        alone = pipeline.pad_example(f, 32)
+        alone = dataset.pad_example(f, 32)
         want = np.asarray(nll_fn(params, {k: v[None] for k, v in alone.items()}))[0]
         n = len(f["tokens"])
         got = packed[row["segment_ids"] == i]

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from editx_jax.config import ConfigError, GRPOConfig, PPOConfig, load_config
     from editx_jax.models import llm
     from editx_jax.models import reward as rm
-    from editx_jax.train import grpo, ppo, rl_common, rollout
+    from editx_jax.train import grpo, ppo, rollout
     from editx_jax.train import state as st
 
     overrides = args.overrides if args.overrides is not None else (MID if args.config.endswith("sft_tiny.yaml") else [])
@@ -70,26 +70,27 @@ def main(argv=None) -> int:
     rfn = rollout.reward_model_fn(rm_params, lcfg, cfg.reward, lcfg, lcfg.pad_id)
     results = {}
     for algo in args.algos:
-        sh = rl_common.llm_state_shardings(lcfg, tx, mesh)
-        pol = rl_common.create_state(params, tx, sh)
-        ref = rl_common.place(params, sh["params"])
+        sh = st.llm_state_shardings(lcfg, tx, mesh)
+        pol = st.create_state(params, tx, sh)
+        ref = sharding.place(params, sh["params"])
         if algo == "ppo":
             pcfg = PPOConfig(max_new_tokens=args.new_tokens, critic_warmup=0, epochs=args.epochs,
                              minibatches=args.minibatches)
             vsh = ppo.value_shardings(lcfg, tx, mesh)
-            value = rl_common.create_state(rm_params, tx, vsh)
-            trainer = ppo.PPO(lcfg, pcfg, gen, tx, tx, mesh, pol, ref, value, [rfn], pad_id=lcfg.pad_id,
-                              sample_mesh=mesh)
+            value = st.create_state(rm_params, tx, vsh)
+            trainer = ppo.PPO(lcfg, pcfg, gen, tx, tx, mesh, [rfn], pad_id=lcfg.pad_id, sample_mesh=mesh)
+            state = ppo.PPOState(pol, ref, value)
             batch = lambda: ([prompt() for _ in range(args.rollouts)], [{}] * args.rollouts)  # noqa: E731
             what = f"PPO: {args.rollouts} rollouts, {args.epochs} epoch(s) x {args.minibatches} minibatch(es)"
         else:
             gcfg = GRPOConfig(group_size=args.group, max_new_tokens=args.new_tokens)
-            trainer = grpo.GRPO(lcfg, gcfg, tx, mesh, pol, ref, [rfn], gen=gen, pad_id=lcfg.pad_id, sample_mesh=mesh)
+            trainer = grpo.GRPO(lcfg, gcfg, tx, mesh, [rfn], gen=gen, pad_id=lcfg.pad_id, sample_mesh=mesh)
+            state = grpo.GRPOState(pol, ref)
             batch = lambda: ([prompt() for _ in range(args.prompts)], [{}] * args.prompts)  # noqa: E731
             what = f"GRPO: {args.prompts} prompts x G {args.group}"
         times = []
         for i in range(args.iters):
-            m = trainer.iteration(*batch(), jax.random.key(i))
+            state, m = trainer.iteration(state, *batch(), jax.random.key(i))
             times.append({k: m[f"time/{k}"] for k in PARTS})
             tag = "first (compiles)" if i == 0 else f"iteration {i}"
             print(f"  {algo} {tag}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times[-1].items())

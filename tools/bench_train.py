@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from editx_jax import sharding
     from editx_jax.benchmarking import peak_memory_bytes, timed
     from editx_jax.config import ConfigError, load_config
-    from editx_jax.data.pipeline import to_global
+    from editx_jax.data.dataset import to_global
     from editx_jax.train import sft
     from editx_jax.train import state as st
 
@@ -48,8 +48,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     tx = st.make_optimizer(cfg.optimizer, 1000)
-    state = st.create_state(cfg.llm, tx, mesh, jax.random.key(0))
-    step = sft.make_train_step(cfg.llm, tx, mesh, cfg.train.loss_norm)
+    sh = st.llm_state_shardings(cfg.llm, tx, mesh)
+    state = st.init_llm_state(cfg.llm, tx, sh, jax.random.key(0))
+    step = sft.make_train_step(cfg.llm, tx, mesh, cfg.train.loss_norm, shardings=sh)
     rng = np.random.RandomState(0)
     shape = (args.grad_accum, args.batch // args.grad_accum, args.seq)
     batch = {"tokens": rng.randint(4, cfg.llm.vocab_size, shape).astype(np.int32),
@@ -58,8 +59,7 @@ def main(argv=None) -> int:
              "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), shape).copy(),
              "segment_ids": np.ones(shape, np.int32)}
     gbatch = to_global(batch, mesh)
-    with sharding.use_mesh(mesh):
-        compiled = step.jitted.lower(state, gbatch).compile()
+    compiled = step.lower(state, gbatch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", 0.0)) * len(mesh.devices.flat)  # cost analysis is per device

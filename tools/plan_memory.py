@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
     from editx_jax import sharding
     from editx_jax.config import ConfigError, MeshConfig, load_config
-    from editx_jax.data.pipeline import BATCH_KEYS, batch_sharding
+    from editx_jax.data.dataset import BATCH_KEYS
     from editx_jax.train import sft
     from editx_jax.train import state as st
 
@@ -71,14 +71,14 @@ def main(argv=None) -> int:
               f"= {mesh.shape['data'] * mesh.shape['fsdp']}", file=sys.stderr)
         return 1
     tx = st.make_optimizer(cfg.optimizer, cfg.train.steps)
-    state = st.abstract_sharded_state(cfg.llm, tx, mesh)
-    bs = batch_sharding(mesh)
+    sh = st.llm_state_shardings(cfg.llm, tx, mesh)
+    state = st.abstract_llm_state(cfg.llm, tx, sh)
+    bs = sharding.batch_sharding(mesh, ndim=3, axis=1)
     shape = (accum, batch // accum, seq)
     abatch = {k: jax.ShapeDtypeStruct(shape, "float32" if k == "weights" else "int32", sharding=bs)
               for k in BATCH_KEYS}
-    step = sft.make_train_step(cfg.llm, tx, mesh, cfg.train.loss_norm)
-    with sharding.use_mesh(mesh):
-        compiled = step.jitted.lower(state, abatch).compile()
+    step = sft.make_train_step(cfg.llm, tx, mesh, cfg.train.loss_norm, shardings=sh)
+    compiled = step.lower(state, abatch).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

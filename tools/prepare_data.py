@@ -14,7 +14,7 @@ interrupted run continues where it stopped (lines already written are skipped by
 Clips that fail are reported and skipped (the line number and the reason).
 
 `shards` encodes each record exactly as training does (chat layout, loss mask, truncation) and writes
-`<prefix>-00000-of-0000N.array_record` files; `editx_jax.data.pipeline.ArrayRecordExamples` reads
+`<prefix>-00000-of-0000N.array_record` files; `editx_jax.data.dataset.ArrayRecordExamples` reads
 them back as a Grain source (random access, so shuffling and process sharding are free).
 """
 
@@ -64,7 +64,7 @@ def write_shards(jsonl_path, prefix, cfg, num_shards: int = 1, tokenizer=None) -
     """Upstream JSONL -> ArrayRecord shards of encoded examples (round-robin over shards)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from editx_jax.data import jsonl, pipeline
+    from editx_jax.data import dataset, jsonl
 
     tok = tokenizer or jsonl.load_text_tokenizer(cfg.data.text_tokenizer)
     examples, report = jsonl.read_examples(jsonl_path, tok, cfg.data, cfg.llm.vocab_size)
@@ -77,7 +77,7 @@ def write_shards(jsonl_path, prefix, cfg, num_shards: int = 1, tokenizer=None) -
     writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
     try:
         for k, ex in enumerate(examples):
-            writers[k % num_shards].write(pipeline.encode_example(ex))
+            writers[k % num_shards].write(dataset.encode_example(ex))
     finally:
         for w in writers:
             w.close()

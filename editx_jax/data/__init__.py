@@ -1,1 +1,1 @@
-"""Training data: upstream JSONL records -> token ids (jsonl.py) -> Grain pipelines (pipeline.py)."""
+"""Training data: upstream JSONL records -> token ids (jsonl.py) -> Grain pipelines (dataset.py)."""

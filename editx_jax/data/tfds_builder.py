@@ -3,7 +3,7 @@ dataset readable with `tfds.data_source` (random access, no TensorFlow needed).
 
     build_tfds(cfg, data_dir, train="train.jsonl", validation="eval.jsonl")
     src = TfdsExamples(data_dir, "train")          # a random-access source of `Example`s
-    pipeline.train_dataset(src, cfg.data, rows)
+    dataset.train_dataset(src, cfg.data, rows)
 
 Each example: `tokens` int32 [n] and `loss_mask` bool [n] (chat layout, loss mask and truncation of
 `jsonl.encode_record` with the given config).

@@ -11,21 +11,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from editx_jax import sharding
 from editx_jax.config import GenerationConfig, GRPOConfig, LLMConfig
-from editx_jax.train import losses, rl_common, rollout
-from editx_jax.train.state import master_config
+from editx_jax.train import batches, losses, rollout
+from editx_jax.train.jit import sharded_step
+from editx_jax.train.logprobs import token_logps
+from editx_jax.train.state import apply_update, llm_state_shardings, master_config
 
 INPUT_KEYS = ("tokens", "targets", "positions", "segment_ids", "action_mask")
 
 
 def loss_fn(params, cfg: LLMConfig, gcfg: GRPOConfig, batch: dict):
-    logp = rl_common.token_logps(params, cfg, batch, gcfg.temperature)
+    logp = token_logps(params, cfg, batch, gcfg.temperature)
     old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp)
     mask = batch["action_mask"]
     loss, metrics = losses.grpo_loss(logp, old, batch["ref_logps"], batch["advantages"], mask, gcfg.clip,
@@ -36,23 +41,24 @@ def loss_fn(params, cfg: LLMConfig, gcfg: GRPOConfig, batch: dict):
 def train_step(state: dict, batch: dict, *, cfg: LLMConfig, gcfg: GRPOConfig, tx):
     cfg = master_config(cfg)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], cfg, gcfg, batch)
-    return rl_common.apply_update(state, grads, tx), {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+    return apply_update(state, grads, tx), {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 def ref_step(ref_params, batch: dict, *, cfg: LLMConfig, temperature: float):
-    return rl_common.token_logps(ref_params, master_config(cfg), batch, temperature)
+    return token_logps(ref_params, master_config(cfg), batch, temperature)
 
 
-def make_train_step(cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh):
-    sh = rl_common.llm_state_shardings(cfg, tx, mesh)
+def make_train_step(cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh, sh: dict | None = None):
+    """`step(state, batch)`, the policy state donated; `sh`: the run's `llm_state_shardings`."""
+    sh = sh or llm_state_shardings(cfg, tx, mesh)
     fn = functools.partial(train_step, cfg=cfg, gcfg=gcfg, tx=tx)
-    return rl_common.ShardedStep(fn, mesh, (sh,), (sh, rl_common.replicated(mesh)), donate=(0,))
+    return sharded_step(fn, mesh, (sh,), (sh, sharding.replicated(mesh)), donate=(0,))
 
 
-def make_ref_step(cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh):
-    sh = rl_common.llm_state_shardings(cfg, tx, mesh)["params"]
-    return rl_common.ShardedStep(functools.partial(ref_step, cfg=cfg, temperature=gcfg.temperature), mesh, (sh,),
-                                 rl_common.replicated(mesh))
+def make_ref_step(cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh, sh: dict | None = None):
+    sh = (sh or llm_state_shardings(cfg, tx, mesh))["params"]
+    return sharded_step(functools.partial(ref_step, cfg=cfg, temperature=gcfg.temperature), mesh, (sh,),
+                        sharding.replicated(mesh))
 
 
 def sampling_config(gcfg: GRPOConfig, base: GenerationConfig | None = None) -> GenerationConfig:
@@ -62,42 +68,51 @@ def sampling_config(gcfg: GRPOConfig, base: GenerationConfig | None = None) -> G
                                repetition_window=0, max_new_tokens=gcfg.max_new_tokens, drop_last=False)
 
 
+@flax.struct.dataclass
+class GRPOState:
+    """What one GRPO iteration reads and returns: the policy train state and the frozen reference."""
+    policy: dict
+    ref: Any
+
+
 class GRPO:
-    """The GRPO loop state: policy train state, frozen reference params, reward functions, jitted steps.
+    """GRPO's fixed parts: configs, reward functions and the jitted steps (built once).
 
-    `iteration(prompts, records, key)` samples G completions per prompt, scores them, and trains.
-    prompts: a list of id lists (its length x G must divide over the batch shards)."""
+    `iteration(state, prompts, records, key) -> (state, metrics)` samples G completions per prompt,
+    scores them, and trains; it keeps nothing between calls. prompts: a list of id lists (its length
+    x G must divide over the batch shards)."""
 
-    def __init__(self, cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh, policy_state, ref_params, reward_fns,
-                 gen: GenerationConfig | None = None, pad_id: int = 0, sample_mesh=None):
+    def __init__(self, cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh, reward_fns, gen: GenerationConfig | None = None,
+                 pad_id: int = 0, sample_mesh=None, shardings: dict | None = None):
         self.cfg, self.gcfg, self.mesh, self.pad_id = cfg, gcfg, mesh, pad_id
-        self.state, self.ref_params = policy_state, ref_params
         self.fns = [rollout.resolve(f) for f in reward_fns]
         self.weights = gcfg.reward_weights or None
         self.gen = sampling_config(gcfg, gen)
-        self.step_fn = make_train_step(cfg, gcfg, tx, mesh)
-        self.ref_fn = make_ref_step(cfg, gcfg, tx, mesh)
+        sh = shardings or llm_state_shardings(cfg, tx, mesh)
+        self.step_fn = make_train_step(cfg, gcfg, tx, mesh, sh)
+        self.ref_fn = make_ref_step(cfg, gcfg, tx, mesh, sh)
         self.sample_mesh = sample_mesh
 
-    def iteration(self, prompts, records, key) -> dict:
+    def iteration(self, state: GRPOState, prompts, records, key) -> tuple[GRPOState, dict]:
         g = self.gcfg.group_size
+        policy = state.policy
         t0 = time.perf_counter()
-        rows, completions = rollout.sample_completions(self.state["params"], self.cfg, self.gen, prompts, key, g,
+        rows, completions = rollout.sample_completions(policy["params"], self.cfg, self.gen, prompts, key, g,
                                                        mesh=self.sample_mesh)
         t1 = time.perf_counter()
         recs = [r for r in records for _ in range(g)]
         total, parts = rollout.score(self.fns, self.weights, rows, completions, recs)
         t2 = time.perf_counter()
         adv = np.asarray(losses.group_advantages(jnp.asarray(total), g))
-        batch = rl_common.sequence_batch(rows, completions, pad_id=self.pad_id, allow_empty=True)
+        batch = batches.sequence_batch(rows, completions, pad_id=self.pad_id, allow_empty=True)
         batch = {k: batch[k] for k in INPUT_KEYS}
         batch["advantages"] = adv.astype(np.float32)
-        batch["ref_logps"] = np.asarray(self.ref_fn(self.ref_params, batch))
+        batch["ref_logps"] = np.asarray(self.ref_fn(state.ref, batch))
         if self.gcfg.iterations > 1:  # pi_old: the policy that sampled, frozen for the inner steps
-            batch["old_logps"] = np.asarray(self.ref_fn(self.state["params"], batch))
+            batch["old_logps"] = np.asarray(self.ref_fn(policy["params"], batch))
         t3 = time.perf_counter()
         for _ in range(self.gcfg.iterations):
-            self.state, m = self.step_fn(self.state, batch)
+            policy, m = self.step_fn(policy, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         t4 = time.perf_counter()
         # seconds of this iteration: sampling, reward functions, the reference log-prob pass, updates
@@ -107,4 +122,4 @@ class GRPO:
                  completion_length=float(np.mean([len(c) for c in completions])))
         for name, r in parts.items():
             m[f"reward/{name}"] = float(np.nanmean(r))
-        return m
+        return state.replace(policy=policy), m

@@ -21,16 +21,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from editx_jax import sharding
 from editx_jax.config import GenerationConfig, LLMConfig, PPOConfig
 from editx_jax.models import reward as rm
-from editx_jax.train import losses, rl_common, rollout
-from editx_jax.train.state import master_config
+from editx_jax.train import batches, losses, rollout
+from editx_jax.train.jit import sharded_step
+from editx_jax.train.logprobs import token_logps
+from editx_jax.train.reward import shardings as value_shardings
+from editx_jax.train.state import apply_update, llm_state_shardings, master_config
 
 INPUT_KEYS = ("tokens", "targets", "positions", "segment_ids", "action_mask", "response_mask")
 
@@ -43,8 +49,8 @@ def critic_values(params, cfg: LLMConfig, batch: dict):
 def policy_side(policy_params, ref_params, batch: dict, *, cfg: LLMConfig, pcfg: PPOConfig):
     """Per-token log-probs of the policy and the reference, and the policy's entropy ([N, T] each)."""
     cfg = master_config(cfg)
-    logp, entropy = rl_common.token_logps(policy_params, cfg, batch, pcfg.temperature, with_entropy=True)
-    return {"logp": logp, "ref_logp": rl_common.token_logps(ref_params, cfg, batch, pcfg.temperature),
+    logp, entropy = token_logps(policy_params, cfg, batch, pcfg.temperature, with_entropy=True)
+    return {"logp": logp, "ref_logp": token_logps(ref_params, cfg, batch, pcfg.temperature),
             "entropy": entropy}
 
 
@@ -78,7 +84,7 @@ def prepare(policy_params, ref_params, value_params, batch: dict, *, cfg: LLMCon
 
 
 def policy_loss(params, cfg: LLMConfig, pcfg: PPOConfig, mb: dict):
-    logp = rl_common.token_logps(params, cfg, mb, pcfg.temperature)
+    logp = token_logps(params, cfg, mb, pcfg.temperature)
     loss, clipfrac, approx_kl = losses.ppo_policy_loss(logp, mb["old_logps"], mb["advantages"], mb["action_mask"],
                                                        pcfg.clip)
     return loss, {"policy_loss": loss, "clip_fraction": clipfrac, "approx_kl": approx_kl}
@@ -94,64 +100,70 @@ def value_loss(params, cfg: LLMConfig, pcfg: PPOConfig, mb: dict):
 def policy_step(state, mb, *, cfg, pcfg, tx):
     cfg = master_config(cfg)
     (_, m), g = jax.value_and_grad(policy_loss, has_aux=True)(state["params"], cfg, pcfg, mb)
-    return rl_common.apply_update(state, g, tx), {**m, "policy_grad_norm": optax.tree.norm(g)}
+    return apply_update(state, g, tx), {**m, "policy_grad_norm": optax.tree.norm(g)}
 
 
 def value_step(state, mb, *, cfg, pcfg, tx):
     cfg = master_config(cfg)
     (_, m), g = jax.value_and_grad(value_loss, has_aux=True)(state["params"], cfg, pcfg, mb)
-    return rl_common.apply_update(state, g, tx), {**m, "value_grad_norm": optax.tree.norm(g)}
+    return apply_update(state, g, tx), {**m, "value_grad_norm": optax.tree.norm(g)}
 
 
-def value_shardings(cfg: LLMConfig, tx, mesh):
-    cfg = master_config(cfg)
-    return rl_common.state_shardings(rm.param_logical_axes(cfg), rm.abstract_params(cfg), tx, mesh)
+@flax.struct.dataclass
+class PPOState:
+    """What one PPO iteration reads and returns. `iterations` (done so far) gates the critic warm-up;
+    a run sets it from the step, so a resumed run needs nothing but its checkpointed trees."""
+    policy: dict
+    ref: Any
+    value: dict
+    iterations: int = flax.struct.field(pytree_node=False, default=0)
 
 
 class PPO:
-    """The PPO loop state. `iteration(prompts, records, key)` runs one rollout batch (see the module doc)."""
+    """PPO's fixed parts: configs, reward functions and the jitted steps (built once).
+    `iteration(state, prompts, records, key) -> (state, metrics)` runs one rollout batch (see the
+    module doc) and keeps nothing between calls."""
 
     def __init__(self, cfg: LLMConfig, pcfg: PPOConfig, gen: GenerationConfig, policy_tx, value_tx, mesh,
-                 policy_state, ref_params, value_state, reward_fns, reward_weights=None, pad_id: int = 0,
-                 sample_mesh=None, value_mesh=None):
+                 reward_fns, reward_weights=None, pad_id: int = 0, sample_mesh=None, value_mesh=None,
+                 policy_shardings: dict | None = None, value_state_shardings: dict | None = None):
         """mesh: the policy's and the reference's. value_mesh: the critic's (state placed with
         `value_shardings(cfg, value_tx, value_mesh)`); by default the same mesh. Rollout arrays move
-        between the two through the host."""
+        between the two through the host. The shardings default to the ones derived from the meshes."""
         self.cfg, self.pcfg, self.gen, self.mesh, self.pad_id = cfg, pcfg, gen, mesh, pad_id
-        self.policy, self.ref_params, self.value = policy_state, ref_params, value_state
         self.fns, self.weights = [rollout.resolve(f) for f in reward_fns], reward_weights
-        self.iterations, self.sample_mesh = 0, sample_mesh
+        self.sample_mesh = sample_mesh
         self.value_mesh = value_mesh or mesh
-        psh = rl_common.llm_state_shardings(cfg, policy_tx, mesh)
-        vsh = value_shardings(cfg, value_tx, self.value_mesh)
-        rep = rl_common.replicated(mesh)
-        self.policy_side_fn = rl_common.ShardedStep(functools.partial(policy_side, cfg=cfg, pcfg=pcfg), mesh,
-                                                    (psh["params"], psh["params"]), rep)
-        self.critic_side_fn = rl_common.ShardedStep(functools.partial(critic_side, cfg=cfg), self.value_mesh,
-                                                    (vsh["params"],), rl_common.replicated(self.value_mesh))
-        self.advantages_fn = rl_common.ShardedStep(functools.partial(advantages, pcfg=pcfg), mesh, (), rep)
-        self.policy_fn = rl_common.ShardedStep(functools.partial(policy_step, cfg=cfg, pcfg=pcfg, tx=policy_tx),
-                                               mesh, (psh,), (psh, rep), donate=(0,))
-        self.value_fn = rl_common.ShardedStep(functools.partial(value_step, cfg=cfg, pcfg=pcfg, tx=value_tx),
-                                              self.value_mesh, (vsh,), (vsh, rl_common.replicated(self.value_mesh)),
-                                              donate=(0,))
+        psh = policy_shardings or llm_state_shardings(cfg, policy_tx, mesh)
+        vsh = value_state_shardings or value_shardings(cfg, value_tx, self.value_mesh)
+        rep, vrep = sharding.replicated(mesh), sharding.replicated(self.value_mesh)
+        self.policy_side_fn = sharded_step(functools.partial(policy_side, cfg=cfg, pcfg=pcfg), mesh,
+                                           (psh["params"], psh["params"]), rep)
+        self.critic_side_fn = sharded_step(functools.partial(critic_side, cfg=cfg), self.value_mesh,
+                                           (vsh["params"],), vrep)
+        self.advantages_fn = sharded_step(functools.partial(advantages, pcfg=pcfg), mesh, (), rep)
+        self.policy_fn = sharded_step(functools.partial(policy_step, cfg=cfg, pcfg=pcfg, tx=policy_tx),
+                                      mesh, (psh,), (psh, rep), donate=(0,))
+        self.value_fn = sharded_step(functools.partial(value_step, cfg=cfg, pcfg=pcfg, tx=value_tx),
+                                     self.value_mesh, (vsh,), (vsh, vrep), donate=(0,))
 
-    def iteration(self, prompts, records, key) -> dict:
+    def iteration(self, state: PPOState, prompts, records, key) -> tuple[PPOState, dict]:
         pcfg = self.pcfg
+        policy, value = state.policy, state.value
         k_sample, k_perm = jax.random.split(key)
         gen = self.gen if self.gen.max_new_tokens == pcfg.max_new_tokens else \
             dataclasses.replace(self.gen, max_new_tokens=pcfg.max_new_tokens)
         t0 = time.perf_counter()
-        rows, completions = rollout.sample_completions(self.policy["params"], self.cfg, gen, prompts, k_sample,
+        rows, completions = rollout.sample_completions(policy["params"], self.cfg, gen, prompts, k_sample,
                                                        mesh=self.sample_mesh)
         t1 = time.perf_counter()
         scores, parts = rollout.score(self.fns, self.weights, rows, completions, records)
         t2 = time.perf_counter()
-        batch = rl_common.sequence_batch(rows, completions, pad_id=self.pad_id, allow_empty=True)
+        batch = batches.sequence_batch(rows, completions, pad_id=self.pad_id, allow_empty=True)
         batch = {k: batch[k] for k in INPUT_KEYS}
         batch["scores"] = scores
-        sides = jax.device_get(self.policy_side_fn(self.policy["params"], self.ref_params, batch))
-        sides["values"] = np.asarray(self.critic_side_fn(self.value["params"], batch))
+        sides = jax.device_get(self.policy_side_fn(policy["params"], state.ref, batch))
+        sides["values"] = np.asarray(self.critic_side_fn(value["params"], batch))
         prepared, stats = self.advantages_fn({**batch, **sides})
         data = {**batch, **{k: np.asarray(v) for k, v in prepared.items()}}
         t3 = time.perf_counter()
@@ -160,7 +172,7 @@ class PPO:
         if n % pcfg.minibatches:
             raise ValueError(f"ppo.minibatches {pcfg.minibatches} does not divide the rollout batch of {n}")
         size = n // pcfg.minibatches
-        train_policy = self.iterations >= pcfg.critic_warmup
+        train_policy = state.iterations >= pcfg.critic_warmup
         metrics = []
         perm_key = k_perm
         for _ in range(pcfg.epochs):
@@ -169,13 +181,12 @@ class PPO:
             for i in range(pcfg.minibatches):
                 idx = order[i * size:(i + 1) * size]
                 mb = {k: v[idx] for k, v in data.items()}
-                self.value, mv = self.value_fn(self.value, mb)
+                value, mv = self.value_fn(value, mb)
                 m = dict(mv)
                 if train_policy:
-                    self.policy, mp = self.policy_fn(self.policy, mb)
+                    policy, mp = self.policy_fn(policy, mb)
                     m.update(mp)
                 metrics.append(m)
-        self.iterations += 1
         out = {k: float(np.mean([float(x[k]) for x in metrics])) for k in metrics[-1]}  # (waits for the steps)
         t4 = time.perf_counter()
         # seconds of this iteration: sampling, reward functions, the log-prob / value / GAE pass, updates
@@ -187,7 +198,7 @@ class PPO:
             out[f"reward/{name}"] = float(np.nanmean(r))
         if pcfg.kl_bound and out["kl"] > pcfg.kl_bound:
             out["kl_over_bound"] = 1.0
-        return out
+        return state.replace(policy=policy, value=value, iterations=state.iterations + 1), out
 
 
 def init_value_params(reward_params=None, policy_params=None) -> dict:

@@ -1,6 +1,6 @@
 """Bradley-Terry reward-model training: pure step functions and their jitted, sharded forms.
 
-A batch is `rl_common.pair_batch` (row 2i the chosen response, row 2i + 1 the rejected one, both in
+A batch is `batches.pair_batch` (row 2i the chosen response, row 2i + 1 the rejected one, both in
 one forward) plus "margin" [2N] (the pair's margin on both of its rows; used when reward.use_margin).
 """
 
@@ -12,10 +12,12 @@ import jax
 import numpy as np
 import optax
 
+from editx_jax import sharding
 from editx_jax.config import LLMConfig, RewardConfig
 from editx_jax.models import reward as rm
-from editx_jax.train import losses, rl_common
-from editx_jax.train.state import master_config
+from editx_jax.train import batches, losses
+from editx_jax.train.jit import sharded_step
+from editx_jax.train.state import apply_update, master_config, state_shardings
 
 INPUT_KEYS = ("tokens", "positions", "segment_ids", "response_mask")
 
@@ -36,7 +38,7 @@ def loss_fn(params, cfg: LLMConfig, rcfg: RewardConfig, batch: dict):
 def train_step(state: dict, batch: dict, *, cfg: LLMConfig, rcfg: RewardConfig, tx):
     cfg = master_config(cfg)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], cfg, rcfg, batch)
-    return rl_common.apply_update(state, grads, tx), {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+    return apply_update(state, grads, tx), {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 def eval_step(params, batch: dict, *, cfg: LLMConfig, rcfg: RewardConfig):
@@ -45,33 +47,34 @@ def eval_step(params, batch: dict, *, cfg: LLMConfig, rcfg: RewardConfig):
 
 
 def shardings(cfg: LLMConfig, tx, mesh) -> dict:
+    """The reward model's (and the PPO critic's) train-state shardings."""
     cfg = master_config(cfg)
-    return rl_common.state_shardings(rm.param_logical_axes(cfg), rm.abstract_params(cfg), tx, mesh)
+    return state_shardings(rm.param_logical_axes(cfg), rm.abstract_params(cfg), tx, mesh)
 
 
-def make_train_step(cfg: LLMConfig, rcfg: RewardConfig, tx, mesh):
-    sh = shardings(cfg, tx, mesh)
+def make_train_step(cfg: LLMConfig, rcfg: RewardConfig, tx, mesh, sh: dict | None = None):
+    """`step(state, batch)`, the state donated; `sh`: the run's `shardings(cfg, tx, mesh)`."""
+    sh = sh or shardings(cfg, tx, mesh)
     fn = functools.partial(train_step, cfg=cfg, rcfg=rcfg, tx=tx)
-    return rl_common.ShardedStep(fn, mesh, (sh,), (sh, rl_common.replicated(mesh)), donate=(0,))
+    return sharded_step(fn, mesh, (sh,), (sh, sharding.replicated(mesh)), donate=(0,))
 
 
-def make_eval_step(cfg: LLMConfig, rcfg: RewardConfig, tx, mesh):
-    sh = shardings(cfg, tx, mesh)["params"]
-    return rl_common.ShardedStep(functools.partial(eval_step, cfg=cfg, rcfg=rcfg), mesh, (sh,),
-                                 rl_common.replicated(mesh))
+def make_eval_step(cfg: LLMConfig, rcfg: RewardConfig, tx, mesh, sh: dict | None = None):
+    sh = (sh or shardings(cfg, tx, mesh))["params"]
+    return sharded_step(functools.partial(eval_step, cfg=cfg, rcfg=rcfg), mesh, (sh,), sharding.replicated(mesh))
 
 
 def make_batch(prompts, chosen, rejected, margins=None, length=None, pad_id: int = 0) -> dict:
-    b = rl_common.pair_batch(prompts, chosen, rejected, length, pad_id)
+    b = batches.pair_batch(prompts, chosen, rejected, length, pad_id)
     m = np.zeros(len(prompts), np.float32) if margins is None else np.asarray(margins, np.float32)
     b["margin"] = np.repeat(m, 2)
     return {k: b[k] for k in (*INPUT_KEYS, "margin")}
 
 
-def evaluate(eval_fn, params, batches) -> dict:
+def evaluate(eval_fn, params, held) -> dict:
     """Pairwise accuracy / mean margin / loss over held-out batches (weighted by pairs)."""
     tot, n = {}, 0
-    for b in batches:
+    for b in held:
         m = jax.device_get(eval_fn(params, b))
         k = b["tokens"].shape[0] // 2
         for key, v in m.items():

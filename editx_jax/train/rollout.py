@@ -9,15 +9,20 @@ mapped into the model's vocabulary).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+import importlib
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from editx_jax import vocab
+from editx_jax.audio.io import load_audio
 from editx_jax.config import ConfigError, GenerationConfig, LLMConfig, RewardConfig
 from editx_jax.generate.decode import generate
-from editx_jax.train import rl_common, token_rewards
+from editx_jax.models.reward import check_compatible
+from editx_jax.train import batches, token_rewards
+from editx_jax.train.reward import score_jit
 
 RewardFn = Callable[[Sequence, Sequence, Sequence], Sequence[float]]
 
@@ -48,8 +53,6 @@ def token_reward_fn(name: str) -> RewardFn:
 def reward_model_fn(params, score_cfg: LLMConfig, rcfg: RewardConfig, policy_cfg: LLMConfig | None = None,
                     pad_id: int = 0) -> RewardFn:
     """The reward model's score of prompt + completion (read per `reward.readout`)."""
-    from editx_jax.models.reward import check_compatible
-    from editx_jax.train.reward import score_jit
     if policy_cfg is not None:
         check_compatible(score_cfg, policy_cfg)
 
@@ -57,16 +60,13 @@ def reward_model_fn(params, score_cfg: LLMConfig, rcfg: RewardConfig, policy_cfg
         keep = [i for i, c in enumerate(completions) if len(c)]
         out = np.zeros(len(completions), np.float32)
         if keep:
-            b = rl_common.sequence_batch([prompts[i] for i in keep], [completions[i] for i in keep], pad_id=pad_id)
+            b = batches.sequence_batch([prompts[i] for i in keep], [completions[i] for i in keep], pad_id=pad_id)
             r, _ = score_jit(params, score_cfg, rcfg, {k: jnp.asarray(b[k]) for k in
                                                        ("tokens", "positions", "segment_ids", "response_mask")})
             out[keep] = np.asarray(r)
         return out.tolist()
     reward.__name__ = "reward_model"
     return reward
-
-
-AUDIO_FIRST, AUDIO_END = 65536, 65536 + 5120
 
 
 def audio_reward_fn(decoder, scorer: Callable, name: str = "audio") -> RewardFn:
@@ -79,8 +79,6 @@ def audio_reward_fn(decoder, scorer: Callable, name: str = "audio") -> RewardFn:
     are computed once and cached). Non-audio ids (the final <|EOT|>, stray text) are left out; a
     completion with no audio ids scores None (missing).
     """
-    from editx_jax.audio.io import load_audio
-
     cached: dict = {}
 
     def features(record):
@@ -93,7 +91,7 @@ def audio_reward_fn(decoder, scorer: Callable, name: str = "audio") -> RewardFn:
 
     def reward(prompts, completions, records):
         out: list = [None] * len(completions)
-        keep = [(i, [t for t in c if AUDIO_FIRST <= t < AUDIO_END]) for i, c in enumerate(completions)]
+        keep = [(i, vocab.audio_only(c)) for i, c in enumerate(completions)]
         keep = [(i, ids) for i, ids in keep if ids]
         if keep:
             feats = [features(records[i]) for i, _ in keep]
@@ -111,7 +109,6 @@ def resolve(spec) -> RewardFn:
     if callable(spec):
         return spec
     if isinstance(spec, str) and ":" in spec:
-        import importlib
         module, name = spec.split(":", 1)
         return getattr(importlib.import_module(module), name)
     return token_reward_fn(spec)

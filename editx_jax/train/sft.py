@@ -18,13 +18,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from editx_jax import sharding
 from editx_jax.config import LLMConfig
-from editx_jax.data.pipeline import BATCH_KEYS, batch_sharding
 from editx_jax.models.llm import Step1
-from editx_jax.train.state import master_config, state_shardings
+from editx_jax.train.jit import sharded_step
+from editx_jax.train.state import llm_state_shardings, master_config
+
+MICRO_BATCH_AXIS = 1  # batches are [grad_accum, rows, length]: the rows split over data x fsdp
 
 
 def token_nll(params, cfg: LLMConfig, micro: dict):
@@ -91,32 +92,22 @@ def eval_step(params, batch: dict, *, cfg: LLMConfig):
     return sums
 
 
-def _with_mesh(fn, mesh):
-    def run(*args):
-        with sharding.use_mesh(mesh):
-            return fn(*args)
-    run.jitted = fn
-    return run
-
-
-def make_train_step(cfg: LLMConfig, tx, mesh, loss_norm: str = "global_token_mean", schedule=None):
-    """`step(state, batch) -> (state, metrics)`: jitted with the state's and the batch's shardings,
-    the state donated (its buffers are reused for the new state)."""
-    state_sh = state_shardings(cfg, tx, mesh)
-    batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
+def make_train_step(cfg: LLMConfig, tx, mesh, loss_norm: str = "global_token_mean", schedule=None,
+                    shardings: dict | None = None):
+    """`step(state, batch) -> (state, metrics)`: jitted with the state's shardings (`shardings`, the
+    run's `llm_state_shardings`) and the batch's rows over data x fsdp, the state donated (its
+    buffers are reused for the new state)."""
+    state_sh = shardings or llm_state_shardings(cfg, tx, mesh)
     ranks = mesh.shape["data"] * mesh.shape["fsdp"]  # batch shards: the "ranks" of micro_batch_mean
     fn = functools.partial(train_step, cfg=cfg, tx=tx, loss_norm=loss_norm, schedule=schedule, ranks=ranks)
-    jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
-    return _with_mesh(jitted, mesh)
+    return sharded_step(fn, mesh, (state_sh,), (state_sh, sharding.replicated(mesh)), donate=(0,),
+                        batch_axis=MICRO_BATCH_AXIS)
 
 
-def make_eval_step(cfg: LLMConfig, tx, mesh):
-    param_sh = state_shardings(cfg, tx, mesh)["params"]
-    batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
-    jitted = jax.jit(functools.partial(eval_step, cfg=cfg), in_shardings=(param_sh, batch_sh),
-                     out_shardings=NamedSharding(mesh, PartitionSpec()))
-    return _with_mesh(jitted, mesh)
+def make_eval_step(cfg: LLMConfig, tx, mesh, shardings: dict | None = None):
+    param_sh = (shardings or llm_state_shardings(cfg, tx, mesh))["params"]
+    return sharded_step(functools.partial(eval_step, cfg=cfg), mesh, (param_sh,), sharding.replicated(mesh),
+                        batch_axis=MICRO_BATCH_AXIS)
 
 
 def model_flops_per_token(cfg: LLMConfig, seq_len: int) -> float:

@@ -1,20 +1,23 @@
-"""The train state pytree, the optimizer preset, and the state's shardings from the rules table.
+"""The train state for any params tree (the LLM, the reward model, the PPO critic), the optimizer
+preset, and the state's shardings from the rules table.
 
     state = {"step": int32 scalar, "params": float32 master weights, "opt_state": optax state}
 
-A plain dict, so Orbax saves it as is and the abstract state (`jax.eval_shape`) restores into it.
-The forward computes in `llm.dtype` (bf16 for real runs): the layers cast the float32 master weights
-on use, so gradients and AdamW moments stay float32.
+A plain dict, so Orbax saves it as is and the abstract state restores into it. The forward computes
+in `llm.dtype` (bf16 for real runs): the layers cast the float32 master weights on use, so gradients
+and AdamW moments stay float32. A run computes its shardings once (`state_shardings` /
+`llm_state_shardings`) and passes them to everything that places, restores or jits the state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from editx_jax import sharding
 from editx_jax.config import ConfigError, LLMConfig, OptimizerConfig
@@ -52,8 +55,10 @@ def make_optimizer(cfg: OptimizerConfig, steps: int) -> optax.GradientTransforma
 
 def master_config(cfg: LLMConfig) -> LLMConfig:
     """Training keeps float32 master weights whatever the checkpoint's storage dtype."""
-    import dataclasses
     return dataclasses.replace(cfg, param_dtype="float32")
+
+
+# ----------------------------------------------------------------------------- any params tree
 
 
 def state_from_params(params, tx: optax.GradientTransformation) -> dict:
@@ -61,50 +66,67 @@ def state_from_params(params, tx: optax.GradientTransformation) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
+def abstract_state(abstract_params, tx) -> dict:
+    """The state around `abstract_params` as ShapeDtypeStructs (no allocation)."""
+    return jax.eval_shape(lambda p: state_from_params(p, tx), abstract_params)
+
+
+def state_shardings(logical_axes, abstract_params, tx, mesh, rules=sharding.LLM_RULES) -> dict:
+    """NamedShardings for every leaf of the state: params by the rules table, AdamW moments like their
+    params, scalars (step, counts) replicated."""
+    param_sh = sharding.logical_to_sharding(logical_axes, mesh, rules)
+    rep = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state(abstract_params, tx)["opt_state"], param_sh,
+                                   transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return {"step": rep, "params": param_sh, "opt_state": opt_sh}
+
+
+def with_shardings(abstract, shardings):
+    """Abstract leaves that carry their shardings: the target an Orbax restore reads into."""
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def create_state(params, tx, shardings: dict) -> dict:
+    """A train state (float32 master weights, fresh AdamW) around `params`, placed in `shardings`."""
+    mesh = jax.tree_util.tree_leaves(shardings["params"])[0].mesh
+    with sharding.use_mesh(mesh):
+        return jax.jit(lambda p: state_from_params(p, tx), out_shardings=shardings)(params)
+
+
+def apply_update(state: dict, grads, tx) -> dict:
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state}
+
+
+def check_shapes(params, abstract, what: str, error=ConfigError) -> None:
+    """`error` naming the first leaf whose shape differs between `params` and `abstract`."""
+    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    got = {jax.tree_util.keystr(k): tuple(jnp.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    if want != got:
+        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))[0]
+        raise error(f"{what}: {bad} is {got.get(bad)}, the config expects {want.get(bad)} (another llm config?)")
+
+
+# ----------------------------------------------------------------------------- the LLM
+
+
+def llm_state_shardings(cfg: LLMConfig, tx, mesh) -> dict:
+    cfg = master_config(cfg)
+    return state_shardings(llm.param_logical_axes(cfg), llm.abstract_params(cfg), tx, mesh)
+
+
 def init_state(cfg: LLMConfig, tx, key) -> dict:
     return state_from_params(llm.init_params(master_config(cfg), key), tx)
 
 
-def abstract_state(cfg: LLMConfig, tx) -> dict:
-    """The state as ShapeDtypeStructs (no allocation)."""
-    return jax.eval_shape(lambda: init_state(cfg, tx, jax.random.key(0)))
+def abstract_llm_state(cfg: LLMConfig, tx, shardings: dict) -> dict:
+    """The LLM state as sharded ShapeDtypeStructs (no allocation)."""
+    return with_shardings(abstract_state(llm.abstract_params(master_config(cfg)), tx), shardings)
 
 
-def state_shardings(cfg: LLMConfig, tx, mesh, rules=sharding.LLM_RULES) -> dict:
-    """NamedShardings for every leaf: params by the rules table, AdamW moments like their params,
-    scalars (step, counts) replicated."""
-    param_sh = sharding.logical_to_sharding(llm.param_logical_axes(master_config(cfg)), mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = abstract_state(cfg, tx)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
-                                   transform_non_params=lambda _: replicated,
-                                   is_leaf=lambda x: isinstance(x, NamedSharding))
-    return {"step": replicated, "params": param_sh, "opt_state": opt_sh}
-
-
-def abstract_sharded_state(cfg: LLMConfig, tx, mesh) -> dict:
-    """Abstract state whose leaves carry their shardings: the target an Orbax restore reads into."""
-    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state(cfg, tx), state_shardings(cfg, tx, mesh))
-
-
-def create_state(cfg: LLMConfig, tx, mesh, key) -> dict:
-    """A fresh state, initialised directly into its shardings (no full host copy)."""
-    shardings = state_shardings(cfg, tx, mesh)
+def init_llm_state(cfg: LLMConfig, tx, shardings: dict, key) -> dict:
+    """A fresh LLM state, initialised directly into its shardings (no full host copy)."""
+    mesh = jax.tree_util.tree_leaves(shardings["params"])[0].mesh
     with sharding.use_mesh(mesh):
         return jax.jit(lambda k: init_state(cfg, tx, k), out_shardings=shardings)(key)
-
-
-def state_from_loaded_params(params, cfg: LLMConfig, tx, mesh) -> dict:
-    """A fresh optimizer state around loaded (e.g. converted released) params, sharded."""
-    def shapes(tree):
-        return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-    want, got = shapes(llm.abstract_params(master_config(cfg))), shapes(params)
-    if want != got:
-        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-        raise ConfigError(f"init-from params do not match the llm config: {bad[0]} is {got.get(bad[0])}, "
-                          f"the model expects {want.get(bad[0])}")
-    shardings = state_shardings(cfg, tx, mesh)
-    with sharding.use_mesh(mesh):
-        return jax.jit(lambda p: state_from_params(p, tx), out_shardings=shardings)(params)

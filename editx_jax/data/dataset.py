@@ -15,13 +15,14 @@ it gets alone. The iterator's state (`get_state` / `set_state`) is saved with th
 
 from __future__ import annotations
 
-from typing import Sequence
+import glob
+from collections.abc import Sequence
 
 import grain
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
+from editx_jax import sharding
 from editx_jax.config import DataConfig
 from editx_jax.data.jsonl import Example
 
@@ -51,7 +52,6 @@ class ArrayRecordExamples:
     """Random-access examples from ArrayRecord shards written by `tools/prepare_data.py shards`."""
 
     def __init__(self, paths: str | Sequence[str]):
-        import glob
         if isinstance(paths, str):
             paths = sorted(p for pat in paths.split(",") if pat for p in (glob.glob(pat) or [pat]))
         self.source = grain.sources.ArrayRecordDataSource(list(paths))
@@ -156,12 +156,18 @@ def eval_batches(examples: Sequence[Example], length: int, rows: int, process_in
     return out
 
 
-def batch_sharding(mesh) -> NamedSharding:
-    """[grad_accum, rows, length]: rows over data x fsdp."""
-    return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
-
-
 def to_global(local: dict, mesh) -> dict:
     """This process's rows -> global jax arrays (rows of all processes concatenated in order)."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in BATCH_KEYS}
+    sh = sharding.batch_sharding(mesh, ndim=3, axis=1)  # [grad_accum, rows, length]
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(local[k])) for k in BATCH_KEYS}
+
+
+def epoch_indices(n: int, size: int, step: int, seed: int) -> np.ndarray:
+    """The `size` example indices of `step`: consecutive slices of a fresh permutation per epoch, so a
+    resumed run needs nothing but the step to find its place (the reward / DPO / GRPO / PPO data)."""
+    if n == 0:
+        raise ValueError("no training examples")
+    pos = np.arange(step * size, (step + 1) * size)
+    epochs, offsets = pos // n, pos % n
+    perms = {e: np.random.RandomState(seed + int(e)).permutation(n) for e in np.unique(epochs)}
+    return np.asarray([perms[e][o] for e, o in zip(epochs, offsets)])

@@ -37,7 +37,7 @@ class Pair:
     truncated: bool = False
 
 
-def _prompt_ids(record, tok, src, speaker_fn):
+def prompt_ids(record, tok, src, speaker_fn):
     if (record.get("task_type") or "edit") == "edit":
         if "edit_type" not in record or "edit_info" not in record:
             raise RecordError("missing edit_type or edit_info")
@@ -71,7 +71,7 @@ def record_to_pair(record: dict, tok, data: DataConfig, dpo: DPOConfig, vocab_si
         use_field = dpo.use_rejected_field and record.get("rejected_vq02vq06") is not None
         rejected = (_audio_ids(record, "rejected_vq02vq06", data, vocab_size) if use_field else src).tolist()
         eos = [jsonl.EOT] if dpo.append_eos else []
-        prompt = _prompt_ids(record, tok, src, speaker_fn)
+        prompt = prompt_ids(record, tok, src, speaker_fn)
         truncated = False
         if dpo.truncation == "source_audio" and len(prompt) > dpo.max_prompt_length:
             keep = len(src) - (len(prompt) - dpo.max_prompt_length)
@@ -79,7 +79,7 @@ def record_to_pair(record: dict, tok, data: DataConfig, dpo: DPOConfig, vocab_si
             if keep <= 0:
                 raise RecordError("prompt too long", f"the instruction alone exceeds max_prompt_length "
                                   f"{dpo.max_prompt_length}")
-            prompt, truncated = _prompt_ids(record, tok, src[:keep], speaker_fn), True
+            prompt, truncated = prompt_ids(record, tok, src[:keep], speaker_fn), True
         pair = Pair(prompt, chosen + eos, rejected + eos, float(record.get("margin", 0.0)), truncated)
     if not pair.chosen or not pair.rejected:
         raise RecordError("empty response")
