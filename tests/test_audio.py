@@ -176,7 +176,7 @@ def test_bad_audio_files(tmp_path):
     good = tmp_path / "good.wav"
     sf.write(good, np.zeros(16000, np.float32), 16000)
     (tmp_path / "truncated.wav").write_bytes(good.read_bytes()[:30])
-    expect(tmp_path / "truncated.wav", "cannot decode|no samples")
+    expect(tmp_path / "truncated.wav", "truncated")
     zero = tmp_path / "zero.wav"
     sf.write(zero, np.zeros((0, 1), np.float32), 16000)
     expect(zero, "no samples")
@@ -192,7 +192,7 @@ def test_prepare_clip_is_the_one_clip_preparation(tmp_path):
     stereo = (0.9 * rng.uniform(-1, 1, (2, 16000))).astype(np.float32)
     clip = audio_io.prepare_clip(stereo, 16000)
     mono = audio_io.to_mono(stereo)
-    assert clip.sr == 16000 and np.array_equal(clip.raw, mono)
+    assert clip.sr == 16000 and np.array_equal(clip.raw, stereo)  # as read: every channel, no cap
     assert np.array_equal(clip.wave, audio_io.cap_peak(mono)) and np.isclose(np.abs(clip.wave).max(), 0.6)
     # the same clip as a file, as soundfile's [N, C] layout and as int16 PCM gives the same samples
     sf.write(tmp_path / "a.wav", stereo.T, 16000, subtype="FLOAT")

@@ -63,7 +63,9 @@ def load_audio(path, *, mono: bool = False, max_seconds: float | None = DEFAULT_
 
 
 def check_min_duration(samples: int, sr: int, what) -> None:
-    """AudioError for a clip shorter than MIN_AUDIO_SECONDS (see there); `what` names it."""
+    """AudioError for a clip with no samples or shorter than MIN_AUDIO_SECONDS (see there); `what` names it."""
+    if samples == 0:
+        raise AudioError(f"audio has no samples: {what}")
     if samples < MIN_AUDIO_SECONDS * sr:
         raise AudioError(f"audio is too short: {samples} samples ({samples / sr:.3f} s), the minimum is "
                          f"{MIN_AUDIO_SECONDS:g} s: {what}")
