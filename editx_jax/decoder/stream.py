@@ -181,7 +181,7 @@ def _grow_encoder_caches(caches, frames: int, stride: int):
     cap = cache_capacity(frames)
     if kv[0].shape[2] >= cap:
         return caches
-    pad = lambda c, n: jnp.pad(c, ((0, 0), (0, 0), (0, n - c.shape[2]), (0, 0), (0, 0)))  # noqa: E731
+    pad = lambda c, n: jnp.pad(c, ((0, 0), (0, 0), (0, n - c.shape[2]), (0, 0), (0, 0)))
     k1, v1, k2, v2 = kv
     return [cnn1, cnn2, pad(k1, cap), pad(v1, cap), pad(k2, stride * cap), pad(v2, stride * cap)]
 
