@@ -279,10 +279,12 @@ def test_stream_chunk_functions_equal_offline_modules(small_decoder):
     model = flow_mod.FlowModel(cfg)
     mu_ref, spks, _ = model.apply({"params": p}, pairs, np.array([pairs.shape[1]]), emb, method=_encode)
     x_emb = model.apply({"params": p}, pairs, method=lambda m, q: m.input_embedding(q))
-    e = lambda n: jnp.zeros((n, 1, 0, 4, 8))  # noqa: E731
-    mu, *_ = stream_mod.encoder_chunk(p, x_emb, jnp.zeros((1, 2, 32)), jnp.zeros((1, 4, 32)), e(6), e(6), e(4),
-                                      e(4), cfg, True)
-    np.testing.assert_allclose(mu, mu_ref, atol=2e-5, rtol=1e-5)
+    n = pairs.shape[1]
+    for cap in (n, stream_mod.cache_capacity(n) + 32):  # exact and zero-padded K/V buffers
+        e = lambda layers, c: jnp.zeros((layers, 1, c, 4, 8))  # noqa: E731
+        mu, *_ = stream_mod.encoder_chunk(p, x_emb, jnp.zeros((1, 2, 32)), jnp.zeros((1, 4, 32)), e(6, cap),
+                                          e(6, cap), e(4, 2 * cap), e(4, 2 * cap), 0, cfg, True)
+        np.testing.assert_allclose(mu, mu_ref, atol=2e-5, rtol=1e-5)
     t = mu.shape[1]
     noise = jax.random.normal(jax.random.key(5), (1, t, 80))
     cond = jnp.zeros((1, t, 80)).at[:, :6].set(1.0)
@@ -298,6 +300,21 @@ def _stream_decoder(small_decoder, **cfg):
     t2w = Token2WavConfig(chunk_size_list=(6, 9), estimator_left_context=12, **cfg)
     return Decoder(small_decoder.flow_params, small_decoder.flow_config, small_decoder.vocoder_params,
                    small_decoder.vocoder_config, config=t2w)
+
+
+def test_stream_compiles_a_bounded_number_of_times(small_decoder):
+    """The encoder K/V cache grows with every chunk; its power-of-two buffers keep the jitted shapes
+    repeating: 11 chunks compile the encoder for the setup, the 2 chunk sizes, the last chunk and
+    the capacity steps only (it compiled once per chunk before), and the DiT until its cache cut."""
+    dec = _stream_decoder(small_decoder)
+    p_ids, p_mel, emb = prompt()
+    enc0, dit0 = stream_mod.encoder_chunk._cache_size(), stream_mod.dit_chunk_ode._cache_size()
+    st = dec.stream(p_ids, p_mel, emb)
+    speech = np.concatenate([st.push(ids(152, 9)[:-1]), st.push(ids(152, 9)[-1:], last=True)])
+    assert len(st.mels) == 11 and speech.shape == (480 * 2 * 3 * 31,)
+    assert st.caches[0][2].shape[2] == 128 >= st.encoder_frames  # 24 prompt + 93 generated frames
+    assert stream_mod.encoder_chunk._cache_size() - enc0 <= 5
+    assert stream_mod.dit_chunk_ode._cache_size() - dit0 <= 4
 
 
 @pytest.mark.slow

@@ -3,8 +3,10 @@
     python tools/bench_decoder.py                         # 5 s and 20 s of speech, batch 1 and 8
     python tools/bench_decoder.py --seconds 5 --batch 1 --dtype bfloat16
 
-Prints seconds per stage (encoder, ODE, vocoder) after one warm-up call per shape (compile time is
-reported separately), and RTF = wall time / seconds of audio produced (all items of the batch).
+Prints seconds per stage (encoder, ODE, vocoder) as the median of `--repeats` timed calls after one
+warm-up call per shape; compile time is reported separately (the warm-up call minus the median call),
+with the machine's load average around the timed calls (the box is shared: compare runs made side by
+side), and RTF = median wall time / seconds of audio produced (all items of the batch).
 The prompt (default 3 s) is part of every item, as in real use. `--dtype bfloat16` runs the DiT
 projections in bf16 (norms and softmax stay float32); the encoder and HiFT stay float32.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import pathlib
 import sys
 import time
@@ -35,7 +38,7 @@ def main(argv=None):
     ap.add_argument("--prompt-seconds", type=float, default=3.0)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per shape (the median is kept)")
     args = ap.parse_args(argv)
 
     from editx_jax.decoder.flow import FlowConfig, FlowModel, abstract_params, cfg_velocity, cosine_t_span, solve_euler
@@ -84,14 +87,18 @@ def main(argv=None):
                 return t_enc, t_ode, t_voc
 
             t0 = time.perf_counter()
-            run()  # compile
-            compile_s = time.perf_counter() - t0
-            best = min((run() for _ in range(args.repeats)), key=sum)
+            run()  # compiles every stage
+            first = time.perf_counter() - t0
+            load0 = os.getloadavg()[0]
+            runs = np.array([run() for _ in range(max(1, args.repeats))])
+            med = np.median(runs, axis=0)  # per stage
+            total = float(np.median(runs.sum(axis=1)))
             audio = batch * 2 * lg * 480 / 24000
-            rows.append((seconds, batch, compile_s, *best, sum(best), sum(best) / audio))
-            print(f"{seconds:5.1f} s  batch {batch:2d}  first call {compile_s:7.1f} s | encoder {best[0]:7.2f} s  "
-                  f"ODE {best[1]:7.2f} s  vocoder {best[2]:7.2f} s  total {sum(best):7.2f} s  "
-                  f"RTF {sum(best) / audio:6.3f}", flush=True)
+            load = (load0 + os.getloadavg()[0]) / 2
+            rows.append((seconds, batch, first - total, *med, total, total / audio, load))
+            print(f"{seconds:5.1f} s  batch {batch:2d}  compile {first - total:6.1f} s | median of {len(runs)}: "
+                  f"encoder {med[0]:7.2f} s  ODE {med[1]:7.2f} s  vocoder {med[2]:7.2f} s  total {total:7.2f} s  "
+                  f"RTF {total / audio:6.3f}  (load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
     kind, peak = peak_memory_bytes()
     print(f"{kind}: {peak / 2**30:.2f} GiB")
     return rows

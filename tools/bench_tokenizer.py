@@ -5,8 +5,9 @@ weights (drawn in numpy: no real weights needed), for each batch size.
     python tools/bench_tokenizer.py                          # 5-10 s clips of tests/audio, batch 1 and 8
     python tools/bench_tokenizer.py a.wav b.wav --batch 1 4 --repeats 3 [--tiny]
 
-Prints the machine's measured GEMM FLOP/s and copy bandwidth, then per batch size: the first
-(compiling) pass, the best of `--repeats` timed passes split into preprocessing / vq02 / vq06, the
+Prints the machine's measured GEMM FLOP/s and copy bandwidth, then per batch size: the compile time
+(the first pass minus the median pass), the median of `--repeats` timed passes split into
+preprocessing / vq02 / vq06 (each stage's own median), the machine's load average during them, the
 throughput in audio seconds per second, the real-time factor (wall time / audio time; below 1 is
 faster than real time) overall and per stream, and each stream's useful FLOP/s as a share of GEMM.
 """
@@ -14,6 +15,7 @@ faster than real time) overall and per stream, and each stream's useful FLOP/s a
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench_tokenizer.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", type=pathlib.Path, help="audio files (default: 5-10 s clips)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed passes per batch size (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per batch size (the median is kept)")
     parser.add_argument("--tiny", action="store_true", help="tiny encoders instead of the released sizes")
     args = parser.parse_args(argv)
 
@@ -117,21 +119,26 @@ def main(argv=None) -> int:
           f"(measured now; other load on the machine lowers both)")
     durations = {f: sf.info(str(f)).duration for f in files}
     print(f"files: {len(files)}, {min(durations.values()):.1f}-{max(durations.values()):.1f} s each")
-    print(f"{'batch':>5} {'audio s':>8} {'first s':>8} {'pre s':>6} {'vq02 s':>7} {'vq06 s':>7} {'total s':>8} "
-          f"{'audio s/s':>9} {'RTF':>6} {'RTF02':>6} {'RTF06':>6} {'%GEMM02':>7} {'%GEMM06':>7}")
+    print(f"{'batch':>5} {'audio s':>8} {'compile':>8} {'pre s':>6} {'vq02 s':>7} {'vq06 s':>7} {'total s':>8} "
+          f"{'audio s/s':>9} {'RTF':>6} {'RTF02':>6} {'RTF06':>6} {'%GEMM02':>7} {'%GEMM06':>7} {'load':>5}")
     for batch in args.batch:
         chosen = [files[i % len(files)] for i in range(batch)]
         audio_seconds = sum(durations[f] for f in chosen)
         first = run_once(tok, chosen)["total"]  # compiles the shapes of this batch
-        best = min((run_once(tok, chosen) for _ in range(max(1, args.repeats))), key=lambda r: r["total"])
-        rate = audio_seconds / best["total"]
-        print(f"{batch:>5} {audio_seconds:>8.1f} {first:>8.2f} {best['pre']:>6.2f} {best['vq02']:>7.2f} "
-              f"{best['vq06']:>7.2f} {best['total']:>8.2f} {rate:>9.1f} {1 / rate:>6.3f} "
-              f"{best['vq02'] / audio_seconds:>6.3f} {best['vq06'] / audio_seconds:>6.3f} "
-              f"{100 * best['vq02_flops'] / best['vq02'] / peak:>6.0f}% "
-              f"{100 * best['vq06_flops'] / best['vq06'] / peak:>6.0f}%", flush=True)
+        load0 = os.getloadavg()[0]
+        runs = [run_once(tok, chosen) for _ in range(max(1, args.repeats))]
+        med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}  # median per stage
+        load = (load0 + os.getloadavg()[0]) / 2
+        rate = audio_seconds / med["total"]
+        print(f"{batch:>5} {audio_seconds:>8.1f} {first - med['total']:>8.2f} {med['pre']:>6.2f} {med['vq02']:>7.2f} "
+              f"{med['vq06']:>7.2f} {med['total']:>8.2f} {rate:>9.1f} {1 / rate:>6.3f} "
+              f"{med['vq02'] / audio_seconds:>6.3f} {med['vq06'] / audio_seconds:>6.3f} "
+              f"{100 * med['vq02_flops'] / med['vq02'] / peak:>6.0f}% "
+              f"{100 * med['vq06_flops'] / med['vq06'] / peak:>6.0f}% {load:>5.1f}", flush=True)
     kind, peak_bytes = peak_memory_bytes()
     print(f"{kind}: {peak_bytes / 2**20:.0f} MiB")
+    print(f"load: the 1-minute load average during the timed passes ({os.cpu_count()} cores); compile: the "
+          "first pass minus the median pass")
     print("RTF = wall / audio time (RTF02 / RTF06: each stream's stage incl. its front end); %GEMM: the "
           "stream's useful FLOP/s as a share of the measured GEMM FLOP/s (performance.md targets: "
           "vq02 RTF <= 0.11, vq06 RTF <= 0.036 on 10 s at batch 1, 2 idle vCPUs)")

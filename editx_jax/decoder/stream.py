@@ -35,8 +35,10 @@ id at a time (the reference's intended use, one call per generated id) or all at
 chunks. Unlike the reference, which handles at most one chunk per call, `push` handles every chunk
 that is ready, and a final call with fewer than 5 ids in total still produces audio.
 
-Each chunk is jitted per shape; the encoder's K/V cache grows with every chunk (as in the reference),
-so each chunk compiles once.
+Each chunk is jitted per shape. The encoder's K/V cache grows with every chunk (as in the reference),
+so it lives in zero-padded buffers of power-of-two capacity with the valid length passed as a traced
+int: a stream compiles the encoder once per (chunk size, capacity), O(log N) for N chunks. The DiT
+cache is cut to a fixed size, so its chunk shapes repeat once the cut is reached.
 """
 
 from __future__ import annotations
@@ -92,31 +94,40 @@ def _layer(tree, i):
 # ------------------------------------------------------------------------------- encoder chunk
 
 
-def _rel_attention(p, x, k_cache, v_cache, pos, heads):
-    """ESPnet rel-pos attention of chunk x (1, T, D) over [cache, chunk]; returns (out, k_all, v_all)."""
+def _rel_attention(p, x, k_buf, v_buf, start, heads):
+    """ESPnet rel-pos attention of chunk x (1, T, D) over [cache, chunk]; returns (out, k_buf, v_buf).
+
+    k_buf / v_buf (1, C, H, dk) are fixed-capacity buffers whose first `start` frames hold the cache
+    (`start` is traced): the chunk's K/V are written at [start, start + T) and keys at or after
+    start + T are masked, so every chunk of a stream reuses one compiled shape per capacity.
+    """
     b, t, d = x.shape
     dk = d // heads
+    cap = k_buf.shape[1]
     split = lambda y: y.reshape(b, -1, heads, dk)  # noqa: E731
     q = split(_dense(p["linear_q"], x))
-    k = jnp.concatenate([k_cache, split(_dense(p["linear_k"], x))], axis=1)
-    v = jnp.concatenate([v_cache, split(_dense(p["linear_v"], x))], axis=1)
-    t2 = k.shape[1]
-    pp = jnp.matmul(pos, p["linear_pos"]["kernel"], precision=_HI).reshape(-1, heads, dk)  # (2 t2 - 1, H, dk)
+    k = jax.lax.dynamic_update_slice_in_dim(k_buf, split(_dense(p["linear_k"], x)), start, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(v_buf, split(_dense(p["linear_v"], x)), start, axis=1)
+    # table rows for the distances a query can see, cap - 1 down to -(t - 1) (row r: distance cap - 1 - r)
+    pos = jnp.asarray(rel_position_table(cap, d)[:cap + t - 1])
+    pp = jnp.matmul(pos, p["linear_pos"]["kernel"], precision=_HI).reshape(-1, heads, dk)
     ac = jnp.einsum("bthd,bshd->bhts", q + p["pos_bias_u"], k, precision=_HI)
     bd = jnp.einsum("bthd,rhd->bhtr", q + p["pos_bias_v"], pp, precision=_HI)
-    # query i sits at absolute frame (t2 - t) + i; key j at j: table row (t - 1) - i + j
-    index = (t - 1) - np.arange(t)[:, None] + np.arange(t2)[None, :]
-    bd = jnp.take_along_axis(bd, jnp.broadcast_to(jnp.asarray(index), bd.shape[:2] + index.shape), axis=-1)
-    probs = jax.nn.softmax((ac + bd) / math.sqrt(dk), axis=-1)
+    # query i sits at absolute frame start + i, key j at j: row (cap - 1) - (start + i - j)
+    keys = jnp.arange(cap)[None, :]
+    index = jnp.clip((cap - 1) - (start + jnp.arange(t)[:, None]) + keys, 0, cap + t - 2)
+    bd = jnp.take_along_axis(bd, jnp.broadcast_to(index, bd.shape[:2] + index.shape), axis=-1)
+    scores = jnp.where(keys < start + t, (ac + bd) / math.sqrt(dk), -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhts,bshd->bthd", probs, v, precision=_HI).reshape(b, t, d)
     return _dense(p["linear_out"], out), k, v
 
 
-def _conformer_chunk(stack, x, k_cache, v_cache, pos, heads, eps):
-    """The stacked conformer layers on a chunk, with per-layer K/V caches (L, 1, Tc, H, dk)."""
+def _conformer_chunk(stack, x, k_cache, v_cache, start, heads, eps):
+    """The stacked conformer layers on a chunk, with per-layer K/V buffers (L, 1, C, H, dk)."""
     def body(h, layer):
         p, kc, vc = layer
-        att, k, v = _rel_attention(p["self_attn"], _layer_norm(h, eps, p["norm_mha"]), kc, vc, pos, heads)
+        att, k, v = _rel_attention(p["self_attn"], _layer_norm(h, eps, p["norm_mha"]), kc, vc, start, heads)
         h = h + att
         y = _layer_norm(h, eps, p["norm_ff"])
         h = h + _dense(p["feed_forward"]["w_2"], jax.nn.silu(_dense(p["feed_forward"]["w_1"], y)))
@@ -125,14 +136,22 @@ def _conformer_chunk(stack, x, k_cache, v_cache, pos, heads, eps):
     return jax.lax.scan(body, x, (stack, k_cache, v_cache))
 
 
+def cache_capacity(frames: int) -> int:
+    """The encoder K/V buffer size (pair frames) for `frames` cached + new frames: a power of two
+    (at least 64), so a stream of N chunks compiles the encoder O(log N) times, not N times."""
+    return max(64, 1 << max(0, frames - 1).bit_length())
+
+
 @functools.partial(jax.jit, static_argnames=("config", "last"))
-def encoder_chunk(params, emb, cnn1, cnn2, k1, v1, k2, v2, config: FlowConfig, last: bool):
+def encoder_chunk(params, emb, cnn1, cnn2, k1, v1, k2, v2, cached, config: FlowConfig, last: bool):
     """`UpsampleConformerEncoderV2.forward_chunk` + `encoder_proj`.
 
     emb (1, T, D): the dual-codebook embedding of the chunk's pairs (look-ahead included);
-    cnn1 (1, 2, D) / cnn2 (1, 2 stride, D): conv caches (zeros at the start); k1/v1 (L1, 1, Tc, H, dk),
-    k2/v2 (L2, 1, 2 Tc, H, dk): conformer K/V caches. Returns mu (1, 2 (T - 3), 80) (2 T if last) and
-    the new caches.
+    cnn1 (1, 2, D) / cnn2 (1, 2 stride, D): conv caches (zeros at the start); k1/v1 (L1, 1, C, H, dk),
+    k2/v2 (L2, 1, stride C, H, dk): conformer K/V buffers whose first `cached` (stride x `cached`)
+    frames are valid; C >= cached + the chunk's output frames (`cache_capacity`). `cached` is a
+    traced int, so chunks of one size share a compilation. Returns mu (1, 2 (T - 3), 80) (2 T if
+    last) and the new caches (the chunk's K/V written after the valid frames).
     """
     cfg = config.encoder
     p = params["encoder"]
@@ -145,18 +164,26 @@ def encoder_chunk(params, emb, cnn1, cnn2, k1, v1, k2, v2, config: FlowConfig, l
     new_cnn1 = y[:, -2:]
     y = _conv_valid(p["pre_lookahead_layer"]["conv2"], jnp.concatenate([cnn1, y], axis=1))
     x = x[:, :x.shape[1] - look] + y
-    offset = k1.shape[2]
-    pos = jnp.asarray(rel_position_table(offset + x.shape[1], d))
-    x, (k1, v1) = _conformer_chunk(p["encoders"], x, k1, v1, pos, heads, cfg.layer_eps)
+    x, (k1, v1) = _conformer_chunk(p["encoders"], x, k1, v1, cached, heads, cfg.layer_eps)
     # upsample: nearest x stride, 2 stride cached frames in front, conv k = 2 stride + 1
     up = jnp.concatenate([cnn2, jnp.repeat(x, cfg.up_scale_factor, axis=1)], axis=1)
     new_cnn2 = up[:, -cnn2.shape[1]:]
     x = _conv_valid(p["up_layer"]["conv"], up)
     x = _layer_norm(_dense(p["up_embed"]["linear"], x), cfg.embed_eps, p["up_embed"]["norm"]) * math.sqrt(d)
-    pos = jnp.asarray(rel_position_table(offset * cfg.up_stride + x.shape[1], d))
-    x, (k2, v2) = _conformer_chunk(p["up_encoders"], x, k2, v2, pos, heads, cfg.layer_eps)
+    x, (k2, v2) = _conformer_chunk(p["up_encoders"], x, k2, v2, cached * cfg.up_stride, heads, cfg.layer_eps)
     x = _layer_norm(x, cfg.embed_eps, p["after_norm"])
     return _dense(params["encoder_proj"], x), new_cnn1, new_cnn2, k1, v1, k2, v2
+
+
+def _grow_encoder_caches(caches, frames: int, stride: int):
+    """Zero-pad the K/V buffers of (cnn1, cnn2, k1, v1, k2, v2) to `cache_capacity(frames)` if smaller."""
+    cnn1, cnn2, *kv = caches
+    cap = cache_capacity(frames)
+    if kv[0].shape[2] >= cap:
+        return caches
+    pad = lambda c, n: jnp.pad(c, ((0, 0), (0, 0), (0, n - c.shape[2]), (0, 0), (0, 0)))
+    k1, v1, k2, v2 = kv
+    return [cnn1, cnn2, pad(k1, cap), pad(v1, cap), pad(k2, stride * cap), pad(v2, stride * cap)]
 
 
 # ------------------------------------------------------------------------------- DiT chunk
@@ -361,11 +388,14 @@ class Token2WavStream:
         lookahead = self._pairs(self.buffer[:LOOKAHEAD_IDS])
         pairs = np.concatenate([self.prompt_pairs, lookahead], axis=0)
         d, h = enc.output_size, enc.attention_heads
-        empty = lambda n: jnp.zeros((n, 1, 0, h, d // h), jnp.float32)  # noqa: E731
+        cap = cache_capacity(len(pairs))
+        empty = lambda n, c: jnp.zeros((n, 1, c, h, d // h), jnp.float32)  # noqa: E731
         mu, *enc_caches = encoder_chunk(self.decoder.flow_params, self._embed(pairs),
                                         jnp.zeros((1, 2, d)), jnp.zeros((1, 2 * enc.up_stride, d)),
-                                        empty(enc.num_blocks), empty(enc.num_blocks),
-                                        empty(enc.num_up_blocks), empty(enc.num_up_blocks), cfg, False)
+                                        empty(enc.num_blocks, cap), empty(enc.num_blocks, cap),
+                                        empty(enc.num_up_blocks, enc.up_stride * cap),
+                                        empty(enc.num_up_blocks, enc.up_stride * cap), 0, cfg, False)
+        self.encoder_frames = len(pairs) - enc.pre_lookahead_len  # valid frames in the encoder caches
         est, n = cfg.estimator, self.cfg.n_timesteps
         conv = jnp.zeros((n, est.depth, 2, 2, est.hidden_size), jnp.float32)
         kv = jnp.zeros((n, est.depth, 2, 0, est.num_heads, est.head_dim), jnp.float32)
@@ -379,8 +409,12 @@ class Token2WavStream:
         """`_token2wav_stream`: flow chunk with caches, DiT cache cut, vocoder with overlap."""
         cfg = self.flow_cfg
         enc_caches, dit_caches = self.caches
-        mu, *enc_caches = encoder_chunk(self.decoder.flow_params, self._embed(self._pairs(values)),
-                                        *enc_caches, cfg, last)
+        pairs = self._pairs(values)
+        new_frames = len(pairs) if last else len(pairs) - cfg.encoder.pre_lookahead_len
+        enc_caches = _grow_encoder_caches(enc_caches, self.encoder_frames + new_frames, cfg.encoder.up_stride)
+        mu, *enc_caches = encoder_chunk(self.decoder.flow_params, self._embed(pairs), *enc_caches,
+                                        self.encoder_frames, cfg, last)
+        self.encoder_frames += new_frames
         offset = dit_caches[2].shape[3]
         frames = mu.shape[1]
         mel, *dit_caches = dit_chunk_ode(self.decoder.flow_params, self._noise(offset, frames), mu, self._spks(),
