@@ -143,17 +143,11 @@ class Attention(nn.Module):
         q = _layer_norm(QK_NORM_EPS, True, "q_norm")(heads("to_q"))
         k = _layer_norm(QK_NORM_EPS, True, "k_norm")(heads("to_k"))
         v = heads("to_v")
-        # Heads-major (B, H, T, D) operands make both products plain batched GEMMs without a
-        # transpose inside them; the softmax is normalised after P @ V (T x D divisions instead of
-        # T x T), which measured ~9 % faster on XLA:CPU at the released sizes.
-        q, k, v = (jnp.swapaxes(y.astype(self.dtype), 1, 2) for y in (q, k, v))
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k,
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(self.dtype), k.astype(self.dtype),
                             preferred_element_type=jnp.float32) * (1.0 / math.sqrt(self.head_dim))
         scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
-        weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-        out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(self.dtype), v, preferred_element_type=jnp.float32)
-        out = out / jnp.sum(weights, axis=-1, keepdims=True)
-        out = jnp.swapaxes(out, 1, 2).reshape(b, t, inner).astype(self.dtype)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype)).reshape(b, t, inner)
         return nn.Dense(self.hidden_size, dtype=self.dtype, name="proj")(out)
 
 
