@@ -182,7 +182,9 @@ def test_bad_audio_files(tmp_path):
     expect(zero, "no samples")
     expect(good, "over the limit", max_seconds=0.5)
     nan = tmp_path / "nan.wav"
-    sf.write(nan, np.array([0.0, np.nan, 0.1], np.float32), 16000, subtype="FLOAT")
+    samples = np.full(3200, 0.1, np.float32)  # 0.2 s: long enough that only the NaN is wrong
+    samples[1] = np.nan
+    sf.write(nan, samples, 16000, subtype="FLOAT")
     expect(nan, "NaN or Inf")
     expect(tmp_path, "not a file")
 
