@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from editx_jax.config import Config, ConfigError, from_dict, to_dict
+from editx_jax.models.llm import from_scan_storage, to_scan_storage
 
 OUTPUT_SAMPLE_RATE = 24000
 PARTS = ("config.json", "llm", "audio_tokenizer", "decoder", "tokenizer.model")
@@ -72,12 +73,20 @@ class EditX:
     def __init__(self, config: Config, llm_params, text_tokenizer, audio_tokenizer, decoder):
         self.config = config
         # On the device once: numpy leaves would be copied again on every jitted call (7 GB each at
-        # the released size); the host copies are dropped when the caller lets them go.
-        self.llm_params = jax.device_put(llm_params)
+        # the released size); the host copies are dropped when the caller lets them go. bfloat16
+        # layer kernels are held as their bits (`to_scan_storage`, converted in place in the
+        # given tree, one leaf at a time), so generation slices them with no whole-stack copy.
+        self._llm_weights = jax.device_put(to_scan_storage(llm_params))
         self.text_tokenizer = text_tokenizer
         self.audio_tokenizer = audio_tokenizer
         self.decoder = decoder
         self.last_info: dict = {}
+
+    @property
+    def llm_params(self) -> dict:
+        """The LLM's params in their float dtypes (a copy of the bfloat16 layer kernels, which the
+        model holds as bits for generation)."""
+        return from_scan_storage(self._llm_weights)
 
     # ------------------------------------------------------------------ construction
 
@@ -154,7 +163,8 @@ class EditX:
 
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_llm(folder / "llm", jax.tree_util.tree_map(np.asarray, self.llm_params), self.config.llm)
+        save_llm(folder / "llm", from_scan_storage(jax.tree_util.tree_map(np.asarray, self._llm_weights)),
+                 self.config.llm)
         self.audio_tokenizer.save(folder / "audio_tokenizer")
         self.decoder.save(folder / "decoder")
         (folder / "tokenizer.model").write_bytes(self.text_tokenizer.model_bytes)
@@ -251,7 +261,7 @@ class EditX:
 
     def _generate(self, prompt_ids: list[list[int]], row_keys) -> list[list[int]]:
         from editx_jax.generate.decode import generate
-        return generate(self.llm_params, self.config.llm, self.config.generation, prompt_ids,
+        return generate(self._llm_weights, self.config.llm, self.config.generation, prompt_ids,
                         row_keys=row_keys, mesh=self.mesh).tokens
 
     def _load(self, r: Request) -> tuple[np.ndarray, int, np.ndarray]:

@@ -152,3 +152,22 @@ def test_cli_edit_and_errors(tmp_path):
     assert not (tmp_path / "bad.wav").exists()
     listing = run_cli("--list-edits")
     assert listing.returncode == 0 and "whisper" in listing.stdout and "[Laughter]" in listing.stdout
+
+
+def test_bfloat16_weights_held_as_bits_save_unchanged(tmp_path):
+    """A bfloat16 model generates from its layer kernels' bits (models/llm.py `to_scan_storage`);
+    users see, save and reload the bfloat16 weights bit for bit."""
+    import jax
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["generation.max_new_tokens=8", "llm.param_dtype=bfloat16",
+                                                   "llm.dtype=bfloat16"])
+    model = EditX.random(cfg, seed=1)
+    assert model._llm_weights["layers"]["mlp"]["up_proj"]["kernel"].dtype == np.uint16
+    kernel = model.llm_params["layers"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.dtype == jax.numpy.bfloat16
+    again = EditX.from_pretrained(model.save(tmp_path / "model"))
+    for a, b in zip(jax.tree_util.tree_leaves(model.llm_params), jax.tree_util.tree_leaves(again.llm_params)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    a, _ = model.edit(CLIP16, "hello", "emotion", "angry", seed=9)
+    b, _ = again.edit(CLIP16, "hello", "emotion", "angry", seed=9)
+    np.testing.assert_array_equal(a, b)

@@ -46,7 +46,7 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  params: {cfg.num_params / 1e6:.1f}M "
           f"{cfg.param_dtype}/{cfg.dtype}  batch {b}  prompt {p}  new {n}  cache {cache_len}")
 
-    params = llm.init_params(cfg, jax.random.key(0))
+    params = llm.to_scan_storage(llm.init_params(cfg, jax.random.key(0)))  # the form EditX holds
     rng = np.random.RandomState(0)
     tokens = jnp.asarray(rng.randint(5, 65536, (b, p)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))

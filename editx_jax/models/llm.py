@@ -232,17 +232,67 @@ def init_params(cfg: LLMConfig, key) -> dict:
     return nn.meta.unbox(Step1(cfg).init(key, tokens, tokens)["params"])
 
 
+def _is_scan_float(x) -> bool:
+    """A stacked bfloat16 layer kernel ([L, ...], ndim > 2): the leaves held as bits (see below)."""
+    return x.dtype == jnp.bfloat16 and len(x.shape) > 2
+
+
 def as_scan_bits(params):
-    """The stacked bfloat16 layer kernels as their uint16 bits (a free bitcast inside a jit).
+    """The stacked bfloat16 layer kernels as their uint16 bits, inside a jit (leaves already stored
+    as bits pass through; other dtypes too).
 
     XLA:CPU has no bfloat16 dynamic-slice: it converts the whole [L, ...] stack to float32 before the
     layer scan slices it, a float32 copy of every layer at once (12.8 GiB at the released size). On
     uint16 the scan slices one layer and `Projection` reinterprets it as bfloat16 inside the loop, so
-    only one layer's working copy exists at a time. No numeric change; other dtypes pass through.
+    only one layer's working copy exists at a time. No numeric change. A bfloat16 argument still
+    costs one uint16 copy of the stack at the jit boundary (6.5 GiB): hold the params in the storage
+    form of `to_scan_storage` to avoid it.
     """
     def bits(x):
-        return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 and x.ndim > 2 else x
+        return jax.lax.bitcast_convert_type(x, jnp.uint16) if _is_scan_float(x) else x
     return {**params, "layers": jax.tree_util.tree_map(bits, params["layers"])}
+
+
+@jax.jit
+def _to_bits(x):
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+
+@jax.jit
+def _to_bfloat16(x):
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+
+
+def to_scan_storage(params: dict) -> dict:
+    """Hold the stacked bfloat16 layer kernels as uint16 bits, the form the jitted prefill/decode
+    slice without any whole-stack copy (see `as_scan_bits`). IN PLACE: each leaf of `params` is
+    replaced as it is converted, so at most one extra leaf exists at a time (a numpy leaf becomes a
+    free view; a device leaf one bitcast copy, sharding kept; an abstract leaf its uint16 struct).
+    Returns `params`. Only inference holds this form: `from_scan_storage` gives the float tree back
+    (export, training, anything that reads the weights)."""
+    def walk(tree):
+        for name, leaf in tree.items():
+            if isinstance(leaf, dict):
+                walk(leaf)
+            elif _is_scan_float(leaf):
+                if isinstance(leaf, np.ndarray):
+                    tree[name] = leaf.view(np.uint16)
+                elif isinstance(leaf, jax.ShapeDtypeStruct):
+                    tree[name] = jax.ShapeDtypeStruct(leaf.shape, jnp.uint16, sharding=leaf.sharding)
+                else:
+                    tree[name] = _to_bits(leaf)
+    walk(params["layers"])
+    return params
+
+
+def from_scan_storage(params: dict) -> dict:
+    """The float params tree of a `to_scan_storage` tree (a new tree; numpy leaves are free views,
+    device leaves one bitcast copy each). Other trees come back unchanged."""
+    def floats(x):
+        if x.dtype != jnp.uint16:
+            return x
+        return x.view(jnp.bfloat16) if isinstance(x, np.ndarray) else _to_bfloat16(x)
+    return {**params, "layers": jax.tree_util.tree_map(floats, params["layers"])}
 
 
 def check_token_ids(tokens, cfg: LLMConfig) -> None:
