@@ -260,7 +260,11 @@ class EditX:
         return [(w.astype(np.float32), sr) for w, sr in waves]
 
     def _generate(self, prompt_ids: list[list[int]], row_keys) -> list[list[int]]:
-        from editx_jax.generate.decode import generate
+        from editx_jax.generate.decode import PromptTooLongError, check_room, generate
+        try:
+            check_room([len(p) for p in prompt_ids], self.config.llm, self.config.generation)
+        except PromptTooLongError as e:
+            raise EditXError(str(e)) from None
         return generate(self._llm_weights, self.config.llm, self.config.generation, prompt_ids,
                         row_keys=row_keys, mesh=self.mesh).tokens
 
