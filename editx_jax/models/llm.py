@@ -52,6 +52,11 @@ def remat_policy(name: str):
     }[name]
 
 
+def quantizes_embeddings(cfg: LLMConfig) -> bool:
+    """The embedding table and lm_head are int8 too (llm.quantize_embeddings)."""
+    return cfg.quantize == "int8" and cfg.quantize_embeddings
+
+
 class Attention(nn.Module):
     cfg: LLMConfig
     prefill: bool = False  # the cache is empty before this call: attend over this call's keys only
@@ -61,7 +66,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         std = cfg.hidden_size ** -0.5
-        proj = functools.partial(Projection, std=std, dtype=dtype, param_dtype=pdtype)
+        proj = functools.partial(Projection, std=std, dtype=dtype, param_dtype=pdtype, quantized=cfg.quantize == "int8")
         h, g, d = cfg.num_heads, cfg.num_groups, cfg.head_dim
         q = proj((h, d), ("embed", "heads", "head_dim"), name="q_proj")(x)
         k = proj((g, d), ("embed", "kv_heads", "head_dim"), name="k_proj")(x)
@@ -102,7 +107,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
-        proj = functools.partial(Projection, dtype=dtype, param_dtype=pdtype)
+        proj = functools.partial(Projection, dtype=dtype, param_dtype=pdtype, quantized=cfg.quantize == "int8")
         std = cfg.hidden_size ** -0.5
         gate = proj((cfg.intermediate_size,), ("embed", "mlp"), std=std, name="gate_proj")(x)
         up = proj((cfg.intermediate_size,), ("embed", "mlp"), std=std, name="up_proj")(x)
@@ -145,10 +150,18 @@ class TokenEmbedding(nn.Module):
     @nn.compact
     def __call__(self, tokens):
         cfg = self.cfg
-        table = self.param("embedding", _init(1.0, ("embed_vocab", "embed")), (cfg.vocab_size, cfg.hidden_size),
-                           jnp_dtype(cfg.param_dtype))
+        quantized = quantizes_embeddings(cfg)
+        init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed_vocab", "embed")) if quantized \
+            else _init(1.0, ("embed_vocab", "embed"))  # int8: a placeholder (see models/quantize.py)
+        table = self.param("embedding", init, (cfg.vocab_size, cfg.hidden_size),
+                           jnp.int8 if quantized else jnp_dtype(cfg.param_dtype))
         table = nn.with_logical_constraint(table, (None, None))
-        return jnp.take(table, tokens, axis=0).astype(jnp_dtype(self.cfg.dtype))
+        rows = jnp.take(table, tokens, axis=0)
+        if quantized:  # int8 rows, one float32 scale per row (token)
+            scale = self.param("embedding_scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed_vocab", None)),
+                               (cfg.vocab_size, 1), jnp.float32)
+            rows = rows.astype(jnp.float32) * jnp.take(nn.with_logical_constraint(scale, (None, None)), tokens, axis=0)
+        return rows.astype(jnp_dtype(self.cfg.dtype))
 
 
 class Step1(nn.Module):
@@ -194,7 +207,7 @@ class Step1(nn.Module):
         if return_hidden:
             return x
         logits = Projection((cfg.vocab_size,), ("embed", "vocab"), std=cfg.hidden_size ** -0.5, dtype=dtype,
-                            param_dtype=pdtype, name="lm_head")(x)
+                            param_dtype=pdtype, quantized=quantizes_embeddings(cfg), name="lm_head")(x)
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         new_cache = None
         if cache is not None:
