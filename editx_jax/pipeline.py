@@ -29,6 +29,7 @@ import numpy as np
 
 from editx_jax.config import Config, ConfigError, from_dict, to_dict
 from editx_jax.models.llm import from_scan_storage, to_scan_storage
+from editx_jax.models.quantize import quantize_params
 
 OUTPUT_SAMPLE_RATE = 24000
 PARTS = ("config.json", "llm", "audio_tokenizer", "decoder", "tokenizer.model")
@@ -148,7 +149,10 @@ class EditX:
 
         if config.token2wav.vocoder != "hift":
             raise ConfigError("EditX.random builds the HiFT vocoder; set token2wav.vocoder: hift")
-        llm_params = random_params(llm.abstract_params(config.llm), seed, kernel_scale=1.0)
+        float_llm = dataclasses.replace(config.llm, quantize="none")
+        llm_params = random_params(llm.abstract_params(float_llm), seed, kernel_scale=1.0)
+        # int8 (llm.quantize): the random float weights quantized in place, one leaf at a time
+        llm_params, _ = quantize_params(llm_params, float_llm, config.llm.quantize, config.llm.quantize_embeddings)
         decoder = Decoder(random_params(flow.abstract_params(config.flow), seed + 1), config.flow,
                           # small vocoder kernels keep random HiFT out of its chaotic regime
                           random_params(hift.abstract_params(config.hift), seed + 2, kernel_scale=0.3), config.hift,
