@@ -12,12 +12,13 @@ builds random weights from configs/tiny.yaml: the output is noise; it shows the 
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 import time
 
 from editx_jax import sharding
-from editx_jax.audio.io import AudioError, load_audio
+from editx_jax.audio.io import TOKENIZER_SAMPLE_RATE, AudioError, load_audio, resample, to_mono, trim_silence
 from editx_jax.cli import (
     OneLineParser,
     UsageError,
@@ -36,6 +37,9 @@ from editx_jax.config import (
 )
 from editx_jax.text.prompts import EditError, with_language
 
+GROUPS_PER_SECOND = 25 / 3  # one 2 vq02 + 3 vq06 group of audio ids per 3/25 s (architecture.md §2)
+AUDIO_IDS_PER_GROUP = 5
+
 ROOT = pathlib.Path(__file__).resolve().parent
 DEMO_CLIP = ROOT / "editx_jax" / "assets" / "demo_prompt.wav"
 
@@ -51,7 +55,7 @@ def check_arguments(args) -> None:
     check_seed(args.seed)
     if getattr(args, "dtype", None) not in (None, "float32", "bfloat16"):
         raise UsageError(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
-    args.mesh_obj = parse_mesh(args.mesh) if getattr(args, "mesh", None) else None
+    args.mesh_obj = parse_mesh(args.mesh) if getattr(args, "mesh", None) else config_mesh(args)
     if getattr(args, "n_iter", 1) < 1:
         raise UsageError(f"--n-iter must be at least 1, got {args.n_iter}")
     from_dict(GenerationConfig, _generation_overrides(args), "generation")  # --temperature 0, --top-k -1, ...
@@ -61,7 +65,51 @@ def check_arguments(args) -> None:
         check_output_dir(args.out_dir, "--out-dir")
     else:
         check_output_file(args.out)
-        load_audio(args.audio if args.command == "edit" else args.prompt_audio, max_seconds=None)
+        wave, sr = load_audio(args.audio if args.command == "edit" else args.prompt_audio, max_seconds=None)
+        if args.max_new_tokens is not None:
+            check_room_for(wave, sr, args)
+
+
+def generation_config(args) -> GenerationConfig:
+    """The generation settings the model will run with (the model folder's config.json, then --set
+    generation.*, then the flags), read without loading any model."""
+    if args.model:
+        path = pathlib.Path(args.model) / "config.json"
+        stored = json.loads(path.read_text()).get("generation", {}) if path.is_file() else {}
+        sections = apply_overrides({"generation": stored}, args.overrides)
+        return from_dict(GenerationConfig, {**sections["generation"], **_generation_overrides(args)}, "generation")
+    config = load_config(args.config, args.overrides + [f"generation.{k}={v}" for k, v in _generation_overrides(args).items()])
+    return config.generation
+
+
+def check_room_for(wave, sample_rate: int, args) -> None:
+    """Refuse early a clip whose audio ids alone, with the --max-new-tokens asked for, exceed
+    max_length: a lower bound of its ids from its length after the tokenizer's silence trim (2 + 3
+    ids per 3/25 s group); the exact count is checked again after tokenizing (EditX)."""
+    gen = generation_config(args)
+    if gen.max_new_tokens >= gen.max_length:
+        return  # as many as fit: capped to the room, never refused
+    lower = audio_ids_lower_bound(wave, sample_rate)
+    if lower + gen.max_new_tokens > gen.max_length:
+        raise UsageError(f"the clip gives at least {lower} prompt tokens, and --max-new-tokens {gen.max_new_tokens} "
+                         f"more exceeds max_length {gen.max_length}: ask for at most "
+                         f"{max(0, gen.max_length - lower - 1)} new tokens or use a shorter clip")
+
+
+def audio_ids_lower_bound(wave, sample_rate: int) -> int:
+    """At most the audio ids the tokenizer gives this clip: whole groups in its length after the
+    silence trim, less 2 for the streaming front ends' edge frames."""
+    trimmed = trim_silence(resample(to_mono(wave), sample_rate, TOKENIZER_SAMPLE_RATE), TOKENIZER_SAMPLE_RATE)
+    return AUDIO_IDS_PER_GROUP * max(0, int(trimmed.size / TOKENIZER_SAMPLE_RATE * GROUPS_PER_SECOND) - 2)
+
+
+def config_mesh(args):
+    """The config's `mesh:` section over this host's devices (None when that is one device)."""
+    try:
+        mesh = sharding.make_mesh(load_config(args.config, args.overrides).mesh)
+    except ConfigError as e:
+        raise UsageError(f"--config {args.config}: {e}") from None
+    return None if mesh.size == 1 else mesh
 
 
 def _load_model(args):
@@ -171,7 +219,7 @@ def build_parser() -> OneLineParser:
         p.add_argument("--max-new-tokens", type=int)
         p.add_argument("--dtype", help="LLM weights and compute: float32 or bfloat16 (default: the model's)")
         p.add_argument("--mesh", help="devices for the LLM, e.g. data=2,tensor=4 (axes data, fsdp, tensor; "
-                                      "default: one device)")
+                                      "default: the --config's mesh section)")
 
     p = sub.add_parser("clone", help="speak new text in the voice of a prompt clip")
     common(p)

@@ -40,6 +40,9 @@ def _check(cond: bool, field: str, message: str) -> None:
         raise ConfigError(f"{field}: {message}")
 
 
+QUANTIZE = ("none", "int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
     """The Step1 decoder-only LLM (architecture.md §1). Defaults are the released sizes."""
@@ -58,8 +61,14 @@ class LLMConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax and the ALiBi bias stay float32
     remat_policy: str = "none"
+    # Weight-only quantization of the matmul weights (inference; models/quantize.py): "none" or "int8"
+    # (int8 kernels with float32 per-output-channel scales). quantize_embeddings: the embedding table
+    # and lm_head too (False keeps them in param_dtype).
+    quantize: str = "none"
+    quantize_embeddings: bool = True
 
     def __post_init__(self):
+        _check(self.quantize in QUANTIZE, "llm.quantize", f"one of {QUANTIZE}, got {self.quantize!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_groups",
                      "num_layers", "max_seq_len"):
             _check(getattr(self, name) > 0, f"llm.{name}", f"must be positive, got {getattr(self, name)}")

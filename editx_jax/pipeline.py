@@ -39,9 +39,10 @@ from editx_jax.checkpoint import PARTS, load_llm, load_llm_config, save_llm, wri
 from editx_jax.config import Config, ConfigError, from_dict
 from editx_jax.decoder import campplus, flow, hift
 from editx_jax.decoder.token2wav import Decoder
-from editx_jax.generate.decode import generate
+from editx_jax.generate.decode import PromptTooLongError, check_room, generate
 from editx_jax.models import llm
-from editx_jax.models.llm import param_logical_axes
+from editx_jax.models.llm import from_scan_storage, param_logical_axes, to_scan_storage
+from editx_jax.models.quantize import quantize_params
 from editx_jax.random_init import random_params
 from editx_jax.text import prompts
 from editx_jax.text.tiny import train_layout_model
@@ -89,12 +90,20 @@ class EditX:
     def __init__(self, config: Config, llm_params, text_tokenizer, audio_tokenizer, decoder):
         self.config = config
         # On the device once: numpy leaves would be copied again on every jitted call (7 GB each at
-        # the released size); the host copies are dropped when the caller lets them go.
-        self.llm_params = jax.device_put(llm_params)
+        # the released size); the host copies are dropped when the caller lets them go. bfloat16
+        # layer kernels are held as their bits (`to_scan_storage`, converted in place in the
+        # given tree, one leaf at a time), so generation slices them with no whole-stack copy.
+        self._llm_weights = jax.device_put(to_scan_storage(llm_params))
         self.text_tokenizer = text_tokenizer
         self.audio_tokenizer = audio_tokenizer
         self.decoder = decoder
         self.last_info: dict = {}
+
+    @property
+    def llm_params(self) -> dict:
+        """The LLM's params in their float dtypes (a copy of the bfloat16 layer kernels, which the
+        model holds as bits for generation)."""
+        return from_scan_storage(self._llm_weights)
 
     # ------------------------------------------------------------------ construction
 
@@ -146,7 +155,10 @@ class EditX:
         text tokenizer of the released id layout. Produces noise: for demos and tests only."""
         if config.token2wav.vocoder != "hift":
             raise ConfigError("EditX.random builds the HiFT vocoder; set token2wav.vocoder: hift")
-        llm_params = random_params(llm.abstract_params(config.llm), seed, kernel_scale=1.0)
+        float_llm = dataclasses.replace(config.llm, quantize="none")
+        llm_params = random_params(llm.abstract_params(float_llm), seed, kernel_scale=1.0)
+        # int8 (llm.quantize): the random float weights quantized in place, one leaf at a time
+        llm_params, _ = quantize_params(llm_params, float_llm, config.llm.quantize, config.llm.quantize_embeddings)
         decoder = Decoder(random_params(flow.abstract_params(config.flow), seed + 1), config.flow,
                           # small vocoder kernels keep random HiFT out of its chaotic regime
                           random_params(hift.abstract_params(config.hift), seed + 2, kernel_scale=0.3), config.hift,
@@ -159,7 +171,8 @@ class EditX:
         """Write the model folder `from_pretrained` reads."""
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_llm(folder / "llm", jax.tree_util.tree_map(np.asarray, self.llm_params), self.config.llm)
+        save_llm(folder / "llm", from_scan_storage(jax.tree_util.tree_map(np.asarray, self._llm_weights)),
+                 self.config.llm)
         self.audio_tokenizer.save(folder / "audio_tokenizer")
         self.decoder.save(folder / "decoder")
         self.text_tokenizer.save(folder)
@@ -255,7 +268,11 @@ class EditX:
         return [(w.astype(np.float32), sr) for w, sr in waves]
 
     def _generate(self, prompt_ids: list[list[int]], row_keys) -> list[list[int]]:
-        return generate(self.llm_params, self.config.llm, self.config.generation, prompt_ids,
+        try:
+            check_room([len(p) for p in prompt_ids], self.config.llm, self.config.generation)
+        except PromptTooLongError as e:
+            raise EditXError(str(e)) from None
+        return generate(self._llm_weights, self.config.llm, self.config.generation, prompt_ids,
                         row_keys=row_keys, mesh=self.mesh).tokens
 
     def _load(self, r: Request) -> tuple[np.ndarray, int, np.ndarray]:

@@ -36,13 +36,24 @@ def random_params(abstract, seed: int, kernel_scale: float = 1.0) -> dict:
     def draw(path, leaf):
         name = str(path[-1].key) if hasattr(path[-1], "key") else ""
         shape = tuple(leaf.shape)
-        x = rng.standard_normal(size=shape, dtype=np.float32)
-        if name == "scale":
-            x = 1 + 0.1 * x
-        elif name == "kernel" and len(shape) >= 2:
-            x *= kernel_scale / np.sqrt(kernel_fan_in(path, shape))
-        elif name != "embedding":
-            x *= 0.1
-        return jax.device_put(x.astype(leaf.dtype, copy=False))
+
+        def part(sub_shape):
+            x = rng.standard_normal(size=sub_shape, dtype=np.float32)
+            if name == "scale":
+                x = 1 + 0.1 * x
+            elif name == "kernel" and len(shape) >= 2:
+                x *= kernel_scale / np.sqrt(kernel_fan_in(path, shape))
+            elif name != "embedding":
+                x *= 0.1
+            return x
+
+        if len(shape) < 3:
+            return jax.device_put(part(shape).astype(leaf.dtype, copy=False))
+        # A stacked [L, ...] leaf slice by slice (the same draws in the same order): its float32
+        # working copy is one slice, not the whole stack (3.2 GB at the released size).
+        out = np.empty(shape, leaf.dtype)
+        for i in range(shape[0]):
+            out[i] = part(shape[1:])
+        return jax.device_put(out)
 
     return jax.tree_util.tree_unflatten(treedef, [draw(path, leaf) for path, leaf in flat])

@@ -52,6 +52,7 @@ def clips(tmp_path):
     lying = data[:at] + (2 * int.from_bytes(data[at:at + 4], "little")).to_bytes(4, "little") + data[at + 4:]
     (folder / "lying.wav").write_bytes(lying)
     sf.write(folder / "one.wav", np.array([0.1], np.float32), 16000)
+    sf.write(folder / "long.wav", (0.1 * np.random.default_rng(1).standard_normal(64000)).astype(np.float32), 16000)
     return folder
 
 
@@ -67,6 +68,10 @@ EDIT = ["edit", "--random-tiny", "--audio-text", "hi", "--edit-type", "emotion",
     (["--audio", "in/good.wav", "--temperature", "abc"], "--temperature.*invalid float"),
     (["--audio", "in/good.wav", "--temperature", "0"], "temperature"),
     (["--audio", "in/good.wav", "--out", "in"], "is a folder"),
+    # 4 s of audio give at least 155 ids: with 100 new tokens asked for, more than max_length 200
+    (["--audio", "in/long.wav", "--set", "generation.max_length=200", "--max-new-tokens", "100"],
+     "--max-new-tokens 100 more exceeds max_length 200"),
+    (["--audio", "in/good.wav", "--set", "mesh.data=3"], "mesh.*not divisible by 3"),
     (["--audio", "in/good.wav", "--out", "in/good.wav/x.wav"], "good.wav is a file, not a folder"),
 ])
 def test_infer_edit_refuses_before_loading(clips, extra, why):

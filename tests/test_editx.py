@@ -279,3 +279,51 @@ def test_refusals_stay_one_line(model):
         with pytest.raises(EditXError, match=needle) as e:
             model.edit(CLIP16, "text", **kwargs)
         assert "\n" not in str(e.value)
+
+
+def test_bfloat16_weights_held_as_bits_save_unchanged(tmp_path):
+    """A bfloat16 model generates from its layer kernels' bits (models/llm.py `to_scan_storage`);
+    users see, save and reload the bfloat16 weights bit for bit."""
+    import jax
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["generation.max_new_tokens=8", "llm.param_dtype=bfloat16",
+                                                   "llm.dtype=bfloat16"])
+    model = EditX.random(cfg, seed=1)
+    assert model._llm_weights["layers"]["mlp"]["up_proj"]["kernel"].dtype == np.uint16
+    kernel = model.llm_params["layers"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.dtype == jax.numpy.bfloat16
+    again = EditX.from_pretrained(model.save(tmp_path / "model"))
+    for a, b in zip(jax.tree_util.tree_leaves(model.llm_params), jax.tree_util.tree_leaves(again.llm_params)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    a, _ = model.edit(CLIP16, "hello", "emotion", "angry", seed=9)
+    b, _ = again.edit(CLIP16, "hello", "emotion", "angry", seed=9)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_explicit_new_tokens_over_max_length_refused_default_capped(model):
+    """prompt + an explicitly asked max_new_tokens > max_length: one EditXError line after tokenizing
+    (and infer.py's early bound never exceeds the real count); the default (max_new_tokens =
+    max_length) is capped to the room instead."""
+    sys.path.insert(0, str(ROOT))
+    import infer
+
+    n_ids = int(model.audio_tokenizer.tokenize([CLIP16])[0].ids.size)
+    wave, sr = sf.read(CLIP16, dtype="float32")
+    assert 0 < infer.audio_ids_lower_bound(wave, sr) <= n_ids
+    lengths, real = [], model._generate
+    model._generate = lambda ids, keys: lengths.append(len(ids[0])) or real(ids, keys)
+    saved = model.config
+    try:
+        model.edit(CLIP16, "hello", "emotion", "angry")
+        assert lengths[0] > n_ids
+        gen = dataclasses.replace(saved.generation, max_length=lengths[0] + 60, max_new_tokens=61)
+        model.config = dataclasses.replace(saved, generation=gen)
+        with pytest.raises(EditXError, match="max_new_tokens 61 more exceeds max_length"):
+            model.edit(CLIP16, "hello", "emotion", "angry")
+        gen = dataclasses.replace(gen, max_new_tokens=gen.max_length)
+        model.config = dataclasses.replace(saved, generation=gen)
+        model.edit(CLIP16, "hello", "emotion", "angry")
+        assert 0 < model.last_info["generated_tokens"][0] <= 60
+    finally:
+        model.config = saved
+        del model._generate

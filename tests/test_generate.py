@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,3 +151,41 @@ def test_sample_honours_temperature_and_top_k():
     assert set(np.unique(ids)) <= {0, 1}
     p0 = 1 / (1 + np.exp((1.0 - 2.0) / 0.7))
     assert abs((ids == 0).mean() - p0) < 0.03
+
+
+BF16 = dataclasses.replace(CFG, param_dtype="bfloat16", dtype="bfloat16")
+
+
+def test_scan_storage_is_invisible_and_bit_exact():
+    """bfloat16 layer kernels held as uint16 bits: the same ids and logits as the float tree, and the
+    float tree back bit for bit (numpy views and device leaves alike)."""
+    floats = llm.init_params(BF16, jax.random.key(3))
+    kernel = np.asarray(floats["layers"]["mlp"]["up_proj"]["kernel"])
+    stored = llm.to_scan_storage(jax.tree_util.tree_map(lambda x: x, floats))
+    assert stored["layers"]["mlp"]["up_proj"]["kernel"].dtype == np.uint16
+    assert stored["layers"]["input_norm"]["scale"].dtype == jnp.bfloat16  # [L, E]: sliced as is
+    assert stored["embed"]["embedding"].dtype == jnp.bfloat16
+    prompts = prompts_of([7, 12])
+    a = generate(floats, BF16, GREEDY, prompts, return_logits=True)
+    b = generate(stored, BF16, GREEDY, prompts, return_logits=True)
+    assert a.tokens == b.tokens
+    np.testing.assert_array_equal(a.logits, b.logits)
+    back = llm.from_scan_storage(stored)["layers"]["mlp"]["up_proj"]["kernel"]
+    assert back.dtype == jnp.bfloat16 and np.array_equal(np.asarray(back).view(np.uint16), kernel.view(np.uint16))
+    host = llm.to_scan_storage(jax.tree_util.tree_map(np.asarray, floats))
+    assert np.shares_memory(host["layers"]["mlp"]["up_proj"]["kernel"], llm.from_scan_storage(host)["layers"]["mlp"]
+                            ["up_proj"]["kernel"])
+
+
+def test_scan_storage_keeps_one_layer_of_temporaries():
+    """XLA:CPU converts a bfloat16 stack it dynamic-slices to float32 as a whole (2x the stack) and
+    materialises a bitcast of a bfloat16 argument (1x): from the storage form, prefill and decode
+    hold about one layer's float32 copy (here 1/8 of the stack's bytes)."""
+    cfg = LLMConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_heads=4, num_groups=2,
+                    num_layers=8, max_seq_len=512, param_dtype="bfloat16", dtype="bfloat16")
+    params = llm.to_scan_storage(llm.abstract_params(cfg))
+    stack = sum(x.size * 2 for x in jax.tree_util.tree_leaves(params["layers"]) if x.dtype == np.uint16)
+    cache = jax.eval_shape(lambda: llm.init_cache(cfg, 1, 64))
+    ids = jax.ShapeDtypeStruct((1, 32), jnp.int32)
+    temp = decode.prefill_jit(cfg, None).lower(params, ids, ids, cache).compile().memory_analysis().temp_size_in_bytes
+    assert temp < stack / 2, (temp, stack)

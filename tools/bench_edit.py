@@ -1,11 +1,13 @@
 """One edit end to end, per stage, with random weights at the released sizes (by default).
 
     python tools/bench_edit.py [--config configs/step_audio_editx.yaml] [--seconds 5] [--new-tokens N]
+        [--dtype float32|bfloat16] [--quantize int8]
 
 Prints seconds per stage (tokenize, generate, decode) and the real-time factor (stage seconds per
 second of output audio) for a warm run, after a first run that compiles. Random weights never stop
 at EOS, so the LLM writes exactly --new-tokens tokens (default: as many as the clip has, about
-41.7 per second, like an edit that keeps the length).
+41.7 per second, like an edit that keeps the length). Ends with the process's peak memory against the
+LLM's params bytes (the issue-10 budget: at most the params plus 5 GB).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from editx_jax.benchmarking import peak_memory_bytes, tree_bytes  # noqa: E402
 from editx_jax.config import add_config_args, load_config  # noqa: E402
+from editx_jax.models.quantize import check_quantize  # noqa: E402
 from editx_jax.pipeline import EditX  # noqa: E402
 
 DEMO_CLIP = pathlib.Path(__file__).resolve().parents[1] / "editx_jax" / "assets" / "demo_prompt.wav"
@@ -32,18 +36,28 @@ def main(argv=None):
     add_config_args(parser, default="configs/step_audio_editx.yaml")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the input clip")
     parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--dtype", help="LLM weights and compute: float32 or bfloat16 (default: the config's)")
+    parser.add_argument("--quantize", help="int8: int8 LLM weights (random float weights quantized)")
     args = parser.parse_args(argv)
+    try:
+        quantize = check_quantize(args.quantize)
+        if args.dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
+    except ValueError as e:
+        parser.exit(1, f"error: {e}\n")
 
     config = load_config(args.config, args.overrides)
     n_new = args.new_tokens or int(round(args.seconds * 25 / 3 * 5))  # 41.67 audio tokens per second
+    dtypes = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
     config = dataclasses.replace(
-        config, llm=dataclasses.replace(config.llm, eos_id=config.llm.vocab_size - 1),
+        config, llm=dataclasses.replace(config.llm, eos_id=config.llm.vocab_size - 1, quantize=quantize, **dtypes),
         generation=dataclasses.replace(config.generation, max_new_tokens=n_new))
     print(f"device {jax.devices()[0].device_kind}; LLM {config.llm.num_params / 1e9:.2f}B "
-          f"{config.llm.param_dtype}; clip {args.seconds:.1f} s; {n_new} new tokens")
+          f"{config.llm.param_dtype} (quantize {quantize}); clip {args.seconds:.1f} s; {n_new} new tokens")
     t = time.perf_counter()
     model = EditX.random(config)
-    print(f"random model built in {time.perf_counter() - t:.1f} s")
+    params_bytes = tree_bytes(model._llm_weights)
+    print(f"random model built in {time.perf_counter() - t:.1f} s; LLM params {params_bytes / 2**30:.2f} GiB")
 
     import soundfile as sf
     base, sr = sf.read(DEMO_CLIP, dtype="float32")
@@ -59,6 +73,9 @@ def main(argv=None):
         print(f"{label}: total {total:.2f} s for {out_seconds:.2f} s of output (RTF {total / out_seconds:.3f})")
         for stage, seconds in timings.items():
             print(f"  {stage:9s} {seconds:8.2f} s   RTF {seconds / out_seconds:.3f}")
+    kind, peak = peak_memory_bytes()
+    print(f"{kind}: {peak / 2**30:.2f} GiB = LLM params {params_bytes / 2**30:.2f} GiB + "
+          f"{(peak - params_bytes) / 2**30:.2f} GiB (budget: params + 5 GB = {(params_bytes + 5e9) / 2**30:.2f} GiB)")
 
 
 if __name__ == "__main__":

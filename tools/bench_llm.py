@@ -1,6 +1,7 @@
 """Step1 prefill / decode speed on this machine, against its own memory-bandwidth roofline.
 
     python tools/bench_llm.py --config configs/llm_300m.yaml --batch 1 --prompt-len 512 --new-tokens 128
+    python tools/bench_llm.py --config configs/llm_mid.yaml --quantize int8   # float, then int8, same run
 
 Prints compile times, prefill and decode tokens/s, peak memory, and decode speed as a fraction of
 the roofline: each decode step must read every weight (one embedding row) and the whole KV cache once, so its floor is
@@ -26,6 +27,7 @@ from editx_jax.benchmarking import copy_bandwidth, peak_memory_bytes, timed, tre
 from editx_jax.config import add_config_args, load_config  # noqa: E402
 from editx_jax.generate.decode import bucket, decode_jit, initial_state, prefill_jit  # noqa: E402
 from editx_jax.models import llm  # noqa: E402
+from editx_jax.models.quantize import check_quantize, quantize_params  # noqa: E402
 
 
 def main(argv=None):
@@ -35,23 +37,41 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantize", help="int8: time the int8 weights after the float ones, in the same run")
     args = parser.parse_args(argv)
+    try:
+        quantize = check_quantize(args.quantize)
+    except ValueError as e:
+        parser.exit(1, f"error: {e}\n")
 
     config = load_config(args.config, args.overrides)
     # No early stop: an EOS id the random model will practically never sample.
     cfg = dataclasses.replace(config.llm, eos_id=config.llm.vocab_size - 1)
     gen = dataclasses.replace(config.generation, max_new_tokens=args.new_tokens)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  params: {cfg.num_params / 1e6:.1f}M "
+          f"{cfg.param_dtype}/{cfg.dtype}  batch {args.batch}  prompt {bucket(args.prompt_len, 1)}  "
+          f"new {args.new_tokens}")
+    floats = llm.init_params(cfg, jax.random.key(0))
+    host = jax.tree_util.tree_map(np.asarray, floats) if quantize != "none" else None
+    speed = {"float": bench(llm.to_scan_storage(floats), cfg, gen, args)}  # the form EditX holds
+    del floats
+    if quantize != "none":
+        params, qcfg = quantize_params(host, cfg, quantize)
+        print(f"-- {quantize}: params {tree_bytes(params) / 2**20:.1f} MiB")
+        speed[quantize] = bench(jax.device_put(params), qcfg, gen, args)
+        print(f"decode {quantize} / float: {speed[quantize] / speed['float']:.2f}x")
+
+
+def bench(params, cfg, gen, args) -> float:
+    """Compile and time prefill and decode; print them; return decode tokens/s."""
     b, p, n = args.batch, bucket(args.prompt_len, 1), args.new_tokens
     cache_len = bucket(p + n, 1)
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  params: {cfg.num_params / 1e6:.1f}M "
-          f"{cfg.param_dtype}/{cfg.dtype}  batch {b}  prompt {p}  new {n}  cache {cache_len}")
-
-    params = llm.init_params(cfg, jax.random.key(0))
     rng = np.random.RandomState(0)
-    tokens = jnp.asarray(rng.randint(5, 65536, (b, p)), jnp.int32)
+    tokens = jnp.asarray(rng.randint(5, 65536 if cfg.vocab_size > 65536 else cfg.vocab_size, (b, p)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    recent = tokens[:, -max(gen.repetition_window, 1):]
-    lengths = jnp.full((b,), p, jnp.int32)
+    # host arrays: the decode state is donated, so each run's state must be built from fresh buffers
+    recent = np.asarray(tokens[:, -max(gen.repetition_window, 1):])
+    lengths = np.full((b,), p, np.int32)
     budget = jnp.full((b,), n, jnp.int32)
 
     t = time.perf_counter()
@@ -92,6 +112,7 @@ def main(argv=None):
           f"{bytes_per_step / 1e9:.3f} GB -> roofline {roofline * 1e3:.2f} ms/step")
     print(f"decode speed = {roofline / step_time:.1%} of the memory-bandwidth roofline")
     print(f"{kind}: {peak / 2**30:.2f} GiB")
+    return b * steps / t_decode
 
 
 if __name__ == "__main__":

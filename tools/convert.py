@@ -1,11 +1,11 @@
 """Convert released checkpoints into editx-jax checkpoint folders, and export them back.
 
-    python tools/convert.py llm SRC DST [--dtype bfloat16|float32]
+    python tools/convert.py llm SRC DST [--dtype bfloat16|float32] [--quantize int8 [--float-embeddings]]
     python tools/convert.py export-llm CKPT DST [--dtype bfloat16|float32]
     python tools/convert.py decoder CosyVoice-300M-25Hz/ DST [--bigvgan CKPT]
     python tools/convert.py export-decoder CKPT DST
     python tools/convert.py tokenizer Step-Audio-Tokenizer/ DST
-    python tools/convert.py editx Step-Audio-EditX/ DST --tokenizer Step-Audio-Tokenizer/
+    python tools/convert.py editx Step-Audio-EditX/ DST --tokenizer Step-Audio-Tokenizer/ [--quantize int8]
 
 Each subcommand is one entry of SUBCOMMANDS: name -> (function, help). The function is called as
 `function(src, dst, progress=..., [dtype=...])` and returns a summary dict that is printed as JSON.
@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's editx_jax
 
-def _llm(src, dst, progress=True, dtype=None):
+
+def _llm(src, dst, progress=True, dtype=None, quantize=None, float_embeddings=False):
     from editx_jax.convert.llm import convert_llm
-    return convert_llm(src, dst, dtype=dtype or "bfloat16", progress=progress)
+    return convert_llm(src, dst, dtype=dtype or "bfloat16", progress=progress, quantize=quantize,
+                       float_embeddings=float_embeddings)
 
 
 def _export_llm(src, dst, progress=True, dtype=None):
@@ -46,9 +50,10 @@ def _tokenizer(src, dst, progress=True, dtype=None):
     return convert_tokenizer(src, dst, progress=progress, dtype=dtype)
 
 
-def _editx(src, dst, progress=True, dtype=None, tokenizer=None):
+def _editx(src, dst, progress=True, dtype=None, tokenizer=None, quantize=None, float_embeddings=False):
     from editx_jax.convert.editx import convert_editx
-    return convert_editx(src, dst, tokenizer, progress=progress, dtype=dtype)
+    return convert_editx(src, dst, tokenizer, progress=progress, dtype=dtype, quantize=quantize,
+                         float_embeddings=float_embeddings)
 
 
 SUBCOMMANDS = {
@@ -67,9 +72,16 @@ SUBCOMMANDS = {
 }
 
 # Options only some subcommands take: name -> [(flag, argparse kwargs)]. Passed as keyword arguments.
+QUANTIZE_OPTIONS = [
+    ("--quantize", {"metavar": "KIND", "default": None,
+                    "help": "int8: int8 LLM weights with per-output-channel scales (about half the bfloat16 bytes)"}),
+    ("--float-embeddings", {"action": "store_true",
+                            "help": "with --quantize: keep the embedding table and lm_head in --dtype"}),
+]
 EXTRA_OPTIONS = {
+    "llm": QUANTIZE_OPTIONS,
     "editx": [("--tokenizer", {"metavar": "DIR", "default": None,
-                               "help": "the released Step-Audio-Tokenizer/ folder"})],
+                               "help": "the released Step-Audio-Tokenizer/ folder"}), *QUANTIZE_OPTIONS],
     "decoder": [("--bigvgan", {"metavar": "CKPT", "default": None,
                                "help": "a BigVGAN state dict to use as the vocoder instead of hift.pt"})],
 }

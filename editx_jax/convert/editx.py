@@ -24,13 +24,16 @@ from editx_jax.config import Config
 from editx_jax.convert.decoder import convert_decoder
 from editx_jax.convert.llm import convert_llm
 from editx_jax.convert.tokenizer import convert_tokenizer
+from editx_jax.models.quantize import check_quantize
 from editx_jax.text.tokenizer import CONFIG_FILENAME, MODEL_FILENAME, TextTokenizer, TokenizerError, read_hf_config
 
 DECODER_SUBFOLDER = "CosyVoice-300M-25Hz"
 
 
-def convert_editx(src, dst, tokenizer, progress: bool = True, dtype=None) -> dict:
+def convert_editx(src, dst, tokenizer, progress: bool = True, dtype=None, quantize=None,
+                  float_embeddings: bool = False) -> dict:
     src, dst = pathlib.Path(src), pathlib.Path(dst)
+    check_quantize(quantize)  # before anything is read or written
     if tokenizer is None:
         raise FileNotFoundError("give the released Step-Audio-Tokenizer/ folder with --tokenizer")
     for need in (src / "config.json", src / MODEL_FILENAME, src / CONFIG_FILENAME, src / DECODER_SUBFOLDER,
@@ -49,7 +52,8 @@ def convert_editx(src, dst, tokenizer, progress: bool = True, dtype=None) -> dic
         shutil.rmtree(work)
     work.mkdir(parents=True)
     summary = {
-        "llm": convert_llm(src, work / "llm", dtype=dtype or "bfloat16", progress=progress),
+        "llm": convert_llm(src, work / "llm", dtype=dtype or "bfloat16", progress=progress, quantize=quantize,
+                           float_embeddings=float_embeddings),
         "decoder": convert_decoder(src / DECODER_SUBFOLDER, work / "decoder", progress=progress),
         "audio_tokenizer": convert_tokenizer(tokenizer, work / "audio_tokenizer", progress=progress),
     }

@@ -24,6 +24,7 @@ from editx_jax.convert.keymap import ConversionError, Rule
 from editx_jax.convert.sources import (DEFAULT_IGNORED, FLOAT_DTYPES, INDEX_NAME, SafetensorsSource,
                                        numpy_dtype, write_safetensors)
 from editx_jax.models.llm import abstract_params
+from editx_jax.models.quantize import check_quantize, dequantize_params, quantize_params
 from editx_jax.tree import flatten
 
 LAYER = "model.layers.{layer}."
@@ -168,13 +169,17 @@ def convert_llm_params(source, cfg: LLMConfig, progress: bool = False) -> dict:
                           progress=_tqdm(progress, "convert llm"))
 
 
-def convert_llm(src_folder, dst_folder, dtype: str = "bfloat16", progress: bool = True) -> dict:
+def convert_llm(src_folder, dst_folder, dtype: str = "bfloat16", progress: bool = True, quantize: str | None = None,
+                float_embeddings: bool = False) -> dict:
     """Convert the released LLM folder (`config.json`, `model*.safetensors`, optional index) into a
     checkpoint folder at `dst_folder`. Returns a summary (tensors, ignored buffers, bytes, seconds).
 
     Peak memory is about the converted params plus a few source tensors: target leaves are
     preallocated numpy arrays filled one source tensor at a time, and Orbax writes them from numpy.
+    quantize="int8": int8 weights with per-output-channel scales (models/quantize.py), quantized leaf
+    by leaf in place; float_embeddings keeps the embedding table and lm_head in `dtype`.
     """
+    quantize = check_quantize(quantize)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     start = time.time()
@@ -184,12 +189,13 @@ def convert_llm(src_folder, dst_folder, dtype: str = "bfloat16", progress: bool 
         params = convert_llm_params(source, cfg, progress)
         n_tensors, ignored = len(source.names()), list(source.ignored)
         src_dtypes = sorted({source.dtype(n) for n in source.names()})
+    params, cfg = quantize_params(params, cfg, quantize, embeddings=not float_embeddings)
     nbytes = sum(a.nbytes for a in flatten(params).values())
     meta = {"converted_from": str(src_folder.absolute()), "source_format": "safetensors",
             "source_dtypes": src_dtypes, "source_tensors": n_tensors, "ignored_buffers": ignored,
             "num_params": cfg.num_params}
     checkpoint.save_llm(dst_folder, params, cfg, meta)
-    return {"tensors": n_tensors, "ignored": ignored, "dtype": dtype, "bytes": nbytes,
+    return {"tensors": n_tensors, "ignored": ignored, "dtype": dtype, "quantize": quantize, "bytes": nbytes,
             "num_params": cfg.num_params, "seconds": round(time.time() - start, 2),
             "dst": str(pathlib.Path(dst_folder).absolute())}
 
@@ -214,6 +220,7 @@ def export_llm(params_or_folder, cfg: LLMConfig | None, dst_folder, dtype: str |
         if cfg is None:
             raise ValueError("export_llm: a params tree needs its LLMConfig")
         params = params_or_folder
+    params, cfg = dequantize_params(params, cfg)  # the released format has float weights only
     # One host copy of the params (a no-op for numpy leaves); every exported tensor is a view of it
     # until the writer makes it contiguous, one tensor at a time.
     import jax

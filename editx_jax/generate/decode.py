@@ -208,6 +208,19 @@ def _rules(mesh):
     return contextlib.nullcontext() if mesh is None else sharding.use_mesh(mesh)
 
 
+def check_room(prompt_lengths: Sequence[int], cfg: LLMConfig, gen: GenerationConfig) -> None:
+    """PromptTooLongError for a prompt that leaves no room, or whose tokens plus an explicitly asked
+    `max_new_tokens` exceed max_length. `max_new_tokens >= max_length` (the released default) means
+    "as many as fit": `generate` caps each row to its room, as the official code does."""
+    limit = min(gen.max_length, cfg.max_seq_len)
+    longest = max(prompt_lengths)
+    if longest >= limit:
+        raise PromptTooLongError(f"the prompt is {longest} tokens, no room for new tokens under max_length {limit}")
+    if gen.max_new_tokens < gen.max_length and longest + gen.max_new_tokens > limit:
+        raise PromptTooLongError(f"the prompt is {longest} tokens and max_new_tokens {gen.max_new_tokens} more "
+                                 f"exceeds max_length {limit}: ask for at most {limit - longest} new tokens")
+
+
 def cache_length(prompt_len: int, max_steps: int, limit: int, minimum: int) -> int:
     """Cache slots for a left-padded prompt bucket of `prompt_len` plus `max_steps` new tokens: a power
     of two, never more than `limit` (max_length): the official rule counts prompt plus new tokens,

@@ -20,14 +20,27 @@ class Projection(nn.Module):
     std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    quantized: bool = False  # int8 kernel + float32 per-output-channel `kernel_scale` (models/quantize.py)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[x.ndim - self.in_ndim:]
         shape = tuple(in_shape) + tuple(self.out_shape)
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.std), tuple(self.axes)),
-                            shape, self.param_dtype)
+        # int8 weights come from quantizing float ones (models/quantize.py); their init is a placeholder
+        init = nn.initializers.zeros if self.quantized else nn.initializers.normal(self.std)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
+                            shape, jnp.int8 if self.quantized else self.param_dtype)
         if kernel.dtype == jnp.uint16:  # bfloat16 bits (see models/llm.py `as_scan_bits`)
             kernel = jax.lax.bitcast_convert_type(kernel, jnp.bfloat16)
         contract = (tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim)))
-        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if not self.quantized:
+            return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        # Scales keep the kernel's rank (1 on the contracted dims), so they shard like its outputs.
+        scale_axes = (None,) * self.in_ndim + tuple(self.axes[self.in_ndim:])
+        scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, scale_axes),
+                           (1,) * self.in_ndim + tuple(self.out_shape), jnp.float32)
+        # Per-output-channel scales commute with the contraction: x . (q * s) = (x . q) * s, so the
+        # int8 kernel is only widened (one layer at a time inside the scan), never multiplied.
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+                                preferred_element_type=jnp.float32)
+        return (y * scale.reshape(tuple(self.out_shape))).astype(self.dtype)

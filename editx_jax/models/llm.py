@@ -52,6 +52,11 @@ def remat_policy(name: str):
     }[name]
 
 
+def quantizes_embeddings(cfg: LLMConfig) -> bool:
+    """The embedding table and lm_head are int8 too (llm.quantize_embeddings)."""
+    return cfg.quantize == "int8" and cfg.quantize_embeddings
+
+
 class Attention(nn.Module):
     cfg: LLMConfig
     prefill: bool = False  # the cache is empty before this call: attend over this call's keys only
@@ -61,7 +66,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         std = cfg.hidden_size ** -0.5
-        proj = functools.partial(Projection, std=std, dtype=dtype, param_dtype=pdtype)
+        proj = functools.partial(Projection, std=std, dtype=dtype, param_dtype=pdtype, quantized=cfg.quantize == "int8")
         h, g, d = cfg.num_heads, cfg.num_groups, cfg.head_dim
         q = proj((h, d), ("embed", "heads", "head_dim"), name="q_proj")(x)
         k = proj((g, d), ("embed", "kv_heads", "head_dim"), name="k_proj")(x)
@@ -102,7 +107,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
-        proj = functools.partial(Projection, dtype=dtype, param_dtype=pdtype)
+        proj = functools.partial(Projection, dtype=dtype, param_dtype=pdtype, quantized=cfg.quantize == "int8")
         std = cfg.hidden_size ** -0.5
         gate = proj((cfg.intermediate_size,), ("embed", "mlp"), std=std, name="gate_proj")(x)
         up = proj((cfg.intermediate_size,), ("embed", "mlp"), std=std, name="up_proj")(x)
@@ -145,10 +150,18 @@ class TokenEmbedding(nn.Module):
     @nn.compact
     def __call__(self, tokens):
         cfg = self.cfg
-        table = self.param("embedding", _init(1.0, ("embed_vocab", "embed")), (cfg.vocab_size, cfg.hidden_size),
-                           jnp_dtype(cfg.param_dtype))
+        quantized = quantizes_embeddings(cfg)
+        init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed_vocab", "embed")) if quantized \
+            else _init(1.0, ("embed_vocab", "embed"))  # int8: a placeholder (see models/quantize.py)
+        table = self.param("embedding", init, (cfg.vocab_size, cfg.hidden_size),
+                           jnp.int8 if quantized else jnp_dtype(cfg.param_dtype))
         table = nn.with_logical_constraint(table, (None, None))
-        return jnp.take(table, tokens, axis=0).astype(jnp_dtype(self.cfg.dtype))
+        rows = jnp.take(table, tokens, axis=0)
+        if quantized:  # int8 rows, one float32 scale per row (token)
+            scale = self.param("embedding_scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed_vocab", None)),
+                               (cfg.vocab_size, 1), jnp.float32)
+            rows = rows.astype(jnp.float32) * jnp.take(nn.with_logical_constraint(scale, (None, None)), tokens, axis=0)
+        return rows.astype(jnp_dtype(self.cfg.dtype))
 
 
 class Step1(nn.Module):
@@ -194,7 +207,7 @@ class Step1(nn.Module):
         if return_hidden:
             return x
         logits = Projection((cfg.vocab_size,), ("embed", "vocab"), std=cfg.hidden_size ** -0.5, dtype=dtype,
-                            param_dtype=pdtype, name="lm_head")(x)
+                            param_dtype=pdtype, quantized=quantizes_embeddings(cfg), name="lm_head")(x)
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         new_cache = None
         if cache is not None:
@@ -232,17 +245,67 @@ def init_params(cfg: LLMConfig, key) -> dict:
     return nn.meta.unbox(Step1(cfg).init(key, tokens, tokens)["params"])
 
 
+def _is_scan_float(x) -> bool:
+    """A stacked bfloat16 layer kernel ([L, ...], ndim > 2): the leaves held as bits (see below)."""
+    return x.dtype == jnp.bfloat16 and len(x.shape) > 2
+
+
 def as_scan_bits(params):
-    """The stacked bfloat16 layer kernels as their uint16 bits (a free bitcast inside a jit).
+    """The stacked bfloat16 layer kernels as their uint16 bits, inside a jit (leaves already stored
+    as bits pass through; other dtypes too).
 
     XLA:CPU has no bfloat16 dynamic-slice: it converts the whole [L, ...] stack to float32 before the
     layer scan slices it, a float32 copy of every layer at once (12.8 GiB at the released size). On
     uint16 the scan slices one layer and `Projection` reinterprets it as bfloat16 inside the loop, so
-    only one layer's working copy exists at a time. No numeric change; other dtypes pass through.
+    only one layer's working copy exists at a time. No numeric change. A bfloat16 argument still
+    costs one uint16 copy of the stack at the jit boundary (6.5 GiB): hold the params in the storage
+    form of `to_scan_storage` to avoid it.
     """
     def bits(x):
-        return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 and x.ndim > 2 else x
+        return jax.lax.bitcast_convert_type(x, jnp.uint16) if _is_scan_float(x) else x
     return {**params, "layers": jax.tree_util.tree_map(bits, params["layers"])}
+
+
+@jax.jit
+def _to_bits(x):
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+
+@jax.jit
+def _to_bfloat16(x):
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+
+
+def to_scan_storage(params: dict) -> dict:
+    """Hold the stacked bfloat16 layer kernels as uint16 bits, the form the jitted prefill/decode
+    slice without any whole-stack copy (see `as_scan_bits`). IN PLACE: each leaf of `params` is
+    replaced as it is converted, so at most one extra leaf exists at a time (a numpy leaf becomes a
+    free view; a device leaf one bitcast copy, sharding kept; an abstract leaf its uint16 struct).
+    Returns `params`. Only inference holds this form: `from_scan_storage` gives the float tree back
+    (export, training, anything that reads the weights)."""
+    def walk(tree):
+        for name, leaf in tree.items():
+            if isinstance(leaf, dict):
+                walk(leaf)
+            elif _is_scan_float(leaf):
+                if isinstance(leaf, np.ndarray):
+                    tree[name] = leaf.view(np.uint16)
+                elif isinstance(leaf, jax.ShapeDtypeStruct):
+                    tree[name] = jax.ShapeDtypeStruct(leaf.shape, jnp.uint16, sharding=leaf.sharding)
+                else:
+                    tree[name] = _to_bits(leaf)
+    walk(params["layers"])
+    return params
+
+
+def from_scan_storage(params: dict) -> dict:
+    """The float params tree of a `to_scan_storage` tree (a new tree; numpy leaves are free views,
+    device leaves one bitcast copy each). Other trees come back unchanged."""
+    def floats(x):
+        if x.dtype != jnp.uint16:
+            return x
+        return x.view(jnp.bfloat16) if isinstance(x, np.ndarray) else _to_bfloat16(x)
+    return {**params, "layers": jax.tree_util.tree_map(floats, params["layers"])}
 
 
 def check_token_ids(tokens, cfg: LLMConfig) -> None:
