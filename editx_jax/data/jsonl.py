@@ -32,8 +32,14 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 
 from editx_jax.config import ConfigError, DataConfig
-from editx_jax.text.prompts import (CLONE_SYSTEM_HEAD, CLONE_SYSTEM_TAIL, EDIT_SYSTEM_PROMPT, chat_template_ids,
-                                    clone_speaker_id_from_file, training_edit_instruction)
+from editx_jax.text.prompts import (
+    CLONE_SYSTEM_HEAD,
+    CLONE_SYSTEM_TAIL,
+    EDIT_SYSTEM_PROMPT,
+    chat_template_ids,
+    clone_speaker_id_from_file,
+    training_edit_instruction,
+)
 from editx_jax.text.tokenizer import TextTokenizer
 
 BOS, EOT, BOT = 1, 3, 4

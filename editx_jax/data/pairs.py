@@ -23,8 +23,13 @@ import numpy as np
 from editx_jax.config import DataConfig, DPOConfig
 from editx_jax.data import jsonl
 from editx_jax.data.jsonl import RecordError, _audio_ids, _text
-from editx_jax.text.prompts import (CLONE_SYSTEM_HEAD, CLONE_SYSTEM_TAIL, EDIT_SYSTEM_PROMPT, chat_template_ids,
-                                    training_edit_instruction)
+from editx_jax.text.prompts import (
+    CLONE_SYSTEM_HEAD,
+    CLONE_SYSTEM_TAIL,
+    EDIT_SYSTEM_PROMPT,
+    chat_template_ids,
+    training_edit_instruction,
+)
 
 UNIT = 5  # tokens per 2:3 audio unit
 
