@@ -182,7 +182,9 @@ class DataConfig:
 
     train: str = ""  # JSONL file(s), comma-separated, read in order
     eval: str = ""  # held-out JSONL for teacher-forced NLL / accuracy; "" disables
-    text_tokenizer: str = "bytes"  # "bytes" / "words" (toys for synthetic data) or a tokenizer.model / model folder
+    # The released model folder / tokenizer.model, or "bytes" / "words" (toys for synthetic data). No
+    # default on purpose: a config that forgets it must fail, not train the real model on bytes.
+    text_tokenizer: str = ""
     audio_id_base: int = 65536  # the model's id of <audio_0>; records carry 65536 + code
     audio_codes: int = 5120  # codes per record id: 1024 vq02 + 4096 vq06
     max_length: int = 1536  # tokens per sequence (upstream SFT max_length) and per packed row

@@ -7,8 +7,9 @@ import pytest
 import soundfile as sf
 from _sft_corpus import make_records, write_jsonl
 
-from editx_jax.config import DataConfig
+from editx_jax.config import ConfigError, DataConfig
 from editx_jax.data import dataset, jsonl
+from editx_jax.text import prompts
 
 TOK = jsonl.ByteTokenizer()
 V = 74752
@@ -39,14 +40,32 @@ def test_edit_record_layout_and_loss_mask():
 
 
 def test_instruction_strings():
-    assert jsonl.edit_instruction("paralinguistic", "x", "a [Laughter]") == (
+    train = prompts.training_edit_instruction
+    assert train("paralinguistic", "x", "a [Laughter]") == (
         "Add some non-verbal sounds to make the audio more natural, the new text is : a [Laughter]\n"
         "  The text corresponding to the audio is: a [Laughter]\n")
-    assert jsonl.edit_instruction("style", "remove", " t ").startswith("Remove any speaking styles")
-    assert jsonl.edit_instruction("speed", "faster", "t") == \
+    assert train("style", "remove", " t ").startswith("Remove any speaking styles")
+    assert train("speed", "faster", "t") == \
         "Make the following audio more faster. The text corresponding to the audio is: t\n"
-    assert jsonl.edit_instruction("emotion", None, "t").startswith("Make the following audio more . ")
-    assert jsonl.edit_instruction("mask", "empty", "t") == "Edit the audio based on text: t\n"
+    assert train("emotion", None, "t").startswith("Make the following audio more . ")
+    assert train("mask", "empty", "t") == "Edit the audio based on text: t\n"
+    # one source: every request the inference prompts accept gets the same instruction in training data
+    for edit_type, values in prompts.EDIT_VALUES.items():
+        for info in values or (None,):
+            new_text = "a [Laughter] b" if edit_type == "paralinguistic" else None
+            assert train(edit_type, info, " a b ", new_text) == \
+                prompts.edit_instruction(edit_type, info, " a b ", new_text), (edit_type, info)
+    assert not hasattr(jsonl, "edit_instruction")
+
+
+def test_text_tokenizer_has_no_silent_default(tmp_path):
+    """A config that names no text tokenizer fails on the key instead of reading text as bytes."""
+    assert DataConfig().text_tokenizer == ""
+    with pytest.raises(ConfigError, match="data.text_tokenizer is not set"):
+        jsonl.load_text_tokenizer(DataConfig().text_tokenizer)
+    with pytest.raises(ConfigError, match="data.text_tokenizer: .*nope does not exist"):
+        jsonl.load_text_tokenizer(str(tmp_path / "nope"))
+    assert isinstance(jsonl.load_text_tokenizer("bytes"), jsonl.ByteTokenizer)
 
 
 def test_clone_record_uses_the_speaker_hash(tmp_path):
@@ -209,7 +228,7 @@ def test_real_tokenizer_gives_the_training_chat_template(tmp_path):
 
     tok = TextTokenizer(train_layout_model())
     ex = jsonl.encode_record(record(), tok, DataConfig(), V)
-    instr = jsonl.edit_instruction("emotion", "happy", " Hello there ")
+    instr = prompts.training_edit_instruction("emotion", "happy", " Hello there ")
     user = instr + "\n<audio_0><audio_1><audio_1024>\n"
     want = chat_template(jsonl.EDIT_SYSTEM_PROMPT, user, "<audio_2><audio_5119><|EOT|>")
     assert tok.decode(ex.tokens.tolist()) == want

@@ -121,7 +121,7 @@ def test_rl_cli_bad_input_is_a_clear_error(data, tmp_path, capsys):
     capsys.readouterr()
     assert _main("ppo", data, tmp_path / "c", "train.batch_size=8", "llm.vocab_size=128",
                  flags=("--reward-model", str(rm_out))) == 1
-    assert "vocabulary of 64 ids" in capsys.readouterr().err
+    assert "vocab_size (64 vs 128)" in capsys.readouterr().err
 
 
 def test_epoch_indices_and_prompt_records(tmp_path):

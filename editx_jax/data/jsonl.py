@@ -11,9 +11,10 @@ does).
 
 The ids come from `editx_jax.text.prompts.chat_template_ids` (training's path: the template string
 tokenised once, audio ids spliced in). The text tokenizer is `editx_jax.text.TextTokenizer` (a path)
-or a toy with the same `encode_parts` ("bytes", "words") for tests and demos. The instruction text
-follows upstream's *training* datasets (any edit type, unknown ones get the generic instruction), not
-the validated inference prompts.
+or a toy with the same `encode_parts` ("bytes", "words") for tests and demos; `data.text_tokenizer` has
+no default, so a config that forgets it fails instead of training a real model on bytes. The
+instruction text is `prompts.training_edit_instruction`: the inference prompts' strings, with
+upstream's *training* rules (any edit type, unknown ones get the generic instruction).
 
 Bad records are never dropped silently: each is counted under a reason (`DataReport`), and
 `strict=True` raises `RecordError` on the first one.
@@ -25,22 +26,24 @@ import collections
 import dataclasses
 import json
 import pathlib
+import zlib
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from editx_jax.config import DataConfig
-from editx_jax.text.prompts import (CLONE_SYSTEM_HEAD, CLONE_SYSTEM_TAIL, EDIT_SYSTEM_PROMPT, chat_template_ids,
-                                    clone_speaker_id_from_file)
+from editx_jax.config import ConfigError, DataConfig
+from editx_jax.text.prompts import (
+    CLONE_SYSTEM_HEAD,
+    CLONE_SYSTEM_TAIL,
+    EDIT_SYSTEM_PROMPT,
+    chat_template_ids,
+    clone_speaker_id_from_file,
+    training_edit_instruction,
+)
+from editx_jax.text.tokenizer import TextTokenizer
 
 BOS, EOT, BOT = 1, 3, 4
 AUDIO_BASE = 65536  # records carry LLM ids 65536 + code (upstream-training.md §1.4)
-
-_NOISE = ("Remove any noise from the given audio while preserving the voice content clearly. Ensure that the speech "
-          "quality remains intact with minimal distortion, and eliminate all noise from the audio.\n")
-_SILENCE = ("Remove any silent portions from the given audio while preserving the voice content clearly. Ensure that "
-            "the speech quality remains intact with minimal distortion, and eliminate all silence from the audio.\n")
-
 
 class RecordError(ValueError):
     """A JSONL record cannot become a training example; `reason` is the counted category."""
@@ -91,7 +94,6 @@ class WordHashTokenizer:
     CPU tests can train on the real chat layout quickly."""
 
     def encode(self, text: str) -> list[int]:
-        import zlib
         ids = []
         for line_no, line in enumerate(text.split("\n")):
             if line_no:
@@ -104,46 +106,20 @@ class WordHashTokenizer:
 
 
 def load_text_tokenizer(spec: str) -> TextEncoder:
-    """"bytes", "words" (toys for synthetic data), or a tokenizer file / model folder read by `editx_jax.text.TextTokenizer`."""
+    """data.text_tokenizer: the released model folder / tokenizer.model (`editx_jax.text.TextTokenizer`),
+    or a toy for synthetic data ("bytes", "words"). There is no default: a config that names none gets
+    this error, never a silent toy tokenizer."""
     if spec == "bytes":
         return ByteTokenizer()
     if spec == "words":
         return WordHashTokenizer()
     if not spec:
-        raise ValueError("data.text_tokenizer is not set: give the released model folder (tokenizer.model) "
-                         "or 'bytes' / 'words' for synthetic data")
-    try:
-        from editx_jax.text import TextTokenizer  # written alongside; optional here
-    except ImportError:
-        raise ValueError(f"data.text_tokenizer={spec!r} needs editx_jax.text.TextTokenizer, which is not "
-                         "available; use 'bytes' for synthetic data") from None
-    for name in ("from_pretrained", "load"):
-        if hasattr(TextTokenizer, name):
-            return getattr(TextTokenizer, name)(spec)
-    return TextTokenizer(spec)
-
-
-def edit_instruction(edit_type: str, edit_info, source_text: str, new_text: str | None = None) -> str:
-    """`_build_audio_edit_instruction` of upstream's SFT/DPO datasets (upstream-training.md §1.2)."""
-    a = source_text.strip()
-    info = "" if edit_info is None else str(edit_info)
-    t = source_text if new_text is None else new_text  # training uses source_text as the "new text"
-    if edit_type in ("emotion", "speed"):
-        if info == "remove":
-            return f"Remove any emotion in the following audio and the reference text is: {a}\n"
-        return f"Make the following audio more {info}. The text corresponding to the audio is: {a}\n"
-    if edit_type == "style":
-        if info == "remove":
-            return f"Remove any speaking styles in the following audio and the reference text is: {a}\n"
-        return f"Make the following audio more {info} style. The text corresponding to the audio is: {a}\n"
-    if edit_type == "denoise":
-        return _NOISE
-    if edit_type == "vad":
-        return _SILENCE
-    if edit_type == "paralinguistic":
-        return (f"Add some non-verbal sounds to make the audio more natural, the new text is : {t}\n"
-                f"  The text corresponding to the audio is: {a}\n")
-    return f"Edit the audio based on text: {a}\n"
+        raise ConfigError("data.text_tokenizer is not set: name the released model folder (tokenizer.model), "
+                          "or 'bytes' / 'words' for synthetic data")
+    if not pathlib.Path(spec).exists():
+        raise ConfigError(f"data.text_tokenizer: {spec} does not exist (a model folder or tokenizer.model, or "
+                          "'bytes' / 'words')")
+    return TextTokenizer.from_pretrained(spec)
 
 
 clone_speaker = clone_speaker_id_from_file  # (source_text, wav path) -> "clone_<16 hex>"
@@ -218,7 +194,7 @@ def encode_record(record, tok: TextEncoder, cfg: DataConfig, vocab_size: int, sp
     if task == "edit":
         if "edit_type" not in record or "edit_info" not in record:
             raise RecordError("missing edit_type or edit_info")
-        prefix = edit_instruction(str(record["edit_type"]), record["edit_info"], source_text)
+        prefix = training_edit_instruction(str(record["edit_type"]), record["edit_info"], source_text)
         system, user = [EDIT_SYSTEM_PROMPT], [prefix + "\n", src, "\n"]
     else:
         if "emotion" not in record:

@@ -22,8 +22,14 @@ import numpy as np
 
 from editx_jax.config import DataConfig, DPOConfig
 from editx_jax.data import jsonl
-from editx_jax.data.jsonl import RecordError, _audio_ids, _text, edit_instruction
-from editx_jax.text.prompts import CLONE_SYSTEM_HEAD, CLONE_SYSTEM_TAIL, EDIT_SYSTEM_PROMPT, chat_template_ids
+from editx_jax.data.jsonl import RecordError, _audio_ids, _text
+from editx_jax.text.prompts import (
+    CLONE_SYSTEM_HEAD,
+    CLONE_SYSTEM_TAIL,
+    EDIT_SYSTEM_PROMPT,
+    chat_template_ids,
+    training_edit_instruction,
+)
 
 UNIT = 5  # tokens per 2:3 audio unit
 
@@ -41,7 +47,7 @@ def prompt_ids(record, tok, src, speaker_fn):
     if (record.get("task_type") or "edit") == "edit":
         if "edit_type" not in record or "edit_info" not in record:
             raise RecordError("missing edit_type or edit_info")
-        prefix = edit_instruction(str(record["edit_type"]), record["edit_info"], record["source_text"])
+        prefix = training_edit_instruction(str(record["edit_type"]), record["edit_info"], record["source_text"])
         return chat_template_ids(tok, [EDIT_SYSTEM_PROMPT], [prefix + "\n", src, "\n"])
     if "emotion" not in record:
         raise RecordError("missing emotion (clone record)")

@@ -79,6 +79,9 @@ _VAD = ("Remove any silent portions from the given audio while preserving the vo
 _PARALINGUISTIC = ("Add some non-verbal sounds to make the audio more natural, the new text is : {new_text}\n"
                    "  The text corresponding to the audio is: {text}\n")
 
+# Training data only: any edit type the inference prompts do not know (upstream's dataset fallback).
+_GENERIC = "Edit the audio based on text: {text}\n"
+
 # ---------------------------------------------------------------------- edit values (§1.10)
 
 EMOTIONS = ("happy", "angry", "sad", "humour", "confusion", "disgusted", "empathy", "embarrass", "fear",
@@ -163,6 +166,26 @@ def edit_instruction(edit_type: str, edit_info: str | None, audio_text: str | No
     if not new_text or not new_text.strip():
         raise EditError("a paralinguistic edit needs new_text: the transcript with inline tags such as [Laughter]")
     return _PARALINGUISTIC.format(new_text=new_text, text=text)
+
+
+def training_edit_instruction(edit_type: str, edit_info, source_text: str, new_text: str | None = None) -> str:
+    """The instruction prefix of upstream's SFT / DPO / GRPO *training* datasets (upstream-training.md §1.2),
+    from the same strings as `edit_instruction`: no validation (training data may carry any edit type or
+    value; unknown types get the generic instruction), `edit_info` None reads "", and the paralinguistic
+    "new text" is the source text unless given (what every upstream training dataset passes)."""
+    text = source_text.strip()
+    info = "" if edit_info is None else str(edit_info)
+    if edit_type in ("emotion", "speed"):
+        return _REMOVE_EMOTION.format(text=text) if info == REMOVE else _MORE.format(info=info, text=text)
+    if edit_type == "style":
+        return _REMOVE_STYLE.format(text=text) if info == REMOVE else _MORE_STYLE.format(info=info, text=text)
+    if edit_type == "denoise":
+        return _DENOISE
+    if edit_type == "vad":
+        return _VAD
+    if edit_type == "paralinguistic":
+        return _PARALINGUISTIC.format(new_text=source_text if new_text is None else new_text, text=text)
+    return _GENERIC.format(text=text)
 
 
 def clone_system_prompt(speaker: str, prompt_text: str, prompt_wav_tokens: str) -> str:

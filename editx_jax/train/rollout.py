@@ -9,33 +9,52 @@ mapped into the model's vocabulary).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
-from editx_jax import vocab
+from editx_jax import sharding, vocab
 from editx_jax.audio.io import load_audio
-from editx_jax.config import ConfigError, GenerationConfig, LLMConfig, RewardConfig
+from editx_jax.config import (
+    ConfigError,
+    GenerationConfig,
+    LLMConfig,
+    MeshConfig,
+    RewardConfig,
+)
 from editx_jax.generate.decode import generate
+from editx_jax.models import reward as rm
 from editx_jax.models.reward import check_compatible
 from editx_jax.train import batches, token_rewards
-from editx_jax.train.reward import score_jit
+from editx_jax.train.jit import sharded_step
+from editx_jax.train.reward import INPUT_KEYS, score_sequences
+from editx_jax.train.state import master_config
 
 RewardFn = Callable[[Sequence, Sequence, Sequence], Sequence[float]]
+
+
+def params_mesh(params):
+    """The mesh a params tree is placed on (None for host arrays or single-device placement)."""
+    leaf = jax.tree_util.tree_leaves(params)[0]
+    sh = getattr(leaf, "sharding", None)
+    return sh.mesh if isinstance(sh, NamedSharding) else None
 
 
 def sample_completions(params, cfg: LLMConfig, gen: GenerationConfig, prompts, key, repeats: int = 1,
                        mesh=None) -> tuple[list, list]:
     """Each prompt `repeats` times in consecutive rows (a GRPO group), one independent key per row.
     Returns (prompts per row, completions per row); a completion keeps its final <|EOT|> when it
-    stopped (drop_last is forced off: the stop token is part of what the policy is trained on)."""
+    stopped (drop_last is forced off: the stop token is part of what the policy is trained on).
+    The sampler runs on `mesh`, by default the one the params are placed on (prefill / decode with
+    the rules table's in / out shardings, generate/decode.py)."""
     gen = dataclasses.replace(gen, drop_last=False)
     rows = [list(p) for p in prompts for _ in range(repeats)]
     keys = jax.random.split(key, len(rows))
-    out = generate(params, cfg, gen, rows, row_keys=keys, mesh=mesh)
+    out = generate(params, cfg, gen, rows, row_keys=keys, mesh=mesh or params_mesh(params))
     return rows, [list(t) for t in out.tokens]
 
 
@@ -50,22 +69,38 @@ def token_reward_fn(name: str) -> RewardFn:
     return reward
 
 
+def _score_rows(params, batch: dict, *, cfg: LLMConfig, rcfg: RewardConfig):
+    return score_sequences(params, cfg, rcfg, batch)[0]
+
+
 def reward_model_fn(params, score_cfg: LLMConfig, rcfg: RewardConfig, policy_cfg: LLMConfig | None = None,
-                    pad_id: int = 0) -> RewardFn:
-    """The reward model's score of prompt + completion (read per `reward.readout`)."""
+                    pad_id: int = 0, mesh=None) -> RewardFn:
+    """The reward model's score of prompt + completion (read per `reward.readout`).
+
+    The params stay where they are, sharded on `mesh` (default: the mesh they are placed on; host
+    params are placed once on a one-device mesh); each call scores in a jit with the rules table's
+    shardings: params by their logical axes, rows over data x fsdp (padded with copies of the first
+    row to a multiple of it), one float32 reward per row out."""
     if policy_cfg is not None:
         check_compatible(score_cfg, policy_cfg)
+    mesh = mesh or params_mesh(params) or sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    param_sh = sharding.logical_to_sharding(rm.param_logical_axes(master_config(score_cfg)), mesh)
+    params = sharding.place(params, param_sh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    step = sharded_step(functools.partial(_score_rows, cfg=score_cfg, rcfg=rcfg), mesh, (param_sh,),
+                        sharding.batch_sharding(mesh, 1))
 
     def reward(prompts, completions, records):
         keep = [i for i, c in enumerate(completions) if len(c)]
         out = np.zeros(len(completions), np.float32)
         if keep:
-            b = batches.sequence_batch([prompts[i] for i in keep], [completions[i] for i in keep], pad_id=pad_id)
-            r, _ = score_jit(params, score_cfg, rcfg, {k: jnp.asarray(b[k]) for k in
-                                                       ("tokens", "positions", "segment_ids", "response_mask")})
-            out[keep] = np.asarray(r)
+            rows = keep + [keep[0]] * (-len(keep) % shards)
+            b = batches.sequence_batch([prompts[i] for i in rows], [completions[i] for i in rows], pad_id=pad_id)
+            r = step(params, {k: b[k] for k in INPUT_KEYS})
+            out[keep] = np.asarray(r)[:len(keep)]
         return out.tolist()
     reward.__name__ = "reward_model"
+    reward.placed_params = params  # where the params live (tests read their shardings)
     return reward
 
 

@@ -89,6 +89,9 @@ def with_shardings(abstract, shardings):
 def create_state(params, tx, shardings: dict) -> dict:
     """A train state (float32 master weights, fresh AdamW) around `params`, placed in `shardings`."""
     mesh = jax.tree_util.tree_leaves(shardings["params"])[0].mesh
+    # Host arrays or arrays on another mesh (a critic made from the policy, on its own devices) move
+    # shard by shard into place first: the jit then reads them where they are.
+    params = jax.device_put(params, shardings["params"])
     with sharding.use_mesh(mesh):
         return jax.jit(lambda p: state_from_params(p, tx), out_shardings=shardings)(params)
 

@@ -42,16 +42,17 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
         raise RunError(f"ppo.minibatches {cfg.ppo.minibatches} does not divide train.batch_size {tc.batch_size}")
     check_run_folder(cfg, resume, "ppo")
     data = rollouts.read_prompts(cfg, tokenizer, log)
-    fns = rollouts.reward_fns("ppo", cfg, reward_fns, reward_model)
+    fns = rollouts.reward_fns("ppo", cfg, reward_fns, reward_model, mesh)
     fresh = not (resume and has_checkpoint(cfg))
-    policy = load_policy_params(init_from, cfg, log) if fresh else None
+    policy = load_policy_params(init_from, cfg, log, mesh) if fresh else None
     tx = train_state.make_optimizer(cfg.optimizer, tc.steps)
     sh = train_state.llm_state_shardings(cfg.llm, tx, mesh)
     pol_state, ref = rollouts.policy_and_ref(cfg, policy, tx, sh)
     vtx = train_state.make_optimizer(cfg.optimizer, tc.steps)
     vsh = reward.shardings(cfg.llm, vtx, value_mesh or mesh)
     if fresh:
-        rparams = load_reward_params(reward_model, cfg) if reward_model and cfg.ppo.value_init == "reward" else None
+        from_rm = reward_model and cfg.ppo.value_init == "reward"
+        rparams = load_reward_params(reward_model, cfg, value_mesh or mesh) if from_rm else None
         value = train_state.create_state(ppo.init_value_params(rparams, None if rparams is not None else policy),
                                          vtx, vsh)
     else:  # resuming: the loop restores into it

@@ -17,7 +17,7 @@ from editx_jax.data.records import read_prompt_records
 from editx_jax.models import llm
 from editx_jax.train import rollout
 from editx_jax.train import state as train_state
-from editx_jax.train.init_from import load_reward_params
+from editx_jax.train.init_from import check_reward_model, load_reward_params
 from editx_jax.train.loop import RunError
 
 
@@ -27,12 +27,15 @@ def check_rows(mesh, rows: int, what: str) -> None:
         raise RunError(f"{what}: {rows} rows per step must divide over data x fsdp = {shards} devices")
 
 
-def reward_fns(algo: str, cfg: Config, specs, reward_model) -> list:
-    """GRPO: grpo.rewards unless --reward-fn / --reward-model are given; PPO: those flags (one needed)."""
+def reward_fns(algo: str, cfg: Config, specs, reward_model, mesh=None) -> list:
+    """GRPO: grpo.rewards unless --reward-fn / --reward-model are given; PPO: those flags (one needed).
+    A reward model is checked against the policy first (before anything is read or compiled), then
+    read straight into its shardings on `mesh` (the policy's) and scored there."""
     fns = list(specs or [])
     if reward_model:
-        fns.append(rollout.reward_model_fn(load_reward_params(reward_model, cfg), cfg.llm, cfg.reward, cfg.llm,
-                                           cfg.llm.pad_id))
+        check_reward_model(reward_model, cfg)
+        params = load_reward_params(reward_model, cfg, mesh)
+        fns.append(rollout.reward_model_fn(params, cfg.llm, cfg.reward, cfg.llm, cfg.llm.pad_id, mesh=mesh))
     if not fns and algo == "grpo":
         fns = list(cfg.grpo.rewards)
     if not fns:
@@ -76,6 +79,7 @@ def held_out_eval(cfg: Config, data: Prompts, gen: GenerationConfig, fns, weight
 
     def evaluate(state):
         hp, hr = data.held
+        # on the policy's mesh (the one its params are placed on), like the training rollouts
         rows, comps = rollout.sample_completions(state["policy"]["params"], cfg.llm, gen, hp,
                                                  jax.random.key(cfg.train.seed + 1))
         total, parts = rollout.score(fns, weights, rows, comps, hr)
