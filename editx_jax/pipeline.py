@@ -37,6 +37,7 @@ from editx_jax import sharding, vocab
 from editx_jax.audio.io import AudioError, prepare_clip
 from editx_jax.checkpoint import PARTS, load_llm, load_llm_config, save_llm, write_settings
 from editx_jax.config import Config, ConfigError, from_dict
+from editx_jax.config.editx import EditXConfig  # noqa: F401  (re-exported from its old home)
 from editx_jax.decoder import campplus, flow, hift
 from editx_jax.decoder.token2wav import Decoder
 from editx_jax.generate.decode import PromptTooLongError, check_room, generate
@@ -50,19 +51,6 @@ from editx_jax.text.tokenizer import TextTokenizer
 from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer
 
 OUTPUT_SAMPLE_RATE = 24000
-
-
-@dataclasses.dataclass(frozen=True)
-class EditXConfig:
-    """Pipeline settings that are not any one model's."""
-
-    max_audio_seconds: float = 60.0  # longer inputs are refused with a message, never cut silently
-    keep_prompt_features: bool = False  # iterative edits: keep round 1's speaker prompt (less timbre drift)
-    float_between_rounds: bool = False  # iterative edits: skip the 16-bit wav round trip of tts_infer.py
-
-    def __post_init__(self):
-        if not self.max_audio_seconds > 0:
-            raise ConfigError(f"editx.max_audio_seconds: must be > 0, got {self.max_audio_seconds}")
 
 
 class EditXError(ValueError):

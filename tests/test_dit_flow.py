@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from editx_jax.config import ConfigError
 from editx_jax.convert.flow import (DIT_RULES, convert_dit, convert_flow, expected_flow_shapes, export_flow,
                                     flow_config_from_reference, flow_rules)
+from editx_jax.convert.flow import dit_config_from_reference
 from editx_jax.convert.keymap import ConversionError
 from editx_jax.decoder.dit import DiTConfig
 from editx_jax.decoder.embedding import DualCodebookConfig
@@ -259,7 +260,7 @@ def test_convert_flow_bad_input(flow_fixture, tmp_path):
 
 def test_dit_rules_cover_each_block_tensor_once():
     fx = Fixture.load(fixture_dirs("dit_estimator")[0])
-    params = convert_dit(fx.weights(), DiTConfig.from_reference(fx.config))
+    params = convert_dit(fx.weights(), dit_config_from_reference(fx.config))
     assert params["blocks"]["attn"]["to_q"]["kernel"].shape == (4, 64, 64)
     assert len({r.source for r in DIT_RULES}) == len(DIT_RULES)
     assert len({r.target for r in flow_rules()}) == len(flow_rules())

@@ -13,6 +13,7 @@ from editx_jax.config import ConfigError
 from editx_jax.convert.flow_encoder import (EMBEDDING_RULES, ENCODER_RULES, embedding_from_state_dict,
                                             encoder_abstract, encoder_config_from_state_dict,
                                             encoder_from_state_dict, export_embedding, export_encoder)
+from editx_jax.convert.flow_encoder import upsample_encoder_config_from_reference
 from editx_jax.convert.keymap import ConversionError, convert
 from editx_jax.decoder.embedding import (DualCodebookConfig, DualCodebookEmbedding, dual_frames,
                                          reshape_tokens)
@@ -29,7 +30,7 @@ def encoder_fixture():
 
 @pytest.fixture(scope="module")
 def encoder_setup(encoder_fixture):
-    config = UpsampleEncoderConfig.from_reference(encoder_fixture.config)
+    config = upsample_encoder_config_from_reference(encoder_fixture.config)
     return config, encoder_from_state_dict(encoder_fixture.weights(), config)
 
 
@@ -158,9 +159,9 @@ def test_encoder_config_validation():
     with pytest.raises(ConfigError, match="input_size"):
         UpsampleEncoderConfig(input_size=80)
     with pytest.raises(ConfigError, match="input_layer"):
-        UpsampleEncoderConfig.from_reference({"input_layer": "conv2d"})
+        upsample_encoder_config_from_reference({"input_layer": "conv2d"})
     with pytest.raises(ConfigError, match="bogus"):
-        UpsampleEncoderConfig.from_reference({"bogus": 1})
+        upsample_encoder_config_from_reference({"bogus": 1})
 
 
 # ---------------------------------------------------------------------------------------- converter

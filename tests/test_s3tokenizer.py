@@ -9,7 +9,7 @@ from reference_models import export_s3_onnx
 
 from editx_jax.config import ConfigError
 from editx_jax.convert.keymap import ConversionError
-from editx_jax.convert.s3tokenizer import from_onnx, from_state_dict
+from editx_jax.convert.s3tokenizer import from_onnx, from_state_dict, s3tokenizer_config_from_reference
 from editx_jax.parity import Fixture, check_fixture
 from editx_jax.tokenizer.s3tokenizer import (S3InputError, S3TokenizerConfig, init_params, split_chunks,
                                              tokenize, tokenize_waveforms)
@@ -31,7 +31,7 @@ def test_fixtures_present():
 @pytest.mark.parametrize("path", S3_FIXTURES, ids=lambda p: p.name)
 def test_batched_equals_alone(path):
     fx = Fixture.load(path)
-    config = S3TokenizerConfig.from_reference(fx.config)
+    config = s3tokenizer_config_from_reference(fx.config)
     params = from_state_dict(fx.weights(), config)
     mel, mel_len = fx.inputs()["mel"], fx.inputs()["mel_len"].astype(np.int32)
     tokens, token_len, hidden = map(np.asarray, tokenize(params, mel, mel_len, config))
@@ -131,7 +131,7 @@ def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match="codebook_size"):
         S3TokenizerConfig(codebook_size=0)
     with pytest.raises(ConfigError, match="name"):
-        S3TokenizerConfig.from_reference({"name": "speech_tokenizer_v2_25hz"})
+        s3tokenizer_config_from_reference({"name": "speech_tokenizer_v2_25hz"})
 
 
 # ---------------------------------------------------------------------------------------- converters
@@ -140,7 +140,7 @@ def test_config_validation_names_the_field():
 @pytest.fixture(scope="module")
 def fixture_state():
     fx = Fixture.load(S3_FIXTURES[0])
-    return fx.weights(), S3TokenizerConfig.from_reference(fx.config)
+    return fx.weights(), s3tokenizer_config_from_reference(fx.config)
 
 
 def test_state_dict_missing_tensor(fixture_state):
@@ -184,7 +184,7 @@ def exported_onnx(tmp_path_factory):
     with torch.no_grad():
         want = tok.quantize(torch.from_numpy(mel), torch.from_numpy(mel_len))[0].numpy()
     state = {k: v.numpy() for k, v in tok.state_dict().items()}
-    config = S3TokenizerConfig.from_reference(ref_cfg)
+    config = s3tokenizer_config_from_reference(ref_cfg)
     return path, state, config, mel, mel_len, want
 
 

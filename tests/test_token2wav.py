@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import AUDIO, FIXTURES
+from editx_jax.convert.campplus import campplus_config_from_reference
 from editx_jax.decoder import flow as flow_mod
 from editx_jax.decoder import hift as hift_mod
 from editx_jax.decoder import stream as stream_mod
@@ -372,9 +373,9 @@ def test_stream_versus_offline(small_decoder):
 def test_prompt_features_bf16_rounding():
     from editx_jax.audio.io import cap_peak, load_audio
     from editx_jax.convert.campplus import from_state_dict
-    from editx_jax.decoder import campplus, mel
+    from editx_jax.decoder import mel
     fx = Fixture.load(FIXTURES / "campplus")
-    cam_cfg = campplus.CAMPPlusConfig.from_reference(fx.config)
+    cam_cfg = campplus_config_from_reference(fx.config)
     dec = Decoder(None, small_flow_config(), None, SMALL_HIFT, from_state_dict(fx.weights(), cam_cfg), cam_cfg)
     wave, sr = load_audio(AUDIO / "en_happy_prompt.wav", mono=True)
     feat, emb = dec.prompt_features(wave, sr)

@@ -13,6 +13,7 @@ from editx_jax.convert import bigvgan as convert_bigvgan
 from editx_jax.convert.bigvgan import bigvgan_config_from_reference
 from editx_jax.convert import hift as convert_hift
 from editx_jax.convert import sources
+from editx_jax.convert.hift import hift_config_from_reference
 from editx_jax.convert.keymap import ConversionError, DictSource
 from editx_jax.decoder.bigvgan import BigVGANConfig, BigVGANInputError, bigvgan_inference
 from editx_jax.decoder.hift import (HiFTConfig, HiFTInputError, NSFNoise, abstract_params, hift_decode,
@@ -27,7 +28,7 @@ BIGVGAN_DIRS = fixture_dirs("bigvgan")
 @pytest.fixture(scope="module")
 def hift_fx():
     fx = Fixture.load(HIFT_DIRS[0])
-    config = HiFTConfig.from_reference(fx.config)
+    config = hift_config_from_reference(fx.config)
     return fx, config, convert_hift.from_state_dict(fx.weights(), config)
 
 
@@ -62,7 +63,7 @@ def _pipeline_fixture(name):
 def test_hift_on_token2wav_hift_mel():
     """The vocoder half of token2wav_hift: our HiFT on the fixture's saved flow mel."""
     fx, weights = _pipeline_fixture("token2wav_hift")
-    config = HiFTConfig.from_reference(fx.config["hift"])
+    config = hift_config_from_reference(fx.config["hift"])
     inputs, outputs = fx.inputs(), fx.outputs()
     out = hift_inference(convert_hift.from_state_dict(weights, config), outputs["mel"], config,
                          noise=NSFNoise(inputs["nsf_phase_rand"], inputs["nsf_sine_noise"]))
@@ -246,14 +247,14 @@ def test_bigvgan_converter_checks_filters():
 
 def test_configs_validate():
     manifest = json.loads((HIFT_DIRS[0] / "manifest.json").read_text())
-    config = HiFTConfig.from_reference(manifest["config"])
+    config = hift_config_from_reference(manifest["config"])
     assert config.base_channels == 64 and config.f0_cond_channels == 64 and config.istft_n_fft == 16
     with pytest.raises(ConfigError, match="hift.upsample_kernel_sizes"):
         HiFTConfig(upsample_kernel_sizes=(16, 11))
     with pytest.raises(ConfigError, match="hift.istft_hop_len"):
         HiFTConfig(istft_hop_len=5)
     with pytest.raises(ConfigError, match="hift.bogus"):
-        HiFTConfig.from_reference({"bogus": 1})
+        hift_config_from_reference({"bogus": 1})
     with pytest.raises(ConfigError, match="bigvgan.resblock"):
         BigVGANConfig(resblock="3")
     with pytest.raises(ConfigError, match="bigvgan.activation"):

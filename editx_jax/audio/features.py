@@ -15,7 +15,6 @@ do not silently drop to bf16/tf32 passes on parity-critical sums.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import pathlib
@@ -24,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError
+from editx_jax.config.audio import FbankConfig, WhisperMelConfig
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -47,98 +46,7 @@ def povey_window(n: int) -> np.ndarray:
 
 
 # Kaldi window types -> [n] float32 window of a frame of n samples.
-WINDOWS = {"hamming": symmetric_hamming, "povey": povey_window}
-
-
-# ----------------------------------------------------------------------------------------- configs
-
-
-@dataclasses.dataclass(frozen=True)
-class FbankConfig:
-    """The vq02 front end: Kaldi fbank + LFR (+ CMVN, passed separately as an array).
-
-    Defaults are the released model's (`WavFrontendOnline` of the Paraformer config). `dither` is the
-    Kaldi dither amount; the official run uses funasr's default 1.0 (unseeded noise); 0 keeps the
-    features deterministic and is what every parity check uses. The CAM++ front end is the same
-    fbank with `window="povey"`, raw samples (`upscale_samples=False`) and no LFR (lfr_m = lfr_n = 1).
-    """
-
-    sample_rate: int = 16000
-    n_mels: int = 80
-    frame_length_ms: float = 25.0
-    frame_shift_ms: float = 10.0
-    window: str = "hamming"
-    preemphasis: float = 0.97
-    low_freq: float = 20.0
-    high_freq: float = 0.0  # <= 0 means an offset from the Nyquist frequency (Kaldi convention)
-    dither: float = 0.0
-    lfr_m: int = 7
-    lfr_n: int = 6
-    upscale_samples: bool = True  # funasr's `upsacle_samples`: waveform * 32768 before fbank
-    chunk_samples: int = 3840  # streaming piece: chunk_size[1] * 960 with chunk_size [0, 4, 5]
-
-    def __post_init__(self):
-        def check(ok, field, msg):
-            if not ok:
-                raise ConfigError(f"fbank.{field}: {msg}")
-        check(self.sample_rate > 0, "sample_rate", f"must be positive, got {self.sample_rate}")
-        check(self.n_mels > 0, "n_mels", f"must be positive, got {self.n_mels}")
-        check(self.frame_length_ms > 0, "frame_length_ms", "must be positive")
-        check(0 < self.frame_shift_ms <= self.frame_length_ms, "frame_shift_ms",
-              "must be positive and at most frame_length_ms")
-        check(self.window in WINDOWS, "window", f"must be one of {', '.join(WINDOWS)}, got {self.window!r}")
-        check(0.0 <= self.preemphasis <= 1.0, "preemphasis", "must be in [0, 1]")
-        check(self.dither >= 0.0, "dither", f"must be >= 0, got {self.dither}")
-        check(self.lfr_m >= 1, "lfr_m", f"must be >= 1, got {self.lfr_m}")
-        check(self.lfr_n >= 1, "lfr_n", f"must be >= 1, got {self.lfr_n}")
-        check(self.chunk_samples >= self.frame_length, "chunk_samples",
-              f"must hold at least one frame ({self.frame_length} samples)")
-        nyquist = self.sample_rate / 2
-        high = self.high_freq if self.high_freq > 0 else nyquist + self.high_freq
-        check(0.0 <= self.low_freq < high <= nyquist, "low_freq",
-              f"need 0 <= low_freq < high_freq <= Nyquist, got {self.low_freq}..{high}")
-
-    @property
-    def frame_length(self) -> int:  # samples
-        return int(self.frame_length_ms * self.sample_rate / 1000)
-
-    @property
-    def frame_shift(self) -> int:  # samples
-        return int(self.frame_shift_ms * self.sample_rate / 1000)
-
-    @property
-    def n_fft(self) -> int:  # Kaldi round_to_power_of_two
-        return 1 << (self.frame_length - 1).bit_length()
-
-    @property
-    def feat_dim(self) -> int:
-        return self.n_mels * self.lfr_m
-
-
-@dataclasses.dataclass(frozen=True)
-class WhisperMelConfig:
-    """The vq06 front end: whisper's log-mel spectrogram."""
-
-    sample_rate: int = 16000
-    n_fft: int = 400
-    hop_length: int = 160
-    n_mels: int = 128
-    padding: int = 0  # zeros appended before the STFT (whisper's `padding` argument)
-
-    def __post_init__(self):
-        for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"whisper_mel.{name}: must be positive, got {getattr(self, name)}")
-        if self.padding < 0:
-            raise ConfigError(f"whisper_mel.padding: must be >= 0, got {self.padding}")
-
-    @classmethod
-    def from_reference(cls, ref: dict) -> "WhisperMelConfig":
-        """From whisper.log_mel_spectrogram arguments (fixture manifests)."""
-        unknown = sorted(set(ref) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"whisper_mel: unknown option(s) {unknown}")
-        return cls(**ref)
+WINDOWS = {"hamming": symmetric_hamming, "povey": povey_window}  # the names: config.audio.FBANK_WINDOWS
 
 
 # ----------------------------------------------------------------------------- Kaldi fbank (vq02)

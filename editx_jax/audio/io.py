@@ -20,7 +20,8 @@ import pathlib
 
 import numpy as np
 
-TOKENIZER_SAMPLE_RATE = 16000
+from editx_jax.config.audio import TOKENIZER_SAMPLE_RATE
+
 DEFAULT_MAX_SECONDS = 3600.0  # refuse clips longer than an hour unless asked (memory guard)
 # The one rule for clips too short, in every tool (load_audio, the tokenizer, the pipeline): under
 # 0.1 s there is no syllable to edit; 0.1 s always holds one 2+3 token group, even untrimmed (from

@@ -30,7 +30,8 @@ import numpy as np
 
 from editx_jax.config import ConfigError
 from editx_jax.convert.keymap import ConversionError, DictSource, Rule, convert, flatten, unflatten
-from editx_jax.decoder.campplus import CAMPPlusConfig, abstract_params
+from editx_jax.config.decoder import CAMPPlusConfig
+from editx_jax.decoder.campplus import abstract_params
 
 BN_EPS = 1e-5  # torch BatchNorm default; ONNX BatchNormalization nodes carry their own epsilon
 
@@ -195,6 +196,19 @@ def _affine_size(item: _Affine, config: CAMPPlusConfig) -> int:
 
 
 # --------------------------------------------------------------------------------------- config
+
+
+def campplus_config_from_reference(ref: dict) -> CAMPPlusConfig:
+    """From funasr/3D-Speaker `CAMPPlus(**kwargs)` arguments (fixture manifests, template.yaml)."""
+    if ref.get("config_str", "batchnorm-relu") != "batchnorm-relu":
+        raise ConfigError(f"campplus.config_str: only 'batchnorm-relu' is implemented, got {ref['config_str']!r}")
+    if ref.get("output_level", "segment") != "segment":
+        raise ConfigError(f"campplus.output_level: only 'segment' is implemented, got {ref['output_level']!r}")
+    known = {"feat_dim", "embedding_size", "growth_rate", "bn_size", "init_channels"}
+    unknown = sorted(set(ref) - known - {"config_str", "output_level", "memory_efficient"})
+    if unknown:
+        raise ConfigError(f"campplus: unknown option(s) {unknown}")
+    return CAMPPlusConfig(**{k: ref[k] for k in known if k in ref})
 
 
 def infer_config(tensors) -> CAMPPlusConfig:

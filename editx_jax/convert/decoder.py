@@ -33,6 +33,7 @@ from editx_jax.convert.bigvgan import rules as bigvgan_rules
 from editx_jax.convert.bigvgan import to_state_dict as bigvgan_state_dict
 from editx_jax.convert.campplus import convert_folded, fold_state_dict, onnx_to_state_dict
 from editx_jax.convert.flow import export_flow, flow_config_from_reference, flow_rules
+from editx_jax.convert.hift import hift_config_from_reference
 from editx_jax.convert.hift import rules as hift_rules
 from editx_jax.convert.hift import to_state_dict as hift_state_dict
 from editx_jax.convert.keymap import ConversionError, convert
@@ -105,6 +106,20 @@ def flow_reference_config(flow: dict) -> dict:
     return flow
 
 
+def mel_config_from_reference(mel_conf: dict) -> MelConfig:
+    """From cosyvoice.yaml's `mel_conf` (fixture manifests); fmax None means Nyquist."""
+    known = {f.name for f in dataclasses.fields(MelConfig)}
+    unknown = sorted(set(mel_conf) - known - {"center"})
+    if unknown:
+        raise ConfigError(f"mel: unknown option(s) {unknown}")
+    if mel_conf.get("center", False):
+        raise ConfigError("mel.center: only center=False (the CosyVoice call) is implemented")
+    args = {k: v for k, v in mel_conf.items() if k in known}
+    if args.get("fmax") is None:
+        args["fmax"] = args.get("sampling_rate", MelConfig.sampling_rate) / 2
+    return MelConfig(**args)
+
+
 def configs_from_yaml(data: dict):
     """(FlowConfig, vocoder config, MelConfig) from a parsed cosyvoice.yaml."""
     for key in ("flow", "hift"):
@@ -113,8 +128,8 @@ def configs_from_yaml(data: dict):
     flow = flow_config_from_reference(flow_reference_config(data["flow"]))
     hift = dict(data["hift"])
     vocoder = bigvgan_config_from_reference(hift) if "upsample_initial_channel" in hift else \
-        HiFTConfig.from_reference(hift)
-    mel = MelConfig.from_reference(data["mel_conf"]) if "mel_conf" in data else MelConfig()
+        hift_config_from_reference(hift)
+    mel = mel_config_from_reference(data["mel_conf"]) if "mel_conf" in data else MelConfig()
     return flow, vocoder, mel
 
 

@@ -19,14 +19,13 @@ import jax
 import numpy as np
 
 from editx_jax.config import ConfigError
-from editx_jax.convert.flow_encoder import EMBEDDING_RULES, ENCODER_RULES
+from editx_jax.config.decoder import DiTConfig, FlowConfig
+from editx_jax.convert.flow_encoder import (EMBEDDING_RULES, ENCODER_RULES, dual_codebook_config_from_reference,
+                                          upsample_encoder_config_from_reference)
 from editx_jax.convert.keymap import Rule, convert, export
 from editx_jax.convert.sources import TorchSource
 from editx_jax.decoder import dit
-from editx_jax.decoder.dit import DiTConfig
-from editx_jax.decoder.embedding import DualCodebookConfig
-from editx_jax.decoder.flow import FlowConfig, abstract_params
-from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
+from editx_jax.decoder.flow import abstract_params
 
 # ------------------------------------------------------------------------------------------ rules
 
@@ -89,6 +88,15 @@ def flow_rules() -> list[Rule]:
 # ------------------------------------------------------------------------------------- config
 
 
+def dit_config_from_reference(cfg: dict, **overrides) -> DiTConfig:
+    """From the reference's `DiT(**kwargs)` constructor arguments (a fixture manifest's config)."""
+    known = {"in_channels", "out_channels", "hidden_size", "depth", "num_heads", "head_dim", "mlp_ratio"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"dit.{unknown[0]}: unknown DiT argument")
+    return DiTConfig(**{k: (float(v) if k == "mlp_ratio" else int(v)) for k, v in cfg.items()}, **overrides)
+
+
 def flow_config_from_reference(cfg: dict, **overrides) -> FlowConfig:
     """From a fixture manifest's config: the scalar args plus `input_embedding`, `encoder` and
     `decoder: {inference_cfg_rate, estimator}` blocks (the cosyvoice.yaml `flow:` structure)."""
@@ -100,13 +108,13 @@ def flow_config_from_reference(cfg: dict, **overrides) -> FlowConfig:
         if key in cfg:
             kwargs[key] = int(cfg.pop(key))
     if "input_embedding" in cfg:
-        kwargs["embedding"] = DualCodebookConfig.from_reference(cfg.pop("input_embedding"))
+        kwargs["embedding"] = dual_codebook_config_from_reference(cfg.pop("input_embedding"))
     if "encoder" in cfg:
-        kwargs["encoder"] = UpsampleEncoderConfig.from_reference(cfg.pop("encoder"))
+        kwargs["encoder"] = upsample_encoder_config_from_reference(cfg.pop("encoder"))
     if "decoder" in cfg:
         decoder = dict(cfg.pop("decoder"))
         if "estimator" in decoder:
-            kwargs["estimator"] = DiTConfig.from_reference(decoder.pop("estimator"))
+            kwargs["estimator"] = dit_config_from_reference(decoder.pop("estimator"))
         if "inference_cfg_rate" in decoder:
             kwargs["inference_cfg_rate"] = float(decoder.pop("inference_cfg_rate"))
         if decoder:

@@ -12,6 +12,7 @@ through `embedding_from_state_dict` / `encoder_from_state_dict` with `prefix=""`
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Mapping
 
@@ -21,8 +22,9 @@ import numpy as np
 
 from editx_jax.config import ConfigError
 from editx_jax.convert.keymap import ConversionError, DictSource, Rule, convert, export
-from editx_jax.decoder.embedding import DualCodebookConfig, DualCodebookEmbedding
-from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig, abstract_params
+from editx_jax.config.decoder import DualCodebookConfig, UpsampleEncoderConfig
+from editx_jax.decoder.embedding import DualCodebookEmbedding
+from editx_jax.decoder.upsample_encoder import abstract_params
 
 EMBEDDING_PREFIX = "input_embedding."
 ENCODER_PREFIX = "encoder."
@@ -129,6 +131,43 @@ def export_embedding(params: Mapping, prefix: str = EMBEDDING_PREFIX) -> dict[st
 def export_encoder(params: Mapping, prefix: str = ENCODER_PREFIX) -> dict[str, np.ndarray]:
     """The inverse of `encoder_from_state_dict`: names without `prefix`, torch layouts."""
     return {k[len(prefix):]: v for k, v in export({"encoder": params}, ENCODER_RULES)}
+
+
+# ---------------------------------------------------------------------------------------- config from args
+
+
+def dual_codebook_config_from_reference(cfg: dict) -> DualCodebookConfig:
+    """From the reference constructor args `{vocab_size, input_size}` (fixture manifests, yaml)."""
+    unknown = set(cfg) - {"vocab_size", "input_size"}
+    if unknown:
+        raise ConfigError(f"dual_codebook: unknown key(s) {sorted(unknown)}")
+    return DualCodebookConfig(**{k: int(v) for k, v in cfg.items()})
+
+
+# The reference constructor args that only choose the (single) implemented variant, and the
+# dropout rates, which are identity at inference.
+ENCODER_FIXED_ARGS = {"input_layer": "linear", "pos_enc_layer_type": "rel_pos_espnet",
+                      "selfattention_layer_type": "rel_selfattn", "normalize_before": True}
+ENCODER_IGNORED_ARGS = ("dropout_rate", "positional_dropout_rate", "attention_dropout_rate")
+
+
+def upsample_encoder_config_from_reference(cfg: dict, **overrides) -> UpsampleEncoderConfig:
+    """From `UpsampleConformerEncoderV2(**kwargs)` args (the yaml `encoder:` block, fixture configs)."""
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(UpsampleEncoderConfig)}
+    for key, value in cfg.items():
+        if key in ENCODER_FIXED_ARGS:
+            if value != ENCODER_FIXED_ARGS[key]:
+                raise ConfigError(f"upsample_encoder.{key}: only {ENCODER_FIXED_ARGS[key]!r} is implemented, "
+                                  f"got {value!r}")
+        elif key in ENCODER_IGNORED_ARGS:
+            continue
+        elif key in names:
+            kwargs[key] = value
+        else:
+            raise ConfigError(f"upsample_encoder: unknown reference key {key!r}")
+    kwargs.update(overrides)
+    return UpsampleEncoderConfig(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------- config from shapes

@@ -11,14 +11,44 @@ kernel of the forward conv it transposes, [k, out, in] (see editx_jax/layers/con
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Mapping
 
 import numpy as np
 
+from editx_jax.config import ConfigError
+from editx_jax.config.decoder import HiFTConfig
 from editx_jax.convert.keymap import Rule, TensorSource, convert, export
 from editx_jax.convert.sources import TorchSource, WeightNormSource, checkpoint_source, with_weight_norm
-from editx_jax.decoder.hift import HiFTConfig, abstract_params
+from editx_jax.decoder.hift import abstract_params
+
+# -------------------------------------------------------------------------------------- config
+
+
+def hift_config_from_reference(cfg: dict, **overrides) -> HiFTConfig:
+    """From HiFTGenerator's constructor args (+ the nested f0_predictor), as in cosyvoice.yaml."""
+    cfg = dict(cfg)
+    f0 = dict(cfg.pop("f0_predictor", {}) or {})
+    istft = dict(cfg.pop("istft_params", {}) or {})
+    if f0.get("num_class", 1) != 1:
+        raise ConfigError(f"hift.f0_predictor.num_class: only 1 (f0 in Hz) is supported, got {f0['num_class']}")
+    if "in_channels" in f0 and f0["in_channels"] != cfg.get("in_channels", HiFTConfig.in_channels):
+        raise ConfigError(f"hift.f0_predictor.in_channels: {f0['in_channels']} must equal in_channels "
+                          f"{cfg.get('in_channels', HiFTConfig.in_channels)} (both read the mel)")
+    known = {f.name for f in dataclasses.fields(HiFTConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"hift.{unknown[0]}: unknown HiFTGenerator argument")
+    args = {**cfg}
+    if "cond_channels" in f0:
+        args["f0_cond_channels"] = int(f0["cond_channels"])
+    if "n_fft" in istft:
+        args["istft_n_fft"] = int(istft["n_fft"])
+    if "hop_len" in istft:
+        args["istft_hop_len"] = int(istft["hop_len"])
+    return HiFTConfig(**{**args, **overrides})
+
 
 # --------------------------------------------------------------------------------------- rules
 

@@ -14,8 +14,10 @@ import re
 
 import numpy as np
 
+from editx_jax.config import ConfigError
+from editx_jax.config.audio import S3TokenizerConfig
 from editx_jax.convert.keymap import ConversionError, DictSource, Rule, convert
-from editx_jax.tokenizer.s3tokenizer import S3TokenizerConfig, abstract_params
+from editx_jax.tokenizer.s3tokenizer import abstract_params
 
 _LINEARS = {"attn.query": "attn/query", "attn.key": "attn/key", "attn.value": "attn/value",
             "attn.out": "attn/out", "mlp.0": "fc1", "mlp.2": "fc2"}
@@ -43,6 +45,19 @@ def _rules() -> list[Rule]:
 
 
 RULES: list[Rule] = _rules()
+
+
+def s3tokenizer_config_from_reference(cfg: dict, **overrides) -> S3TokenizerConfig:
+    """From the PyPI `s3tokenizer` ModelConfig fields (+ its model name), as in fixture manifests."""
+    name = cfg.get("name", "speech_tokenizer_v1_25hz")
+    if name not in ("speech_tokenizer_v1_25hz", "speech_tokenizer_v1"):
+        raise ConfigError(f"s3tokenizer.name: only the v1 models are supported, got {name!r}")
+    return S3TokenizerConfig(n_mels=int(cfg.get("n_mels", 128)), n_audio_ctx=int(cfg.get("n_audio_ctx", 1500)),
+               n_audio_state=int(cfg.get("n_audio_state", 1280)),
+               n_audio_head=int(cfg.get("n_audio_head", 20)),
+               n_audio_layer=int(cfg.get("n_audio_layer", 6)),
+               codebook_size=int(cfg.get("n_codebook_size", 4096)),
+               conv1_stride=2 if name == "speech_tokenizer_v1_25hz" else 1, **overrides)
 
 
 def from_state_dict(state_dict, config: S3TokenizerConfig) -> dict:

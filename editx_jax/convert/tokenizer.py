@@ -9,6 +9,7 @@ from its ONNX graph), never guessed.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
 import time
@@ -19,15 +20,14 @@ import yaml
 from tqdm import tqdm
 
 from editx_jax import checkpoint
-from editx_jax.audio.features import FbankConfig
 from editx_jax.config import ConfigError
+from editx_jax.config.audio import AudioTokenizerConfig, FbankConfig, S3TokenizerConfig, WhisperMelConfig
 from editx_jax.convert import paraformer as cp
 from editx_jax.convert import s3tokenizer as cs
 from editx_jax.convert.keymap import ConversionError, DictSource, convert
 from editx_jax.tokenizer import paraformer as pf
 from editx_jax.tokenizer import s3tokenizer as s3
-from editx_jax.tokenizer.audio_tokenizer import COMPONENT, AudioTokenizer, AudioTokenizerConfig
-from editx_jax.tokenizer.s3tokenizer import S3TokenizerConfig
+from editx_jax.tokenizer.audio_tokenizer import COMPONENT, AudioTokenizer
 from editx_jax.tree import flatten
 
 ONNX_FILE = "speech_tokenizer_v1.onnx"
@@ -52,6 +52,13 @@ def fbank_config_from_reference(ref: dict) -> FbankConfig:
                 upscale_samples=ref.get("upsacle_samples"), chunk_samples=chunk)
     return FbankConfig(**{k: v for k, v in args.items() if v is not None})
 
+
+def whisper_mel_config_from_reference(ref: dict) -> WhisperMelConfig:
+    """From whisper.log_mel_spectrogram arguments (fixture manifests)."""
+    unknown = sorted(set(ref) - {f.name for f in dataclasses.fields(WhisperMelConfig)})
+    if unknown:
+        raise ConfigError(f"whisper_mel: unknown option(s) {unknown}")
+    return WhisperMelConfig(**ref)
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):

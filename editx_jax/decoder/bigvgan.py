@@ -14,86 +14,15 @@ Data inside is NWC.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from editx_jax.config import ConfigError
+from editx_jax.config.decoder import CONV_PRE_KERNEL, BigVGANConfig
 from editx_jax.layers.activations import AntiAliasedActivation
-from editx_jax.layers.conv import PRECISIONS, Conv1d, ConvTranspose1d
-
-CONV_PRE_KERNEL = 7
-
-
-def _tuple(x):
-    return tuple(_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-@dataclasses.dataclass(frozen=True)
-class BigVGANConfig:
-    """Step's BigVGAN constructor arguments; defaults are the class defaults (real sizes unknown)."""
-
-    num_mels: int = 80
-    upsample_initial_channel: int = 512
-    upsample_rates: tuple[int, ...] = (5, 4, 3, 2, 2, 2)
-    upsample_kernel_sizes: tuple[int, ...] = (11, 8, 7, 4, 4, 4)
-    resblock: str = "1"  # "1" = AMPBlock1, "2" = AMPBlock2
-    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
-    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
-    activation: str = "snakebeta"  # or "snake"
-    snake_logscale: bool = True
-    use_bias_at_final: bool = False
-    use_tanh_at_final: bool = False
-    conv_pre_padding: int = 0  # Step's class; NVIDIA's bigvgan package uses 3
-    matmul_precision: str = "highest"
-
-    def __post_init__(self):
-        for name in ("resblock_dilation_sizes", "upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes"):
-            object.__setattr__(self, name, _tuple(getattr(self, name)))
-        for name in ("num_mels", "upsample_initial_channel"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ConfigError(f"bigvgan.{name}: must be a positive integer, got {value!r}")
-        n = len(self.upsample_rates)
-        if n == 0 or len(self.upsample_kernel_sizes) != n:
-            raise ConfigError(f"bigvgan.upsample_kernel_sizes: need one kernel per upsample rate ({n}), "
-                              f"got {list(self.upsample_kernel_sizes)}")
-        for u, k in zip(self.upsample_rates, self.upsample_kernel_sizes):
-            if u <= 0 or k < u or (k - u) % 2:
-                raise ConfigError(f"bigvgan.upsample_kernel_sizes: kernel {k} for rate {u} must be >= the rate "
-                                  f"with an even difference, so that each stage scales the length exactly")
-        if self.upsample_initial_channel // 2 ** n < 1:
-            raise ConfigError(f"bigvgan.upsample_initial_channel: {self.upsample_initial_channel} is too small "
-                              f"for {n} halvings")
-        if self.resblock not in ("1", "2"):
-            raise ConfigError(f"bigvgan.resblock: '1' (AMPBlock1) or '2' (AMPBlock2), got {self.resblock!r}")
-        if not self.resblock_kernel_sizes or len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes):
-            raise ConfigError("bigvgan.resblock_dilation_sizes: need one dilation list per resblock kernel")
-        if any(k % 2 == 0 or k <= 0 for k in self.resblock_kernel_sizes):
-            raise ConfigError(f"bigvgan.resblock_kernel_sizes: kernels must be odd and positive, "
-                              f"got {list(self.resblock_kernel_sizes)}")
-        if self.activation not in ("snake", "snakebeta"):
-            raise ConfigError(f"bigvgan.activation: 'snake' or 'snakebeta', got {self.activation!r}")
-        if not 0 <= self.conv_pre_padding <= CONV_PRE_KERNEL // 2:
-            raise ConfigError(f"bigvgan.conv_pre_padding: between 0 and 3, got {self.conv_pre_padding}")
-        if self.matmul_precision not in PRECISIONS:
-            raise ConfigError(f"bigvgan.matmul_precision: one of {sorted(PRECISIONS)}, got {self.matmul_precision!r}")
-
-    @property
-    def hop(self) -> int:
-        return int(np.prod(self.upsample_rates))
-
-    @property
-    def frames_consumed(self) -> int:
-        """Mel frames lost at conv_pre (6 in Step's class): output samples = (T - this) * hop."""
-        return CONV_PRE_KERNEL - 1 - 2 * self.conv_pre_padding
-
-    def stage_channels(self, i: int) -> int:
-        return self.upsample_initial_channel // 2 ** (i + 1)
+from editx_jax.layers.conv import Conv1d, ConvTranspose1d
 
 
 class BigVGANInputError(ValueError):

@@ -28,7 +28,6 @@ utterance at a time).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -38,7 +37,7 @@ import numpy as np
 
 from editx_jax.audio.features import FbankConfig, FrontendError, kaldi_fbank
 from editx_jax.audio.io import resample
-from editx_jax.config import ConfigError
+from editx_jax.config.decoder import CAMPPlusConfig
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 SAMPLE_RATE = 16000
@@ -46,73 +45,6 @@ SAMPLE_RATE = 16000
 
 class SpeakerEmbeddingError(ValueError):
     """Bad input to the CAM++ front end or network (too short, wrong shape); the message says what."""
-
-
-# ------------------------------------------------------------------------------------------ config
-
-
-@dataclasses.dataclass(frozen=True)
-class CAMPPlusConfig:
-    """CAM++ sizes. Defaults are the released `campplus.onnx` (3D-Speaker template, 192-d output)."""
-
-    feat_dim: int = 80
-    embedding_size: int = 192
-    growth_rate: int = 32
-    bn_size: int = 4
-    init_channels: int = 128
-    m_channels: int = 32  # FCM head width
-    num_layers: tuple[int, ...] = (12, 24, 16)  # CAM dense layers per block
-    kernel_size: int = 3
-    dilations: tuple[int, ...] = (1, 2, 2)
-    seg_len: int = 100  # CAM segment pooling length (frames after the stride-2 TDNN)
-
-    def __post_init__(self):
-        for name in ("feat_dim", "embedding_size", "growth_rate", "bn_size", "init_channels", "m_channels",
-                     "kernel_size", "seg_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"campplus.{name}: must be positive, got {getattr(self, name)}")
-        if self.feat_dim % 8:
-            raise ConfigError(f"campplus.feat_dim: must be a multiple of 8 (three stride-2 stages), "
-                              f"got {self.feat_dim}")
-        if self.kernel_size % 2 == 0:
-            raise ConfigError(f"campplus.kernel_size: must be odd ('same' padding), got {self.kernel_size}")
-        if self.bn_size * self.growth_rate % 2:
-            raise ConfigError("campplus.bn_size: bn_size * growth_rate must be even (CAM reduction 2)")
-        if len(self.num_layers) != len(self.dilations) or not self.num_layers:
-            raise ConfigError(f"campplus.dilations: need one per block ({len(self.num_layers)} blocks), "
-                              f"got {len(self.dilations)}")
-        if any(n <= 0 for n in self.num_layers) or any(d <= 0 for d in self.dilations):
-            raise ConfigError("campplus.num_layers: layer counts and dilations must be positive")
-
-    @classmethod
-    def from_reference(cls, ref: dict) -> "CAMPPlusConfig":
-        """From funasr/3D-Speaker `CAMPPlus(**kwargs)` arguments (fixture manifests, template.yaml)."""
-        if ref.get("config_str", "batchnorm-relu") != "batchnorm-relu":
-            raise ConfigError(f"campplus.config_str: only 'batchnorm-relu' is implemented, got {ref['config_str']!r}")
-        if ref.get("output_level", "segment") != "segment":
-            raise ConfigError(f"campplus.output_level: only 'segment' is implemented, got {ref['output_level']!r}")
-        known = {"feat_dim", "embedding_size", "growth_rate", "bn_size", "init_channels"}
-        unknown = sorted(set(ref) - known - {"config_str", "output_level", "memory_efficient"})
-        if unknown:
-            raise ConfigError(f"campplus: unknown option(s) {unknown}")
-        return cls(**{k: ref[k] for k in known if k in ref})
-
-    @property
-    def bn_channels(self) -> int:
-        return self.bn_size * self.growth_rate
-
-    def block_channels(self) -> list[tuple[int, int]]:
-        """(input channels, output channels after the transit layer) of each dense block."""
-        out, c = [], self.init_channels
-        for n in self.num_layers:
-            grown = c + n * self.growth_rate
-            out.append((c, grown // 2))
-            c = grown // 2
-        return out
-
-    @property
-    def out_channels(self) -> int:
-        return self.block_channels()[-1][1]
 
 
 # --------------------------------------------------------------------------------- fbank front end

@@ -19,14 +19,13 @@ Params tree (block axis first under `blocks`, stacked by `nn.scan`):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from editx_jax.config import DTYPES, ConfigError
+from editx_jax.config.decoder import DiTConfig
 
 # Width of the sinusoidal time features fed to the time MLP (a code constant of the reference).
 TIME_FREQ_DIM = 256
@@ -37,54 +36,6 @@ BLOCK_NORM_EPS = 1e-6  # LN1/LN2/LN3 and the final layer's norm, no affine
 QK_NORM_EPS = 1e-5
 CONV_NORM_EPS = 1e-5
 NUM_MODULATIONS = 9  # (shift, scale, gate) for each of attention, mlp, conv
-
-
-@dataclasses.dataclass(frozen=True)
-class DiTConfig:
-    """The DiT estimator. Defaults are the released sizes (§3.5)."""
-
-    in_channels: int = 320  # x, mu, spks, cond: 4 x 80
-    out_channels: int = 80
-    hidden_size: int = 512
-    depth: int = 16
-    num_heads: int = 8
-    head_dim: int = 64
-    mlp_ratio: float = 4.0
-    dtype: str = "float32"  # compute dtype of the projections; norms and softmax stay float32
-
-    def __post_init__(self):
-        for name in ("in_channels", "out_channels", "hidden_size", "depth", "num_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"dit.{name}: must be a positive integer, got {value!r}")
-        if self.in_channels % 4:
-            raise ConfigError(f"dit.in_channels: must be 4 x the mel channels ([x, mu, spks, cond]), "
-                              f"got {self.in_channels}")
-        if not self.mlp_ratio > 0 or int(self.hidden_size * self.mlp_ratio) <= 0:
-            raise ConfigError(f"dit.mlp_ratio: must be positive, got {self.mlp_ratio}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dit.dtype: one of {DTYPES}, got {self.dtype!r}")
-
-    @property
-    def mel_channels(self) -> int:
-        return self.in_channels // 4
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
-    @property
-    def attn_inner(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @classmethod
-    def from_reference(cls, cfg: dict, **overrides) -> "DiTConfig":
-        """From the reference's `DiT(**kwargs)` constructor arguments (a fixture manifest's config)."""
-        known = {"in_channels", "out_channels", "hidden_size", "depth", "num_heads", "head_dim", "mlp_ratio"}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"dit.{unknown[0]}: unknown DiT argument")
-        return cls(**{k: (float(v) if k == "mlp_ratio" else int(v)) for k, v in cfg.items()}, **overrides)
 
 
 def timestep_features(t: jax.Array, dim: int = TIME_FREQ_DIM) -> jax.Array:

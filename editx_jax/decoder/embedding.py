@@ -12,13 +12,12 @@ and the two looked-up halves are concatenated to input_size.
 
 from __future__ import annotations
 
-import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError
+from editx_jax.config.decoder import DualCodebookConfig
 from editx_jax.tokenizer.codebook import AudioTokenError, checked_codes
 from editx_jax.vocab import AUDIO_TOKENS, GROUP, VQ02_CODES
 
@@ -27,30 +26,6 @@ VQ06_SHIFT = VQ02_CODES + 1  # a vq06 value v (= code + 1024) indexes row v + 1 
 # A ragged tail is completed with the LAST `pad` values of this pattern, so missing vq02 slots get
 # code 0 and missing vq06 slots get vq06 code 0 (value 1024).
 _TAIL_PATTERN = (0, 0, 0, PAD_ID, PAD_ID, PAD_ID)
-
-
-@dataclasses.dataclass(frozen=True)
-class DualCodebookConfig:
-    """The flow model's input embedding; defaults are the released sizes (cosyvoice.yaml)."""
-
-    vocab_size: int = 5121  # 1024 vq02 + 1 pad + 4096 vq06
-    input_size: int = 512  # output width; the table is input_size // 2 wide
-
-    def __post_init__(self):
-        for name in ("vocab_size", "input_size"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ConfigError(f"dual_codebook.{name}: must be a positive integer, got {value!r}")
-        if self.input_size % 2:
-            raise ConfigError(f"dual_codebook.input_size: must be even (two halves), got {self.input_size}")
-
-    @classmethod
-    def from_reference(cls, cfg: dict) -> "DualCodebookConfig":
-        """From the reference constructor args `{vocab_size, input_size}` (fixture manifests, yaml)."""
-        unknown = set(cfg) - {"vocab_size", "input_size"}
-        if unknown:
-            raise ConfigError(f"dual_codebook: unknown key(s) {sorted(unknown)}")
-        return cls(**{k: int(v) for k, v in cfg.items()})
 
 
 def reshape_tokens(mix_tokens) -> np.ndarray:

@@ -20,7 +20,6 @@ Params tree: `input_embedding/...`, `encoder/...`, `encoder_proj/{kernel,bias}`,
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -28,53 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError
-from editx_jax.decoder.dit import DiT, DiTConfig
-from editx_jax.decoder.embedding import DualCodebookConfig, DualCodebookEmbedding
-from editx_jax.decoder.upsample_encoder import UpsampleConformerEncoderV2, UpsampleEncoderConfig
+from editx_jax.config.decoder import FlowConfig
+from editx_jax.decoder.dit import DiT
+from editx_jax.decoder.embedding import DualCodebookEmbedding
+from editx_jax.decoder.upsample_encoder import UpsampleConformerEncoderV2
 
 
 class FlowInputError(ValueError):
     """The flow model was given inputs of the wrong shape, dtype or length."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FlowConfig:
-    """`CausalMaskedDiffWithXvec` + `CausalConditionalCFM`. Defaults are the released sizes (§3.1, §3.4)."""
-
-    input_size: int = 512
-    output_size: int = 80  # mel channels
-    spk_embed_dim: int = 192
-    vocab_size: int = 5121
-    embedding: DualCodebookConfig = DualCodebookConfig()
-    encoder: UpsampleEncoderConfig = UpsampleEncoderConfig()
-    estimator: DiTConfig = DiTConfig()
-    inference_cfg_rate: float = 0.7
-    n_timesteps: int = 10  # CosyVoice() default
-    temperature: float = 1.0
-
-    def __post_init__(self):
-        for name in ("input_size", "output_size", "spk_embed_dim", "vocab_size", "n_timesteps"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"flow.{name}: must be a positive integer, got {value!r}")
-        if self.embedding.input_size != self.input_size or self.embedding.vocab_size != self.vocab_size:
-            raise ConfigError(f"flow.embedding: must have input_size {self.input_size} and vocab_size "
-                              f"{self.vocab_size}, got {self.embedding.input_size} / {self.embedding.vocab_size}")
-        if self.encoder.input_size != self.input_size:
-            raise ConfigError(f"flow.encoder.input_size: must equal flow.input_size {self.input_size}, "
-                              f"got {self.encoder.input_size}")
-        if self.encoder.up_stride != 2:
-            raise ConfigError(f"flow.encoder.up_stride: the mel runs at twice the token rate, got "
-                              f"{self.encoder.up_stride}")
-        if self.estimator.mel_channels != self.output_size or self.estimator.out_channels != self.output_size:
-            raise ConfigError(f"flow.estimator.in_channels: must be 4 x {self.output_size} with out_channels "
-                              f"{self.output_size}, got {self.estimator.in_channels} / "
-                              f"{self.estimator.out_channels}")
-        if not self.inference_cfg_rate >= 0:
-            raise ConfigError(f"flow.inference_cfg_rate: must be >= 0, got {self.inference_cfg_rate!r}")
-        if not self.temperature > 0:
-            raise ConfigError(f"flow.temperature: must be positive, got {self.temperature!r}")
 
 
 # ------------------------------------------------------------------------------------------ ODE

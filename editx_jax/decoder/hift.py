@@ -20,7 +20,6 @@ channels-first like the flow emits it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -30,124 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError
+from editx_jax.config.decoder import HiFTConfig
 from editx_jax.layers.activations import Snake
 from editx_jax.layers.conv import PRECISIONS, Conv1d, ConvTranspose1d, reflect_pad_time
-
-# ---------------------------------------------------------------------------------------- config
-
-
-def _tuple(x):
-    return tuple(_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-@dataclasses.dataclass(frozen=True)
-class HiFTConfig:
-    """HiFTGenerator + ConvRNNF0Predictor. Defaults are the released cosyvoice.yaml `hift:` values."""
-
-    in_channels: int = 80
-    base_channels: int = 512
-    nb_harmonics: int = 8  # overtones; the NSF uses nb_harmonics + 1 sines
-    sampling_rate: int = 24000
-    nsf_alpha: float = 0.1  # sine amplitude
-    nsf_sigma: float = 0.003  # noise std on voiced samples
-    nsf_voiced_threshold: float = 10.0  # Hz; f0 above it is voiced
-    upsample_rates: tuple[int, ...] = (8, 5, 3)
-    upsample_kernel_sizes: tuple[int, ...] = (16, 11, 7)
-    istft_n_fft: int = 16
-    istft_hop_len: int = 4
-    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
-    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
-    source_resblock_kernel_sizes: tuple[int, ...] = (7, 7, 11)
-    source_resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
-    lrelu_slope: float = 0.1  # inside the stages; the one before conv_post is torch's default 0.01
-    audio_limit: float = 0.99
-    f0_cond_channels: int = 512
-    f0_num_convs: int = 5
-    matmul_precision: str = "highest"
-
-    def __post_init__(self):
-        for name in ("resblock_dilation_sizes", "source_resblock_dilation_sizes", "upsample_rates",
-                     "upsample_kernel_sizes", "resblock_kernel_sizes", "source_resblock_kernel_sizes"):
-            object.__setattr__(self, name, _tuple(getattr(self, name)))
-        for name in ("in_channels", "base_channels", "sampling_rate", "istft_n_fft", "istft_hop_len",
-                     "f0_cond_channels", "f0_num_convs"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ConfigError(f"hift.{name}: must be a positive integer, got {value!r}")
-        if not isinstance(self.nb_harmonics, (int, np.integer)) or self.nb_harmonics < 0:
-            raise ConfigError(f"hift.nb_harmonics: must be a non-negative integer, got {self.nb_harmonics!r}")
-        n = len(self.upsample_rates)
-        if n == 0 or len(self.upsample_kernel_sizes) != n:
-            raise ConfigError(f"hift.upsample_kernel_sizes: need one kernel per upsample rate ({n}), "
-                              f"got {list(self.upsample_kernel_sizes)}")
-        for u, k in zip(self.upsample_rates, self.upsample_kernel_sizes):
-            if u <= 0 or k < u or (k - u) % 2:
-                raise ConfigError(f"hift.upsample_kernel_sizes: kernel {k} for rate {u} must be >= the rate "
-                                  f"with an even difference, so that each stage scales the length exactly")
-        if self.base_channels % 2 ** n:
-            raise ConfigError(f"hift.base_channels: {self.base_channels} must be divisible by 2**{n}")
-        if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes) or not self.resblock_kernel_sizes:
-            raise ConfigError("hift.resblock_dilation_sizes: need one dilation list per resblock kernel")
-        if len(self.source_resblock_kernel_sizes) != n or len(self.source_resblock_dilation_sizes) != n:
-            raise ConfigError(f"hift.source_resblock_kernel_sizes: need one source resblock per stage ({n})")
-        for name in ("resblock_kernel_sizes", "source_resblock_kernel_sizes"):
-            if any(k % 2 == 0 or k <= 0 for k in getattr(self, name)):
-                raise ConfigError(f"hift.{name}: kernels must be odd and positive, got {list(getattr(self, name))}")
-        if self.istft_n_fft % self.istft_hop_len or self.istft_n_fft % 2:
-            raise ConfigError(f"hift.istft_hop_len: {self.istft_hop_len} must divide the even istft_n_fft "
-                              f"{self.istft_n_fft}")
-        if not 0 < self.audio_limit:
-            raise ConfigError(f"hift.audio_limit: must be positive, got {self.audio_limit}")
-        if self.matmul_precision not in PRECISIONS:
-            raise ConfigError(f"hift.matmul_precision: one of {sorted(PRECISIONS)}, got {self.matmul_precision!r}")
-
-    @property
-    def hop(self) -> int:
-        """Waveform samples per mel frame (480)."""
-        return int(np.prod(self.upsample_rates)) * self.istft_hop_len
-
-    @property
-    def n_sines(self) -> int:
-        return self.nb_harmonics + 1
-
-    @property
-    def n_bins(self) -> int:
-        return self.istft_n_fft // 2 + 1
-
-    def stage_channels(self, i: int) -> int:
-        """Channels after upsampling stage i."""
-        return self.base_channels // 2 ** (i + 1)
-
-    @property
-    def source_down_rates(self) -> tuple[int, ...]:
-        """Per stage, the STFT-frame decimation that brings the source to that stage's rate (15, 3, 1)."""
-        rates = np.cumprod((1,) + tuple(self.upsample_rates[::-1][:-1]))
-        return tuple(int(r) for r in rates[::-1])
-
-    @classmethod
-    def from_reference(cls, cfg: dict, **overrides) -> "HiFTConfig":
-        """From HiFTGenerator's constructor args (+ the nested f0_predictor), as in cosyvoice.yaml."""
-        cfg = dict(cfg)
-        f0 = dict(cfg.pop("f0_predictor", {}) or {})
-        istft = dict(cfg.pop("istft_params", {}) or {})
-        if f0.get("num_class", 1) != 1:
-            raise ConfigError(f"hift.f0_predictor.num_class: only 1 (f0 in Hz) is supported, got {f0['num_class']}")
-        if "in_channels" in f0 and f0["in_channels"] != cfg.get("in_channels", cls.in_channels):
-            raise ConfigError(f"hift.f0_predictor.in_channels: {f0['in_channels']} must equal in_channels "
-                              f"{cfg.get('in_channels', cls.in_channels)} (both read the mel)")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"hift.{unknown[0]}: unknown HiFTGenerator argument")
-        args = {**cfg}
-        if "cond_channels" in f0:
-            args["f0_cond_channels"] = int(f0["cond_channels"])
-        if "n_fft" in istft:
-            args["istft_n_fft"] = int(istft["n_fft"])
-        if "hop_len" in istft:
-            args["istft_hop_len"] = int(istft["hop_len"])
-        return cls(**{**args, **overrides})
 
 
 class HiFTInputError(ValueError):

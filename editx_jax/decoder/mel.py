@@ -12,14 +12,13 @@ bf16/tf32 passes on a parity-critical sum.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError
+from editx_jax.config.decoder import MelConfig
 from editx_jax.audio.features import bucket_length, slaney_mel_filters
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -27,53 +26,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 class MelError(ValueError):
     """Bad input to the 24 kHz mel (too short, wrong rank); the message says what."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MelConfig:
-    """`mel_conf` of cosyvoice.yaml; the defaults are the released values."""
-
-    num_mels: int = 80
-    n_fft: int = 1920
-    hop_size: int = 480
-    win_size: int = 1920
-    sampling_rate: int = 24000
-    fmin: float = 0.0
-    fmax: float = 8000.0
-    log_floor: float = 1e-5  # ln(max(x, floor))
-    magnitude_eps: float = 1e-9  # sqrt(re² + im² + eps)
-
-    def __post_init__(self):
-        for name in ("num_mels", "n_fft", "hop_size", "win_size", "sampling_rate"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"mel.{name}: must be positive, got {getattr(self, name)}")
-        if self.win_size > self.n_fft:
-            raise ConfigError(f"mel.win_size: {self.win_size} is larger than n_fft {self.n_fft}")
-        if (self.n_fft - self.hop_size) % 2:
-            raise ConfigError(f"mel.hop_size: n_fft - hop_size must be even (symmetric reflect pad), "
-                              f"got {self.n_fft} - {self.hop_size}")
-        if not 0 <= self.fmin < self.fmax <= self.sampling_rate / 2:
-            raise ConfigError(f"mel.fmax: need 0 <= fmin < fmax <= Nyquist, got {self.fmin}..{self.fmax}")
-        if self.log_floor <= 0:
-            raise ConfigError(f"mel.log_floor: must be positive, got {self.log_floor}")
-
-    @classmethod
-    def from_reference(cls, mel_conf: dict) -> "MelConfig":
-        """From cosyvoice.yaml's `mel_conf` (fixture manifests); fmax None means Nyquist."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mel_conf) - known - {"center"})
-        if unknown:
-            raise ConfigError(f"mel: unknown option(s) {unknown}")
-        if mel_conf.get("center", False):
-            raise ConfigError("mel.center: only center=False (the CosyVoice call) is implemented")
-        args = {k: v for k, v in mel_conf.items() if k in known}
-        if args.get("fmax") is None:
-            args["fmax"] = args.get("sampling_rate", cls.sampling_rate) / 2
-        return cls(**args)
-
-    @property
-    def pad(self) -> int:
-        return (self.n_fft - self.hop_size) // 2
 
 
 def num_mel_frames(num_samples: int, config: MelConfig = MelConfig()) -> int:

@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError
+from editx_jax.config import ConfigError, from_dict
+from editx_jax.config.decoder import BIGVGAN_CONTEXT, Token2WavConfig
 from editx_jax.decoder import bigvgan, campplus, flow, hift
 from editx_jax.decoder.bigvgan import BigVGANConfig, bigvgan_inference
 from editx_jax.decoder.campplus import CAMPPlusConfig
@@ -58,49 +59,9 @@ from editx_jax.decoder.mel import MelConfig
 from editx_jax.tokenizer.codebook import AudioTokenError
 from editx_jax.vocab import AUDIO_ID_OFFSET, AUDIO_TOKENS
 
-VOCODERS = ("hift", "bigvgan")
-BIGVGAN_CONTEXT = 3  # mel frames reflect-padded on each side before BigVGAN (its conv_pre has no padding)
-
 
 class Token2WavError(ValueError):
     """token2wav was given inconsistent inputs (lengths, sizes, batch); the message says which."""
-
-
-# ---------------------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass(frozen=True)
-class Token2WavConfig:
-    """The `CosyVoice(...)` / `CosyVoice_stream_impl_` settings (cli/cosyvoice.py defaults)."""
-
-    vocoder: str = "hift"  # the released cosyvoice.yaml ships HiFT
-    n_timesteps: int = 10
-    chunk_size_list: tuple[int, ...] = (15, 24, 48)  # streaming chunks, in pair frames (0.6, 0.96, 1.92 s)
-    mel_cache_len: int = 8  # streaming vocoder overlap, mel frames
-    estimator_left_context: int = 96  # streaming DiT attention keeps this many newest frames (+ the prompt)
-    max_prompt_stretch: float = 4.0  # see the module docstring
-
-    def __post_init__(self):
-        object.__setattr__(self, "chunk_size_list", tuple(int(c) for c in self.chunk_size_list))
-        if self.vocoder not in VOCODERS:
-            raise ConfigError(f"token2wav.vocoder: one of {VOCODERS}, got {self.vocoder!r}")
-        if not isinstance(self.n_timesteps, int) or self.n_timesteps <= 0:
-            raise ConfigError(f"token2wav.n_timesteps: must be a positive integer, got {self.n_timesteps!r}")
-        if not self.chunk_size_list or any(c <= 0 or c % 3 for c in self.chunk_size_list):
-            raise ConfigError(f"token2wav.chunk_size_list: positive multiples of 3 pair frames (whole token "
-                              f"groups), got {list(self.chunk_size_list)}")
-        if self.mel_cache_len <= 2 * BIGVGAN_CONTEXT or self.mel_cache_len % 2:
-            raise ConfigError(f"token2wav.mel_cache_len: an even number > {2 * BIGVGAN_CONTEXT}, "
-                              f"got {self.mel_cache_len}")
-        if min(self.chunk_size_list) * 2 < self.mel_cache_len:
-            # a chunk's speech must cover the vocoder overlap (the reference fails on shorter ones)
-            raise ConfigError(f"token2wav.chunk_size_list: every chunk needs >= {self.mel_cache_len} mel frames "
-                              f"(mel_cache_len), i.e. >= {self.mel_cache_len // 2} pair frames, got "
-                              f"{list(self.chunk_size_list)}")
-        if self.estimator_left_context < 0:
-            raise ConfigError(f"token2wav.estimator_left_context: must be >= 0, got {self.estimator_left_context}")
-        if not self.max_prompt_stretch >= 1:
-            raise ConfigError(f"token2wav.max_prompt_stretch: must be >= 1, got {self.max_prompt_stretch}")
 
 
 # ---------------------------------------------------------------------------------------- tokens
@@ -267,7 +228,6 @@ class Decoder:
     def from_pretrained(cls, folder) -> "Decoder":
         """Load a folder written by `save` (or `tools/convert.py decoder`)."""
         from editx_jax.checkpoint import CheckpointError, load_params, read_config, read_meta
-        from editx_jax.config import from_dict
 
         meta = read_meta(folder)
         if meta.get("component") != "decoder":

@@ -28,7 +28,6 @@ compares padded frames too). Batch-1 input is the same either way.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -37,96 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError, check_matmul_precision
-from editx_jax.layers.precision import PRECISIONS
+from editx_jax.config.decoder import UpsampleEncoderConfig
 
 
 class EncoderInputError(ValueError):
     """The encoder was given inputs of the wrong shape or lengths."""
-
-
-# ---------------------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass(frozen=True)
-class UpsampleEncoderConfig:
-    """`UpsampleConformerEncoderV2`; defaults are the released cosyvoice.yaml values (§3.4.1)."""
-
-    input_size: int = 512
-    output_size: int = 512
-    attention_heads: int = 8
-    linear_units: int = 2048
-    num_blocks: int = 6  # conformer layers at the token rate
-    num_up_blocks: int = 4  # conformer layers at the mel rate
-    pre_lookahead_len: int = 3
-    up_stride: int = 2
-    up_scale_factor: int = 2
-    key_bias: bool = True
-    layer_eps: float = 1e-12  # LayerNorms inside the conformer layers
-    embed_eps: float = 1e-5  # embed / up_embed LayerNorms and after_norm
-    isolate_padding: bool = True  # see the module docstring; False = the reference's ragged-batch leak
-    # "highest" keeps float32 matmuls exact on GPUs/TPUs (no TF32/bf16 passes).
-    matmul_precision: str = "highest"
-
-    def __post_init__(self):
-        for name in ("input_size", "output_size", "attention_heads", "linear_units", "num_blocks",
-                     "num_up_blocks", "pre_lookahead_len", "up_stride", "up_scale_factor"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"upsample_encoder.{name}: must be a positive integer, got {value!r}")
-        if self.input_size != self.output_size:
-            # up_embed's Linear is input_size -> output_size but is fed output_size features
-            raise ConfigError(f"upsample_encoder.input_size: must equal output_size ({self.output_size}) "
-                              f"as in the reference, got {self.input_size}")
-        if self.output_size % self.attention_heads:
-            raise ConfigError(f"upsample_encoder.attention_heads: {self.attention_heads} heads do not "
-                              f"divide output_size {self.output_size}")
-        if self.output_size % 2:
-            raise ConfigError(f"upsample_encoder.output_size: the sin/cos position table needs an even "
-                              f"width, got {self.output_size}")
-        if self.up_scale_factor != self.up_stride:
-            raise ConfigError(f"upsample_encoder.up_scale_factor: must equal up_stride ({self.up_stride}) "
-                              f"so that lengths and frames agree, got {self.up_scale_factor}")
-        for name in ("layer_eps", "embed_eps"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"upsample_encoder.{name}: must be positive, got {getattr(self, name)!r}")
-        check_matmul_precision(self.matmul_precision, "upsample_encoder.matmul_precision")
-
-    @property
-    def head_dim(self) -> int:
-        return self.output_size // self.attention_heads
-
-    @property
-    def precision(self) -> jax.lax.Precision:
-        return PRECISIONS[self.matmul_precision]
-
-    def output_lengths(self, lengths):
-        return lengths * self.up_stride
-
-    # The reference constructor args that only choose the (single) implemented variant, and the
-    # dropout rates, which are identity at inference.
-    _FIXED = {"input_layer": "linear", "pos_enc_layer_type": "rel_pos_espnet",
-              "selfattention_layer_type": "rel_selfattn", "normalize_before": True}
-    _IGNORED = ("dropout_rate", "positional_dropout_rate", "attention_dropout_rate")
-
-    @classmethod
-    def from_reference(cls, cfg: dict, **overrides) -> "UpsampleEncoderConfig":
-        """From `UpsampleConformerEncoderV2(**kwargs)` args (the yaml `encoder:` block, fixture configs)."""
-        kwargs = {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key, value in cfg.items():
-            if key in cls._FIXED:
-                if value != cls._FIXED[key]:
-                    raise ConfigError(f"upsample_encoder.{key}: only {cls._FIXED[key]!r} is implemented, "
-                                      f"got {value!r}")
-            elif key in cls._IGNORED:
-                continue
-            elif key in names:
-                kwargs[key] = value
-            else:
-                raise ConfigError(f"upsample_encoder: unknown reference key {key!r}")
-        kwargs.update(overrides)
-        return cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------- maths

@@ -1,7 +1,4 @@
-"""Matmul precision names (config fields) -> jax.lax.Precision."""
+"""Matmul precision names (config fields) -> jax.lax.Precision. The table is defined with the config
+checks that validate those names (config/base.py) and re-exported here for the layers."""
 
-import jax
-
-from editx_jax.config import MATMUL_PRECISIONS
-
-PRECISIONS = {name: jax.lax.Precision[name.upper()] for name in MATMUL_PRECISIONS}
+from editx_jax.config.base import PRECISIONS  # noqa: F401  (re-exported)

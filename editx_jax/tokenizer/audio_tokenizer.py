@@ -44,67 +44,17 @@ import numpy as np
 
 from editx_jax.audio import features
 from editx_jax.audio import io as audio_io
-from editx_jax.audio.features import FbankConfig, WhisperMelConfig
 from editx_jax.audio.io import AudioError
 from editx_jax import checkpoint
 from editx_jax.config import ConfigError, from_dict
+from editx_jax.config.audio import AudioTokenizerConfig, S3TokenizerConfig, WhisperMelConfig
 from editx_jax.tokenizer import codebook as cb
 from editx_jax.tokenizer import paraformer as pf
 from editx_jax.tokenizer import s3tokenizer as s3
-from editx_jax.tokenizer.paraformer import ParaformerEncoderConfig
-from editx_jax.tokenizer.s3tokenizer import S3TokenizerConfig
 from editx_jax.tokenizer.vq02 import vq02_codes_from_features, vq02_features
 from editx_jax.tree import shape_diff
 
 COMPONENT = "audio_tokenizer"
-
-
-# ---------------------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass(frozen=True)
-class AudioTokenizerConfig:
-    """Both encoders' sizes, the vq02 front end, and the pipeline settings. Defaults: the release."""
-
-    paraformer: ParaformerEncoderConfig = dataclasses.field(default_factory=ParaformerEncoderConfig)
-    fbank: FbankConfig = dataclasses.field(default_factory=FbankConfig)
-    s3: S3TokenizerConfig = dataclasses.field(default_factory=S3TokenizerConfig)
-    vq02_codes: int = cb.VQ02_CODES  # rows of linguistic_tokenizer.npy
-    sample_rate: int = audio_io.TOKENIZER_SAMPLE_RATE
-    peak_cap: float = 0.6  # §0.1 step 1 (undone by the 0.999 normalisation up to rounding); 0: off
-    energy_peak: float = 0.999
-    trim: bool = True
-    vq02_block_calls: int = 1024  # streaming calls (0.24 s each) per vq02 encoder pass on long audio
-    vq06_batch: int = 8  # 30 s pieces per vq06 encoder pass
-
-    def __post_init__(self):
-        def check(ok, field, msg):
-            if not ok:
-                raise ConfigError(f"audio_tokenizer.{field}: {msg}")
-        check(self.fbank.feat_dim == self.paraformer.input_size, "paraformer.input_size",
-              f"{self.paraformer.input_size} != fbank n_mels * lfr_m = {self.fbank.feat_dim}")
-        check(self.fbank.sample_rate == self.sample_rate, "fbank.sample_rate",
-              f"{self.fbank.sample_rate} != sample_rate {self.sample_rate}")
-        check(0 < self.vq02_codes <= cb.VQ02_CODES, "vq02_codes", f"must be in [1, {cb.VQ02_CODES}], "
-              f"got {self.vq02_codes}")
-        check(self.s3.codebook_size <= cb.VQ06_CODES, "s3.codebook_size",
-              f"must be at most {cb.VQ06_CODES} (the LLM's vq06 id range), got {self.s3.codebook_size}")
-        check(self.sample_rate > 0, "sample_rate", f"must be positive, got {self.sample_rate}")
-        check(0 <= self.peak_cap, "peak_cap", f"must be >= 0 (0 disables it), got {self.peak_cap}")
-        check(0 < self.energy_peak <= 1, "energy_peak", f"must be in (0, 1], got {self.energy_peak}")
-        check(self.vq02_block_calls >= 8, "vq02_block_calls", f"must be >= 8, got {self.vq02_block_calls}")
-        check(self.vq06_batch >= 1, "vq06_batch", f"must be >= 1, got {self.vq06_batch}")
-
-    @property
-    def whisper_mel(self) -> WhisperMelConfig:
-        return WhisperMelConfig(sample_rate=self.sample_rate, n_mels=self.s3.n_mels, hop_length=self.s3.hop_length)
-
-    @classmethod
-    def tiny(cls, **overrides) -> "AudioTokenizerConfig":
-        """Small encoders with the real front ends and code ranges (tests, demos, --random-tiny)."""
-        para = ParaformerEncoderConfig(output_size=64, attention_heads=4, linear_units=128, num_blocks=4)
-        s3cfg = S3TokenizerConfig(n_audio_state=64, n_audio_head=4, n_audio_layer=2)
-        return cls(paraformer=para, s3=s3cfg, **overrides)
 
 
 class TooShortError(AudioError):

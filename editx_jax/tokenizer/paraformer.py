@@ -27,9 +27,7 @@ over `encode_chunk` for bounded memory on audio of any length.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -37,76 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError, check_matmul_precision
+from editx_jax.config.audio import ParaformerEncoderConfig
 from editx_jax.layers.precision import PRECISIONS
-
-
-
-@dataclasses.dataclass(frozen=True)
-class ParaformerEncoderConfig:
-    """SANMEncoderChunkOpt sizes and the streaming driver settings. Defaults are the released model."""
-
-    input_size: int = 560  # n_mels * lfr_m
-    output_size: int = 512
-    attention_heads: int = 4
-    linear_units: int = 2048
-    num_blocks: int = 50  # 1 `encoders0` layer (input_size -> output_size) + num_blocks-1 `encoders`
-    kernel_size: int = 11  # FSMN depthwise conv
-    sanm_shift: int = 0  # FunASR spells it `sanm_shfit`
-    normalize_before: bool = True
-    layer_norm_eps: float = 1e-12
-    chunk_size: tuple[int, int, int] = (0, 4, 5)  # (left overlap, stride, right overlap) in LFR frames
-    look_back: int = 4  # encoder_chunk_look_back: cached chunks of k/v
-    matmul_precision: str = "highest"  # the reference runs fp32 matmuls; codes must match exactly
-
-    def __post_init__(self):
-        object.__setattr__(self, "chunk_size", tuple(int(c) for c in self.chunk_size))
-        for name in ("input_size", "output_size", "attention_heads", "linear_units", "num_blocks",
-                     "kernel_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"paraformer.{name}: must be positive, got {getattr(self, name)}")
-        if self.output_size % self.attention_heads:
-            raise ConfigError(f"paraformer.attention_heads: {self.attention_heads} heads do not divide "
-                              f"output_size {self.output_size}")
-        if self.input_size % 2:
-            raise ConfigError(f"paraformer.input_size: the sinusoidal positions need an even size, "
-                              f"got {self.input_size}")
-        if not 0 <= self.sanm_shift < self.kernel_size - (self.kernel_size - 1) // 2:
-            raise ConfigError(f"paraformer.sanm_shift: must be in [0, {self.kernel_size - (self.kernel_size - 1) // 2}),"
-                              f" got {self.sanm_shift}")
-        if self.layer_norm_eps <= 0:
-            raise ConfigError("paraformer.layer_norm_eps: must be positive")
-        if len(self.chunk_size) != 3 or self.chunk_size[0] < 0 or self.chunk_size[1] <= 0 or self.chunk_size[2] <= 0:
-            # chunk_size[2] = 0 would make the official cache update `k[:, :, :-0]` empty: not a mode we copy
-            raise ConfigError(f"paraformer.chunk_size: expected (left >= 0, stride > 0, right > 0), "
-                              f"got {self.chunk_size}")
-        if self.look_back <= 0:
-            raise ConfigError(f"paraformer.look_back: only a positive encoder look-back is supported, "
-                              f"got {self.look_back}")
-        check_matmul_precision(self.matmul_precision, "paraformer.matmul_precision")
-
-    @property
-    def head_dim(self) -> int:
-        return self.output_size // self.attention_heads
-
-    @property
-    def overlap_frames(self) -> int:
-        """Embedded input frames carried from one call's window to the next (5 when released)."""
-        return self.chunk_size[0] + self.chunk_size[2]
-
-    @property
-    def cache_frames(self) -> int:
-        """K/V frames kept after the second call on: look_back * stride (16 when released)."""
-        return self.look_back * self.chunk_size[1]
-
-    @property
-    def input_scale(self) -> float:
-        return math.sqrt(self.output_size)  # sqrt(output_size), not sqrt(input_size)
-
-    @property
-    def fsmn_padding(self) -> tuple[int, int]:
-        left = (self.kernel_size - 1) // 2 + self.sanm_shift
-        return left, self.kernel_size - 1 - left
 
 
 class EncoderState(NamedTuple):

@@ -17,7 +17,6 @@ a time, padded to a small set of lengths so a new clip length does not recompile
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -27,85 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from editx_jax.audio.features import bucket_length, whisper_log_mel
-from editx_jax.config import ConfigError, check_matmul_precision
-from editx_jax.layers.precision import PRECISIONS
-
-# ---------------------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass(frozen=True)
-class S3TokenizerConfig:
-    """S3 tokenizer v1 (25 Hz). Defaults are the released `speech_tokenizer_v1.onnx` sizes."""
-
-    n_mels: int = 128
-    n_audio_ctx: int = 1500  # rows of the position table: the most frames after the conv stem
-    n_audio_state: int = 1280
-    n_audio_head: int = 20
-    n_audio_layer: int = 6
-    codebook_size: int = 4096
-    conv1_stride: int = 2  # 2 = the 25 Hz v1 that Step-Audio ships; 1 = S3Tokenizer's 50 Hz v1
-    ln_eps: float = 1e-5
-    # Official chunking of long audio (get_vq06_code): 30 s pieces at 16 kHz, tails < 480 samples dropped.
-    chunk_samples: int = 480_000
-    min_chunk_samples: int = 480
-    hop_length: int = 160  # log-mel hop: frames per piece = samples // hop_length
-    # "highest" keeps float32 matmuls exact on GPUs/TPUs (no TF32/bf16 passes); codes must not flip.
-    matmul_precision: str = "highest"
-
-    def __post_init__(self):
-        for name in ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
-                     "codebook_size", "chunk_samples", "min_chunk_samples", "hop_length"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ConfigError(f"s3tokenizer.{name}: must be a positive integer, got {value!r}")
-        if self.n_audio_state % self.n_audio_head:
-            raise ConfigError(f"s3tokenizer.n_audio_head: {self.n_audio_head} heads do not divide "
-                              f"n_audio_state {self.n_audio_state}")
-        if self.n_audio_state % 2:
-            raise ConfigError(f"s3tokenizer.n_audio_state: the sin|cos position table needs an even "
-                              f"width, got {self.n_audio_state}")
-        if self.conv1_stride not in (1, 2):
-            raise ConfigError(f"s3tokenizer.conv1_stride: must be 1 or 2, got {self.conv1_stride}")
-        if not self.ln_eps > 0:
-            raise ConfigError(f"s3tokenizer.ln_eps: must be positive, got {self.ln_eps}")
-        if self.min_chunk_samples > self.chunk_samples:
-            raise ConfigError(f"s3tokenizer.min_chunk_samples: {self.min_chunk_samples} exceeds "
-                              f"chunk_samples {self.chunk_samples}")
-        check_matmul_precision(self.matmul_precision, "s3tokenizer.matmul_precision")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_audio_state // self.n_audio_head
-
-    @property
-    def precision(self) -> jax.lax.Precision:
-        return PRECISIONS[self.matmul_precision]
-
-    def token_lengths(self, mel_len):
-        """Frames after the conv stem: (T-1)//s1 + 1, then (T1-1)//2 + 1 (0 stays 0)."""
-        return conv_out_len(conv_out_len(mel_len, self.conv1_stride), 2)
-
-    @classmethod
-    def from_reference(cls, cfg: dict, **overrides) -> "S3TokenizerConfig":
-        """From the PyPI `s3tokenizer` ModelConfig fields (+ its model name), as in fixture manifests."""
-        name = cfg.get("name", "speech_tokenizer_v1_25hz")
-        if name not in ("speech_tokenizer_v1_25hz", "speech_tokenizer_v1"):
-            raise ConfigError(f"s3tokenizer.name: only the v1 models are supported, got {name!r}")
-        return cls(n_mels=int(cfg.get("n_mels", 128)), n_audio_ctx=int(cfg.get("n_audio_ctx", 1500)),
-                   n_audio_state=int(cfg.get("n_audio_state", 1280)),
-                   n_audio_head=int(cfg.get("n_audio_head", 20)),
-                   n_audio_layer=int(cfg.get("n_audio_layer", 6)),
-                   codebook_size=int(cfg.get("n_codebook_size", 4096)),
-                   conv1_stride=2 if name == "speech_tokenizer_v1_25hz" else 1, **overrides)
+from editx_jax.config.audio import S3TokenizerConfig, conv_out_len
 
 
 class S3InputError(ValueError):
     """The tokenizer was given an input it cannot tokenize (wrong shape, length, NaN...)."""
-
-
-def conv_out_len(length, stride: int):
-    """Output length of a k=3, pad=1 convolution: floor((L + 2 - 3) / s) + 1, with 0 -> 0."""
-    return (length - 1) // stride + 1
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:

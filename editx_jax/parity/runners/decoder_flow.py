@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from editx_jax.convert.flow import convert_dit, convert_flow, flow_config_from_reference
-from editx_jax.decoder.dit import DiTConfig, apply
+from editx_jax.convert.flow import convert_dit, convert_flow, dit_config_from_reference, flow_config_from_reference
+from editx_jax.decoder.dit import apply
 from editx_jax.decoder.flow import cosine_t_span, inference
 
 
@@ -21,7 +21,7 @@ def _frames_last(a: np.ndarray) -> np.ndarray:
 
 def run_dit(fx) -> dict[str, np.ndarray]:
     """out_k = DiT(x, mask, mu, t_k, spks, cond) for every t_k in the inputs, as (B, 80, T)."""
-    config = DiTConfig.from_reference(fx.config)
+    config = dit_config_from_reference(fx.config)
     params = convert_dit(fx.weights(), config)
     inputs = fx.inputs()
     x, mu, cond = (_frames_last(inputs[k]) for k in ("x", "mu", "cond"))

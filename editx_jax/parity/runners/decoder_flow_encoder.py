@@ -6,14 +6,15 @@ import re
 
 import numpy as np
 
-from editx_jax.convert.flow_encoder import embedding_from_state_dict, encoder_from_state_dict
-from editx_jax.decoder.embedding import DualCodebookConfig, DualCodebookEmbedding, reshape_tokens
-from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig, encode
+from editx_jax.convert.flow_encoder import (dual_codebook_config_from_reference, embedding_from_state_dict,
+                                          encoder_from_state_dict, upsample_encoder_config_from_reference)
+from editx_jax.decoder.embedding import DualCodebookEmbedding, reshape_tokens
+from editx_jax.decoder.upsample_encoder import encode
 
 
 def run_dual_codebook_embedding(fx) -> dict[str, np.ndarray]:
     """token_pairs_k [t, 2] int64 and embedding_k [1, t, input_size] for every `mix_tokens_k` input."""
-    config = DualCodebookConfig.from_reference(fx.config)
+    config = dual_codebook_config_from_reference(fx.config)
     params = embedding_from_state_dict(fx.weights(), config)
     module = DualCodebookEmbedding(config)
     out = {}
@@ -33,7 +34,7 @@ def run_upsample_encoder(fx) -> dict[str, np.ndarray]:
     The reference lets padding leak into the pre-lookahead conv and the fixture compares every frame,
     so this runs with isolate_padding=False.
     """
-    config = UpsampleEncoderConfig.from_reference(fx.config, isolate_padding=False)
+    config = upsample_encoder_config_from_reference(fx.config, isolate_padding=False)
     params = encoder_from_state_dict(fx.weights(), config)
     inputs = fx.inputs()
     xs_out, masks = encode(params, inputs["xs"], inputs["xs_lens"], config)

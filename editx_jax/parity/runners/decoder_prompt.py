@@ -7,13 +7,14 @@ import numpy as np
 from editx_jax.audio.features import kaldi_fbank
 from editx_jax.audio.io import cap_peak, resample
 from editx_jax.config import ConfigError
-from editx_jax.convert.campplus import from_state_dict
+from editx_jax.convert.campplus import campplus_config_from_reference, from_state_dict
+from editx_jax.convert.decoder import mel_config_from_reference
 from editx_jax.decoder import campplus, mel
 
 
 def run_mel_24k(fx) -> dict[str, np.ndarray]:
     """0.6 peak cap, then the flow's log-mel: wav [B, N], speech_feat [B, T, 80], speech_feat_len [B]."""
-    config = mel.MelConfig.from_reference(fx.config["mel_conf"])
+    config = mel_config_from_reference(fx.config["mel_conf"])
     inputs = fx.inputs()
     wav = np.atleast_2d(inputs["wav_raw"])
     sr = int(inputs.get("sample_rate", config.sampling_rate))
@@ -44,7 +45,7 @@ def run_campplus_fbank(fx) -> dict[str, np.ndarray]:
 
 def run_campplus(fx) -> dict[str, np.ndarray]:
     """CAM++ on feat [B, T, 80]: embedding [B, E], frame_features [B, C, ceil(T/2)] (torch layout)."""
-    config = campplus.CAMPPlusConfig.from_reference(fx.config)
+    config = campplus_config_from_reference(fx.config)
     params = from_state_dict(fx.weights(), config)
     emb, frames = campplus.embed_feats(params, fx.inputs()["feat"], config, return_frames=True)
     return {"embedding": np.asarray(emb), "frame_features": np.asarray(frames).transpose(0, 2, 1)}

@@ -14,7 +14,8 @@ from editx_jax.convert import bigvgan as convert_bigvgan
 from editx_jax.convert import hift as convert_hift
 from editx_jax.convert.bigvgan import bigvgan_config_from_reference
 from editx_jax.convert.flow import convert_flow, flow_config_from_reference
-from editx_jax.decoder.hift import HiFTConfig, NSFNoise
+from editx_jax.convert.hift import hift_config_from_reference
+from editx_jax.decoder.hift import NSFNoise
 from editx_jax.decoder.token2wav import Decoder, Token2WavConfig
 from editx_jax.tokenizer.codebook import AUDIO_ID_OFFSET
 
@@ -32,7 +33,7 @@ def _decoder(fx, vocoder: str):
     flow_config = flow_config_from_reference(cfg["flow"])
     flow_params = convert_flow(_split(weights, "flow."), flow_config)
     if vocoder == "hift":
-        voc_config = HiFTConfig.from_reference(cfg["hift"])
+        voc_config = hift_config_from_reference(cfg["hift"])
         voc_params = convert_hift.from_state_dict(_split(weights, "hift."), voc_config)
     else:
         voc_config = bigvgan_config_from_reference(cfg["hift"])

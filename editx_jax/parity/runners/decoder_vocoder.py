@@ -7,8 +7,9 @@ import numpy as np
 from editx_jax.convert import bigvgan as convert_bigvgan
 from editx_jax.convert import hift as convert_hift
 from editx_jax.convert.bigvgan import bigvgan_config_from_reference
+from editx_jax.convert.hift import hift_config_from_reference
 from editx_jax.decoder.bigvgan import bigvgan_inference
-from editx_jax.decoder.hift import HiFTConfig, NSFNoise, hift_inference
+from editx_jax.decoder.hift import NSFNoise, hift_inference
 
 
 def run_hift(fx) -> dict[str, np.ndarray]:
@@ -16,7 +17,7 @@ def run_hift(fx) -> dict[str, np.ndarray]:
 
     `nsf_source_noise` is drawn by the reference but never read, so it is not used here.
     """
-    config = HiFTConfig.from_reference(fx.config)
+    config = hift_config_from_reference(fx.config)
     params = convert_hift.from_state_dict(fx.weights(), config)
     inputs = fx.inputs()
     noise = NSFNoise(inputs["nsf_phase_rand"], inputs["nsf_sine_noise"])

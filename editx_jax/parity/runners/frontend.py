@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from editx_jax.audio import features
-from editx_jax.convert.tokenizer import fbank_config_from_reference
+from editx_jax.convert.tokenizer import fbank_config_from_reference, whisper_mel_config_from_reference
 
 
 def run_wav_frontend(fx) -> dict[str, np.ndarray]:
@@ -43,6 +43,6 @@ def run_wav_frontend_online(fx) -> dict[str, np.ndarray]:
 
 def run_whisper_logmel(fx) -> dict[str, np.ndarray]:
     """whisper.log_mel_spectrogram(audio, n_mels) -> log_mel [n_mels, N // hop] (or batched [..., N])."""
-    config = features.WhisperMelConfig.from_reference(fx.config)
+    config = whisper_mel_config_from_reference(fx.config)
     audio = fx.inputs()["audio"]
     return {"log_mel": np.asarray(features.whisper_log_mel(audio, config))}
