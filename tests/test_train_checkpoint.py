@@ -89,17 +89,55 @@ def _losses(out):
     return got
 
 
-@pytest.mark.slow
-def test_sigkill_and_resume_gives_the_same_losses(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, str(ROOT / "train.py")]
-    ref = tmp_path / "ref"
-    subprocess.run(cmd + _run_cfg(tmp_path, ref), env=env, check=True, capture_output=True, cwd=ROOT, timeout=300)
-    want = _losses(ref)
-    assert sorted(want) == list(range(1, 9))
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+       "PYTHONPATH": str(ROOT)}  # this checkout's package, whatever the editable install points at
+TRAIN = [sys.executable, str(ROOT / "train.py")]
+PAUSED_TRAIN = [sys.executable, str(ROOT / "tests" / "_paused_train.py")]  # train.py with a pause hook
 
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 8-step run: its losses and final params."""
+    tmp = tmp_path_factory.mktemp("ref")
+    subprocess.run(TRAIN + _run_cfg(tmp, tmp / "ref"), env=ENV, check=True, capture_output=True, cwd=ROOT, timeout=300)
+    want = _losses(tmp / "ref")
+    assert sorted(want) == list(range(1, 9))
+    return want, loop.restore_run_params(tmp / "ref")
+
+
+def _resume_and_compare(tmp_path, run, reference, extra=()):
+    """Resume the killed run to its end: the same losses and bitwise the same final params."""
+    subprocess.run(TRAIN + _run_cfg(tmp_path, run, [*extra, "--resume"]), env=ENV, check=True, capture_output=True,
+                   cwd=ROOT, timeout=300)
+    want, want_params = reference
+    got = _losses(run)
+    assert sorted(got) == list(range(1, 9))
+    assert [got[s] for s in range(1, 9)] == [want[s] for s in range(1, 9)]  # bitwise, step for step
+    got_params = loop.restore_run_params(run)
+    assert jax.tree_util.tree_structure(got_params) == jax.tree_util.tree_structure(want_params)
+    for a, b in zip(jax.tree_util.tree_leaves(got_params), jax.tree_util.tree_leaves(want_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not any((run / "checkpoints" / loop.TRASH).glob("*"))
+
+
+def _run_until_paused(tmp_path, run, where, extra=()):
+    """Start the run with a pause at `where` (tests/_paused_train.py) and SIGKILL it there."""
+    marker = tmp_path / f"paused-{run.name}"
+    proc = subprocess.Popen(PAUSED_TRAIN + _run_cfg(tmp_path, run, extra), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**ENV, "EDITX_PAUSE_AT": where, "EDITX_PAUSE_FILE": str(marker)})
+    deadline = time.time() + 300
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), f"the run never reached the pause at {where}"
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_losses_and_params(tmp_path, reference):
     run = tmp_path / "run"
-    proc = subprocess.Popen(cmd + _run_cfg(tmp_path, run), env=env, cwd=ROOT,
+    proc = subprocess.Popen(TRAIN + _run_cfg(tmp_path, run), env=ENV, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and max(_losses(run), default=0) < 5:
@@ -108,13 +146,42 @@ def test_sigkill_and_resume_gives_the_same_losses(tmp_path):
     proc.wait()
     killed_at = max(_losses(run))
     assert 5 <= killed_at < 8, "the run finished before it could be killed"
-    ckpts = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    ckpts = loop.checkpoint_steps(run / "checkpoints")
     assert ckpts and max(ckpts) <= killed_at
-    subprocess.run(cmd + _run_cfg(tmp_path, run, ["--resume"]), env=env, check=True, capture_output=True,
-                   cwd=ROOT, timeout=300)
-    got = _losses(run)
-    assert sorted(got) == list(range(1, 9))
-    assert [got[s] for s in range(1, 9)] == [want[s] for s in range(1, 9)]  # bitwise, step for step
+    _resume_and_compare(tmp_path, run, reference)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, reference):
+    run = tmp_path / "run"
+    _run_until_paused(tmp_path, run, "save:6")
+    names = [p.name for p in (run / "checkpoints").iterdir()]
+    assert any(n.startswith("6.orbax-checkpoint-tmp") for n in names), names  # killed inside the save of 6
+    assert loop.checkpoint_steps(run / "checkpoints") == [2, 4]  # 6 is never offered
+    _resume_and_compare(tmp_path, run, reference)
+    assert not any("tmp" in p.name for p in (run / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_sigkill_during_pruning_never_leaves_a_half_deleted_step(tmp_path, reference):
+    """keep=1: each save prunes the previous step. Killed while a pruned folder is half deleted: no
+    folder under a step's name is incomplete, every listed step restores, start-up empties the trash."""
+    run, keep1 = tmp_path / "run", ["--set=checkpoint.keep=1"]
+    _run_until_paused(tmp_path, run, "prune", keep1)
+    ckpts = run / "checkpoints"
+    assert any(p.is_file() for p in (ckpts / loop.TRASH).rglob("*"))  # the half-deleted folder, out of the way
+    steps = loop.checkpoint_steps(ckpts)
+    assert steps and sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == steps
+    cfg = Config(checkpoint=Config().checkpoint.__class__(keep=1))
+    tx = st.make_optimizer(OptimizerConfig(), 8)
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    target = st.abstract_llm_state(CFG, tx, st.llm_state_shardings(CFG, tx, mesh))
+    mgr = loop.checkpoint_manager(ckpts, cfg)  # start-up: the leftover is recognised and removed
+    assert not any((ckpts / loop.TRASH).glob("*"))
+    for step in steps:
+        assert int(loop.restore_checkpoint(mgr, step, target)["step"]) == step
+    mgr.close()
+    _resume_and_compare(tmp_path, run, reference, keep1)
 
 
 def _free_port():
@@ -160,8 +227,10 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(tmp_path):
     partial = tmp_path / "ckpt" / "6.orbax-checkpoint-tmp-1234567"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "half_written").write_bytes(b"\0" * 100)
+    (tmp_path / "ckpt" / "8" / "state").mkdir(parents=True)  # a step folder without Orbax's commit metadata
     mgr = loop.checkpoint_manager(tmp_path / "ckpt", cfg)
-    assert mgr.latest_step() == 4
+    assert not partial.exists()  # a killed save's leftover is removed at start-up
+    assert loop.checkpoint_steps(tmp_path / "ckpt") == [4] and loop.latest_step(tmp_path / "ckpt") == 4
     restored = loop.restore_checkpoint(mgr, 4, st.abstract_llm_state(CFG, tx, st.llm_state_shardings(CFG, tx, mesh)))
     assert int(restored["step"]) == 0
     np.testing.assert_array_equal(np.asarray(restored["params"]["final_norm"]["scale"]),
