@@ -17,8 +17,8 @@ from orbax.checkpoint._src.path import atomicity
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402  (after the path)
-from editx_jax.train import loop  # noqa: E402
+import train
+from editx_jax.train import loop
 
 WHERE = os.environ["EDITX_PAUSE_AT"]
 MARKER = pathlib.Path(os.environ["EDITX_PAUSE_FILE"])

@@ -267,11 +267,25 @@ def _seconds_per_step(seconds: float, steps: int) -> dict:
 # ----------------------------------------------------------------------------- the loop
 
 
+def _log_train(writer, history, bar, summary, rates, pending, t_last, t_step):
+    """Log one step's metrics (with the throughput since the last log) -> (time, step) of this log."""
+    done, metrics = pending
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.time()
+    m.update(rates(now - t_last, done - t_step))
+    writer.write(done, "train", m)
+    history.append({"step": done, **m})
+    if bar is not None:
+        bar.set_postfix_str(summary(m))
+    return now, done
+
+
 def run(cfg: Config, r: Run, *, resume: bool = False, log: Callable = print) -> dict:
     """`cfg.train.steps` calls of `r.step_fn(state, step) -> (state, metrics)` with metrics.jsonl /
     TensorBoard logging, a progress bar, held-out `r.evaluate(state)` and Orbax checkpoints of
     `r.state` (and `r.data_iterator`) every checkpoint.every steps; `resume` continues from the last
-    checkpoint. A `StopIteration` from the step (SFT's data exhausted) saves and ends the run.
+    checkpoint. A `StopIteration` from the step (SFT's data exhausted) ends the run with the last
+    step's log, save and evaluation, on every process together.
     Returns {"state", "train", "eval", **r.info}."""
     log = process_log(log)
     tc = cfg.train
@@ -302,34 +316,41 @@ def run(cfg: Config, r: Run, *, resume: bool = False, log: Callable = print) -> 
         log(f"eval step {step}: {summary(m)}")
 
     bar = tqdm(total=tc.steps, initial=start, desc=r.name, dynamic_ncols=True) if tc.progress and pi == 0 else None
+    saved = evaluated = logged = start
+    pending = None  # (step, metrics) of the last step when not yet logged
     try:
         if r.evaluate is not None and start == 0:
             run_eval(0)
-        t_last = time.time()
+        t_last, t_step = time.time(), start
+        done = start
         for step in range(start, tc.steps):
             try:
                 state, metrics = r.step_fn(state, step)
             except StopIteration:
+                # Every process holds the same global batches (data/dataset.py), so all of them get
+                # here at the same step and run the final save / evaluation below together.
                 log(f"training data exhausted after {step} steps (data.num_epochs={cfg.data.num_epochs})")
-                if step > start:
-                    save_checkpoint(mgr, step, state, r.data_iterator)
                 break
             done = step + 1
+            pending = (done, metrics)
             if done % tc.log_every == 0 or done == tc.steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.time()
-                m.update(rates(now - t_last, done - max(start, done - tc.log_every)))
-                t_last = now
-                writer.write(done, "train", m)
-                history.append({"step": done, **m})
-                if bar is not None:
-                    bar.set_postfix_str(summary(m))
+                t_last, t_step = _log_train(writer, history, bar, summary, rates, pending, t_last, t_step)
+                logged, pending = done, None
             if bar is not None:
                 bar.update(1)
             if done % cfg.checkpoint.every == 0 or done == tc.steps:
                 save_checkpoint(mgr, done, state, r.data_iterator)
+                saved = done
             if r.evaluate is not None and ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps):
                 run_eval(done)
+                evaluated = done
+        # The end of the data before train.steps: the last step's log, save and evaluation.
+        if pending is not None and logged < done:
+            _log_train(writer, history, bar, summary, rates, pending, t_last, t_step)
+        if saved < done:
+            save_checkpoint(mgr, done, state, r.data_iterator)
+        if r.evaluate is not None and evaluated < done:
+            run_eval(done)
     finally:
         mgr.wait_until_finished()
         mgr.close()
