@@ -44,7 +44,11 @@ def init_distributed(args) -> None:
     import jax
     num = args.num_processes if args.num_processes is not None else int(os.environ.get("JAX_NUM_PROCESSES", "1"))
     pid = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "0"))
-    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+    # A process that stops sending heartbeats (killed, hung host) is declared dead after this long, and
+    # the coordination service then ends the others with an error instead of leaving them in a collective.
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
+                               heartbeat_timeout_seconds=args.heartbeat_timeout)
+    print(f"process {jax.process_index()} of {jax.process_count()} (jax.distributed via {address})", flush=True)
 
 
 def main(argv=None) -> int:
@@ -64,6 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
+    parser.add_argument("--heartbeat-timeout", type=int, default=100, metavar="SECONDS",
+                        help="multi-host: end the job when a process is silent this long (default 100)")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
     try:

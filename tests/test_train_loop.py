@@ -46,7 +46,8 @@ def test_data_exhaustion_saves_and_stops(tmp_path):
     out = tmp_path / "run"
     got = loop.run(_cfg(out, 10), _toy(stop_after=3), log=lambda *a: None)
     assert [r["step"] for r in got["train"]] == [1, 2, 3]
-    assert loop.checkpoint_manager(out / "checkpoints", _cfg(out, 10)).latest_step() == 3
+    assert [r["step"] for r in got["eval"]] == [0, 3]  # the end of the data is evaluated too
+    assert loop.latest_step(out / "checkpoints") == 3
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = {"x": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=one)}
     with pytest.raises(loop.RunError, match="no checkpoint to resume from"):

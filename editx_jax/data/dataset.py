@@ -1,4 +1,4 @@
-"""Grain pipelines: examples -> seeded shuffle -> per-process shard -> first-fit packing -> batches.
+"""Grain pipelines: examples -> seeded shuffle -> first-fit packing -> global batches.
 
 A batch is a dict of numpy arrays shaped [grad_accum, rows_per_micro_batch, max_length]:
 
@@ -7,6 +7,13 @@ A batch is a dict of numpy arrays shaped [grad_accum, rows_per_micro_batch, max_
     weights     f32    1 where the target is in the loss (assistant audio, <|EOT|>)
     positions   int32  0, 1, ... restarting at each packed example; -1 on padding
     segment_ids int32  1, 2, ... per packed example; 0 on padding
+
+Multi-host: every process runs the same pipeline over all examples and holds the same global
+batch; `to_global` copies to each device only its own rows. So every process ends an epoch at the
+same step and the global batch is the same whatever the process count (packing a per-process slice
+would give each process its own number of packed rows: the first one out of data would enter the
+final checkpoint's barrier while the others wait in a step's collective). The price is that each
+process reads and packs every example, cheap next to a step.
 
 The shift happens per example before packing, so no target ever crosses into the next example, and
 with positions restarting and attention confined to a segment, a packed example gets exactly the loss
@@ -105,25 +112,20 @@ def _split_micro(batch: dict, grad_accum: int) -> dict:
     return {k: v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:]) for k, v in batch.items()}
 
 
-def train_dataset(examples: Sequence[Example], cfg: DataConfig, rows: int, grad_accum: int = 1,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The training stream of this process: `rows` sequences per step (its share of the global batch).
+def train_dataset(examples: Sequence[Example], cfg: DataConfig, rows: int, grad_accum: int = 1) -> grain.IterDataset:
+    """The training stream: global batches of `rows` sequences, the same on every process.
 
-    Every process shuffles the whole list with the same seed and takes an equal, disjoint slice.
-    Each epoch repeats the same order (num_epochs=0 repeats forever).
+    The examples are shuffled with the data seed; each epoch repeats the same order (num_epochs=0
+    repeats forever); the stream ends after the last whole batch of the last epoch.
     """
     if rows % grad_accum:
-        raise ValueError(f"{rows} rows per process do not split into {grad_accum} micro-batches")
+        raise ValueError(f"{rows} rows per step do not split into {grad_accum} micro-batches")
     if not len(examples):
         raise ValueError("no training examples (every record was skipped; see the data report)")
     ds = grain.MapDataset.source(examples)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
-    usable = len(ds) - len(ds) % process_count  # equal slices, so no process runs out first
-    if usable == 0:
-        raise ValueError(f"{len(ds)} examples cannot be split over {process_count} processes")
-    ds = ds[:usable][process_index::process_count].map(example_features)
-    ds = ds.repeat(cfg.num_epochs or None)
+    ds = ds.map(example_features).repeat(cfg.num_epochs or None)
     it = ds.to_iter_dataset()
     length = cfg.max_length
     if cfg.pack:
@@ -139,27 +141,29 @@ def train_dataset(examples: Sequence[Example], cfg: DataConfig, rows: int, grad_
     return it
 
 
-def eval_batches(examples: Sequence[Example], length: int, rows: int, process_index: int = 0,
-                 process_count: int = 1) -> list[dict]:
-    """The held-out set, one example per row, in order, the last batch filled with empty rows.
-    Every process gets the same number of batches."""
+def eval_batches(examples: Sequence[Example], length: int, rows: int) -> list[dict]:
+    """The held-out set as global batches, one example per row, in order, the last batch filled with
+    empty rows."""
     feats = [example_features(e) for e in examples]
-    per_process = -(-len(feats) // process_count)
-    mine = feats[process_index * per_process:(process_index + 1) * per_process]
-    n_batches = -(-per_process // rows)
     empty = pad_example({k: np.zeros(0, np.float32 if k == "weights" else np.int32) for k in FEATURES}, length)
     out = []
-    for b in range(n_batches):
-        chunk = [pad_example(f, length) for f in mine[b * rows:(b + 1) * rows]]
+    for b in range(-(-len(feats) // rows)):
+        chunk = [pad_example(f, length) for f in feats[b * rows:(b + 1) * rows]]
         chunk += [empty] * (rows - len(chunk))
         out.append({k: np.stack([c[k] for c in chunk])[None] for k in BATCH_KEYS})
     return out
 
 
-def to_global(local: dict, mesh) -> dict:
-    """This process's rows -> global jax arrays (rows of all processes concatenated in order)."""
+def to_global(batch: dict, mesh) -> dict:
+    """A global host batch (the same on every process) -> global jax arrays, rows over data x fsdp;
+    each process copies only the rows of its own devices."""
     sh = sharding.batch_sharding(mesh, ndim=3, axis=1)  # [grad_accum, rows, length]
-    return {k: jax.make_array_from_process_local_data(sh, np.asarray(local[k])) for k in BATCH_KEYS}
+
+    def place(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    return {k: place(batch[k]) for k in BATCH_KEYS}
 
 
 def epoch_indices(n: int, size: int, step: int, seed: int) -> np.ndarray:

@@ -10,7 +10,10 @@ and the run-folder guards. An algorithm's wiring (train/runs/<algo>.py) builds a
 
 Orbax writes a checkpoint into a temporary folder and renames it when complete, so a run killed
 mid-save keeps its previous checkpoint; saves are asynchronous (the device-to-host copy happens
-before `save` returns, so the donated state can be reused at once).
+before `save` returns, so the donated state can be reused at once). Keep-N pruning is the mirror
+image: Orbax renames the oldest step folder into checkpoints/pruned.trash/ (one atomic rename), and
+only then is it deleted, so a run killed mid-prune never leaves a half-deleted folder under a step's
+name; leftovers in the trash (and Orbax's temporary folders) are removed at start-up.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -121,10 +125,48 @@ def read_metrics(out_dir) -> list[dict]:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+TRASH = "pruned.trash"  # pruned step folders are renamed in here, then deleted
+
+
+def checkpoint_steps(path) -> list[int]:
+    """The steps under `path` a restore can read: folders under their final step name (a save renames
+    its temporary folder in when complete, pruning renames one out before deleting it) holding Orbax's
+    commit metadata and the state item. Everything that picks a checkpoint goes through this list."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir()
+                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file() and (p / "state").is_dir())
+
+
+def purge_trash(path, *, startup: bool = False) -> None:
+    """Delete the step folders that pruning renamed into the trash; at start-up also the temporary
+    folders of saves that a kill interrupted (Orbax's own clean-up of those runs in the background,
+    after the first listing). Process 0 only: the others share the folder. Only the trash's entries
+    go, never the trash itself: Orbax may be renaming the next pruned step into it meanwhile."""
+    path = pathlib.Path(path)
+    if jax.process_index() != 0 or not path.is_dir():
+        return
+    trash = path / TRASH
+    leftovers = sorted(trash.iterdir()) if trash.is_dir() else []
+    if startup:
+        leftovers += [p for p in path.iterdir() if ".orbax-checkpoint-tmp" in p.name]
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def checkpoint_manager(path: pathlib.Path, cfg: Config):
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True,
+    """Orbax's manager over `path`, keeping `checkpoint.keep` steps; a killed run's leftovers (pruned
+    folders, temporary save folders) are removed first."""
+    purge_trash(path, startup=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True, todelete_subdir=TRASH,
                                            enable_async_checkpointing=cfg.checkpoint.async_save)
     return ocp.CheckpointManager(path.absolute(), options=options)
+
+
+def latest_step(path) -> int | None:
+    steps = checkpoint_steps(path)
+    return steps[-1] if steps else None
 
 
 def save_checkpoint(mgr, step: int, state, iterator=None) -> None:
@@ -132,6 +174,7 @@ def save_checkpoint(mgr, step: int, state, iterator=None) -> None:
     if iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(iterator)
     mgr.save(step, args=ocp.args.Composite(**items), force=True)
+    purge_trash(mgr.directory)  # the steps pruned by the previous save (it has finished: save waits for it)
 
 
 def restore_checkpoint(mgr, step: int, abstract_state, iterator=None):
@@ -151,10 +194,10 @@ def restore_run_params(run_dir):
     """The params of the last checkpoint of a run folder (`train.output_dir` of any algorithm), as host
     arrays: state["params"] for SFT / reward / DPO runs, state["policy"]["params"] for GRPO / PPO."""
     path = pathlib.Path(run_dir) / "checkpoints"
-    mgr = ocp.CheckpointManager(path.absolute())
-    step = mgr.latest_step()
+    step = latest_step(path)
     if step is None:
         raise RunError(f"{run_dir}: no checkpoint under {path}")
+    mgr = ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
     try:
         tree = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     finally:
@@ -180,8 +223,7 @@ MODEL_KEYS = ("llm",)  # config sections a resumed run must share with its check
 
 
 def has_checkpoint(cfg: Config) -> bool:
-    d = pathlib.Path(cfg.train.output_dir) / "checkpoints"
-    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+    return bool(checkpoint_steps(pathlib.Path(cfg.train.output_dir) / "checkpoints"))
 
 
 def check_run_folder(cfg: Config, resume: bool, name: str | None = None) -> None:
@@ -189,7 +231,9 @@ def check_run_folder(cfg: Config, resume: bool, name: str | None = None) -> None
     (when `name` is given) another algorithm. Called before any data or model is read."""
     out = pathlib.Path(cfg.train.output_dir)
     path = out / "run_config.json"
-    if has_checkpoint(cfg) and not resume:
+    ckpts = out / "checkpoints"
+    # Any step folder counts here, even one a restore would skip: never overwrite what may be a run.
+    if not resume and ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
         raise RunError(f"{out} already holds checkpoints; pass --resume to continue the run, or choose "
                        "another train.output_dir (nothing was overwritten)")
     if resume and path.is_file():
@@ -223,11 +267,25 @@ def _seconds_per_step(seconds: float, steps: int) -> dict:
 # ----------------------------------------------------------------------------- the loop
 
 
+def _log_train(writer, history, bar, summary, rates, pending, t_last, t_step):
+    """Log one step's metrics (with the throughput since the last log) -> (time, step) of this log."""
+    done, metrics = pending
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.time()
+    m.update(rates(now - t_last, done - t_step))
+    writer.write(done, "train", m)
+    history.append({"step": done, **m})
+    if bar is not None:
+        bar.set_postfix_str(summary(m))
+    return now, done
+
+
 def run(cfg: Config, r: Run, *, resume: bool = False, log: Callable = print) -> dict:
     """`cfg.train.steps` calls of `r.step_fn(state, step) -> (state, metrics)` with metrics.jsonl /
     TensorBoard logging, a progress bar, held-out `r.evaluate(state)` and Orbax checkpoints of
     `r.state` (and `r.data_iterator`) every checkpoint.every steps; `resume` continues from the last
-    checkpoint. A `StopIteration` from the step (SFT's data exhausted) saves and ends the run.
+    checkpoint. A `StopIteration` from the step (SFT's data exhausted) ends the run with the last
+    step's log, save and evaluation, on every process together.
     Returns {"state", "train", "eval", **r.info}."""
     log = process_log(log)
     tc = cfg.train
@@ -237,7 +295,7 @@ def run(cfg: Config, r: Run, *, resume: bool = False, log: Callable = print) -> 
     summary, rates = r.summary or _default_summary, r.rates or _seconds_per_step
     mgr = checkpoint_manager(out / "checkpoints", cfg)
     start = 0
-    latest = mgr.latest_step() if resume else None
+    latest = latest_step(out / "checkpoints") if resume else None
     if latest is not None:
         state = restore_checkpoint(mgr, latest, abstract(state), r.data_iterator)
         start = int(latest)
@@ -258,37 +316,45 @@ def run(cfg: Config, r: Run, *, resume: bool = False, log: Callable = print) -> 
         log(f"eval step {step}: {summary(m)}")
 
     bar = tqdm(total=tc.steps, initial=start, desc=r.name, dynamic_ncols=True) if tc.progress and pi == 0 else None
+    saved = evaluated = logged = start
+    pending = None  # (step, metrics) of the last step when not yet logged
     try:
         if r.evaluate is not None and start == 0:
             run_eval(0)
-        t_last = time.time()
+        t_last, t_step = time.time(), start
+        done = start
         for step in range(start, tc.steps):
             try:
                 state, metrics = r.step_fn(state, step)
             except StopIteration:
+                # Every process holds the same global batches (data/dataset.py), so all of them get
+                # here at the same step and run the final save / evaluation below together.
                 log(f"training data exhausted after {step} steps (data.num_epochs={cfg.data.num_epochs})")
-                if step > start:
-                    save_checkpoint(mgr, step, state, r.data_iterator)
                 break
             done = step + 1
+            pending = (done, metrics)
             if done % tc.log_every == 0 or done == tc.steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.time()
-                m.update(rates(now - t_last, done - max(start, done - tc.log_every)))
-                t_last = now
-                writer.write(done, "train", m)
-                history.append({"step": done, **m})
-                if bar is not None:
-                    bar.set_postfix_str(summary(m))
+                t_last, t_step = _log_train(writer, history, bar, summary, rates, pending, t_last, t_step)
+                logged, pending = done, None
             if bar is not None:
                 bar.update(1)
             if done % cfg.checkpoint.every == 0 or done == tc.steps:
                 save_checkpoint(mgr, done, state, r.data_iterator)
+                saved = done
             if r.evaluate is not None and ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps):
                 run_eval(done)
+                evaluated = done
+        # The end of the data before train.steps: the last step's log, save and evaluation.
+        if pending is not None and logged < done:
+            _log_train(writer, history, bar, summary, rates, pending, t_last, t_step)
+        if saved < done:
+            save_checkpoint(mgr, done, state, r.data_iterator)
+        if r.evaluate is not None and evaluated < done:
+            run_eval(done)
     finally:
         mgr.wait_until_finished()
         mgr.close()
+        purge_trash(mgr.directory)
         writer.close()
         if bar is not None:
             bar.close()

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from editx_jax import checkpoint as model_ckpt
 from editx_jax import sharding
@@ -14,7 +15,13 @@ from editx_jax.data import dataset, jsonl
 from editx_jax.train import sft
 from editx_jax.train import state as train_state
 from editx_jax.train.init_from import check_converted_folder
-from editx_jax.train.loop import Run, RunError, check_run_folder, has_checkpoint, process_log
+from editx_jax.train.loop import (
+    Run,
+    RunError,
+    check_run_folder,
+    has_checkpoint,
+    process_log,
+)
 
 
 def check_ids(batch: dict, vocab_size: int) -> None:
@@ -25,6 +32,16 @@ def check_ids(batch: dict, vocab_size: int) -> None:
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
             raise RunError(f"data: {key} id {int(ids.max() if ids.max() >= vocab_size else ids.min())} is outside "
                            f"the vocabulary [0, {vocab_size}) (shards prepared for another config?)")
+
+
+def check_same_data(*counts: int) -> None:
+    """Every process must read the same examples (each iterates all of them): compare the counts."""
+    if jax.process_count() == 1:
+        return
+    got = multihost_utils.process_allgather(np.asarray(counts, np.int64))
+    if not (got == got[0]).all():
+        raise RunError(f"the processes read different data (train, eval examples per process: "
+                       f"{got.tolist()}); data.train / data.eval must name the same files on every host")
 
 
 def _summary(m: dict) -> str:
@@ -59,17 +76,19 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
     tc = cfg.train
     check_run_folder(cfg, resume, "sft")
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    pc, pi = jax.process_count(), jax.process_index()
+    pc = jax.process_count()
     micro_rows = tc.batch_size // tc.grad_accum
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro_rows % shards or tc.batch_size % pc:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch shards: every process holds shards / pc
+    if micro_rows % shards:
         raise RunError(f"train.batch_size {tc.batch_size} / grad_accum {tc.grad_accum} = {micro_rows} rows per "
-                       f"micro-batch must divide over data x fsdp = {shards} devices and {pc} processes")
+                       f"micro-batch must divide over data x fsdp = {shards} devices ({pc} processes)")
     resuming = resume and has_checkpoint(cfg)
     if init_from and not resume:
         check_converted_folder(init_from, cfg)
     examples, report, eval_examples = _read_data(cfg, tokenizer, speaker_fn, log)
-    iterator = iter(dataset.train_dataset(examples, cfg.data, tc.batch_size // pc, tc.grad_accum, pi, pc))
+    check_same_data(len(examples), len(eval_examples))
+    # Every process iterates the same global batches (data/dataset.py): they run out together.
+    iterator = iter(dataset.train_dataset(examples, cfg.data, tc.batch_size, tc.grad_accum))
 
     tx = train_state.make_optimizer(cfg.optimizer, tc.steps)
     sh = train_state.llm_state_shardings(cfg.llm, tx, mesh)
@@ -94,15 +113,14 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
         return step(state, dataset.to_global(batch, mesh))
 
     def rates(seconds: float, _steps: int) -> dict:
-        rate = tokens[0] * pc / max(seconds, 1e-9)
+        rate = tokens[0] / max(seconds, 1e-9)
         tokens[0] = 0.0
         return {"tokens_per_s": rate}
 
     evaluate = None
     if eval_examples:
         eval_fn = sft.make_eval_step(cfg.llm, tx, mesh, sh)
-        eval_rows = max(shards, (tc.batch_size // tc.grad_accum) // pc)
-        eval_data = dataset.eval_batches(eval_examples, cfg.data.max_length, eval_rows, pi, pc)
+        eval_data = dataset.eval_batches(eval_examples, cfg.data.max_length, micro_rows)
         if tc.eval_batches:
             eval_data = eval_data[:tc.eval_batches]
 
