@@ -66,6 +66,7 @@ def test_reward_step_accumulated_equals_unaccumulated():
     _same(out[0], out[1])
 
 
+@pytest.mark.slow  # several step compilations on 4 fake devices
 def test_dpo_step_accumulated_and_micro_batched_equals_unaccumulated():
     mesh = _mesh()
     P, C, R = _data()
@@ -97,6 +98,7 @@ def _grpo_batch():
     return gb
 
 
+@pytest.mark.slow  # several step compilations on 4 fake devices
 def test_grpo_step_accumulated_uses_the_global_token_count():
     mesh = _mesh()
     gb = _grpo_batch()
@@ -119,6 +121,7 @@ def test_grpo_step_accumulated_uses_the_global_token_count():
         _same(out[0], got)
 
 
+@pytest.mark.slow  # several step compilations on 4 fake devices
 def test_ppo_sides_and_steps_accumulated_equal_unaccumulated():
     mesh = _mesh()
     P, C, R = _data()
