@@ -112,26 +112,24 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
     path = pathlib.Path(tc.output_dir) / REF_FILE
 
     def ref_tables(ref_params) -> dict:
-        """Read back (a resume), or computed once from `ref_params` and written."""
+        """The precomputed reference log-probs: computed from `ref_params` and written, on first use only."""
         if not tables:
-            digest = fingerprint(data)
-            got = None if policy is not None else load_tables(path, digest)
-            if got is None:
-                ref_fn = dpo.make_reference_step(cfg.llm, tx, mesh, sh, tc.micro_batch)
-                got = {"train": reference_table(ref_fn, ref_params, data.train, tc.batch_size, batch_at)}
-                if data.held is not None:
-                    got["held"] = reference_table(ref_fn, ref_params, data.held, tc.batch_size, batch_at)
-                if jax.process_index() == 0:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    save_tables(path, got, digest)
-                log(f"reference log-probs of {len(got['train'])} train pairs precomputed into {path}")
-            else:
-                log(f"reference log-probs read back from {path}")
-            tables.update(got)
+            ref_fn = dpo.make_reference_step(cfg.llm, tx, mesh, sh, tc.micro_batch)
+            tables["train"] = reference_table(ref_fn, ref_params, data.train, tc.batch_size, batch_at)
+            if data.held is not None:
+                tables["held"] = reference_table(ref_fn, ref_params, data.held, tc.batch_size, batch_at)
+            if jax.process_index() == 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_tables(path, tables, fingerprint(data))
+            log(f"reference log-probs of {len(tables['train'])} train pairs precomputed into {path}")
         return tables
 
     if cfg.dpo.precompute_ref and policy is not None:
         ref_tables(state["ref"])  # once, before training
+    elif cfg.dpo.precompute_ref:  # resuming: read back (checked against the pairs) before anything compiles
+        tables.update(load_tables(path, fingerprint(data)) or {})
+        if tables:
+            log(f"reference log-probs read back from {path}")
 
     def with_ref(b, state, split, idx):
         if not cfg.dpo.precompute_ref:
