@@ -29,6 +29,8 @@ HEADROOM = 0.9  # plan to 90 % of the memory: allocator fragmentation, the runti
 TARGETS = {"h200": (1, 141e9, "one H200 (141 GB)"), "v5p-8": (4, 95e9, "TPU v5p-8 (4 chips x 95 GB), fsdp 4")}
 # upstream-training.md: DPO 64 pairs of 1536 tokens; GRPO 2 prompts x G 16 of 512 prompt + 1024 new
 # tokens; PPO's batch is unpublished: the GRPO rollout batch, in ppo.minibatches 2.
+BATCH_SETS = {"dpo": "train.batch_size=64", "grpo": "train.batch_size=2 --set grpo.group_size=16",
+              "ppo": "train.batch_size=32 --set ppo.minibatches=2"}
 UPSTREAM = {"dpo": (128, 1536, 1, "64 pairs x 1536 tokens (upstream's DPO)"),
             "grpo": (32, 1536, 1, "2 prompts x G 16 = 32 samples x (512 + 1024) tokens (upstream's GRPO)"),
             "ppo": (32, 1536, 2, "32 rollouts x (512 + 1024) tokens, ppo.minibatches 2")}
@@ -154,9 +156,8 @@ def plan(cfg, algo: str, targets) -> int:
     for target in targets:
         if target in best:
             remat, accum, micro_rows, n_dev, worst = best[target]
-            print(f"  {target}: --set mesh.fsdp={n_dev} --set llm.remat_policy={remat} --set train.grad_accum={accum} "
-                  f"--set train.micro_batch={micro_rows}" + (" --set ppo.minibatches=2" if algo == "ppo" else "")
-                  + f"   (peak {worst:.1f} GiB)")
+            print(f"  {target}: --set {BATCH_SETS[algo]} --set mesh.fsdp={n_dev} --set llm.remat_policy={remat} "
+                  f"--set train.grad_accum={accum} --set train.micro_batch={micro_rows}   (peak {worst:.1f} GiB)")
         else:
             print(f"  {target}: none")
     return 0

@@ -62,9 +62,9 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
     pc, pi = jax.process_count(), jax.process_index()
     micro_rows = tc.batch_size // tc.grad_accum
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro_rows % shards or tc.batch_size % pc:
-        raise RunError(f"train.batch_size {tc.batch_size} / grad_accum {tc.grad_accum} = {micro_rows} rows per "
-                       f"micro-batch must divide over data x fsdp = {shards} devices and {pc} processes")
+    if tc.batch_size % tc.grad_accum or micro_rows % shards or tc.batch_size % pc:
+        raise RunError(f"train.batch_size {tc.batch_size} / grad_accum {tc.grad_accum} = {tc.batch_size / tc.grad_accum:g} "
+                       f"rows per micro-batch must be whole and divide over data x fsdp = {shards} devices and {pc} processes")
     resuming = resume and has_checkpoint(cfg)
     if init_from and not resume:
         check_converted_folder(init_from, cfg)
