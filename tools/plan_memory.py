@@ -5,6 +5,7 @@ and print XLA's per-device memory analysis and FLOPs per step. Nothing is alloca
     python tools/plan_memory.py --config configs/sft_step_audio_editx.yaml --devices 1 --batch 8 --seq 1536
     python tools/plan_memory.py --inference --config configs/step_audio_editx.yaml --devices 1 --batch 1 4 \
         --clip-seconds 5 30   # an edit: params + KV cache + prefill / decode temporaries, per device
+    python tools/plan_memory.py --algo dpo --target h200 v5p-8   # DPO / GRPO / PPO at 3.5B: a config that fits
 
 Runs on CPU with fake devices (`--devices` sets XLA's host device count before jax starts), so the
 figures are those of the XLA CPU compiler: buffer sizes (params, optimizer state, activations and
@@ -21,6 +22,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 GiB = 1024 ** 3
 
@@ -38,7 +40,12 @@ def main(argv=None) -> int:
     p.add_argument("--platform", default="cpu", help="cpu (fake devices) or the real backend")
     p.add_argument("--inference", action="store_true", help="plan an edit's generation instead of a train step")
     p.add_argument("--clip-seconds", type=float, nargs="+", default=[5.0, 30.0], help="(--inference) clip lengths")
+    p.add_argument("--algo", choices=("dpo", "grpo", "ppo"), help="plan a preference / RL step (plan_rl.py) instead "
+                   "of SFT: upstream's batch, the smallest grad_accum / micro_batch that fits each --target")
+    p.add_argument("--target", nargs="+", default=["h200", "v5p-8"], help="(--algo) h200 and/or v5p-8")
     args = p.parse_args(argv)
+    if args.algo:
+        args.devices = 4  # the most any --target needs (v5p-8: 4 chips)
     if args.inference:
         args.batch = args.batch or [1]
     if args.platform == "cpu":
@@ -63,6 +70,9 @@ def main(argv=None) -> int:
         return 1
     if args.inference:
         return plan_inference(cfg, mesh, args.batch, args.clip_seconds)
+    if args.algo:
+        import plan_rl  # noqa: PLC0415  (tools/plan_rl.py imports jax: only after XLA_FLAGS is set)
+        return plan_rl.plan(cfg, args.algo, args.target)
     batch = args.batch[0] if args.batch else cfg.train.batch_size
     accum = args.grad_accum or cfg.train.grad_accum
     seq = args.seq or cfg.data.max_length

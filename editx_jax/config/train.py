@@ -89,8 +89,13 @@ class TrainConfig:
 
     steps: int = 1000
     batch_size: int = 128  # rows (packed sequences) per optimizer step, all processes together
-    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    # micro-batches per gradient step, whose rows must divide by it: SFT batch_size rows, reward / DPO
+    # batch_size pairs, GRPO batch_size x grpo.group_size samples, PPO each of the ppo.minibatches
+    grad_accum: int = 1
     loss_norm: str = "global_token_mean"  # or "micro_batch_mean" (upstream HF Trainer)
+    # rows per no-grad forward of the reward model / DPO / GRPO / PPO (reference, policy and value
+    # log-probs, reward scores): a lax.map over micro-batches inside jit; 0 = the whole batch at once
+    micro_batch: int = 0
     seed: int = 42
     output_dir: str = "runs/sft"
     log_every: int = 10
@@ -102,8 +107,7 @@ class TrainConfig:
         _check(self.steps > 0, "train.steps", "must be > 0")
         _check(self.batch_size > 0, "train.batch_size", "must be > 0")
         _check(self.grad_accum > 0, "train.grad_accum", "must be > 0")
-        _check(self.batch_size % self.grad_accum == 0, "train.grad_accum",
-               f"{self.grad_accum} does not divide batch_size {self.batch_size}")
+        _check(self.micro_batch >= 0, "train.micro_batch", "must be >= 0 (0: the whole batch)")
         _check(self.loss_norm in LOSS_NORMS, "train.loss_norm", f"one of {LOSS_NORMS}, got {self.loss_norm!r}")
         _check(self.log_every > 0, "train.log_every", "must be > 0")
         _check(self.eval_every >= 0 and self.eval_batches >= 0, "train.eval_every", "must be >= 0")

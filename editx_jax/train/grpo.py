@@ -4,6 +4,9 @@ advantages (r - mean) / (std + 1e-4), the token-mean clipped loss with k3 KL to 
 One iteration = one generation batch: sample (host loop around the jitted sampler), score (host),
 then `grpo.iterations` optimizer steps on the whole batch (1, upstream: pi_old = pi, so the ratio is 1
 and only its gradient matters). The step is jitted with the policy state's and the batch's shardings.
+With train.grad_accum = n the gradient is a scan over n micro-batches of rows, each micro-batch's
+token sum divided by the WHOLE batch's token count (upstream's global token mean, so accumulated ==
+unaccumulated); the reference / pi_old log-prob pass runs train.micro_batch rows per forward.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import optax
 
 from editx_jax import sharding
 from editx_jax.config import GenerationConfig, GRPOConfig, LLMConfig
-from editx_jax.train import batches, losses, rollout
+from editx_jax.train import batches, losses, micro, rollout
 from editx_jax.train.jit import sharded_step
 from editx_jax.train.logprobs import token_logps
 from editx_jax.train.state import apply_update, llm_state_shardings, master_config
@@ -29,36 +32,48 @@ from editx_jax.train.state import apply_update, llm_state_shardings, master_conf
 INPUT_KEYS = ("tokens", "targets", "positions", "segment_ids", "action_mask")
 
 
-def loss_fn(params, cfg: LLMConfig, gcfg: GRPOConfig, batch: dict):
+def loss_fn(params, cfg: LLMConfig, gcfg: GRPOConfig, batch: dict, num_tokens=None):
+    """(loss, metrics); num_tokens: the whole step's loss tokens (default: this batch's)."""
     logp = token_logps(params, cfg, batch, gcfg.temperature)
     old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp)
     mask = batch["action_mask"]
     loss, metrics = losses.grpo_loss(logp, old, batch["ref_logps"], batch["advantages"], mask, gcfg.clip,
-                                     gcfg.beta, clip_high=gcfg.clip_high)
+                                     gcfg.beta, num_tokens=num_tokens, clip_high=gcfg.clip_high)
     return loss, metrics
 
 
-def train_step(state: dict, batch: dict, *, cfg: LLMConfig, gcfg: GRPOConfig, tx):
+def train_step(state: dict, batch: dict, *, cfg: LLMConfig, gcfg: GRPOConfig, tx, grad_accum: int = 1):
     cfg = master_config(cfg)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], cfg, gcfg, batch)
+    if grad_accum == 1:
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], cfg, gcfg, batch)
+    else:
+        total = jnp.maximum(jnp.sum(batch["action_mask"]), 1.0)
+
+        def share(params, mb):  # token sums over the global count; the token-mean metrics weighted alike
+            loss, m = loss_fn(params, cfg, gcfg, mb, num_tokens=total)
+            return loss, jax.tree_util.tree_map(lambda v: v * jnp.sum(mb["action_mask"]) / total, m)
+        objectives, metrics, grads = micro.accumulate(share, state["params"], batch, grad_accum)
+        loss, metrics = jnp.sum(objectives), jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), metrics)
     return apply_update(state, grads, tx), {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
 
-def ref_step(ref_params, batch: dict, *, cfg: LLMConfig, temperature: float):
-    return token_logps(ref_params, master_config(cfg), batch, temperature)
+def ref_step(ref_params, batch: dict, *, cfg: LLMConfig, temperature: float, micro_batch: int = 0):
+    cfg = master_config(cfg)
+    return micro.map_rows(lambda b: token_logps(ref_params, cfg, b, temperature), batch, micro_batch)
 
 
-def make_train_step(cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh, sh: dict | None = None):
+def make_train_step(cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh, sh: dict | None = None, grad_accum: int = 1):
     """`step(state, batch)`, the policy state donated; `sh`: the run's `llm_state_shardings`."""
     sh = sh or llm_state_shardings(cfg, tx, mesh)
-    fn = functools.partial(train_step, cfg=cfg, gcfg=gcfg, tx=tx)
+    fn = functools.partial(train_step, cfg=cfg, gcfg=gcfg, tx=tx, grad_accum=grad_accum)
     return sharded_step(fn, mesh, (sh,), (sh, sharding.replicated(mesh)), donate=(0,))
 
 
-def make_ref_step(cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh, sh: dict | None = None):
+def make_ref_step(cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh, sh: dict | None = None, micro_batch: int = 0):
+    """`ref(params, batch) -> [N, T]` token log-probs (reference, or pi_old), `micro_batch` rows per forward."""
     sh = (sh or llm_state_shardings(cfg, tx, mesh))["params"]
-    return sharded_step(functools.partial(ref_step, cfg=cfg, temperature=gcfg.temperature), mesh, (sh,),
-                        sharding.replicated(mesh))
+    return sharded_step(functools.partial(ref_step, cfg=cfg, temperature=gcfg.temperature, micro_batch=micro_batch),
+                        mesh, (sh,), sharding.replicated(mesh))
 
 
 def sampling_config(gcfg: GRPOConfig, base: GenerationConfig | None = None) -> GenerationConfig:
@@ -83,14 +98,15 @@ class GRPO:
     x G must divide over the batch shards)."""
 
     def __init__(self, cfg: LLMConfig, gcfg: GRPOConfig, tx, mesh, reward_fns, gen: GenerationConfig | None = None,
-                 pad_id: int = 0, sample_mesh=None, shardings: dict | None = None):
+                 pad_id: int = 0, sample_mesh=None, shardings: dict | None = None, grad_accum: int = 1,
+                 micro_batch: int = 0):
         self.cfg, self.gcfg, self.mesh, self.pad_id = cfg, gcfg, mesh, pad_id
         self.fns = [rollout.resolve(f) for f in reward_fns]
         self.weights = gcfg.reward_weights or None
         self.gen = sampling_config(gcfg, gen)
         sh = shardings or llm_state_shardings(cfg, tx, mesh)
-        self.step_fn = make_train_step(cfg, gcfg, tx, mesh, sh)
-        self.ref_fn = make_ref_step(cfg, gcfg, tx, mesh, sh)
+        self.step_fn = make_train_step(cfg, gcfg, tx, mesh, sh, grad_accum)
+        self.ref_fn = make_ref_step(cfg, gcfg, tx, mesh, sh, micro_batch)
         self.sample_mesh = sample_mesh
 
     def iteration(self, state: GRPOState, prompts, records, key) -> tuple[GRPOState, dict]:

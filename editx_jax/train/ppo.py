@@ -14,6 +14,9 @@ One iteration:
      (reverse `lax.scan`); advantage whitening;
   3. `ppo.epochs` passes of `ppo.minibatches` minibatches: the clipped value loss for the critic and,
      after `ppo.critic_warmup` iterations, the clipped policy loss.
+Memory: the no-grad passes of step 2 run train.micro_batch rows per forward (a `lax.map`); each
+minibatch's gradient is a scan over train.grad_accum micro-batches whose token sums are divided by the
+minibatch's token count (the token means of the unsplit minibatch, so accumulated == unaccumulated).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import optax
 from editx_jax import sharding
 from editx_jax.config import GenerationConfig, LLMConfig, PPOConfig
 from editx_jax.models import reward as rm
-from editx_jax.train import batches, losses, rollout
+from editx_jax.train import batches, losses, micro, rollout
 from editx_jax.train.jit import sharded_step
 from editx_jax.train.logprobs import token_logps
 from editx_jax.train.reward import shardings as value_shardings
@@ -46,16 +49,20 @@ def critic_values(params, cfg: LLMConfig, batch: dict):
     return rm.scores(params, cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
 
 
-def policy_side(policy_params, ref_params, batch: dict, *, cfg: LLMConfig, pcfg: PPOConfig):
-    """Per-token log-probs of the policy and the reference, and the policy's entropy ([N, T] each)."""
+def policy_side(policy_params, ref_params, batch: dict, *, cfg: LLMConfig, pcfg: PPOConfig, micro_batch: int = 0):
+    """Per-token log-probs of the policy and the reference, and the policy's entropy ([N, T] each),
+    `micro_batch` rows per forward (0: all at once)."""
     cfg = master_config(cfg)
-    logp, entropy = token_logps(policy_params, cfg, batch, pcfg.temperature, with_entropy=True)
-    return {"logp": logp, "ref_logp": token_logps(ref_params, cfg, batch, pcfg.temperature),
-            "entropy": entropy}
+
+    def one(b):
+        logp, entropy = token_logps(policy_params, cfg, b, pcfg.temperature, with_entropy=True)
+        return {"logp": logp, "ref_logp": token_logps(ref_params, cfg, b, pcfg.temperature), "entropy": entropy}
+    return micro.map_rows(one, batch, micro_batch)
 
 
-def critic_side(value_params, batch: dict, *, cfg: LLMConfig):
-    return critic_values(value_params, master_config(cfg), batch) * batch["action_mask"]
+def critic_side(value_params, batch: dict, *, cfg: LLMConfig, micro_batch: int = 0):
+    cfg = master_config(cfg)
+    return micro.map_rows(lambda b: critic_values(value_params, cfg, b) * b["action_mask"], batch, micro_batch)
 
 
 def advantages(batch: dict, *, pcfg: PPOConfig):
@@ -94,18 +101,44 @@ def value_loss(params, cfg: LLMConfig, pcfg: PPOConfig, mb: dict):
     v = critic_values(params, cfg, mb)
     loss, vclip = losses.ppo_value_loss(v, mb["old_values"], mb["returns"], mb["action_mask"], pcfg.value_clip)
     ev = losses.explained_variance(v, mb["returns"], mb["action_mask"])
-    return loss, {"value_loss": loss, "value_clip_fraction": vclip, "explained_variance": ev}
+    return loss, {"value_loss": loss, "value_clip_fraction": vclip, "explained_variance": ev, "values": v}
 
 
-def policy_step(state, mb, *, cfg, pcfg, tx):
+def _token_share(loss_fn, mb: dict):
+    """loss_fn's token-mean loss and metrics as this micro-batch's share of the minibatch's token mean."""
+    total = jnp.maximum(jnp.sum(mb["action_mask"]), 1.0)
+
+    def share(params, m):
+        loss, metrics = loss_fn(params, m)
+        w = jnp.sum(m["action_mask"]) / total
+        values = metrics.pop("values", None)
+        weighted = {k: v * w for k, v in metrics.items() if k != "explained_variance"}
+        return loss * w, (weighted, values)
+    return share
+
+
+def policy_step(state, mb, *, cfg, pcfg, tx, grad_accum: int = 1):
     cfg = master_config(cfg)
-    (_, m), g = jax.value_and_grad(policy_loss, has_aux=True)(state["params"], cfg, pcfg, mb)
+    if grad_accum == 1:
+        (_, m), g = jax.value_and_grad(policy_loss, has_aux=True)(state["params"], cfg, pcfg, mb)
+    else:
+        share = _token_share(lambda p, m: policy_loss(p, cfg, pcfg, m), mb)
+        _, (m, _), g = micro.accumulate(share, state["params"], mb, grad_accum)
+        m = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), m)
     return apply_update(state, g, tx), {**m, "policy_grad_norm": optax.tree.norm(g)}
 
 
-def value_step(state, mb, *, cfg, pcfg, tx):
+def value_step(state, mb, *, cfg, pcfg, tx, grad_accum: int = 1):
     cfg = master_config(cfg)
-    (_, m), g = jax.value_and_grad(value_loss, has_aux=True)(state["params"], cfg, pcfg, mb)
+    if grad_accum == 1:
+        (_, m), g = jax.value_and_grad(value_loss, has_aux=True)(state["params"], cfg, pcfg, mb)
+        m.pop("values")
+    else:
+        share = _token_share(lambda p, m: value_loss(p, cfg, pcfg, m), mb)
+        _, (m, values), g = micro.accumulate(share, state["params"], mb, grad_accum)
+        m = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), m)
+        # explained variance is not a token mean: computed once over the whole minibatch's values
+        m["explained_variance"] = losses.explained_variance(micro.merge(values), mb["returns"], mb["action_mask"])
     return apply_update(state, g, tx), {**m, "value_grad_norm": optax.tree.norm(g)}
 
 
@@ -126,7 +159,8 @@ class PPO:
 
     def __init__(self, cfg: LLMConfig, pcfg: PPOConfig, gen: GenerationConfig, policy_tx, value_tx, mesh,
                  reward_fns, reward_weights=None, pad_id: int = 0, sample_mesh=None, value_mesh=None,
-                 policy_shardings: dict | None = None, value_state_shardings: dict | None = None):
+                 policy_shardings: dict | None = None, value_state_shardings: dict | None = None,
+                 grad_accum: int = 1, micro_batch: int = 0):
         """mesh: the policy's and the reference's. value_mesh: the critic's (state placed with
         `value_shardings(cfg, value_tx, value_mesh)`); by default the same mesh. Rollout arrays move
         between the two through the host. The shardings default to the ones derived from the meshes."""
@@ -137,15 +171,16 @@ class PPO:
         psh = policy_shardings or llm_state_shardings(cfg, policy_tx, mesh)
         vsh = value_state_shardings or value_shardings(cfg, value_tx, self.value_mesh)
         rep, vrep = sharding.replicated(mesh), sharding.replicated(self.value_mesh)
-        self.policy_side_fn = sharded_step(functools.partial(policy_side, cfg=cfg, pcfg=pcfg), mesh,
-                                           (psh["params"], psh["params"]), rep)
-        self.critic_side_fn = sharded_step(functools.partial(critic_side, cfg=cfg), self.value_mesh,
-                                           (vsh["params"],), vrep)
+        self.policy_side_fn = sharded_step(functools.partial(policy_side, cfg=cfg, pcfg=pcfg, micro_batch=micro_batch),
+                                           mesh, (psh["params"], psh["params"]), rep)
+        self.critic_side_fn = sharded_step(functools.partial(critic_side, cfg=cfg, micro_batch=micro_batch),
+                                           self.value_mesh, (vsh["params"],), vrep)
         self.advantages_fn = sharded_step(functools.partial(advantages, pcfg=pcfg), mesh, (), rep)
-        self.policy_fn = sharded_step(functools.partial(policy_step, cfg=cfg, pcfg=pcfg, tx=policy_tx),
-                                      mesh, (psh,), (psh, rep), donate=(0,))
-        self.value_fn = sharded_step(functools.partial(value_step, cfg=cfg, pcfg=pcfg, tx=value_tx),
-                                     self.value_mesh, (vsh,), (vsh, vrep), donate=(0,))
+        self.policy_fn = sharded_step(functools.partial(policy_step, cfg=cfg, pcfg=pcfg, tx=policy_tx,
+                                                        grad_accum=grad_accum), mesh, (psh,), (psh, rep), donate=(0,))
+        self.value_fn = sharded_step(functools.partial(value_step, cfg=cfg, pcfg=pcfg, tx=value_tx,
+                                                       grad_accum=grad_accum), self.value_mesh, (vsh,), (vsh, vrep),
+                                     donate=(0,))
 
     def iteration(self, state: PPOState, prompts, records, key) -> tuple[PPOState, dict]:
         pcfg = self.pcfg

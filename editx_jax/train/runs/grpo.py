@@ -9,7 +9,7 @@ import jax
 
 from editx_jax import sharding
 from editx_jax.config import Config
-from editx_jax.train import grpo
+from editx_jax.train import grpo, micro
 from editx_jax.train import state as train_state
 from editx_jax.train.init_from import load_policy_params
 from editx_jax.train.loop import Run, check_run_folder, has_checkpoint, process_log
@@ -21,7 +21,10 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
     log = process_log(log)
     tc = cfg.train
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    rollouts.check_rows(mesh, tc.batch_size * cfg.grpo.group_size, "train.batch_size x grpo.group_size")
+    rows = tc.batch_size * cfg.grpo.group_size
+    rollouts.check_rows(mesh, rows, "train.batch_size x grpo.group_size")
+    micro.check_run(rows, tc.grad_accum, rows, tc.micro_batch, mesh.shape["data"] * mesh.shape["fsdp"],
+                    "train.batch_size x grpo.group_size")
     check_run_folder(cfg, resume, "grpo")
     data = rollouts.read_prompts(cfg, tokenizer, log)
     fns = rollouts.reward_fns("grpo", cfg, reward_fns, reward_model, mesh)
@@ -30,7 +33,7 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
     sh = train_state.llm_state_shardings(cfg.llm, tx, mesh)
     pol_state, ref = rollouts.policy_and_ref(cfg, policy, tx, sh)
     algo = grpo.GRPO(cfg.llm, cfg.grpo, tx, mesh, fns, gen=cfg.generation, pad_id=cfg.llm.pad_id, sample_mesh=mesh,
-                     shardings=sh)
+                     shardings=sh, grad_accum=tc.grad_accum, micro_batch=tc.micro_batch)
     key0 = jax.random.key(tc.seed)
 
     def step_fn(state, i):

@@ -12,7 +12,7 @@ import jax
 from editx_jax import sharding
 from editx_jax.config import Config, MeshConfig
 from editx_jax.models import reward as rm
-from editx_jax.train import ppo, reward
+from editx_jax.train import micro, ppo, reward
 from editx_jax.train import state as train_state
 from editx_jax.train.init_from import load_policy_params, load_reward_params
 from editx_jax.train.loop import Run, RunError, check_run_folder, has_checkpoint, process_log
@@ -40,6 +40,9 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
     rollouts.check_rows(mesh, tc.batch_size, "train.batch_size")
     if tc.batch_size % cfg.ppo.minibatches:
         raise RunError(f"ppo.minibatches {cfg.ppo.minibatches} does not divide train.batch_size {tc.batch_size}")
+    for m in (mesh, value_mesh or mesh):
+        micro.check_run(tc.batch_size // cfg.ppo.minibatches, tc.grad_accum, tc.batch_size, tc.micro_batch,
+                        m.shape["data"] * m.shape["fsdp"], "a minibatch (train.batch_size / ppo.minibatches)")
     check_run_folder(cfg, resume, "ppo")
     data = rollouts.read_prompts(cfg, tokenizer, log)
     fns = rollouts.reward_fns("ppo", cfg, reward_fns, reward_model, mesh)
@@ -60,7 +63,8 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
         value = train_state.with_shardings(train_state.abstract_state(abstract, vtx), vsh)
     gen = dataclasses.replace(cfg.generation, max_new_tokens=cfg.ppo.max_new_tokens, drop_last=False)
     algo = ppo.PPO(cfg.llm, cfg.ppo, gen, tx, vtx, mesh, fns, pad_id=cfg.llm.pad_id, sample_mesh=mesh,
-                   value_mesh=value_mesh, policy_shardings=sh, value_state_shardings=vsh)
+                   value_mesh=value_mesh, policy_shardings=sh, value_state_shardings=vsh, grad_accum=tc.grad_accum,
+                   micro_batch=tc.micro_batch)
     key0 = jax.random.key(tc.seed)
 
     def step_fn(state, i):

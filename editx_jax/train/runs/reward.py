@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from editx_jax.config import Config
 from editx_jax.models import reward as rm
-from editx_jax.train import reward
+from editx_jax.train import micro, reward
 from editx_jax.train import state as train_state
 from editx_jax.train.init_from import load_policy_params
 from editx_jax.train.loop import Run, check_run_folder, has_checkpoint, process_log
@@ -25,6 +25,8 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
     log = process_log(log)
     tc = cfg.train
     mesh = make_mesh(cfg, devices, 2 * tc.batch_size, "train.batch_size (pairs)")
+    micro.check_run(2 * tc.batch_size, tc.grad_accum, 2 * tc.batch_size, 0, mesh.shape["data"] * mesh.shape["fsdp"],
+                    "train.batch_size", group=2)
     check_run_folder(cfg, resume, "reward")
     data = read_pair_data(cfg, tokenizer, log)
     tx = train_state.make_optimizer(cfg.optimizer, tc.steps)
@@ -41,7 +43,7 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
     else:  # resuming: the loop restores into these
         abstract = rm.abstract_params(train_state.master_config(cfg.llm))
         state = train_state.with_shardings(train_state.abstract_state(abstract, tx), sh)
-    step = reward.make_train_step(cfg.llm, cfg.reward, tx, mesh, sh)
+    step = reward.make_train_step(cfg.llm, cfg.reward, tx, mesh, sh, tc.grad_accum)
     ev = reward.make_eval_step(cfg.llm, cfg.reward, tx, mesh, sh)
 
     def step_fn(state, i):

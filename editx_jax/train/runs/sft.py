@@ -79,9 +79,10 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
     pc = jax.process_count()
     micro_rows = tc.batch_size // tc.grad_accum
     shards = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch shards: every process holds shards / pc
-    if micro_rows % shards:
-        raise RunError(f"train.batch_size {tc.batch_size} / grad_accum {tc.grad_accum} = {micro_rows} rows per "
-                       f"micro-batch must divide over data x fsdp = {shards} devices ({pc} processes)")
+    if tc.batch_size % tc.grad_accum or micro_rows % shards:
+        raise RunError(f"train.batch_size {tc.batch_size} / grad_accum {tc.grad_accum} = "
+                       f"{tc.batch_size / tc.grad_accum:g} rows per micro-batch must be whole and divide over "
+                       f"data x fsdp = {shards} devices ({pc} processes)")
     resuming = resume and has_checkpoint(cfg)
     if init_from and not resume:
         check_converted_folder(init_from, cfg)
