@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -69,32 +70,34 @@ def token_reward_fn(name: str) -> RewardFn:
     return reward
 
 
-def _score_rows(params, batch: dict, *, cfg: LLMConfig, rcfg: RewardConfig):
-    return score_sequences(params, cfg, rcfg, batch)[0]
+def _score_rows(params, batch: dict, *, cfg: LLMConfig, rcfg: RewardConfig, micro_batch: int):
+    return score_sequences(params, cfg, rcfg, batch, micro_batch)[0]
 
 
 def reward_model_fn(params, score_cfg: LLMConfig, rcfg: RewardConfig, policy_cfg: LLMConfig | None = None,
-                    pad_id: int = 0, mesh=None) -> RewardFn:
+                    pad_id: int = 0, mesh=None, micro_batch: int = 0) -> RewardFn:
     """The reward model's score of prompt + completion (read per `reward.readout`).
 
     The params stay where they are, sharded on `mesh` (default: the mesh they are placed on; host
     params are placed once on a one-device mesh); each call scores in a jit with the rules table's
     shardings: params by their logical axes, rows over data x fsdp (padded with copies of the first
-    row to a multiple of it), one float32 reward per row out."""
+    row to a multiple of it and of `micro_batch`), `micro_batch` rows per forward (train.micro_batch;
+    0: all at once), one float32 reward per row out."""
     if policy_cfg is not None:
         check_compatible(score_cfg, policy_cfg)
     mesh = mesh or params_mesh(params) or sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     param_sh = sharding.logical_to_sharding(rm.param_logical_axes(master_config(score_cfg)), mesh)
     params = sharding.place(params, param_sh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    step = sharded_step(functools.partial(_score_rows, cfg=score_cfg, rcfg=rcfg), mesh, (param_sh,),
+    pad_to = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], micro_batch or 1)
+    score = functools.partial(_score_rows, cfg=score_cfg, rcfg=rcfg, micro_batch=micro_batch)
+    step = sharded_step(score, mesh, (param_sh,),
                         sharding.batch_sharding(mesh, 1))
 
     def reward(prompts, completions, records):
         keep = [i for i, c in enumerate(completions) if len(c)]
         out = np.zeros(len(completions), np.float32)
         if keep:
-            rows = keep + [keep[0]] * (-len(keep) % shards)
+            rows = keep + [keep[0]] * (-len(keep) % pad_to)
             b = batches.sequence_batch([prompts[i] for i in rows], [completions[i] for i in rows], pad_id=pad_id)
             r = step(params, {k: b[k] for k in INPUT_KEYS})
             out[keep] = np.asarray(r)[:len(keep)]

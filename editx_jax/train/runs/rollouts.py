@@ -35,7 +35,8 @@ def reward_fns(algo: str, cfg: Config, specs, reward_model, mesh=None) -> list:
     if reward_model:
         check_reward_model(reward_model, cfg)
         params = load_reward_params(reward_model, cfg, mesh)
-        fns.append(rollout.reward_model_fn(params, cfg.llm, cfg.reward, cfg.llm, cfg.llm.pad_id, mesh=mesh))
+        fns.append(rollout.reward_model_fn(params, cfg.llm, cfg.reward, cfg.llm, cfg.llm.pad_id, mesh=mesh,
+                                           micro_batch=cfg.train.micro_batch))
     if not fns and algo == "grpo":
         fns = list(cfg.grpo.rewards)
     if not fns:
