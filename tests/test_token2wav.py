@@ -18,8 +18,9 @@ from editx_jax.decoder import hift as hift_mod
 from editx_jax.decoder import stream as stream_mod
 from editx_jax.decoder.dit import DiTConfig
 from editx_jax.decoder.embedding import DualCodebookConfig
-from editx_jax.decoder.token2wav import (Decoder, Token2WavConfig, Token2WavError, bf16_round, flow_batch,
-                                         reshape_values)
+from editx_jax.decoder.stream import Token2WavStream
+from editx_jax.decoder.token2wav import Decoder, Token2WavConfig, flow_batch
+from editx_jax.decoder.tokens import Token2WavError, bf16_round, reshape_values
 from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
 from editx_jax.parity import Fixture, compare
 from editx_jax.random_init import random_params
@@ -309,7 +310,7 @@ def test_stream_compiles_a_bounded_number_of_times(small_decoder):
     dec = _stream_decoder(small_decoder)
     p_ids, p_mel, emb = prompt()
     enc0, dit0 = stream_mod.encoder_chunk._cache_size(), stream_mod.dit_chunk_ode._cache_size()
-    st = dec.stream(p_ids, p_mel, emb)
+    st = Token2WavStream(dec, p_ids, p_mel, emb)
     speech = np.concatenate([st.push(ids(152, 9)[:-1]), st.push(ids(152, 9)[-1:], last=True)])
     assert len(st.mels) == 11 and speech.shape == (480 * 2 * 3 * 31,)
     assert st.caches[0][2].shape[2] == 128 >= st.encoder_frames  # 24 prompt + 93 generated frames
@@ -322,7 +323,7 @@ def test_stream_chunking_lengths_and_push_pattern(small_decoder):
     dec = _stream_decoder(small_decoder)
     p_ids, p_mel, emb = prompt()
     gen = ids(52, 7)
-    one = dec.stream(p_ids, p_mel, emb)
+    one = Token2WavStream(dec, p_ids, p_mel, emb)
     pieces = [one.push([t]) for t in gen[:-1]] + [one.push(gen[-1:], last=True)]
     # chunks of 6, 9, 9 pair frames (10, 15, 15 ids + 5 look-ahead), then the last 12 ids (3 groups);
     # the DiT cache (24 prompt + 12 newest mel frames) is cut after the second chunk
@@ -330,18 +331,18 @@ def test_stream_chunking_lengths_and_push_pattern(small_decoder):
     speech = np.concatenate(pieces)
     assert speech.shape == (480 * 2 * 3 * 11,)  # the offline length: 11 groups
     # pushing everything at once gives the same chunks and speech
-    bulk = dec.stream(p_ids, p_mel, emb)
+    bulk = Token2WavStream(dec, p_ids, p_mel, emb)
     speech_bulk = np.concatenate([bulk.push(gen[:33]), bulk.push(gen[33:], last=True)])
     np.testing.assert_allclose(speech_bulk, speech, atol=1e-6)
     # the first chunk needs 6 + 3 pair frames: nothing before the 15th id
-    s = dec.stream(p_ids, p_mel, emb)
+    s = Token2WavStream(dec, p_ids, p_mel, emb)
     assert all(s.push([t]).size == 0 for t in gen[:14]) and s.push(gen[14:15]).size > 0
     with pytest.raises(Token2WavError, match="finished"):
         one.push(gen[:1])
     with pytest.raises(Token2WavError, match="prompt ids"):
-        dec.stream([], p_mel, emb)
+        Token2WavStream(dec, [], p_mel, emb)
     # fewer than 5 ids in all: still audio
-    short = dec.stream(p_ids, p_mel, emb)
+    short = Token2WavStream(dec, p_ids, p_mel, emb)
     assert short.push(gen[:3], last=True).shape == (2880,)
 
 
@@ -352,7 +353,7 @@ def test_stream_versus_offline(small_decoder):
     dec = _stream_decoder(small_decoder)
     p_ids, p_mel, emb = prompt()
     gen = ids(40, 8)
-    st = dec.stream(p_ids, p_mel, emb)
+    st = Token2WavStream(dec, p_ids, p_mel, emb)
     st.push(gen[:-1])
     st.push(gen[-1:], last=True)
     stream_mel = np.concatenate(st.mels)

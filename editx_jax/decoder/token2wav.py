@@ -3,7 +3,7 @@
 The official `CosyVoice_stream_impl_.token2wav_nonstream`, batched:
 
     LLM ids - 65536 = audio values (vq02 0..1023, vq06 1024..5119)
-      -> `_reshape` into (vq02, vq06) pair frames, 3 per group of 5 (ragged tail padded)
+      -> `_reshape` into (vq02, vq06) pair frames, 3 per group of 5 (ragged tail padded; decoder/tokens.py)
       -> [prompt pairs, generated pairs] -> flow (encoder, DiT ODE, 10 Euler steps, CFG 0.7)
       -> the generated part of the mel (B, 2 Lg, 80)
       -> vocoder: HiFT (the released model) or BigVGAN (mel reflect-padded by 3 frames each side)
@@ -32,7 +32,7 @@ a speaker embedding that is not 192 wide -> `Token2WavError`.
 computes them: mono, peak capped at 0.6, then both rounded to bfloat16 and back (`tts.py` passes
 `.to(torch.bfloat16)` and the flow casts back to float32; §5 item 1).
 
-Streaming (`Decoder.stream`, `editx_jax/decoder/stream.py`) reproduces `token2wav_stream`.
+Streaming (`Token2WavStream(decoder, ...)`, `editx_jax/decoder/stream.py`) reproduces `token2wav_stream`.
 """
 
 from __future__ import annotations
@@ -46,24 +46,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.config import ConfigError
+from editx_jax.audio.io import cap_peak, resample, to_mono
+from editx_jax.checkpoint import CheckpointError, load_params, read_config, read_meta, save_params
+from editx_jax.config import ConfigError, from_dict
 from editx_jax.decoder import bigvgan, campplus, flow, hift
 from editx_jax.decoder.bigvgan import BigVGANConfig, bigvgan_inference
-from editx_jax.decoder.campplus import CAMPPlusConfig
-from editx_jax.decoder.embedding import dual_frames, group_pairs
+from editx_jax.decoder.campplus import CAMPPlusConfig, speaker_embedding
+from editx_jax.decoder.embedding import dual_frames
 from editx_jax.decoder.flow import (FlowConfig, FlowModel, cfg_velocity, cosine_t_span, noise_from_key,
                                     solve_euler, stretch_prompt_mel)
 from editx_jax.decoder.hift import HiFTConfig, NSFNoise, draw_nsf_noise, hift_inference
-from editx_jax.decoder.mel import MelConfig
-from editx_jax.tokenizer.codebook import AudioTokenError
-from editx_jax.vocab import AUDIO_ID_OFFSET, AUDIO_TOKENS
+from editx_jax.decoder.mel import MelConfig, mel_spectrogram
+from editx_jax.decoder.tokens import Token2WavError, as_batch_arrays, as_sequences, audio_values, bf16_round, reshape_batch
 
 VOCODERS = ("hift", "bigvgan")
 BIGVGAN_CONTEXT = 3  # mel frames reflect-padded on each side before BigVGAN (its conv_pre has no padding)
-
-
-class Token2WavError(ValueError):
-    """token2wav was given inconsistent inputs (lengths, sizes, batch); the message says which."""
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -101,82 +98,6 @@ class Token2WavConfig:
             raise ConfigError(f"token2wav.estimator_left_context: must be >= 0, got {self.estimator_left_context}")
         if not self.max_prompt_stretch >= 1:
             raise ConfigError(f"token2wav.max_prompt_stretch: must be >= 1, got {self.max_prompt_stretch}")
-
-
-# ---------------------------------------------------------------------------------------- tokens
-
-
-def audio_values(ids, clamp_stray: bool = True) -> np.ndarray:
-    """LLM ids -> audio values (id - 65536), as tts.py passes them. Values >= 5120 are an error;
-    negative values (stray text ids) are kept here and clamped at the embedding (see module doc)."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise AudioTokenError(f"token ids must be a 1-D integer sequence, got {arr.dtype} shape {list(arr.shape)}")
-    values = arr.astype(np.int64) - AUDIO_ID_OFFSET
-    high = values >= AUDIO_TOKENS
-    if high.any():
-        i = int(np.flatnonzero(high)[0])
-        raise AudioTokenError(f"token id {int(arr[i])} at index {i} is above the audio range "
-                              f"[{AUDIO_ID_OFFSET}, {AUDIO_ID_OFFSET + AUDIO_TOKENS})")
-    if not clamp_stray and (values < 0).any():
-        i = int(np.flatnonzero(values < 0)[0])
-        raise AudioTokenError(f"token id {int(arr[i])} at index {i} is not an audio id (>= {AUDIO_ID_OFFSET})")
-    return values
-
-
-def reshape_values(values) -> np.ndarray:
-    """The official `_reshape` on audio values [..., N] (negatives allowed) -> pair rows [..., 3 ceil(N/5), 2],
-    then `clamp(min=0)` as `flow.inference` does before the embedding."""
-    return np.maximum(group_pairs(np.asarray(values, np.int64)), 0)
-
-
-def reshape_batch(seqs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """`reshape_values` of each sequence, one batched call per distinct length."""
-    out: list = [None] * len(seqs)
-    by_length: dict[int, list[int]] = {}
-    for i, s in enumerate(seqs):
-        by_length.setdefault(len(s), []).append(i)
-    for length, items in by_length.items():
-        pairs = reshape_values(np.stack([seqs[i] for i in items]).reshape(len(items), length))
-        for row, i in enumerate(items):
-            out[i] = pairs[row]
-    return out
-
-
-def _as_sequences(x, what: str) -> list:
-    """One sequence, a (B, N) array or a list of sequences -> list of 1-D arrays."""
-    if isinstance(x, (list, tuple)) and (len(x) == 0 or np.ndim(x[0]) == 0):
-        return [np.asarray(x, np.int64)]
-    if isinstance(x, (list, tuple)):
-        return [np.asarray(s) for s in x]
-    arr = np.asarray(x)
-    if arr.ndim == 1:
-        return [arr]
-    if arr.ndim == 2:
-        return list(arr)
-    raise Token2WavError(f"{what} must be a sequence of ids, a (batch, N) array or a list of sequences, "
-                         f"got shape {list(arr.shape)}")
-
-
-def _as_batch_arrays(x, batch: int, inner_ndim: int, what: str) -> list:
-    """An array for one item (broadcast over the batch), a batched array or a list -> list of arrays."""
-    if isinstance(x, (list, tuple)):
-        items = [np.asarray(a, np.float32) for a in x]
-    else:
-        arr = np.asarray(x, np.float32)
-        items = [arr] * batch if arr.ndim == inner_ndim else list(arr) if arr.ndim == inner_ndim + 1 else None
-        if items is None:
-            raise Token2WavError(f"{what} must have {inner_ndim} or {inner_ndim + 1} dims, got shape {list(arr.shape)}")
-    if len(items) == 1 and batch > 1:
-        items = items * batch
-    if len(items) != batch:
-        raise Token2WavError(f"{what}: {len(items)} items for a batch of {batch}")
-    return items
-
-
-def bf16_round(x) -> np.ndarray:
-    """float32 -> bfloat16 -> float32 (round to nearest even), as `tts.py`'s `.to(torch.bfloat16)`."""
-    return np.asarray(jnp.asarray(np.asarray(x, np.float32)).astype(jnp.bfloat16).astype(jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------- flow
@@ -254,7 +175,6 @@ class Decoder:
 
     def save(self, folder, meta: dict | None = None) -> pathlib.Path:
         """One checkpoint folder (editx_jax/checkpoint.py) holding flow, vocoder and CAM++."""
-        from editx_jax.checkpoint import save_params
         params = {"flow": self.flow_params, "vocoder": self.vocoder_params}
         config = {"token2wav": dataclasses.asdict(self.config), "flow": dataclasses.asdict(self.flow_config),
                   "vocoder": dataclasses.asdict(self.vocoder_config), "mel": dataclasses.asdict(self.mel_config)}
@@ -266,9 +186,6 @@ class Decoder:
     @classmethod
     def from_pretrained(cls, folder) -> "Decoder":
         """Load a folder written by `save` (or `tools/convert.py decoder`)."""
-        from editx_jax.checkpoint import CheckpointError, load_params, read_config, read_meta
-        from editx_jax.config import from_dict
-
         meta = read_meta(folder)
         if meta.get("component") != "decoder":
             raise CheckpointError(f"{folder} holds a {meta.get('component')!r} checkpoint, not the decoder")
@@ -297,9 +214,6 @@ class Decoder:
         wave: [N] or [channels, N] float in [-1, 1] at `sr`. Mono mix and the 0.6 peak cap of
         `preprocess_prompt_wav` come first; the mel resamples to 24 kHz, CAM++ to 16 kHz.
         """
-        from editx_jax.audio.io import cap_peak, resample, to_mono
-        from editx_jax.decoder.campplus import speaker_embedding
-        from editx_jax.decoder.mel import mel_spectrogram
 
         if self.campplus_params is None:
             raise Token2WavError("prompt_features needs CAM++ params (campplus_params)")
@@ -314,16 +228,16 @@ class Decoder:
 
     def prepare(self, gen_ids, prompt_ids, prompt_mel, spk_embedding, clamp_stray: bool = True):
         """Validate and lay out a batch: (gen pairs list, prompt pairs list, cond mels list, embeddings (B, 192))."""
-        gens = [audio_values(s, clamp_stray) for s in _as_sequences(gen_ids, "gen_ids")]
+        gens = [audio_values(s, clamp_stray) for s in as_sequences(gen_ids, "gen_ids")]
         b = len(gens)
-        prompts = _as_sequences(prompt_ids, "prompt_ids")
+        prompts = as_sequences(prompt_ids, "prompt_ids")
         if len(prompts) == 1 and b > 1:
             prompts = prompts * b
         if len(prompts) != b:
             raise Token2WavError(f"prompt_ids: {len(prompts)} sequences for {b} generated sequences")
         prompts = [audio_values(s, clamp_stray) for s in prompts]
-        mels = _as_batch_arrays(prompt_mel, b, 2, "prompt_mel")
-        embs = _as_batch_arrays(spk_embedding, b, 1, "spk_embedding")
+        mels = as_batch_arrays(prompt_mel, b, 2, "prompt_mel")
+        embs = as_batch_arrays(spk_embedding, b, 1, "spk_embedding")
         dim = self.flow_config.spk_embed_dim
         for i, e in enumerate(embs):
             if e.shape != (dim,) or not np.all(np.isfinite(e)):
@@ -425,11 +339,6 @@ class Decoder:
         mels = self.flow_mels(gp, pp, conds, embs, noise=noise, key=key)
         waves = self.vocode(mels, key=vocoder_key, nsf_noise=nsf_noise)
         return _pack(waves, mels, self.flow_config.output_size)
-
-    def stream(self, prompt_ids, prompt_mel, spk_embedding, **kwargs):
-        """A `Token2WavStream` session (official `token2wav_stream`); see editx_jax/decoder/stream.py."""
-        from editx_jax.decoder.stream import Token2WavStream
-        return Token2WavStream(self, prompt_ids, prompt_mel, spk_embedding, **kwargs)
 
 
 def _pack(waves, mels, n_mels) -> Token2WavOutput:
