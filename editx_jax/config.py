@@ -21,6 +21,10 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# token2wav.vocoder's choices: the names of editx_jax/decoder/vocoders.py's table (a test holds them equal),
+# each also the name of the vocoder's config section.
+VOCODERS = ("hift", "bigvgan")
+BIGVGAN_CONTEXT = 3  # mel frames reflect-padded on each side before BigVGAN (its conv_pre has no padding)
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "minimal")
 
 
@@ -174,6 +178,8 @@ class DataConfig:
     train: str = ""  # JSONL file(s), comma-separated, read in order
     eval: str = ""  # held-out JSONL for teacher-forced NLL / accuracy; "" disables
     text_tokenizer: str = "bytes"  # "bytes" / "words" (toys for synthetic data) or a tokenizer.model / model folder
+    # The defaults restate vocab.AUDIO_ID_OFFSET / AUDIO_TOKENS, the source (this file imports nothing of
+    # ours; tests/test_vocab.py holds them equal).
     audio_id_base: int = 65536  # the model's id of <audio_0>; records carry 65536 + code
     audio_codes: int = 5120  # codes per record id: 1024 vq02 + 4096 vq06
     max_length: int = 1536  # tokens per sequence (upstream SFT max_length) and per packed row

@@ -37,7 +37,7 @@ from editx_jax import sharding, vocab
 from editx_jax.audio.io import AudioError, prepare_clip
 from editx_jax.checkpoint import PARTS, load_llm, load_llm_config, save_llm, write_settings
 from editx_jax.config import Config, ConfigError, from_dict
-from editx_jax.decoder import campplus, flow, hift
+from editx_jax.decoder import campplus, flow, vocoders
 from editx_jax.decoder.token2wav import Decoder
 from editx_jax.generate.decode import generate
 from editx_jax.models import llm
@@ -131,8 +131,7 @@ class EditX:
         audio_tokenizer = AudioTokenizer.from_pretrained(folder / "audio_tokenizer")
         decoder = Decoder.from_pretrained(folder / "decoder")
         config = from_dict(Config, settings)
-        vocoder = {"hift": decoder.vocoder_config} if decoder.config.vocoder == "hift" \
-            else {"bigvgan": decoder.vocoder_config}
+        vocoder = {decoder.vocoder.name: decoder.vocoder_config}  # the vocoder's config section bears its name
         config = dataclasses.replace(config, llm=llm_config, tokenizer=audio_tokenizer.config,
                                      flow=decoder.flow_config, token2wav=decoder.config,
                                      campplus=decoder.campplus_config or config.campplus, **vocoder)
@@ -144,12 +143,13 @@ class EditX:
     def random(cls, config: Config, seed: int = 0) -> "EditX":
         """Random weights at the sizes of `config` (e.g. configs/tiny.yaml), with a small trained
         text tokenizer of the released id layout. Produces noise: for demos and tests only."""
-        if config.token2wav.vocoder != "hift":
-            raise ConfigError("EditX.random builds the HiFT vocoder; set token2wav.vocoder: hift")
+        vocoder = vocoders.get(config.token2wav.vocoder)
+        voc_config = getattr(config, vocoder.name)  # the vocoder's config section bears its name
         llm_params = random_params(llm.abstract_params(config.llm), seed, kernel_scale=1.0)
         decoder = Decoder(random_params(flow.abstract_params(config.flow), seed + 1), config.flow,
-                          # small vocoder kernels keep random HiFT out of its chaotic regime
-                          random_params(hift.abstract_params(config.hift), seed + 2, kernel_scale=0.3), config.hift,
+                          # small vocoder kernels keep a random vocoder (HiFT) out of its chaotic regime
+                          random_params(vocoder.module.abstract_params(voc_config), seed + 2, kernel_scale=0.3),
+                          voc_config,
                           random_params(campplus.abstract_params(config.campplus), seed + 3), config.campplus,
                           config.token2wav)
         return cls(config, llm_params, TextTokenizer(train_layout_model()),

@@ -50,12 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.decoder.bigvgan import bigvgan_inference
 from editx_jax.decoder.dit import TIME_FREQ_DIM, modulate, mish, timestep_features
 from editx_jax.decoder.embedding import DualCodebookEmbedding
 from editx_jax.decoder.flow import FlowConfig, cosine_t_span, noise_from_key
-from editx_jax.decoder.hift import HiFTGenerator, draw_nsf_noise, hift_decode
-from editx_jax.decoder.token2wav import BIGVGAN_CONTEXT, Decoder
+from editx_jax.decoder.token2wav import Decoder
 from editx_jax.decoder.tokens import Token2WavError, as_sequences, audio_values, reshape_values
 from editx_jax.decoder.upsample_encoder import rel_position_table
 from editx_jax.vocab import AUDIO_ID_OFFSET, GROUP
@@ -272,16 +270,6 @@ def dit_chunk_ode(params, z, mu, spks, cond, conv1, conv2, k_cache, v_cache, con
     return (x,) + caches
 
 
-# ------------------------------------------------------------------------------- HiFT pieces
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _hift_source(params, mel_bct, noise, config):
-    def run(m, mel, noise):
-        return m.source(m.predict_f0(mel), noise)
-    return HiFTGenerator(config).apply({"params": params}, jnp.swapaxes(mel_bct, 1, 2), noise, method=run)
-
-
 # ------------------------------------------------------------------------------- the session
 
 
@@ -428,25 +416,25 @@ class Token2WavStream:
         return speech
 
     def _vocode(self, mel, last: bool) -> np.ndarray:
-        voc = self.decoder.vocoder_config
-        mel_in = np.concatenate([self.voc_mel, mel], axis=0)
-        mel_bct = mel_in.T[None]
-        if self.cfg.vocoder == "hift":
-            overlap = self.cfg.mel_cache_len * voc.hop
-            noise = draw_nsf_noise(jax.random.fold_in(self.vocoder_key, self.chunk_index), 1, mel_in.shape[0], voc)
-            source = np.array(_hift_source(self.decoder.vocoder_params, jnp.asarray(mel_bct), noise, voc)[0])
-            source[:len(self.voc_source)] = self.voc_source  # the reference's cache_source, against glitches
-            speech = np.asarray(hift_decode(self.decoder.vocoder_params, mel_bct, source[None], voc)[0])
+        """The vocoder on [the last `mel_cache_len` frames, this chunk]; the overlap is cross-faded.
+
+        A vocoder with a context (BigVGAN) gets it reflect-padded before the first chunk and after the
+        last, so its overlap shrinks by 2 x context frames; an NSF vocoder (HiFT) gets the previous
+        chunk's excitation over the overlap (the reference's cache_source, against glitches)."""
+        vocoder, voc = self.decoder.vocoder, self.decoder.vocoder_config
+        overlap = (self.cfg.mel_cache_len - 2 * vocoder.context) * voc.hop
+        mel_bct = np.concatenate([self.voc_mel, mel], axis=0).T[None]
+        mel_bct = vocoder.pad(mel_bct, start=self.voc_first and mel_bct.shape[2] > 0, end=last)
+        self.voc_first = self.voc_first and mel_bct.shape[2] == 0
+        if vocoder.nsf is not None:
+            draws = vocoder.nsf.draw(jax.random.fold_in(self.vocoder_key, self.chunk_index), 1, mel_bct.shape[2], voc)
+            source = np.array(vocoder.nsf.source(self.decoder.vocoder_params, jnp.asarray(mel_bct), draws, voc)[0])
+            source[:len(self.voc_source)] = self.voc_source
+            speech = np.asarray(vocoder.nsf.decode(self.decoder.vocoder_params, mel_bct, source[None], voc)[0])
             self.voc_source = source[-overlap:]
         else:
-            overlap = (self.cfg.mel_cache_len - 2 * BIGVGAN_CONTEXT) * voc.hop
-            if self.voc_first and len(mel_bct[0, 0]):
-                mel_bct = np.pad(mel_bct, ((0, 0), (0, 0), (BIGVGAN_CONTEXT, 0)), mode="reflect")
-                self.voc_first = False
-            if last:
-                mel_bct = np.pad(mel_bct, ((0, 0), (0, 0), (0, BIGVGAN_CONTEXT)), mode="reflect")
-            speech = np.asarray(bigvgan_inference(self.decoder.vocoder_params, mel_bct, voc)[0])
-            mel_in = mel_bct[0].T
+            speech = np.asarray(vocoder.inference(self.decoder.vocoder_params, mel_bct, voc, None)[0])
+        mel_in = mel_bct[0].T
         speech = speech.astype(np.float32)
         if len(self.voc_speech):
             window = np.hamming(2 * overlap).astype(np.float32)

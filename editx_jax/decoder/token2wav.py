@@ -48,19 +48,15 @@ import numpy as np
 
 from editx_jax.audio.io import cap_peak, resample, to_mono
 from editx_jax.checkpoint import CheckpointError, load_params, read_config, read_meta, save_params
-from editx_jax.config import ConfigError, from_dict
-from editx_jax.decoder import bigvgan, campplus, flow, hift
-from editx_jax.decoder.bigvgan import BigVGANConfig, bigvgan_inference
+from editx_jax.config import BIGVGAN_CONTEXT, VOCODERS, ConfigError, from_dict
+from editx_jax.decoder import campplus, flow, vocoders
 from editx_jax.decoder.campplus import CAMPPlusConfig, speaker_embedding
 from editx_jax.decoder.embedding import dual_frames
 from editx_jax.decoder.flow import (FlowConfig, FlowModel, cfg_velocity, cosine_t_span, noise_from_key,
                                     solve_euler, stretch_prompt_mel)
-from editx_jax.decoder.hift import HiFTConfig, NSFNoise, draw_nsf_noise, hift_inference
+from editx_jax.decoder.hift import NSFNoise
 from editx_jax.decoder.mel import MelConfig, mel_spectrogram
 from editx_jax.decoder.tokens import Token2WavError, as_batch_arrays, as_sequences, audio_values, bf16_round, reshape_batch
-
-VOCODERS = ("hift", "bigvgan")
-BIGVGAN_CONTEXT = 3  # mel frames reflect-padded on each side before BigVGAN (its conv_pre has no padding)
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -148,23 +144,22 @@ class Decoder:
     """The released decoder: flow + vocoder (+ CAM++ for prompt features).
 
     flow_params / flow_config: `editx_jax.decoder.flow` (converted `flow.pt`).
-    vocoder_params / vocoder_config: a `HiFTConfig` (hift.pt) or a `BigVGANConfig`; must agree with
-      `config.vocoder`.
+    vocoder_params / vocoder_config: one of `decoder/vocoders.py`'s vocoders (HiFT: hift.pt, BigVGAN); must
+      agree with `config.vocoder`.
     campplus_params / campplus_config: optional, only `prompt_features` needs them.
     """
 
     def __init__(self, flow_params, flow_config: FlowConfig, vocoder_params, vocoder_config,
                  campplus_params=None, campplus_config: CAMPPlusConfig | None = None,
                  config: Token2WavConfig | None = None, mel_config: MelConfig = MelConfig()):
-        kind = "hift" if isinstance(vocoder_config, HiFTConfig) else \
-            "bigvgan" if isinstance(vocoder_config, BigVGANConfig) else None
-        if kind is None:
-            raise ConfigError(f"token2wav.vocoder: a HiFTConfig or BigVGANConfig, got {type(vocoder_config).__name__}")
-        config = config or Token2WavConfig(vocoder=kind)
-        if config.vocoder != kind:
-            raise ConfigError(f"token2wav.vocoder: config says {config.vocoder!r} but the vocoder config is {kind!r}")
-        if (vocoder_config.in_channels if kind == "hift" else vocoder_config.num_mels) != flow_config.output_size:
+        vocoder = vocoders.for_config(vocoder_config)
+        config = config or Token2WavConfig(vocoder=vocoder.name)
+        if config.vocoder != vocoder.name:
+            raise ConfigError(f"token2wav.vocoder: config says {config.vocoder!r} but the vocoder config is "
+                              f"{vocoder.name!r}")
+        if vocoder.mel_channels(vocoder_config) != flow_config.output_size:
             raise ConfigError("token2wav.vocoder: its mel channels differ from the flow's output_size")
+        self.vocoder = vocoder
         self.flow_params, self.flow_config = flow_params, flow_config
         self.vocoder_params, self.vocoder_config = vocoder_params, vocoder_config
         self.campplus_params = campplus_params
@@ -192,14 +187,14 @@ class Decoder:
         raw = _tuples(read_config(folder))
         t2w = from_dict(Token2WavConfig, raw["token2wav"], "token2wav")
         flow_cfg = from_dict(FlowConfig, raw["flow"], "flow")
-        voc_cls = HiFTConfig if t2w.vocoder == "hift" else BigVGANConfig
-        voc_cfg = from_dict(voc_cls, raw["vocoder"], "vocoder")
+        vocoder = vocoders.get(t2w.vocoder)
+        voc_cfg = from_dict(vocoder.config_class, raw["vocoder"], "vocoder")
         mel_cfg = from_dict(MelConfig, raw.get("mel", {}), "mel")
         cam_cfg = from_dict(CAMPPlusConfig, raw["campplus"], "campplus") if "campplus" in raw else None
         # Checked name by name and shape by shape against the configs (as the LLM and tokenizer loads
         # are), so a misshapen tensor is one CheckpointError line, not a Flax shape error later.
         abstract = {"flow": flow.abstract_params(flow_cfg),
-                    "vocoder": (hift if t2w.vocoder == "hift" else bigvgan).abstract_params(voc_cfg)}
+                    "vocoder": vocoder.module.abstract_params(voc_cfg)}
         if cam_cfg is not None:
             abstract["campplus"] = campplus.abstract_params(cam_cfg)
         params = load_params(folder, abstract)
@@ -301,23 +296,19 @@ class Decoder:
         for i, m in enumerate(mels):
             if len(m):
                 groups.setdefault(len(m), []).append(i)
-        if nsf_noise is not None and (len(mels) != 1 or self.config.vocoder != "hift"):
-            raise Token2WavError("nsf_noise is for a single item with the HiFT vocoder")
+        vocoder = self.vocoder
+        if nsf_noise is not None and (len(mels) != 1 or vocoder.nsf is None):
+            raise Token2WavError("nsf_noise is for a single item with an NSF vocoder (HiFT)")
         key = jax.random.key(0) if key is None else key
         for frames, items in groups.items():
-            mel_bct = np.stack([mels[i] for i in items]).transpose(0, 2, 1)
-            if self.config.vocoder == "hift":
-                noise = nsf_noise
-                if noise is None:
-                    one = draw_nsf_noise(key, 1, frames, self.vocoder_config)
-                    noise = NSFNoise(*(jnp.broadcast_to(a, (len(items),) + a.shape[1:]) for a in one))
-                wave = hift_inference(self.vocoder_params, mel_bct, self.vocoder_config, noise=noise).speech
-            else:
-                if frames <= BIGVGAN_CONTEXT:  # torch refuses a reflect pad this long too
-                    raise Token2WavError(f"BigVGAN needs more than {BIGVGAN_CONTEXT} mel frames, got {frames}")
-                padded = np.pad(mel_bct, ((0, 0), (0, 0), (BIGVGAN_CONTEXT, BIGVGAN_CONTEXT)), mode="reflect")
-                wave = bigvgan_inference(self.vocoder_params, padded, self.vocoder_config)
-            wave = np.asarray(wave)
+            if frames <= vocoder.context:  # torch refuses a reflect pad this long too
+                raise Token2WavError(f"{vocoder.title} needs more than {vocoder.context} mel frames, got {frames}")
+            mel_bct = vocoder.pad(np.stack([mels[i] for i in items]).transpose(0, 2, 1))
+            draws = nsf_noise
+            if vocoder.nsf is not None and draws is None:
+                one = vocoder.nsf.draw(key, 1, frames, self.vocoder_config)
+                draws = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (len(items),) + a.shape[1:]), one)
+            wave = np.asarray(vocoder.inference(self.vocoder_params, mel_bct, self.vocoder_config, draws))
             for row, i in enumerate(items):
                 out[i] = wave[row]
         return out
