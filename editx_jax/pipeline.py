@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from editx_jax import sharding, vocab
-from editx_jax.audio.io import AudioError, prepare_clip
+from editx_jax.audio.io import AudioError, Clip, prepare_clip
 from editx_jax.checkpoint import PARTS, load_llm, load_llm_config, save_llm, write_settings
 from editx_jax.config import Config, ConfigError, from_dict
 from editx_jax.decoder import campplus, flow, vocoders
@@ -199,9 +199,8 @@ class EditX:
                 raise EditXError("clone runs once; n_iter is for edits")
         timings = {"tokenize": 0.0, "generate": 0.0, "decode": 0.0}
         key = jax.random.key(seed)
-        loaded = [self._load(r) for r in requests]
-        raw = [x[2] for x in loaded]  # as read: the clone speaker id hashes these samples
-        waves = [x[:2] for x in loaded]  # (wave [N] mono capped, sr)
+        clips = [self._load(r) for r in requests]  # each round's input: mono, capped (audio.io.prepare_clip)
+        raw = [c.raw for c in clips]  # as read: the clone speaker id hashes these samples
         first_prompt = None
         stray_text = stray_past = 0
         for round_ in range(n_iter):
@@ -210,7 +209,7 @@ class EditX:
             row_keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(seed if r.seed is None else r.seed), round_)
                                         for r in requests])
             t = time.perf_counter()
-            tokens = self.audio_tokenizer.tokenize([w for w, _ in waves], [sr for _, sr in waves])
+            tokens = self.audio_tokenizer.tokenize([c.wave for c in clips], [c.sr for c in clips])
             prompt_ids = []
             for r, tok, raw_wave in zip(requests, tokens, raw):
                 audio_ids = tok.ids
@@ -226,7 +225,7 @@ class EditX:
             if first_prompt is not None and self.config.editx.keep_prompt_features:
                 speaker_prompts = first_prompt  # round 1's speaker prompt: no timbre drift across rounds
             else:
-                speaker_prompts = [(tok.ids, *self.decoder.prompt_features(w, sr)) for tok, (w, sr) in zip(tokens, waves)]
+                speaker_prompts = [(tok.ids, *self.decoder.prompt_features(c)) for tok, c in zip(tokens, clips)]
                 first_prompt = first_prompt or speaker_prompts
             timings["tokenize"] += time.perf_counter() - t
 
@@ -243,9 +242,13 @@ class EditX:
             out = self.decoder.token2wav(gen_ids, [p[0] for p in speaker_prompts], [p[1] for p in speaker_prompts],
                                          [p[2] for p in speaker_prompts], key=k_flow, vocoder_key=k_voc)
             waves = [(out.item(i), OUTPUT_SAMPLE_RATE) for i in range(len(requests))]
-            if round_ + 1 < n_iter and not self.config.editx.float_between_rounds:
-                # tts_infer.py saves each round as a 16-bit wav and the next round reads that file
-                waves = [(pcm16_round_trip(w), sr) for w, sr in waves]
+            if round_ + 1 < n_iter:
+                if not self.config.editx.float_between_rounds:
+                    # tts_infer.py saves each round as a 16-bit wav and the next round reads that file
+                    waves = [(pcm16_round_trip(w), sr) for w, sr in waves]
+                # the next round reads this round's output as a new clip (capped again, as tts.py does)
+                clips = [prepare_clip(w, sr, name=f"round {round_ + 1} output {i}", max_seconds=None)
+                         for i, (w, sr) in enumerate(waves)]
             timings["decode"] += time.perf_counter() - t
             if progress is not None:
                 progress(round_ + 1, n_iter)
@@ -258,14 +261,13 @@ class EditX:
         return generate(self.llm_params, self.config.llm, self.config.generation, prompt_ids,
                         row_keys=row_keys, mesh=self.mesh).tokens
 
-    def _load(self, r: Request) -> tuple[np.ndarray, int, np.ndarray]:
-        """(mono wave with the 0.6 peak cap of `preprocess_prompt_wav`, sample rate, the samples as
-        read: float32 [C, N] from a file, as torchaudio.load gives them); the length limit."""
+    def _load(self, r: Request) -> Clip:
+        """The request's clip: mono with the 0.6 peak cap of `preprocess_prompt_wav`, and the samples as
+        read (float32 [C, N] from a file, as torchaudio.load gives them); the length limit."""
         try:
-            clip = prepare_clip(r.audio, r.sample_rate, max_seconds=self.config.editx.max_audio_seconds)
+            return prepare_clip(r.audio, r.sample_rate, max_seconds=self.config.editx.max_audio_seconds)
         except AudioError as e:
             raise EditXError(str(e)) from None
-        return clip.wave, clip.sr, clip.raw
 
 
 def round_transcript(r: Request, round_: int) -> str | None:

@@ -227,6 +227,22 @@ def test_bigvgan_vocoder_and_shapes():
     assert np.all(np.abs(out.speech) <= 1.0)
 
 
+def test_bigvgan_stream_length():
+    """The stream with a vocoder that has a context (BigVGAN: reflect-padded before the first chunk and
+    after the last, so a smaller overlap) still gives the offline length."""
+    from editx_jax.decoder.bigvgan import BigVGANConfig, abstract_params
+    cfg = small_flow_config(1)
+    vc = BigVGANConfig(upsample_initial_channel=32, upsample_rates=(8, 6, 10), upsample_kernel_sizes=(16, 12, 20))
+    t2w = Token2WavConfig(vocoder="bigvgan", chunk_size_list=(6, 9), estimator_left_context=12)
+    dec = Decoder(random_params(flow_mod.abstract_params(cfg), 4), cfg, random_params(abstract_params(vc), 5), vc,
+                  config=t2w)
+    p_ids, p_mel, emb = prompt()
+    gen = ids(40, 8)
+    st = Token2WavStream(dec, p_ids, p_mel, emb)
+    speech = np.concatenate([st.push(gen[:-1]), st.push(gen[-1:], last=True)])
+    assert len(st.mels) > 2 and speech.shape == (480 * 2 * 3 * 8,) and np.all(np.isfinite(speech))
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 
@@ -371,20 +387,20 @@ def test_stream_versus_offline(small_decoder):
 
 
 def test_prompt_features_bf16_rounding():
-    from editx_jax.audio.io import cap_peak, load_audio
+    from editx_jax.audio.io import prepare_clip
     from editx_jax.convert.campplus import from_state_dict
     from editx_jax.decoder import campplus, mel
     fx = Fixture.load(FIXTURES / "campplus")
     cam_cfg = campplus.CAMPPlusConfig.from_reference(fx.config)
     dec = Decoder(None, small_flow_config(), None, SMALL_HIFT, from_state_dict(fx.weights(), cam_cfg), cam_cfg)
-    wave, sr = load_audio(AUDIO / "en_happy_prompt.wav", mono=True)
-    feat, emb = dec.prompt_features(wave, sr)
-    assert feat.shape == (mel.num_mel_frames(len(wave) * 24000 // sr), 80) and emb.shape == (192,)
+    clip = prepare_clip(AUDIO / "en_happy_prompt.wav")  # mono, peak capped at 0.6
+    feat, emb = dec.prompt_features(clip)
+    assert feat.shape == (mel.num_mel_frames(len(clip.wave) * 24000 // clip.sr), 80) and emb.shape == (192,)
     for a in (feat, emb):  # bf16-representable: the low 16 bits of every float32 are zero
         assert not np.any(a.view(np.uint32) & 0xFFFF)
     mel_ref = fx_mel = Fixture.load(FIXTURES / "mel_24k").outputs()["speech_feat"][0]
     np.testing.assert_allclose(feat, bf16_round(fx_mel), atol=0, rtol=1 / 128)  # within one bf16 step
-    unrounded = np.asarray(mel.mel_spectrogram(cap_peak(wave), mel.MelConfig()))
+    unrounded = np.asarray(mel.mel_spectrogram(clip.wave, mel.MelConfig()))
     assert np.abs(unrounded - feat).max() > 0 and np.abs(unrounded - feat).max() <= np.abs(mel_ref).max() / 256
 
 

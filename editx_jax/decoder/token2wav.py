@@ -28,9 +28,9 @@ within a factor `max_prompt_stretch` (4) of 2 x the prompt pair frames -> `Token
 reference stretches anything; a factor 4 mismatch means mel and tokens are not from the same clip);
 a speaker embedding that is not 192 wide -> `Token2WavError`.
 
-`prompt_features(wave, sr)` gives the prompt mel (24 kHz) and the CAM++ x-vector as `tts.py`
-computes them: mono, peak capped at 0.6, then both rounded to bfloat16 and back (`tts.py` passes
-`.to(torch.bfloat16)` and the flow casts back to float32; §5 item 1).
+`prompt_features(clip)` gives the prompt mel (24 kHz) and the CAM++ x-vector as `tts.py` computes
+them from a prepared clip (`audio.io.prepare_clip`: mono, peak capped at 0.6), both rounded to
+bfloat16 and back (`tts.py` passes `.to(torch.bfloat16)` and the flow casts back to float32; §5 item 1).
 
 Streaming (`Token2WavStream(decoder, ...)`, `editx_jax/decoder/stream.py`) reproduces `token2wav_stream`.
 """
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.audio.io import cap_peak, resample, to_mono
+from editx_jax.audio.io import Clip, resample
 from editx_jax.checkpoint import CheckpointError, load_params, read_config, read_meta, save_params
 from editx_jax.config import BIGVGAN_CONTEXT, VOCODERS, ConfigError, from_dict
 from editx_jax.decoder import campplus, flow, vocoders
@@ -203,17 +203,15 @@ class Decoder:
 
     # ------------------------------------------------------------------ prompt features
 
-    def prompt_features(self, wave, sr: int) -> tuple[np.ndarray, np.ndarray]:
+    def prompt_features(self, clip: Clip) -> tuple[np.ndarray, np.ndarray]:
         """(prompt mel (T, 80) at 24 kHz, CAM++ x-vector (192,)), both rounded to bf16 like tts.py.
 
-        wave: [N] or [channels, N] float in [-1, 1] at `sr`. Mono mix and the 0.6 peak cap of
-        `preprocess_prompt_wav` come first; the mel resamples to 24 kHz, CAM++ to 16 kHz.
+        clip: from `audio.io.prepare_clip`, so already mono with the 0.6 peak cap of
+        `preprocess_prompt_wav` (not capped again here); the mel resamples it to 24 kHz, CAM++ to 16 kHz.
         """
-
         if self.campplus_params is None:
             raise Token2WavError("prompt_features needs CAM++ params (campplus_params)")
-        wave = cap_peak(to_mono(wave))
-        sr = int(sr)
+        wave, sr = clip.wave, int(clip.sr)
         wave24 = wave if sr == self.mel_config.sampling_rate else resample(wave, sr, self.mel_config.sampling_rate)
         mel = np.asarray(mel_spectrogram(wave24, self.mel_config))
         emb = np.asarray(speaker_embedding(self.campplus_params, wave, sr, self.campplus_config))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from editx_jax import vocab
-from editx_jax.audio.io import load_audio
+from editx_jax.audio.io import prepare_clip
 from editx_jax.config import ConfigError, GenerationConfig, LLMConfig, RewardConfig
 from editx_jax.generate.decode import generate
 from editx_jax.models.reward import check_compatible
@@ -86,7 +86,7 @@ def audio_reward_fn(decoder, scorer: Callable, name: str = "audio") -> RewardFn:
             return record["prompt_mel"], record["spk_embedding"]
         path = str(record["audio"])
         if path not in cached:
-            cached[path] = decoder.prompt_features(*load_audio(path))
+            cached[path] = decoder.prompt_features(prepare_clip(path))
         return cached[path]
 
     def reward(prompts, completions, records):
