@@ -201,6 +201,7 @@ class EditX:
         key = jax.random.key(seed)
         clips = [self._load(r) for r in requests]  # each round's input: mono, capped (audio.io.prepare_clip)
         raw = [c.raw for c in clips]  # as read: the clone speaker id hashes these samples
+        waves = [(c.wave, c.sr) for c in clips]  # what the tokenizer reads (it prepares each clip itself)
         first_prompt = None
         stray_text = stray_past = 0
         for round_ in range(n_iter):
@@ -209,7 +210,7 @@ class EditX:
             row_keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(seed if r.seed is None else r.seed), round_)
                                         for r in requests])
             t = time.perf_counter()
-            tokens = self.audio_tokenizer.tokenize([c.wave for c in clips], [c.sr for c in clips])
+            tokens = self.audio_tokenizer.tokenize([w for w, _ in waves], [sr for _, sr in waves])
             prompt_ids = []
             for r, tok, raw_wave in zip(requests, tokens, raw):
                 audio_ids = tok.ids
@@ -246,7 +247,7 @@ class EditX:
                 if not self.config.editx.float_between_rounds:
                     # tts_infer.py saves each round as a 16-bit wav and the next round reads that file
                     waves = [(pcm16_round_trip(w), sr) for w, sr in waves]
-                # the next round reads this round's output as a new clip (capped again, as tts.py does)
+                # the next round's speaker prompt: this output as a new clip (capped again, as tts.py does)
                 clips = [prepare_clip(w, sr, name=f"round {round_ + 1} output {i}", max_seconds=None)
                          for i, (w, sr) in enumerate(waves)]
             timings["decode"] += time.perf_counter() - t

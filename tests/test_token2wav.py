@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import AUDIO, FIXTURES
+from editx_jax.decoder import bigvgan as bigvgan_mod
 from editx_jax.decoder import flow as flow_mod
 from editx_jax.decoder import hift as hift_mod
 from editx_jax.decoder import stream as stream_mod
@@ -230,12 +231,11 @@ def test_bigvgan_vocoder_and_shapes():
 def test_bigvgan_stream_length():
     """The stream with a vocoder that has a context (BigVGAN: reflect-padded before the first chunk and
     after the last, so a smaller overlap) still gives the offline length."""
-    from editx_jax.decoder.bigvgan import BigVGANConfig, abstract_params
     cfg = small_flow_config(1)
-    vc = BigVGANConfig(upsample_initial_channel=32, upsample_rates=(8, 6, 10), upsample_kernel_sizes=(16, 12, 20))
+    vc = bigvgan_mod.BigVGANConfig(upsample_initial_channel=32, upsample_rates=(8, 6, 10), upsample_kernel_sizes=(16, 12, 20))
     t2w = Token2WavConfig(vocoder="bigvgan", chunk_size_list=(6, 9), estimator_left_context=12)
-    dec = Decoder(random_params(flow_mod.abstract_params(cfg), 4), cfg, random_params(abstract_params(vc), 5), vc,
-                  config=t2w)
+    dec = Decoder(random_params(flow_mod.abstract_params(cfg), 4), cfg, random_params(bigvgan_mod.abstract_params(vc), 5),
+                  vc, config=t2w)
     p_ids, p_mel, emb = prompt()
     gen = ids(40, 8)
     st = Token2WavStream(dec, p_ids, p_mel, emb)

@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 from conftest import fixture_dirs
 
+from editx_jax import config as config_mod
 from editx_jax.config import ConfigError
 from editx_jax.convert import bigvgan as convert_bigvgan
 from editx_jax.convert.bigvgan import bigvgan_config_from_reference
+from editx_jax.convert.decoder import CONVERTERS, vocoder_of_yaml
 from editx_jax.convert import hift as convert_hift
 from editx_jax.convert import sources
 from editx_jax.convert.keymap import ConversionError, DictSource
+from editx_jax.decoder import vocoders
 from editx_jax.decoder.bigvgan import BigVGANConfig, BigVGANInputError, bigvgan_inference
 from editx_jax.decoder.hift import (HiFTConfig, HiFTInputError, NSFNoise, abstract_params, hift_decode,
                                     hift_inference, istft, stft)
@@ -266,10 +269,6 @@ def test_configs_validate():
 def test_vocoder_registry_is_the_one_table():
     """token2wav.vocoder's names, the decoder's table, the converters' table and the config sections
     agree, and an entry's fields fit its config class."""
-    from editx_jax import config as config_mod
-    from editx_jax.convert.decoder import CONVERTERS, vocoder_of_yaml
-    from editx_jax.decoder import vocoders
-
     assert tuple(vocoders.REGISTRY) == config_mod.VOCODERS == tuple(CONVERTERS)
     for name, entry in vocoders.REGISTRY.items():
         default = entry.config_class()
