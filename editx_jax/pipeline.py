@@ -34,11 +34,11 @@ import jax
 import numpy as np
 
 from editx_jax import sharding, vocab
-from editx_jax.audio.io import AudioError, prepare_clip
+from editx_jax.audio.io import AudioError, Clip, prepare_clip
 from editx_jax.checkpoint import PARTS, load_llm, load_llm_config, save_llm, write_settings
-from editx_jax.config import Config, ConfigError, from_dict
+from editx_jax.config import Config, from_dict
 from editx_jax.config.editx import EditXConfig  # noqa: F401  (re-exported from its old home)
-from editx_jax.decoder import campplus, flow, hift
+from editx_jax.decoder import campplus, flow, vocoders
 from editx_jax.decoder.token2wav import Decoder
 from editx_jax.generate.decode import PromptTooLongError, check_room, generate
 from editx_jax.models import llm
@@ -128,8 +128,7 @@ class EditX:
         audio_tokenizer = AudioTokenizer.from_pretrained(folder / "audio_tokenizer")
         decoder = Decoder.from_pretrained(folder / "decoder")
         config = from_dict(Config, settings)
-        vocoder = {"hift": decoder.vocoder_config} if decoder.config.vocoder == "hift" \
-            else {"bigvgan": decoder.vocoder_config}
+        vocoder = {decoder.vocoder.name: decoder.vocoder_config}  # the vocoder's config section bears its name
         config = dataclasses.replace(config, llm=llm_config, tokenizer=audio_tokenizer.config,
                                      flow=decoder.flow_config, token2wav=decoder.config,
                                      campplus=decoder.campplus_config or config.campplus, **vocoder)
@@ -141,15 +140,16 @@ class EditX:
     def random(cls, config: Config, seed: int = 0) -> "EditX":
         """Random weights at the sizes of `config` (e.g. configs/tiny.yaml), with a small trained
         text tokenizer of the released id layout. Produces noise: for demos and tests only."""
-        if config.token2wav.vocoder != "hift":
-            raise ConfigError("EditX.random builds the HiFT vocoder; set token2wav.vocoder: hift")
+        vocoder = vocoders.get(config.token2wav.vocoder)
+        voc_config = getattr(config, vocoder.name)  # the vocoder's config section bears its name
         float_llm = dataclasses.replace(config.llm, quantize="none")
         llm_params = random_params(llm.abstract_params(float_llm), seed, kernel_scale=1.0)
         # int8 (llm.quantize): the random float weights quantized in place, one leaf at a time
         llm_params, _ = quantize_params(llm_params, float_llm, config.llm.quantize, config.llm.quantize_embeddings)
         decoder = Decoder(random_params(flow.abstract_params(config.flow), seed + 1), config.flow,
-                          # small vocoder kernels keep random HiFT out of its chaotic regime
-                          random_params(hift.abstract_params(config.hift), seed + 2, kernel_scale=0.3), config.hift,
+                          # small vocoder kernels keep a random vocoder (HiFT) out of its chaotic regime
+                          random_params(vocoder.module.abstract_params(voc_config), seed + 2, kernel_scale=0.3),
+                          voc_config,
                           random_params(campplus.abstract_params(config.campplus), seed + 3), config.campplus,
                           config.token2wav)
         return cls(config, llm_params, TextTokenizer(train_layout_model()),
@@ -200,9 +200,9 @@ class EditX:
                 raise EditXError("clone runs once; n_iter is for edits")
         timings = {"tokenize": 0.0, "generate": 0.0, "decode": 0.0}
         key = jax.random.key(seed)
-        loaded = [self._load(r) for r in requests]
-        raw = [x[2] for x in loaded]  # as read: the clone speaker id hashes these samples
-        waves = [x[:2] for x in loaded]  # (wave [N] mono capped, sr)
+        clips = [self._load(r) for r in requests]  # each round's input: mono, capped (audio.io.prepare_clip)
+        raw = [c.raw for c in clips]  # as read: the clone speaker id hashes these samples
+        waves = [(c.wave, c.sr) for c in clips]  # what the tokenizer reads (it prepares each clip itself)
         first_prompt = None
         stray_text = stray_past = 0
         for round_ in range(n_iter):
@@ -227,7 +227,7 @@ class EditX:
             if first_prompt is not None and self.config.editx.keep_prompt_features:
                 speaker_prompts = first_prompt  # round 1's speaker prompt: no timbre drift across rounds
             else:
-                speaker_prompts = [(tok.ids, *self.decoder.prompt_features(w, sr)) for tok, (w, sr) in zip(tokens, waves)]
+                speaker_prompts = [(tok.ids, *self.decoder.prompt_features(c)) for tok, c in zip(tokens, clips)]
                 first_prompt = first_prompt or speaker_prompts
             timings["tokenize"] += time.perf_counter() - t
 
@@ -244,9 +244,13 @@ class EditX:
             out = self.decoder.token2wav(gen_ids, [p[0] for p in speaker_prompts], [p[1] for p in speaker_prompts],
                                          [p[2] for p in speaker_prompts], key=k_flow, vocoder_key=k_voc)
             waves = [(out.item(i), OUTPUT_SAMPLE_RATE) for i in range(len(requests))]
-            if round_ + 1 < n_iter and not self.config.editx.float_between_rounds:
-                # tts_infer.py saves each round as a 16-bit wav and the next round reads that file
-                waves = [(pcm16_round_trip(w), sr) for w, sr in waves]
+            if round_ + 1 < n_iter:
+                if not self.config.editx.float_between_rounds:
+                    # tts_infer.py saves each round as a 16-bit wav and the next round reads that file
+                    waves = [(pcm16_round_trip(w), sr) for w, sr in waves]
+                # the next round's speaker prompt: this output as a new clip (capped again, as tts.py does)
+                clips = [prepare_clip(w, sr, name=f"round {round_ + 1} output {i}", max_seconds=None)
+                         for i, (w, sr) in enumerate(waves)]
             timings["decode"] += time.perf_counter() - t
             if progress is not None:
                 progress(round_ + 1, n_iter)
@@ -263,14 +267,13 @@ class EditX:
         return generate(self._llm_weights, self.config.llm, self.config.generation, prompt_ids,
                         row_keys=row_keys, mesh=self.mesh).tokens
 
-    def _load(self, r: Request) -> tuple[np.ndarray, int, np.ndarray]:
-        """(mono wave with the 0.6 peak cap of `preprocess_prompt_wav`, sample rate, the samples as
-        read: float32 [C, N] from a file, as torchaudio.load gives them); the length limit."""
+    def _load(self, r: Request) -> Clip:
+        """The request's clip: mono with the 0.6 peak cap of `preprocess_prompt_wav`, and the samples as
+        read (float32 [C, N] from a file, as torchaudio.load gives them); the length limit."""
         try:
-            clip = prepare_clip(r.audio, r.sample_rate, max_seconds=self.config.editx.max_audio_seconds)
+            return prepare_clip(r.audio, r.sample_rate, max_seconds=self.config.editx.max_audio_seconds)
         except AudioError as e:
             raise EditXError(str(e)) from None
-        return clip.wave, clip.sr, clip.raw
 
 
 def round_transcript(r: Request, round_: int) -> str | None:

@@ -14,13 +14,15 @@ import pytest
 
 from conftest import AUDIO, FIXTURES
 from editx_jax.convert.campplus import campplus_config_from_reference
+from editx_jax.decoder import bigvgan as bigvgan_mod
 from editx_jax.decoder import flow as flow_mod
 from editx_jax.decoder import hift as hift_mod
 from editx_jax.decoder import stream as stream_mod
 from editx_jax.decoder.dit import DiTConfig
 from editx_jax.decoder.embedding import DualCodebookConfig
-from editx_jax.decoder.token2wav import (Decoder, Token2WavConfig, Token2WavError, bf16_round, flow_batch,
-                                         reshape_values)
+from editx_jax.decoder.stream import Token2WavStream
+from editx_jax.decoder.token2wav import Decoder, Token2WavConfig, flow_batch
+from editx_jax.decoder.tokens import Token2WavError, bf16_round, reshape_values
 from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
 from editx_jax.parity import Fixture, compare
 from editx_jax.random_init import random_params
@@ -227,6 +229,21 @@ def test_bigvgan_vocoder_and_shapes():
     assert np.all(np.abs(out.speech) <= 1.0)
 
 
+def test_bigvgan_stream_length():
+    """The stream with a vocoder that has a context (BigVGAN: reflect-padded before the first chunk and
+    after the last, so a smaller overlap) still gives the offline length."""
+    cfg = small_flow_config(1)
+    vc = bigvgan_mod.BigVGANConfig(upsample_initial_channel=32, upsample_rates=(8, 6, 10), upsample_kernel_sizes=(16, 12, 20))
+    t2w = Token2WavConfig(vocoder="bigvgan", chunk_size_list=(6, 9), estimator_left_context=12)
+    dec = Decoder(random_params(flow_mod.abstract_params(cfg), 4), cfg, random_params(bigvgan_mod.abstract_params(vc), 5),
+                  vc, config=t2w)
+    p_ids, p_mel, emb = prompt()
+    gen = ids(40, 8)
+    st = Token2WavStream(dec, p_ids, p_mel, emb)
+    speech = np.concatenate([st.push(gen[:-1]), st.push(gen[-1:], last=True)])
+    assert len(st.mels) > 2 and speech.shape == (480 * 2 * 3 * 8,) and np.all(np.isfinite(speech))
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 
@@ -310,7 +327,7 @@ def test_stream_compiles_a_bounded_number_of_times(small_decoder):
     dec = _stream_decoder(small_decoder)
     p_ids, p_mel, emb = prompt()
     enc0, dit0 = stream_mod.encoder_chunk._cache_size(), stream_mod.dit_chunk_ode._cache_size()
-    st = dec.stream(p_ids, p_mel, emb)
+    st = Token2WavStream(dec, p_ids, p_mel, emb)
     speech = np.concatenate([st.push(ids(152, 9)[:-1]), st.push(ids(152, 9)[-1:], last=True)])
     assert len(st.mels) == 11 and speech.shape == (480 * 2 * 3 * 31,)
     assert st.caches[0][2].shape[2] == 128 >= st.encoder_frames  # 24 prompt + 93 generated frames
@@ -323,7 +340,7 @@ def test_stream_chunking_lengths_and_push_pattern(small_decoder):
     dec = _stream_decoder(small_decoder)
     p_ids, p_mel, emb = prompt()
     gen = ids(52, 7)
-    one = dec.stream(p_ids, p_mel, emb)
+    one = Token2WavStream(dec, p_ids, p_mel, emb)
     pieces = [one.push([t]) for t in gen[:-1]] + [one.push(gen[-1:], last=True)]
     # chunks of 6, 9, 9 pair frames (10, 15, 15 ids + 5 look-ahead), then the last 12 ids (3 groups);
     # the DiT cache (24 prompt + 12 newest mel frames) is cut after the second chunk
@@ -331,18 +348,18 @@ def test_stream_chunking_lengths_and_push_pattern(small_decoder):
     speech = np.concatenate(pieces)
     assert speech.shape == (480 * 2 * 3 * 11,)  # the offline length: 11 groups
     # pushing everything at once gives the same chunks and speech
-    bulk = dec.stream(p_ids, p_mel, emb)
+    bulk = Token2WavStream(dec, p_ids, p_mel, emb)
     speech_bulk = np.concatenate([bulk.push(gen[:33]), bulk.push(gen[33:], last=True)])
     np.testing.assert_allclose(speech_bulk, speech, atol=1e-6)
     # the first chunk needs 6 + 3 pair frames: nothing before the 15th id
-    s = dec.stream(p_ids, p_mel, emb)
+    s = Token2WavStream(dec, p_ids, p_mel, emb)
     assert all(s.push([t]).size == 0 for t in gen[:14]) and s.push(gen[14:15]).size > 0
     with pytest.raises(Token2WavError, match="finished"):
         one.push(gen[:1])
     with pytest.raises(Token2WavError, match="prompt ids"):
-        dec.stream([], p_mel, emb)
+        Token2WavStream(dec, [], p_mel, emb)
     # fewer than 5 ids in all: still audio
-    short = dec.stream(p_ids, p_mel, emb)
+    short = Token2WavStream(dec, p_ids, p_mel, emb)
     assert short.push(gen[:3], last=True).shape == (2880,)
 
 
@@ -353,7 +370,7 @@ def test_stream_versus_offline(small_decoder):
     dec = _stream_decoder(small_decoder)
     p_ids, p_mel, emb = prompt()
     gen = ids(40, 8)
-    st = dec.stream(p_ids, p_mel, emb)
+    st = Token2WavStream(dec, p_ids, p_mel, emb)
     st.push(gen[:-1])
     st.push(gen[-1:], last=True)
     stream_mel = np.concatenate(st.mels)
@@ -371,20 +388,20 @@ def test_stream_versus_offline(small_decoder):
 
 
 def test_prompt_features_bf16_rounding():
-    from editx_jax.audio.io import cap_peak, load_audio
+    from editx_jax.audio.io import prepare_clip
     from editx_jax.convert.campplus import from_state_dict
     from editx_jax.decoder import mel
     fx = Fixture.load(FIXTURES / "campplus")
     cam_cfg = campplus_config_from_reference(fx.config)
     dec = Decoder(None, small_flow_config(), None, SMALL_HIFT, from_state_dict(fx.weights(), cam_cfg), cam_cfg)
-    wave, sr = load_audio(AUDIO / "en_happy_prompt.wav", mono=True)
-    feat, emb = dec.prompt_features(wave, sr)
-    assert feat.shape == (mel.num_mel_frames(len(wave) * 24000 // sr), 80) and emb.shape == (192,)
+    clip = prepare_clip(AUDIO / "en_happy_prompt.wav")  # mono, peak capped at 0.6
+    feat, emb = dec.prompt_features(clip)
+    assert feat.shape == (mel.num_mel_frames(len(clip.wave) * 24000 // clip.sr), 80) and emb.shape == (192,)
     for a in (feat, emb):  # bf16-representable: the low 16 bits of every float32 are zero
         assert not np.any(a.view(np.uint32) & 0xFFFF)
     mel_ref = fx_mel = Fixture.load(FIXTURES / "mel_24k").outputs()["speech_feat"][0]
     np.testing.assert_allclose(feat, bf16_round(fx_mel), atol=0, rtol=1 / 128)  # within one bf16 step
-    unrounded = np.asarray(mel.mel_spectrogram(cap_peak(wave), mel.MelConfig()))
+    unrounded = np.asarray(mel.mel_spectrogram(clip.wave, mel.MelConfig()))
     assert np.abs(unrounded - feat).max() > 0 and np.abs(unrounded - feat).max() <= np.abs(mel_ref).max() / 256
 
 

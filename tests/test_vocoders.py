@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 from conftest import fixture_dirs
 
+from editx_jax import config as config_mod
 from editx_jax.config import ConfigError
 from editx_jax.convert import bigvgan as convert_bigvgan
 from editx_jax.convert.bigvgan import bigvgan_config_from_reference
+from editx_jax.convert.decoder import CONVERTERS, vocoder_of_yaml
 from editx_jax.convert import hift as convert_hift
 from editx_jax.convert import sources
 from editx_jax.convert.hift import hift_config_from_reference
 from editx_jax.convert.keymap import ConversionError, DictSource
+from editx_jax.decoder import vocoders
 from editx_jax.decoder.bigvgan import BigVGANConfig, BigVGANInputError, bigvgan_inference
 from editx_jax.decoder.hift import (HiFTConfig, HiFTInputError, NSFNoise, abstract_params, hift_decode,
                                     hift_inference, istft, stft)
@@ -259,3 +262,30 @@ def test_configs_validate():
         BigVGANConfig(resblock="3")
     with pytest.raises(ConfigError, match="bigvgan.activation"):
         BigVGANConfig(activation="relu")
+
+
+# ------------------------------------------------------------------------------------ the registry
+
+
+def test_vocoder_registry_is_the_one_table():
+    """token2wav.vocoder's names, the decoder's table, the converters' table and the config sections
+    agree, and an entry's fields fit its config class."""
+    assert tuple(vocoders.REGISTRY) == config_mod.VOCODERS == tuple(CONVERTERS)
+    for name, entry in vocoders.REGISTRY.items():
+        default = entry.config_class()
+        assert entry.name == name and isinstance(getattr(config_mod.Config(), name), entry.config_class)
+        assert entry.mel_channels(default) == 80 and vocoders.for_config(default) is entry
+        assert vocoders.get(name) is entry
+    assert vocoders.get("hift").nsf is not None and vocoders.get("hift").context == 0
+    assert vocoders.get("bigvgan").nsf is None and vocoders.get("bigvgan").context == config_mod.BIGVGAN_CONTEXT
+    assert vocoder_of_yaml({"in_channels": 80}) == "hift"
+    assert vocoder_of_yaml({"upsample_initial_channel": 512}) == "bigvgan"
+    with pytest.raises(ConfigError, match="token2wav.vocoder: one of"):
+        vocoders.get("vocos")
+    with pytest.raises(ConfigError, match="HiFTConfig or BigVGANConfig"):
+        vocoders.for_config(object())
+    mel = np.arange(2 * 80 * 5, dtype=np.float32).reshape(2, 80, 5)
+    padded = vocoders.get("bigvgan").pad(mel)
+    assert padded.shape == (2, 80, 11)
+    np.testing.assert_array_equal(padded[..., :3], mel[..., 3:0:-1])  # reflect, edge not repeated
+    assert vocoders.get("hift").pad(mel) is mel

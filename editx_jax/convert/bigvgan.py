@@ -104,8 +104,11 @@ def rules(config: BigVGANConfig) -> list[Rule]:
     return out
 
 
-def from_source(source: TensorSource, config: BigVGANConfig = BigVGANConfig(), dtype=None) -> dict:
-    return convert(WeightNormSource(_WithoutFilters(source)), rules(config), abstract_params(config), dtype=dtype)
+def from_source(source: TensorSource, config: BigVGANConfig = BigVGANConfig(), dtype=None, progress=None) -> dict:
+    """Params from any TensorSource over BigVGAN state_dict names (weight-normed or plain; the fixed
+    anti-aliasing filters are checked and dropped)."""
+    return convert(WeightNormSource(_WithoutFilters(source)), rules(config), abstract_params(config), dtype=dtype,
+                   progress=progress)
 
 
 def from_state_dict(state_dict: Mapping, config: BigVGANConfig = BigVGANConfig(), dtype=None) -> dict:

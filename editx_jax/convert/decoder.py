@@ -22,28 +22,25 @@ import json
 import os
 import pathlib
 import re
+from typing import Callable, NamedTuple
 
 import numpy as np
 import yaml
 from tqdm import tqdm
 
 from editx_jax.config import ConfigError
-from editx_jax.convert.bigvgan import _WithoutFilters, bigvgan_config_from_reference
-from editx_jax.convert.bigvgan import rules as bigvgan_rules
-from editx_jax.convert.bigvgan import to_state_dict as bigvgan_state_dict
+from editx_jax.convert import bigvgan as convert_bigvgan
+from editx_jax.convert import hift as convert_hift
+from editx_jax.convert.bigvgan import bigvgan_config_from_reference
 from editx_jax.convert.campplus import convert_folded, fold_state_dict, onnx_to_state_dict
 from editx_jax.convert.flow import export_flow, flow_config_from_reference, flow_rules
 from editx_jax.convert.hift import hift_config_from_reference
-from editx_jax.convert.hift import rules as hift_rules
-from editx_jax.convert.hift import to_state_dict as hift_state_dict
 from editx_jax.convert.keymap import ConversionError, convert
-from editx_jax.convert.sources import TorchSource, WeightNormSource, checkpoint_source
+from editx_jax.convert.sources import TorchSource, checkpoint_source
+from editx_jax.decoder import vocoders
 from editx_jax.decoder.bigvgan import BigVGANConfig
-from editx_jax.decoder.bigvgan import abstract_params as bigvgan_abstract
 from editx_jax.decoder.flow import FlowConfig
 from editx_jax.decoder.flow import abstract_params as flow_abstract
-from editx_jax.decoder.hift import HiFTConfig
-from editx_jax.decoder.hift import abstract_params as hift_abstract
 from editx_jax.decoder.mel import MelConfig
 from editx_jax.decoder.token2wav import Decoder, Token2WavConfig
 
@@ -126,23 +123,37 @@ def configs_from_yaml(data: dict):
         if key not in data:
             raise ConfigError(f"cosyvoice.yaml: no `{key}:` entry")
     flow = flow_config_from_reference(flow_reference_config(data["flow"]))
-    hift = dict(data["hift"])
-    vocoder = bigvgan_config_from_reference(hift) if "upsample_initial_channel" in hift else \
-        hift_config_from_reference(hift)
+    hift = dict(data["hift"])  # the vocoder's block is `hift:` whichever vocoder it is
+    vocoder = CONVERTERS[vocoder_of_yaml(hift)].config_from_reference(hift)
     mel = mel_config_from_reference(data["mel_conf"]) if "mel_conf" in data else MelConfig()
     return flow, vocoder, mel
 
 
-# ------------------------------------------------------------------------------------------ conversion
+# ------------------------------------------------------------------------------------------ vocoders
 
 
-def _tqdm(progress: bool, desc: str):
-    if not progress:
-        return None
-    return lambda it: tqdm(it, desc=desc, unit="tensor", leave=False)
+class VocoderConverter(NamedTuple):
+    """The converter side of one `decoder/vocoders.py` entry (same name)."""
+
+    config_from_reference: Callable  # the yaml `hift:` block / a fixture manifest's block -> its config
+    yaml_marker: str | None  # a key only this vocoder's yaml block has (None: the default vocoder)
+    released_file: str | None  # its checkpoint in the released folder (None: given with --bigvgan)
+    config_for_checkpoint: Callable  # (checkpoint path, TensorSource, the yaml's config) -> its config
+    from_source: Callable  # (TensorSource, config, dtype=None, progress=None) -> params
+    from_state_dict: Callable  # (state dict, config) -> params (the parity runners)
+    to_state_dict: Callable  # (params, config) -> {torch name: array}
+    export_file: str  # what `export_decoder` writes ...
+    export_wrap: str | None  # ... and the key it wraps the state dict in (None: the plain state dict)
 
 
-def _bigvgan_config(path: pathlib.Path, source):
+def _yaml_config(path, source, yaml_config):
+    del path, source  # sized by cosyvoice.yaml (or its defaults)
+    return yaml_config
+
+
+def _bigvgan_config(path: pathlib.Path, source, yaml_config):
+    """config.json beside the checkpoint, else the class defaults with the width read from conv_pre."""
+    del yaml_config  # cosyvoice.yaml describes the released HiFT
     known = {f.name for f in dataclasses.fields(BigVGANConfig)}
     args = {}
     cfg_path = path.parent / "config.json"
@@ -155,6 +166,32 @@ def _bigvgan_config(path: pathlib.Path, source):
                 args["upsample_initial_channel"] = int(source.shape(name)[0])
                 break
     return bigvgan_config_from_reference(args)
+
+
+CONVERTERS: dict[str, VocoderConverter] = {
+    "hift": VocoderConverter(hift_config_from_reference, None, "hift.pt", _yaml_config, convert_hift.from_source,
+                             convert_hift.from_state_dict, convert_hift.to_state_dict, "hift.pt", None),
+    "bigvgan": VocoderConverter(bigvgan_config_from_reference, "upsample_initial_channel", None, _bigvgan_config,
+                                convert_bigvgan.from_source, convert_bigvgan.from_state_dict,
+                                convert_bigvgan.to_state_dict, "bigvgan_generator.pt", "generator"),
+}
+
+
+def vocoder_of_yaml(block: dict) -> str:
+    """Which vocoder a yaml `hift:` block describes: the one whose marker key it has, else the default."""
+    for name, conv in CONVERTERS.items():
+        if conv.yaml_marker is not None and conv.yaml_marker in block:
+            return name
+    return Token2WavConfig().vocoder
+
+
+# ------------------------------------------------------------------------------------------ conversion
+
+
+def _tqdm(progress: bool, desc: str):
+    if not progress:
+        return None
+    return lambda it: tqdm(it, desc=desc, unit="tensor", leave=False)
 
 
 def convert_decoder(src, dst, bigvgan: str | os.PathLike | None = None, progress: bool = True,
@@ -170,39 +207,35 @@ def convert_decoder(src, dst, bigvgan: str | os.PathLike | None = None, progress
     if yaml_path.is_file():
         flow_cfg, voc_cfg, mel_cfg = configs_from_yaml(read_yaml(yaml_path))
     else:
-        flow_cfg, voc_cfg, mel_cfg = FlowConfig(), HiFTConfig(), MelConfig()
-    needed = ["flow.pt", "campplus.onnx"] + ([] if bigvgan else ["hift.pt"])
+        flow_cfg, voc_cfg, mel_cfg = FlowConfig(), vocoders.get(Token2WavConfig().vocoder).config_class(), MelConfig()
+    name = "bigvgan" if bigvgan else vocoders.for_config(voc_cfg).name
+    conv = CONVERTERS[name]
+    needed = ["flow.pt", "campplus.onnx"] + ([conv.released_file] if not bigvgan and conv.released_file else [])
     missing = [n for n in needed if not (src / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{src}: missing {', '.join(missing)}")
+    if not bigvgan and conv.released_file is None:
+        raise ConversionError(f"cosyvoice.yaml describes a {vocoders.get(name).title} vocoder: pass its "
+                              f"checkpoint with --bigvgan")
 
     flow_params = convert(TorchSource(src / "flow.pt"), flow_rules(), flow_abstract(flow_cfg),
                           progress=_tqdm(progress, "flow.pt"))
-    if bigvgan:
-        path = pathlib.Path(bigvgan)
-        source = checkpoint_source(path)
-        voc_cfg = _bigvgan_config(path, source)
-        voc_params = convert(WeightNormSource(_WithoutFilters(source)), bigvgan_rules(voc_cfg),
-                             bigvgan_abstract(voc_cfg), progress=_tqdm(progress, path.name))
-        voc_name = str(path)
-    else:
-        if not isinstance(voc_cfg, HiFTConfig):
-            raise ConversionError("cosyvoice.yaml describes a BigVGAN vocoder: pass its checkpoint with --bigvgan")
-        voc_params = convert(WeightNormSource(checkpoint_source(src / "hift.pt")), hift_rules(voc_cfg),
-                             hift_abstract(voc_cfg), progress=_tqdm(progress, "hift.pt"))
-        voc_name = "hift.pt"
+    path = pathlib.Path(bigvgan) if bigvgan else src / conv.released_file
+    source = checkpoint_source(path)
+    voc_cfg = conv.config_for_checkpoint(path, source, voc_cfg)
+    voc_params = conv.from_source(source, voc_cfg, progress=_tqdm(progress, path.name))
+    voc_name = str(path) if bigvgan else path.name
     if progress:
         print("converting campplus.onnx ...", flush=True)
     tensors, eps, cam_cfg = onnx_to_state_dict(str(src / "campplus.onnx"))
     cam_params = convert_folded(fold_state_dict(tensors, cam_cfg, eps), cam_cfg)
-    kind = "hift" if isinstance(voc_cfg, HiFTConfig) else "bigvgan"
     decoder = Decoder(flow_params, flow_cfg, voc_params, voc_cfg, cam_params, cam_cfg,
-                      Token2WavConfig(vocoder=kind), mel_cfg)
+                      Token2WavConfig(vocoder=name), mel_cfg)
     if progress:
         print(f"writing {dst} ...", flush=True)
     folder = decoder.save(dst, {"converted_from": str(src.absolute()), "vocoder_source": voc_name,
                                 "yaml": yaml_path.is_file()})
-    return {"dst": str(folder), "vocoder": kind, "yaml": yaml_path.is_file(),
+    return {"dst": str(folder), "vocoder": name, "yaml": yaml_path.is_file(),
             "flow_depth": flow_cfg.estimator.depth, "flow_width": flow_cfg.input_size}
 
 
@@ -228,9 +261,7 @@ def export_decoder(src, dst) -> dict:
         return name
 
     written = [save(export_flow(decoder.flow_params), "flow.pt")]
-    if decoder.config.vocoder == "hift":
-        written.append(save(hift_state_dict(decoder.vocoder_params, decoder.vocoder_config).items(), "hift.pt"))
-    else:
-        written.append(save(bigvgan_state_dict(decoder.vocoder_params, decoder.vocoder_config).items(),
-                            "bigvgan_generator.pt", wrap="generator"))
+    conv = CONVERTERS[decoder.vocoder.name]
+    written.append(save(conv.to_state_dict(decoder.vocoder_params, decoder.vocoder_config).items(),
+                        conv.export_file, wrap=conv.export_wrap))
     return {"dst": str(dst.absolute()), "files": written, "vocoder": decoder.config.vocoder}

@@ -96,9 +96,9 @@ def rules(config: HiFTConfig) -> list[Rule]:
 # ------------------------------------------------------------------------------------ convert
 
 
-def from_source(source: TensorSource, config: HiFTConfig = HiFTConfig(), dtype=None) -> dict:
+def from_source(source: TensorSource, config: HiFTConfig = HiFTConfig(), dtype=None, progress=None) -> dict:
     """Params from any TensorSource over HiFTGenerator state_dict names (weight-normed or plain)."""
-    return convert(WeightNormSource(source), rules(config), abstract_params(config), dtype=dtype)
+    return convert(WeightNormSource(source), rules(config), abstract_params(config), dtype=dtype, progress=progress)
 
 
 def from_state_dict(state_dict: Mapping, config: HiFTConfig = HiFTConfig(), dtype=None) -> dict:

@@ -42,8 +42,7 @@ from editx_jax.text.prompts import (
 )
 from editx_jax.text.tokenizer import TextTokenizer
 
-BOS, EOT, BOT = 1, 3, 4
-AUDIO_BASE = 65536  # records carry LLM ids 65536 + code (upstream-training.md §1.4)
+from editx_jax.vocab import AUDIO_ID_OFFSET, EOT_ID
 
 class RecordError(ValueError):
     """A JSONL record cannot become a training example; `reason` is the counted category."""
@@ -161,12 +160,12 @@ def _audio_ids(record: dict, key: str, cfg: DataConfig, vocab_size: int) -> np.n
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise RecordError(f"{key} is not a list of token ids", "non-integer entry")
     ids = np.asarray(value, np.int64)
-    codes = ids - AUDIO_BASE
+    codes = ids - AUDIO_ID_OFFSET  # records carry LLM ids 65536 + code (upstream-training.md §1.4)
     model_ids = codes + cfg.audio_id_base
     bad = (codes < 0) | (codes >= cfg.audio_codes) | (model_ids >= vocab_size)
     if bad.any():
         raise RecordError("token id out of range", f"{key} has {int(ids[bad][0])}; audio ids are "
-                          f"[{AUDIO_BASE}, {AUDIO_BASE + min(cfg.audio_codes, vocab_size - cfg.audio_id_base)})")
+                          f"[{AUDIO_ID_OFFSET}, {AUDIO_ID_OFFSET + min(cfg.audio_codes, vocab_size - cfg.audio_id_base)})")
     return model_ids.astype(np.int32)
 
 
@@ -206,7 +205,7 @@ def encode_record(record, tok: TextEncoder, cfg: DataConfig, vocab_size: int, sp
         system = [CLONE_SYSTEM_HEAD.format(speaker=speaker, prompt_text=source_text), src, CLONE_SYSTEM_TAIL]
         user = [source_text]  # training: the prompt's own transcript (upstream-training.md §1.3)
     prompt = chat_template_ids(tok, system, user)  # ends with "<|BOT|> assistant\n"
-    completion = list(tgt) + ([EOT] if cfg.eos_in_loss and not cfg.upstream_compat else [])
+    completion = list(tgt) + ([EOT_ID] if cfg.eos_in_loss and not cfg.upstream_compat else [])
     tokens = np.asarray(prompt + completion, np.int32)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise RecordError("token id out of range", f"text id {int(tokens.max())} >= vocab {vocab_size}")

@@ -363,3 +363,12 @@ def hift_decode(params: dict, mel, source, config: HiFTConfig = HiFTConfig()) ->
     if source.shape != (mel.shape[0], mel.shape[2] * config.hop):
         raise HiFTInputError(f"source must be {(mel.shape[0], mel.shape[2] * config.hop)}, got {source.shape}")
     return _decode(params, mel, source, config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def hift_source(params: dict, mel_bct, noise: NSFNoise, config: HiFTConfig) -> jax.Array:
+    """The NSF half alone: mel (B, n_mels, T) and its draws -> the excitation (B, hop*T) that
+    `hift_decode` reads (streaming overwrites its start with the previous chunk's, as the reference does)."""
+    def run(m, mel, noise):
+        return m.source(m.predict_f0(mel), noise)
+    return HiFTGenerator(config).apply({"params": params}, jnp.swapaxes(mel_bct, 1, 2), noise, method=run)

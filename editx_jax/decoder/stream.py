@@ -51,10 +51,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from editx_jax.decoder.dit import TIME_FREQ_DIM, modulate, mish, timestep_features
+from editx_jax.decoder.embedding import DualCodebookEmbedding
 from editx_jax.decoder.flow import FlowConfig, cosine_t_span, noise_from_key
-from editx_jax.decoder.hift import HiFTGenerator, NSFNoise, draw_nsf_noise, hift_decode
+from editx_jax.decoder.token2wav import Decoder
+from editx_jax.decoder.tokens import Token2WavError, as_sequences, audio_values, reshape_values
 from editx_jax.decoder.upsample_encoder import rel_position_table
-from editx_jax.vocab import GROUP
+from editx_jax.vocab import AUDIO_ID_OFFSET, GROUP
 
 _HI = jax.lax.Precision.HIGHEST
 LOOKAHEAD_IDS = 5  # the reference's _mixed_len(pre_lookahead_len = 3) = (3 // 3) * 5
@@ -268,16 +270,6 @@ def dit_chunk_ode(params, z, mu, spks, cond, conv1, conv2, k_cache, v_cache, con
     return (x,) + caches
 
 
-# ------------------------------------------------------------------------------- HiFT pieces
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _hift_source(params, mel_bct, noise, config):
-    def run(m, mel, noise):
-        return m.source(m.predict_f0(mel), noise)
-    return HiFTGenerator(config).apply({"params": params}, jnp.swapaxes(mel_bct, 1, 2), noise, method=run)
-
-
 # ------------------------------------------------------------------------------- the session
 
 
@@ -291,26 +283,23 @@ class Token2WavStream:
     vocoder_key: HiFT's NSF draws for chunk i come from fold_in(vocoder_key, i) (default key 0).
     """
 
-    def __init__(self, decoder, prompt_ids, prompt_mel, spk_embedding, *, noise=None, key=None,
+    def __init__(self, decoder: Decoder, prompt_ids, prompt_mel, spk_embedding, *, noise=None, key=None,
                  vocoder_key=None):
-        from editx_jax.decoder.token2wav import Token2WavError, _as_sequences, audio_values
-
         self.decoder = decoder
         self.cfg = decoder.config
         self.flow_cfg = decoder.flow_config
-        prompt = _as_sequences(prompt_ids, "prompt_ids")
+        prompt = as_sequences(prompt_ids, "prompt_ids")
         if len(prompt) != 1:
             raise Token2WavError("a stream is one utterance: give one prompt")
         if np.asarray(prompt[0]).size == 0:
             raise Token2WavError("streaming needs prompt ids (the reference's DiT cache cut keeps the prompt frames)")
         # validation and prompt mel stretch as offline; the generated side gets one dummy group
-        dummy = np.full(GROUP, 65536, np.int64)
+        dummy = np.full(GROUP, AUDIO_ID_OFFSET, np.int64)
         _, pp, conds, embs = decoder.prepare(dummy, prompt[0], prompt_mel, spk_embedding)
         self.prompt_pairs, self.prompt_cond, self.embedding = pp[0], conds[0], embs
         self.noise = None if noise is None else jnp.asarray(noise, jnp.float32)
         self.key = jax.random.key(0) if key is None else key
         self.vocoder_key = jax.random.key(0) if vocoder_key is None else vocoder_key
-        self._audio_values = audio_values
         self.buffer: list[int] = []  # audio values not yet sent
         self.chunk_sizes = list(self.cfg.chunk_size_list)
         self.caches = None
@@ -326,11 +315,10 @@ class Token2WavStream:
 
     def push(self, ids, last: bool = False) -> np.ndarray:
         """Add LLM ids; returns the speech (float32, 24 kHz) completed by them (maybe 0 samples)."""
-        from editx_jax.decoder.token2wav import Token2WavError
         if self.done:
             raise Token2WavError("this stream is finished; start a new one")
         ids = np.atleast_1d(np.asarray(ids, np.int64)) if np.size(ids) else np.zeros((0,), np.int64)
-        values = [int(v) for v in self._audio_values(ids)]
+        values = [int(v) for v in audio_values(ids)]
         out = []
         if last and len(values) > 1:
             # as if all but the final id came in earlier calls, so that the chunks do not depend on
@@ -361,18 +349,15 @@ class Token2WavStream:
     # -------------------------------------------------------------------- internals
 
     def _pairs(self, values) -> np.ndarray:
-        from editx_jax.decoder.token2wav import reshape_values
         return reshape_values(np.asarray(values, np.int64)).astype(np.int32)
 
     def _embed(self, pairs):
-        from editx_jax.decoder.embedding import DualCodebookEmbedding
         return DualCodebookEmbedding(self.flow_cfg.embedding).apply(
             {"params": self.decoder.flow_params["input_embedding"]}, jnp.asarray(pairs)[None])
 
     def _noise(self, offset: int, frames: int):
         if self.noise is not None:
             if self.noise.shape[1] < offset + frames:
-                from editx_jax.decoder.token2wav import Token2WavError
                 raise Token2WavError(f"noise has {self.noise.shape[1]} frames; this chunk needs {offset + frames}")
             return self.noise[:1, offset:offset + frames]
         return noise_from_key(self.key, 1, offset + frames, self.flow_cfg.output_size)[:, offset:]
@@ -431,27 +416,25 @@ class Token2WavStream:
         return speech
 
     def _vocode(self, mel, last: bool) -> np.ndarray:
-        voc = self.decoder.vocoder_config
-        mel_in = np.concatenate([self.voc_mel, mel], axis=0)
-        mel_bct = mel_in.T[None]
-        if self.cfg.vocoder == "hift":
-            overlap = self.cfg.mel_cache_len * voc.hop
-            noise = draw_nsf_noise(jax.random.fold_in(self.vocoder_key, self.chunk_index), 1, mel_in.shape[0], voc)
-            source = np.array(_hift_source(self.decoder.vocoder_params, jnp.asarray(mel_bct), noise, voc)[0])
-            source[:len(self.voc_source)] = self.voc_source  # the reference's cache_source, against glitches
-            speech = np.asarray(hift_decode(self.decoder.vocoder_params, mel_bct, source[None], voc)[0])
+        """The vocoder on [the last `mel_cache_len` frames, this chunk]; the overlap is cross-faded.
+
+        A vocoder with a context (BigVGAN) gets it reflect-padded before the first chunk and after the
+        last, so its overlap shrinks by 2 x context frames; an NSF vocoder (HiFT) gets the previous
+        chunk's excitation over the overlap (the reference's cache_source, against glitches)."""
+        vocoder, voc = self.decoder.vocoder, self.decoder.vocoder_config
+        overlap = (self.cfg.mel_cache_len - 2 * vocoder.context) * voc.hop
+        mel_bct = np.concatenate([self.voc_mel, mel], axis=0).T[None]
+        mel_bct = vocoder.pad(mel_bct, start=self.voc_first and mel_bct.shape[2] > 0, end=last)
+        self.voc_first = self.voc_first and mel_bct.shape[2] == 0
+        if vocoder.nsf is not None:
+            draws = vocoder.nsf.draw(jax.random.fold_in(self.vocoder_key, self.chunk_index), 1, mel_bct.shape[2], voc)
+            source = np.array(vocoder.nsf.source(self.decoder.vocoder_params, jnp.asarray(mel_bct), draws, voc)[0])
+            source[:len(self.voc_source)] = self.voc_source
+            speech = np.asarray(vocoder.nsf.decode(self.decoder.vocoder_params, mel_bct, source[None], voc)[0])
             self.voc_source = source[-overlap:]
         else:
-            from editx_jax.decoder.bigvgan import bigvgan_inference
-            from editx_jax.decoder.token2wav import BIGVGAN_CONTEXT
-            overlap = (self.cfg.mel_cache_len - 2 * BIGVGAN_CONTEXT) * voc.hop
-            if self.voc_first and len(mel_bct[0, 0]):
-                mel_bct = np.pad(mel_bct, ((0, 0), (0, 0), (BIGVGAN_CONTEXT, 0)), mode="reflect")
-                self.voc_first = False
-            if last:
-                mel_bct = np.pad(mel_bct, ((0, 0), (0, 0), (0, BIGVGAN_CONTEXT)), mode="reflect")
-            speech = np.asarray(bigvgan_inference(self.decoder.vocoder_params, mel_bct, voc)[0])
-            mel_in = mel_bct[0].T
+            speech = np.asarray(vocoder.inference(self.decoder.vocoder_params, mel_bct, voc, None)[0])
+        mel_in = mel_bct[0].T
         speech = speech.astype(np.float32)
         if len(self.voc_speech):
             window = np.hamming(2 * overlap).astype(np.float32)

@@ -3,7 +3,7 @@
 The official `CosyVoice_stream_impl_.token2wav_nonstream`, batched:
 
     LLM ids - 65536 = audio values (vq02 0..1023, vq06 1024..5119)
-      -> `_reshape` into (vq02, vq06) pair frames, 3 per group of 5 (ragged tail padded)
+      -> `_reshape` into (vq02, vq06) pair frames, 3 per group of 5 (ragged tail padded; decoder/tokens.py)
       -> [prompt pairs, generated pairs] -> flow (encoder, DiT ODE, 10 Euler steps, CFG 0.7)
       -> the generated part of the mel (B, 2 Lg, 80)
       -> vocoder: HiFT (the released model) or BigVGAN (mel reflect-padded by 3 frames each side)
@@ -28,11 +28,11 @@ within a factor `max_prompt_stretch` (4) of 2 x the prompt pair frames -> `Token
 reference stretches anything; a factor 4 mismatch means mel and tokens are not from the same clip);
 a speaker embedding that is not 192 wide -> `Token2WavError`.
 
-`prompt_features(wave, sr)` gives the prompt mel (24 kHz) and the CAM++ x-vector as `tts.py`
-computes them: mono, peak capped at 0.6, then both rounded to bfloat16 and back (`tts.py` passes
-`.to(torch.bfloat16)` and the flow casts back to float32; §5 item 1).
+`prompt_features(clip)` gives the prompt mel (24 kHz) and the CAM++ x-vector as `tts.py` computes
+them from a prepared clip (`audio.io.prepare_clip`: mono, peak capped at 0.6), both rounded to
+bfloat16 and back (`tts.py` passes `.to(torch.bfloat16)` and the flow casts back to float32; §5 item 1).
 
-Streaming (`Decoder.stream`, `editx_jax/decoder/stream.py`) reproduces `token2wav_stream`.
+Streaming (`Token2WavStream(decoder, ...)`, `editx_jax/decoder/stream.py`) reproduces `token2wav_stream`.
 """
 
 from __future__ import annotations
@@ -46,98 +46,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from editx_jax.audio.io import Clip, resample
+from editx_jax.checkpoint import CheckpointError, load_params, read_config, read_meta, save_params
 from editx_jax.config import ConfigError, from_dict
-from editx_jax.config.decoder import BIGVGAN_CONTEXT, Token2WavConfig
-from editx_jax.decoder import bigvgan, campplus, flow, hift
-from editx_jax.decoder.bigvgan import BigVGANConfig, bigvgan_inference
-from editx_jax.decoder.campplus import CAMPPlusConfig
-from editx_jax.decoder.embedding import dual_frames, group_pairs
+from editx_jax.config.decoder import Token2WavConfig
+from editx_jax.decoder import campplus, flow, vocoders
+from editx_jax.decoder.campplus import CAMPPlusConfig, speaker_embedding
+from editx_jax.decoder.embedding import dual_frames
 from editx_jax.decoder.flow import (FlowConfig, FlowModel, cfg_velocity, cosine_t_span, noise_from_key,
                                     solve_euler, stretch_prompt_mel)
-from editx_jax.decoder.hift import HiFTConfig, NSFNoise, draw_nsf_noise, hift_inference
-from editx_jax.decoder.mel import MelConfig
-from editx_jax.tokenizer.codebook import AudioTokenError
-from editx_jax.vocab import AUDIO_ID_OFFSET, AUDIO_TOKENS
+from editx_jax.decoder.hift import NSFNoise
+from editx_jax.decoder.mel import MelConfig, mel_spectrogram
+from editx_jax.decoder.tokens import Token2WavError, as_batch_arrays, as_sequences, audio_values, bf16_round, reshape_batch
 
-
-class Token2WavError(ValueError):
-    """token2wav was given inconsistent inputs (lengths, sizes, batch); the message says which."""
-
-
-# ---------------------------------------------------------------------------------------- tokens
-
-
-def audio_values(ids, clamp_stray: bool = True) -> np.ndarray:
-    """LLM ids -> audio values (id - 65536), as tts.py passes them. Values >= 5120 are an error;
-    negative values (stray text ids) are kept here and clamped at the embedding (see module doc)."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise AudioTokenError(f"token ids must be a 1-D integer sequence, got {arr.dtype} shape {list(arr.shape)}")
-    values = arr.astype(np.int64) - AUDIO_ID_OFFSET
-    high = values >= AUDIO_TOKENS
-    if high.any():
-        i = int(np.flatnonzero(high)[0])
-        raise AudioTokenError(f"token id {int(arr[i])} at index {i} is above the audio range "
-                              f"[{AUDIO_ID_OFFSET}, {AUDIO_ID_OFFSET + AUDIO_TOKENS})")
-    if not clamp_stray and (values < 0).any():
-        i = int(np.flatnonzero(values < 0)[0])
-        raise AudioTokenError(f"token id {int(arr[i])} at index {i} is not an audio id (>= {AUDIO_ID_OFFSET})")
-    return values
-
-
-def reshape_values(values) -> np.ndarray:
-    """The official `_reshape` on audio values [..., N] (negatives allowed) -> pair rows [..., 3 ceil(N/5), 2],
-    then `clamp(min=0)` as `flow.inference` does before the embedding."""
-    return np.maximum(group_pairs(np.asarray(values, np.int64)), 0)
-
-
-def reshape_batch(seqs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """`reshape_values` of each sequence, one batched call per distinct length."""
-    out: list = [None] * len(seqs)
-    by_length: dict[int, list[int]] = {}
-    for i, s in enumerate(seqs):
-        by_length.setdefault(len(s), []).append(i)
-    for length, items in by_length.items():
-        pairs = reshape_values(np.stack([seqs[i] for i in items]).reshape(len(items), length))
-        for row, i in enumerate(items):
-            out[i] = pairs[row]
-    return out
-
-
-def _as_sequences(x, what: str) -> list:
-    """One sequence, a (B, N) array or a list of sequences -> list of 1-D arrays."""
-    if isinstance(x, (list, tuple)) and (len(x) == 0 or np.ndim(x[0]) == 0):
-        return [np.asarray(x, np.int64)]
-    if isinstance(x, (list, tuple)):
-        return [np.asarray(s) for s in x]
-    arr = np.asarray(x)
-    if arr.ndim == 1:
-        return [arr]
-    if arr.ndim == 2:
-        return list(arr)
-    raise Token2WavError(f"{what} must be a sequence of ids, a (batch, N) array or a list of sequences, "
-                         f"got shape {list(arr.shape)}")
-
-
-def _as_batch_arrays(x, batch: int, inner_ndim: int, what: str) -> list:
-    """An array for one item (broadcast over the batch), a batched array or a list -> list of arrays."""
-    if isinstance(x, (list, tuple)):
-        items = [np.asarray(a, np.float32) for a in x]
-    else:
-        arr = np.asarray(x, np.float32)
-        items = [arr] * batch if arr.ndim == inner_ndim else list(arr) if arr.ndim == inner_ndim + 1 else None
-        if items is None:
-            raise Token2WavError(f"{what} must have {inner_ndim} or {inner_ndim + 1} dims, got shape {list(arr.shape)}")
-    if len(items) == 1 and batch > 1:
-        items = items * batch
-    if len(items) != batch:
-        raise Token2WavError(f"{what}: {len(items)} items for a batch of {batch}")
-    return items
-
-
-def bf16_round(x) -> np.ndarray:
-    """float32 -> bfloat16 -> float32 (round to nearest even), as `tts.py`'s `.to(torch.bfloat16)`."""
-    return np.asarray(jnp.asarray(np.asarray(x, np.float32)).astype(jnp.bfloat16).astype(jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------- flow
@@ -188,23 +109,22 @@ class Decoder:
     """The released decoder: flow + vocoder (+ CAM++ for prompt features).
 
     flow_params / flow_config: `editx_jax.decoder.flow` (converted `flow.pt`).
-    vocoder_params / vocoder_config: a `HiFTConfig` (hift.pt) or a `BigVGANConfig`; must agree with
-      `config.vocoder`.
+    vocoder_params / vocoder_config: one of `decoder/vocoders.py`'s vocoders (HiFT: hift.pt, BigVGAN); must
+      agree with `config.vocoder`.
     campplus_params / campplus_config: optional, only `prompt_features` needs them.
     """
 
     def __init__(self, flow_params, flow_config: FlowConfig, vocoder_params, vocoder_config,
                  campplus_params=None, campplus_config: CAMPPlusConfig | None = None,
                  config: Token2WavConfig | None = None, mel_config: MelConfig = MelConfig()):
-        kind = "hift" if isinstance(vocoder_config, HiFTConfig) else \
-            "bigvgan" if isinstance(vocoder_config, BigVGANConfig) else None
-        if kind is None:
-            raise ConfigError(f"token2wav.vocoder: a HiFTConfig or BigVGANConfig, got {type(vocoder_config).__name__}")
-        config = config or Token2WavConfig(vocoder=kind)
-        if config.vocoder != kind:
-            raise ConfigError(f"token2wav.vocoder: config says {config.vocoder!r} but the vocoder config is {kind!r}")
-        if (vocoder_config.in_channels if kind == "hift" else vocoder_config.num_mels) != flow_config.output_size:
+        vocoder = vocoders.for_config(vocoder_config)
+        config = config or Token2WavConfig(vocoder=vocoder.name)
+        if config.vocoder != vocoder.name:
+            raise ConfigError(f"token2wav.vocoder: config says {config.vocoder!r} but the vocoder config is "
+                              f"{vocoder.name!r}")
+        if vocoder.mel_channels(vocoder_config) != flow_config.output_size:
             raise ConfigError("token2wav.vocoder: its mel channels differ from the flow's output_size")
+        self.vocoder = vocoder
         self.flow_params, self.flow_config = flow_params, flow_config
         self.vocoder_params, self.vocoder_config = vocoder_params, vocoder_config
         self.campplus_params = campplus_params
@@ -215,7 +135,6 @@ class Decoder:
 
     def save(self, folder, meta: dict | None = None) -> pathlib.Path:
         """One checkpoint folder (editx_jax/checkpoint.py) holding flow, vocoder and CAM++."""
-        from editx_jax.checkpoint import save_params
         params = {"flow": self.flow_params, "vocoder": self.vocoder_params}
         config = {"token2wav": dataclasses.asdict(self.config), "flow": dataclasses.asdict(self.flow_config),
                   "vocoder": dataclasses.asdict(self.vocoder_config), "mel": dataclasses.asdict(self.mel_config)}
@@ -227,22 +146,20 @@ class Decoder:
     @classmethod
     def from_pretrained(cls, folder) -> "Decoder":
         """Load a folder written by `save` (or `tools/convert.py decoder`)."""
-        from editx_jax.checkpoint import CheckpointError, load_params, read_config, read_meta
-
         meta = read_meta(folder)
         if meta.get("component") != "decoder":
             raise CheckpointError(f"{folder} holds a {meta.get('component')!r} checkpoint, not the decoder")
         raw = _tuples(read_config(folder))
         t2w = from_dict(Token2WavConfig, raw["token2wav"], "token2wav")
         flow_cfg = from_dict(FlowConfig, raw["flow"], "flow")
-        voc_cls = HiFTConfig if t2w.vocoder == "hift" else BigVGANConfig
-        voc_cfg = from_dict(voc_cls, raw["vocoder"], "vocoder")
+        vocoder = vocoders.get(t2w.vocoder)
+        voc_cfg = from_dict(vocoder.config_class, raw["vocoder"], "vocoder")
         mel_cfg = from_dict(MelConfig, raw.get("mel", {}), "mel")
         cam_cfg = from_dict(CAMPPlusConfig, raw["campplus"], "campplus") if "campplus" in raw else None
         # Checked name by name and shape by shape against the configs (as the LLM and tokenizer loads
         # are), so a misshapen tensor is one CheckpointError line, not a Flax shape error later.
         abstract = {"flow": flow.abstract_params(flow_cfg),
-                    "vocoder": (hift if t2w.vocoder == "hift" else bigvgan).abstract_params(voc_cfg)}
+                    "vocoder": vocoder.module.abstract_params(voc_cfg)}
         if cam_cfg is not None:
             abstract["campplus"] = campplus.abstract_params(cam_cfg)
         params = load_params(folder, abstract)
@@ -251,20 +168,15 @@ class Decoder:
 
     # ------------------------------------------------------------------ prompt features
 
-    def prompt_features(self, wave, sr: int) -> tuple[np.ndarray, np.ndarray]:
+    def prompt_features(self, clip: Clip) -> tuple[np.ndarray, np.ndarray]:
         """(prompt mel (T, 80) at 24 kHz, CAM++ x-vector (192,)), both rounded to bf16 like tts.py.
 
-        wave: [N] or [channels, N] float in [-1, 1] at `sr`. Mono mix and the 0.6 peak cap of
-        `preprocess_prompt_wav` come first; the mel resamples to 24 kHz, CAM++ to 16 kHz.
+        clip: from `audio.io.prepare_clip`, so already mono with the 0.6 peak cap of
+        `preprocess_prompt_wav` (not capped again here); the mel resamples it to 24 kHz, CAM++ to 16 kHz.
         """
-        from editx_jax.audio.io import cap_peak, resample, to_mono
-        from editx_jax.decoder.campplus import speaker_embedding
-        from editx_jax.decoder.mel import mel_spectrogram
-
         if self.campplus_params is None:
             raise Token2WavError("prompt_features needs CAM++ params (campplus_params)")
-        wave = cap_peak(to_mono(wave))
-        sr = int(sr)
+        wave, sr = clip.wave, int(clip.sr)
         wave24 = wave if sr == self.mel_config.sampling_rate else resample(wave, sr, self.mel_config.sampling_rate)
         mel = np.asarray(mel_spectrogram(wave24, self.mel_config))
         emb = np.asarray(speaker_embedding(self.campplus_params, wave, sr, self.campplus_config))
@@ -274,16 +186,16 @@ class Decoder:
 
     def prepare(self, gen_ids, prompt_ids, prompt_mel, spk_embedding, clamp_stray: bool = True):
         """Validate and lay out a batch: (gen pairs list, prompt pairs list, cond mels list, embeddings (B, 192))."""
-        gens = [audio_values(s, clamp_stray) for s in _as_sequences(gen_ids, "gen_ids")]
+        gens = [audio_values(s, clamp_stray) for s in as_sequences(gen_ids, "gen_ids")]
         b = len(gens)
-        prompts = _as_sequences(prompt_ids, "prompt_ids")
+        prompts = as_sequences(prompt_ids, "prompt_ids")
         if len(prompts) == 1 and b > 1:
             prompts = prompts * b
         if len(prompts) != b:
             raise Token2WavError(f"prompt_ids: {len(prompts)} sequences for {b} generated sequences")
         prompts = [audio_values(s, clamp_stray) for s in prompts]
-        mels = _as_batch_arrays(prompt_mel, b, 2, "prompt_mel")
-        embs = _as_batch_arrays(spk_embedding, b, 1, "spk_embedding")
+        mels = as_batch_arrays(prompt_mel, b, 2, "prompt_mel")
+        embs = as_batch_arrays(spk_embedding, b, 1, "spk_embedding")
         dim = self.flow_config.spk_embed_dim
         for i, e in enumerate(embs):
             if e.shape != (dim,) or not np.all(np.isfinite(e)):
@@ -347,23 +259,19 @@ class Decoder:
         for i, m in enumerate(mels):
             if len(m):
                 groups.setdefault(len(m), []).append(i)
-        if nsf_noise is not None and (len(mels) != 1 or self.config.vocoder != "hift"):
-            raise Token2WavError("nsf_noise is for a single item with the HiFT vocoder")
+        vocoder = self.vocoder
+        if nsf_noise is not None and (len(mels) != 1 or vocoder.nsf is None):
+            raise Token2WavError("nsf_noise is for a single item with an NSF vocoder (HiFT)")
         key = jax.random.key(0) if key is None else key
         for frames, items in groups.items():
-            mel_bct = np.stack([mels[i] for i in items]).transpose(0, 2, 1)
-            if self.config.vocoder == "hift":
-                noise = nsf_noise
-                if noise is None:
-                    one = draw_nsf_noise(key, 1, frames, self.vocoder_config)
-                    noise = NSFNoise(*(jnp.broadcast_to(a, (len(items),) + a.shape[1:]) for a in one))
-                wave = hift_inference(self.vocoder_params, mel_bct, self.vocoder_config, noise=noise).speech
-            else:
-                if frames <= BIGVGAN_CONTEXT:  # torch refuses a reflect pad this long too
-                    raise Token2WavError(f"BigVGAN needs more than {BIGVGAN_CONTEXT} mel frames, got {frames}")
-                padded = np.pad(mel_bct, ((0, 0), (0, 0), (BIGVGAN_CONTEXT, BIGVGAN_CONTEXT)), mode="reflect")
-                wave = bigvgan_inference(self.vocoder_params, padded, self.vocoder_config)
-            wave = np.asarray(wave)
+            if frames <= vocoder.context:  # torch refuses a reflect pad this long too
+                raise Token2WavError(f"{vocoder.title} needs more than {vocoder.context} mel frames, got {frames}")
+            mel_bct = vocoder.pad(np.stack([mels[i] for i in items]).transpose(0, 2, 1))
+            draws = nsf_noise
+            if vocoder.nsf is not None and draws is None:
+                one = vocoder.nsf.draw(key, 1, frames, self.vocoder_config)
+                draws = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (len(items),) + a.shape[1:]), one)
+            wave = np.asarray(vocoder.inference(self.vocoder_params, mel_bct, self.vocoder_config, draws))
             for row, i in enumerate(items):
                 out[i] = wave[row]
         return out
@@ -385,11 +293,6 @@ class Decoder:
         mels = self.flow_mels(gp, pp, conds, embs, noise=noise, key=key)
         waves = self.vocode(mels, key=vocoder_key, nsf_noise=nsf_noise)
         return _pack(waves, mels, self.flow_config.output_size)
-
-    def stream(self, prompt_ids, prompt_mel, spk_embedding, **kwargs):
-        """A `Token2WavStream` session (official `token2wav_stream`); see editx_jax/decoder/stream.py."""
-        from editx_jax.decoder.stream import Token2WavStream
-        return Token2WavStream(self, prompt_ids, prompt_mel, spk_embedding, **kwargs)
 
 
 def _pack(waves, mels, n_mels) -> Token2WavOutput:

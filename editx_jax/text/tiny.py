@@ -12,6 +12,7 @@ import io
 from typing import Iterable
 
 from editx_jax.text import prompts
+from editx_jax.vocab import AUDIO_ID_END, AUDIO_ID_OFFSET, AUDIO_TOKENS
 
 VOCAB_SIZE = 74752
 
@@ -45,13 +46,13 @@ def train_layout_model(corpus: Iterable[str] | None = None, vocab_size: int = 70
     proto = pb.ModelProto()
     proto.ParseFromString(writer.getvalue())
     kind = pb.ModelProto.SentencePiece
-    for i in range(len(proto.pieces), 65536):
+    for i in range(len(proto.pieces), AUDIO_ID_OFFSET):
         p = proto.pieces.add()
         p.piece, p.score, p.type = f"<unused_{i}>", 0.0, kind.UNUSED
-    for n in range(5120):
+    for n in range(AUDIO_TOKENS):
         p = proto.pieces.add()
         p.piece, p.score, p.type = f"<audio_{n}>", 0.0, kind.USER_DEFINED
-    for i in range(70656, VOCAB_SIZE):
+    for i in range(AUDIO_ID_END, VOCAB_SIZE):
         p = proto.pieces.add()
         p.piece, p.score, p.type = f"<reserved_{i}>", 0.0, kind.USER_DEFINED
     return proto.SerializeToString()

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from editx_jax import sharding, vocab
-from editx_jax.audio.io import load_audio
+from editx_jax.audio.io import prepare_clip
 from editx_jax.config import (
     ConfigError,
     GenerationConfig,
@@ -124,7 +124,7 @@ def audio_reward_fn(decoder, scorer: Callable, name: str = "audio") -> RewardFn:
             return record["prompt_mel"], record["spk_embedding"]
         path = str(record["audio"])
         if path not in cached:
-            cached[path] = decoder.prompt_features(*load_audio(path))
+            cached[path] = decoder.prompt_features(prepare_clip(path))
         return cached[path]
 
     def reward(prompts, completions, records):

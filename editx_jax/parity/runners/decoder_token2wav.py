@@ -1,8 +1,8 @@
 """Parity runners for `token2wav` (flow + BigVGAN) and `token2wav_hift` (flow + HiFT):
 `CosyVoice_stream_impl_.token2wav_nonstream` end to end through `editx_jax.decoder.token2wav.Decoder`.
 
-The fixture's `token` / `prompt_token` are LLM ids - 65536 (what tts.py passes); the Decoder takes
-LLM ids, so 65536 is added back. Weights are the impl's state dict: `flow.*` (= flow.pt) and
+The fixture's `token` / `prompt_token` are LLM ids - AUDIO_ID_OFFSET (what tts.py passes); the Decoder
+takes LLM ids, so the offset is added back. Weights are the impl's state dict: `flow.*` (= flow.pt) and
 `hift.*` (= hift.pt, or the BigVGAN state dict), converted with our converters.
 """
 
@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from editx_jax.convert import bigvgan as convert_bigvgan
-from editx_jax.convert import hift as convert_hift
-from editx_jax.convert.bigvgan import bigvgan_config_from_reference
+from editx_jax.convert.decoder import CONVERTERS
 from editx_jax.convert.flow import convert_flow, flow_config_from_reference
-from editx_jax.convert.hift import hift_config_from_reference
 from editx_jax.decoder.hift import NSFNoise
 from editx_jax.decoder.token2wav import Decoder, Token2WavConfig
-from editx_jax.tokenizer.codebook import AUDIO_ID_OFFSET
+from editx_jax.vocab import AUDIO_ID_OFFSET
 
 
 def _split(weights: dict, prefix: str) -> dict:
@@ -32,12 +29,9 @@ def _decoder(fx, vocoder: str):
         raise KeyError(f"unexpected weight {unknown[0]!r} (expected flow.* and hift.*)")
     flow_config = flow_config_from_reference(cfg["flow"])
     flow_params = convert_flow(_split(weights, "flow."), flow_config)
-    if vocoder == "hift":
-        voc_config = hift_config_from_reference(cfg["hift"])
-        voc_params = convert_hift.from_state_dict(_split(weights, "hift."), voc_config)
-    else:
-        voc_config = bigvgan_config_from_reference(cfg["hift"])
-        voc_params = convert_bigvgan.from_state_dict(_split(weights, "hift."), voc_config)
+    conv = CONVERTERS[vocoder]  # the vocoder's block and weights are `hift` whichever vocoder it is
+    voc_config = conv.config_from_reference(cfg["hift"])
+    voc_params = conv.from_state_dict(_split(weights, "hift."), voc_config)
     # constructor arguments of CosyVoice_stream_impl_, all recorded in the manifest: no defaults here
     t2w = Token2WavConfig(vocoder=vocoder, n_timesteps=int(cfg["n_timesteps"]),
                           chunk_size_list=tuple(cfg["chunk_size_list"]), mel_cache_len=int(cfg["mel_cache_len"]))
@@ -47,7 +41,8 @@ def _decoder(fx, vocoder: str):
 def _run(fx, vocoder: str) -> dict[str, np.ndarray]:
     decoder = _decoder(fx, vocoder)
     inputs = fx.inputs()
-    nsf = NSFNoise(inputs["nsf_phase_rand"], inputs["nsf_sine_noise"]) if vocoder == "hift" else None
+    # the recorded NSF draws, for a vocoder that takes them (the HiFT fixture)
+    nsf = NSFNoise(inputs["nsf_phase_rand"], inputs["nsf_sine_noise"]) if decoder.vocoder.nsf is not None else None
     out = decoder.token2wav(inputs["token"][0] + AUDIO_ID_OFFSET, inputs["prompt_token"][0] + AUDIO_ID_OFFSET,
                             inputs["prompt_feat"][0], inputs["embedding"][0],
                             noise=np.swapaxes(inputs["rand_noise"], 1, 2), nsf_noise=nsf)
