@@ -155,17 +155,9 @@ def edit_instruction(edit_type: str, edit_info: str | None, audio_text: str | No
     text = audio_text.strip() if audio_text else ""
     if not text and edit_type not in NO_TEXT_EDITS:
         raise EditError(f"a {edit_type} edit needs the transcript of the source audio (audio_text)")
-    if edit_type in ("emotion", "speed"):
-        return _REMOVE_EMOTION.format(text=text) if edit_info == REMOVE else _MORE.format(info=edit_info, text=text)
-    if edit_type == "style":
-        return _REMOVE_STYLE.format(text=text) if edit_info == REMOVE else _MORE_STYLE.format(info=edit_info, text=text)
-    if edit_type == "denoise":
-        return _DENOISE
-    if edit_type == "vad":
-        return _VAD
-    if not new_text or not new_text.strip():
+    if edit_type == "paralinguistic" and (not new_text or not new_text.strip()):
         raise EditError("a paralinguistic edit needs new_text: the transcript with inline tags such as [Laughter]")
-    return _PARALINGUISTIC.format(new_text=new_text, text=text)
+    return _instruction(edit_type, edit_info, text, new_text)
 
 
 def training_edit_instruction(edit_type: str, edit_info, source_text: str, new_text: str | None = None) -> str:
@@ -173,8 +165,12 @@ def training_edit_instruction(edit_type: str, edit_info, source_text: str, new_t
     from the same strings as `edit_instruction`: no validation (training data may carry any edit type or
     value; unknown types get the generic instruction), `edit_info` None reads "", and the paralinguistic
     "new text" is the source text unless given (what every upstream training dataset passes)."""
-    text = source_text.strip()
     info = "" if edit_info is None else str(edit_info)
+    return _instruction(edit_type, info, source_text.strip(), source_text if new_text is None else new_text)
+
+
+def _instruction(edit_type: str, info: str, text: str, new_text: str | None) -> str:
+    """The one formatting of the edit instruction strings, shared by inference and training prompts."""
     if edit_type in ("emotion", "speed"):
         return _REMOVE_EMOTION.format(text=text) if info == REMOVE else _MORE.format(info=info, text=text)
     if edit_type == "style":
@@ -184,7 +180,7 @@ def training_edit_instruction(edit_type: str, edit_info, source_text: str, new_t
     if edit_type == "vad":
         return _VAD
     if edit_type == "paralinguistic":
-        return _PARALINGUISTIC.format(new_text=source_text if new_text is None else new_text, text=text)
+        return _PARALINGUISTIC.format(new_text=new_text, text=text)
     return _GENERIC.format(text=text)
 
 
