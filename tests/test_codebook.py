@@ -5,8 +5,8 @@ import pytest
 from conftest import fixture_dirs
 
 from editx_jax.parity import check_fixture
-from editx_jax.tokenizer.codebook import (AudioTokenError, get_audio_tokens, interleave_codes, interleave_ids,
-                                          merge_vq0206_to_token_str, num_groups, split_ids)
+from editx_jax.codes import (AudioTokenError, get_audio_tokens, interleave_codes, interleave_ids,
+                             merge_vq0206_to_token_str, num_groups, split_ids)
 
 
 @pytest.mark.parametrize("path", fixture_dirs("dual_codebook_interleave"), ids=lambda p: p.name)

@@ -13,6 +13,7 @@ from editx_jax.config import ConfigError
 from editx_jax.convert.flow_encoder import (EMBEDDING_RULES, ENCODER_RULES, embedding_from_state_dict,
                                             encoder_abstract, encoder_config_from_state_dict,
                                             encoder_from_state_dict, export_embedding, export_encoder)
+from editx_jax.codes import AudioTokenError
 from editx_jax.convert.flow_encoder import upsample_encoder_config_from_reference
 from editx_jax.convert.keymap import ConversionError, convert
 from editx_jax.decoder.embedding import (DualCodebookConfig, DualCodebookEmbedding, dual_frames,
@@ -20,7 +21,6 @@ from editx_jax.decoder.embedding import (DualCodebookConfig, DualCodebookEmbeddi
 from editx_jax.decoder.upsample_encoder import (EncoderInputError, UpsampleConformerEncoderV2,
                                                 UpsampleEncoderConfig, encode, rel_position_table, rel_shift)
 from editx_jax.parity import Fixture, check_fixture
-from editx_jax.tokenizer.codebook import AudioTokenError
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from editx_jax.audio.io import AudioError
 from editx_jax.config import ConfigError
 from editx_jax.convert.keymap import ConversionError
 from editx_jax.convert.tokenizer import convert_tokenizer, tokenizer_from_released
+from editx_jax.codes import get_audio_tokens, interleave_ids, num_groups, split_ids
 from editx_jax.tokenizer import codebook as cb
 from editx_jax.tokenizer import paraformer as pf
 from editx_jax.tokenizer import s3tokenizer as s3
@@ -34,10 +35,10 @@ def tok():
 
 def _check_tokens(t):
     g = t.num_groups
-    assert g == cb.num_groups(t.vq02.size, t.vq06.size) > 0
-    assert t.ids.tolist() == cb.interleave_ids(t.vq02, t.vq06).tolist()
-    assert cb.get_audio_tokens(t.text).tolist() == t.ids.tolist()
-    vq02, vq06 = cb.split_ids(t.ids)
+    assert g == num_groups(t.vq02.size, t.vq06.size) > 0
+    assert t.ids.tolist() == interleave_ids(t.vq02, t.vq06).tolist()
+    assert get_audio_tokens(t.text).tolist() == t.ids.tolist()
+    vq02, vq06 = split_ids(t.ids)
     assert vq02.tolist() == t.vq02[:2 * g].tolist() and vq06.tolist() == t.vq06[:3 * g].tolist()
     assert 0 <= t.vq02.min() and t.vq02.max() < 1024 and 0 <= t.vq06.min() and t.vq06.max() < 4096
 
@@ -273,7 +274,7 @@ def test_tokenize_audio_cli(tmp_path, capsys):
     assert rc == 1
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["file"] for x in lines] == [files[0], files[2]]
-    assert lines[0]["ids"] == cb.get_audio_tokens(lines[0]["tokens"]).tolist()
+    assert lines[0]["ids"] == get_audio_tokens(lines[0]["tokens"]).tolist()
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: ") and "bad.wav" in err[0] and err[-1] == "1 of 3 file(s) failed"
     assert tokenize_audio.main([files[0], "--random-tiny", "--quiet"]) == 0

@@ -45,14 +45,14 @@ import numpy as np
 from editx_jax.audio import features
 from editx_jax.audio import io as audio_io
 from editx_jax.audio.io import AudioError
-from editx_jax import checkpoint
+from editx_jax import checkpoint, codes
 from editx_jax.config import ConfigError, from_dict
 from editx_jax.config.audio import AudioTokenizerConfig, S3TokenizerConfig, WhisperMelConfig
-from editx_jax.tokenizer import codebook as cb
 from editx_jax.tokenizer import paraformer as pf
 from editx_jax.tokenizer import s3tokenizer as s3
 from editx_jax.tokenizer.vq02 import vq02_codes_from_features, vq02_features
 from editx_jax.tree import shape_diff
+from editx_jax.vocab import GROUP
 
 COMPONENT = "audio_tokenizer"
 
@@ -77,7 +77,7 @@ class AudioTokens:
 
     @property
     def num_groups(self) -> int:
-        return self.ids.size // cb.GROUP
+        return self.ids.size // GROUP
 
     def to_json(self, **extra) -> dict:
         return {**extra, "seconds": round(self.seconds, 4), "vq02": self.vq02.tolist(),
@@ -210,7 +210,7 @@ class AudioTokenizer:
         wave = audio_io.energy_norm(wave, peak=cfg.energy_peak)
         if cfg.trim:
             wave = audio_io.trim_silence(wave, cfg.sample_rate)
-        groups = cb.num_groups(sum(features.online_chunk_lens(wave.shape[0], cfg.fbank)),
+        groups = codes.num_groups(sum(features.online_chunk_lens(wave.shape[0], cfg.fbank)),
                                vq06_length(wave.shape[0], cfg.s3))
         if groups == 0:
             raise TooShortError(f"{name or 'audio'}: {wave.shape[0] / cfg.sample_rate:.3f} s after preprocessing "
@@ -259,8 +259,8 @@ class AudioTokenizer:
                 results[i] = e
         for i, wave, (vq02, vq06) in zip(good, waves, self.encode(waves)):
             results[i] = AudioTokens(vq02=vq02.astype(np.int32), vq06=vq06.astype(np.int32),
-                                     ids=cb.interleave_ids(vq02, vq06),
-                                     text=cb.merge_vq0206_to_token_str(vq02, vq06),
+                                     ids=codes.interleave_ids(vq02, vq06),
+                                     text=codes.merge_vq0206_to_token_str(vq02, vq06),
                                      seconds=wave.shape[0] / self.config.sample_rate)
         return results
 

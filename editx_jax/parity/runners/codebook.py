@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from editx_jax.tokenizer.codebook import get_audio_tokens, interleave_codes, interleave_ids, merge_vq0206_to_token_str
+from editx_jax.codes import get_audio_tokens, interleave_codes, interleave_ids, merge_vq0206_to_token_str
 
 
 def run_interleave(fx) -> dict[str, np.ndarray]:
