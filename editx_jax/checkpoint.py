@@ -20,7 +20,9 @@ import shutil
 import uuid
 from typing import Any, Mapping
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from editx_jax.config import Config, ConfigError, LLMConfig, from_dict, to_dict
 from editx_jax.models.llm import abstract_params as llm_abstract_params
@@ -42,7 +44,6 @@ class CheckpointError(ValueError):
 
 def _checkpointer():
     """For metadata and restore (the standard handler reads any layout written below)."""
-    import orbax.checkpoint as ocp
     return ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
 
@@ -52,9 +53,6 @@ def _save_checkpointer():
       synchronous save does not need that, and it would double a 7 GB conversion's footprint;
     - zstd compression buffers the compressed arrays in memory and saves little on weights.
     """
-    import jax
-    import orbax.checkpoint as ocp
-
     th = ocp.type_handlers
     registry = th.create_type_handler_registry(
         (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
@@ -92,7 +90,6 @@ def save_params(folder: str | pathlib.Path, params: Mapping, config: Mapping | A
     try:
         tmp.mkdir()
         _write_json(tmp / CONFIG_NAME, dict(config))
-        import orbax.checkpoint as ocp
         _save_checkpointer().save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(dict(params)))
         _write_json(tmp / META_NAME, meta)  # last: its presence marks a complete folder
         if folder.exists():
@@ -160,9 +157,6 @@ def load_params(folder: str | pathlib.Path, abstract: Mapping | None = None, sha
       leaf): leaves are read straight into those shardings as jax arrays. Without shardings (and
       without shardings on `abstract`'s leaves) the leaves come back as numpy arrays.
     """
-    import jax
-    import orbax.checkpoint as ocp
-
     folder = pathlib.Path(folder).absolute()
     read_meta(folder)
     stored = params_metadata(folder)
@@ -190,8 +184,6 @@ def _restore_in_batches(path: pathlib.Path, target: Mapping) -> dict:
     at about twice the params (measured: 3.2 GB of leaves -> 6.2 GB), batches of ~1 GB keep the
     peak near the params plus the largest leaf.
     """
-    import jax
-    import orbax.checkpoint as ocp
 
     def restore_args(x):
         if getattr(x, "sharding", None) is not None:

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import time
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+import soundfile as sf
 
 from editx_jax import sharding, vocab
 from editx_jax.audio.io import AudioError, Clip, prepare_clip
@@ -308,9 +310,6 @@ def validate_request(r: Request) -> None:
 
 def write_wav(path, wave: np.ndarray, sample_rate: int = OUTPUT_SAMPLE_RATE) -> pathlib.Path:
     """Write a float wav atomically: a temporary sibling, then a rename (never a half-written file)."""
-    import os
-    import soundfile as sf
-
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

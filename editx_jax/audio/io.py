@@ -17,8 +17,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import warnings
 
+import librosa
 import numpy as np
+import soundfile as sf
 
 from editx_jax.config.audio import TOKENIZER_SAMPLE_RATE
 
@@ -110,7 +113,6 @@ def _check_duration(path, frames: int, sr: int, max_seconds):
 
 def _read_soundfile(path, max_seconds):
     """[C, N] float32 and the rate, or (None, None) when libsndfile cannot open the file."""
-    import soundfile as sf
     try:
         info = sf.info(str(path))
     except Exception:  # not a format libsndfile knows (or a broken header): try the fallback
@@ -124,9 +126,7 @@ def _read_soundfile(path, max_seconds):
 
 
 def _read_librosa(path, max_seconds):
-    import warnings
     try:
-        import librosa
         with warnings.catch_warnings():  # librosa warns on every fallback; the error below says enough
             warnings.simplefilter("ignore")
             data, sr = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)

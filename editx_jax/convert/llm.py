@@ -14,6 +14,7 @@ import pathlib
 import time
 from typing import Mapping
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -223,7 +224,6 @@ def export_llm(params_or_folder, cfg: LLMConfig | None, dst_folder, dtype: str |
     params, cfg = dequantize_params(params, cfg)  # the released format has float weights only
     # One host copy of the params (a no-op for numpy leaves); every exported tensor is a view of it
     # until the writer makes it contiguous, one tensor at a time.
-    import jax
     params = jax.tree_util.tree_map(np.asarray, params)
     out_dtype = numpy_dtype(dtype) if dtype else None
     if out_dtype is None:

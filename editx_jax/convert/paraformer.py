@@ -16,6 +16,7 @@ import pathlib
 from typing import Mapping
 
 import numpy as np
+import yaml
 
 from editx_jax.audio.features import FrontendError, parse_am_mvn
 from editx_jax.config import ConfigError
@@ -105,7 +106,6 @@ def config_from_funasr(conf: Mapping, **overrides) -> ParaformerEncoderConfig:
 
 
 def read_config_yaml(path: pathlib.Path, **overrides) -> ParaformerEncoderConfig:
-    import yaml
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"{path.parent}: no config.yaml (expected a FunASR Paraformer folder)")

@@ -22,7 +22,9 @@ import pathlib
 import re
 from typing import Callable, Iterable, Mapping
 
+import ml_dtypes  # also registers bfloat16 with numpy, which safetensors needs for BF16
 import numpy as np
+from safetensors import safe_open
 
 from editx_jax.convert.keymap import ConversionError, TensorSource
 
@@ -45,7 +47,6 @@ INDEX_NAME = "model.safetensors.index.json"
 def numpy_dtype(name: str) -> np.dtype:
     """A numpy dtype from its name; bfloat16 comes from ml_dtypes (which jax ships)."""
     if str(name) == "bfloat16":
-        import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
@@ -62,9 +63,6 @@ class SafetensorsSource:
     def __init__(self, path: str | pathlib.Path | Iterable[str | pathlib.Path],
                  pattern: str = "model*.safetensors", ignore: Iterable[str] = DEFAULT_IGNORED,
                  allowed_dtypes: Iterable[str] | None = FLOAT_DTYPES):
-        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors needs for BF16)
-        from safetensors import safe_open
-
         self._where: dict[str, pathlib.Path] = {}  # tensor name -> file
         self.ignored: list[str] = []
         if isinstance(path, (str, pathlib.Path)):
@@ -184,7 +182,7 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Mapping:
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConversionError(f"checkpoint not found: {path}")
-    import torch  # lazily: only converters touch torch
+    import torch  # noqa: PLC0415  (torch is optional, the convert extra: only converters read torch files)
 
     def load(mmap: bool):
         return torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=True)

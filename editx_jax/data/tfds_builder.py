@@ -12,6 +12,7 @@ Each example: `tokens` int32 [n] and `loss_mask` bool [n] (chat layout, loss mas
 from __future__ import annotations
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from editx_jax.config import Config
 from editx_jax.data import jsonl
@@ -21,8 +22,6 @@ NAME = "editx_sft"
 
 
 def _builder_class(cfg: Config, files: dict, tokenizer):
-    import tensorflow_datasets as tfds
-
     class EditxSft(tfds.core.GeneratorBasedBuilder):
         """Step-Audio-EditX SFT examples (token ids + loss mask) from upstream JSONL."""
 
@@ -63,7 +62,6 @@ class TfdsExamples:
     """`tfds.data_source(editx_sft)` split as a random-access source of `Example`s."""
 
     def __init__(self, data_dir, split: str = "train"):
-        import tensorflow_datasets as tfds
         self.source = tfds.data_source(NAME, data_dir=str(data_dir), split=split)
 
     def __len__(self) -> int:

@@ -34,6 +34,7 @@ import hashlib
 from typing import Sequence
 
 import numpy as np
+import soundfile as sf
 
 from editx_jax.text.tokenizer import BOS_ID, BOT_ID, EOT_ID, Part, TextTokenizer, TokenizerError
 
@@ -289,7 +290,5 @@ def clone_speaker_id(prompt_text: str, wav) -> str:
 
 def clone_speaker_id_from_file(prompt_text: str, path: str) -> str:
     """`clone_speaker_id` of an audio file, read as torchaudio would (float32, int PCM / 2^(bits-1))."""
-    import soundfile as sf
-
     wav, _ = sf.read(path, dtype="float32", always_2d=True)  # [frames, channels]
     return clone_speaker_id(prompt_text, wav.T)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import io
 from typing import Iterable
 
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
+
 from editx_jax.text import prompts
 from editx_jax.vocab import AUDIO_ID_END, AUDIO_ID_OFFSET, AUDIO_TOKENS
 
@@ -34,9 +37,6 @@ def default_corpus() -> list[str]:
 
 def train_layout_model(corpus: Iterable[str] | None = None, vocab_size: int = 700) -> bytes:
     """Serialized SentencePiece model bytes with the released special-token and audio-id layout."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     corpus = list(corpus or default_corpus())
     writer = io.BytesIO()
     spm.SentencePieceTrainer.train(

@@ -41,6 +41,8 @@ import re
 from typing import Sequence, Union
 
 import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from editx_jax.vocab import AUDIO_ID_OFFSET, AUDIO_TOKENS, BOS_ID, BOT_ID, EOS_ID, EOT_ID, UNK_ID
 
@@ -117,9 +119,6 @@ class TextTokenizer:
     and the settings of its `tokenizer_config.json` (a dict; default `RELEASED_CONFIG`)."""
 
     def __init__(self, model: str | pathlib.Path | bytes, hf_config: dict | None = None):
-        import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2 as model_pb2
-
         if isinstance(model, (bytes, bytearray)):
             blob, where = bytes(model), "<bytes>"
         else:
