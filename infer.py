@@ -17,8 +17,11 @@ import pathlib
 import sys
 import time
 
+from tqdm import tqdm
+
 from editx_jax import sharding
 from editx_jax.audio.io import TOKENIZER_SAMPLE_RATE, AudioError, load_audio, resample, to_mono, trim_silence
+from editx_jax.checkpoint import CheckpointError
 from editx_jax.cli import (
     OneLineParser,
     UsageError,
@@ -35,7 +38,8 @@ from editx_jax.config import (
     from_dict,
     load_config,
 )
-from editx_jax.text.prompts import EditError, with_language
+from editx_jax.pipeline import EditX, EditXError, Request, validate_request, write_wav
+from editx_jax.text.prompts import EditError, list_edits, with_language
 
 GROUPS_PER_SECOND = 25 / 3  # one 2 vq02 + 3 vq06 group of audio ids per 3/25 s (architecture.md §2)
 AUDIO_IDS_PER_GROUP = 5
@@ -113,8 +117,6 @@ def config_mesh(args):
 
 
 def _load_model(args):
-    from editx_jax.pipeline import EditX
-
     overrides = _generation_overrides(args)
     t = time.perf_counter()
     if args.model:
@@ -133,10 +135,6 @@ def _load_model(args):
 
 
 def _run(model, requests, args, out_paths):
-    from tqdm import tqdm
-
-    from editx_jax.pipeline import write_wav
-
     n_iter = getattr(args, "n_iter", 1)
     bar = tqdm(total=n_iter, desc="editing" if requests[0].edit_type != "clone" else "cloning", unit="round",
                file=sys.stderr, disable=not sys.stderr.isatty())
@@ -160,14 +158,12 @@ def _run(model, requests, args, out_paths):
 
 
 def cmd_clone(args):
-    from editx_jax.pipeline import Request, validate_request
     req = Request(args.prompt_audio, args.prompt_text, "clone", new_text=args.text, language=args.language)
     validate_request(req)  # before the model loads: a typo fails in a second
     _run(_load_model(args), [req], args, [args.out])
 
 
 def cmd_edit(args):
-    from editx_jax.pipeline import Request, validate_request
     req = Request(args.audio, args.audio_text, args.edit_type, args.edit_info, args.new_text)
     validate_request(req)
     _run(_load_model(args), [req], args, [args.out])
@@ -175,7 +171,6 @@ def cmd_edit(args):
 
 def cmd_demo(args):
     """The built-in default: tiny random weights, one clone and one edit of the packaged clip."""
-    from editx_jax.pipeline import Request
     print("random weights: the outputs are noise; this shows the whole pipeline runs (see README.md for "
           "the released weights)")
     model = _load_model(args)
@@ -252,7 +247,6 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_edits:
-        from editx_jax.text.prompts import list_edits
         print(list_edits())
         return 0
     if not args.command:
@@ -266,8 +260,6 @@ def main(argv=None) -> int:
     except (UsageError, ConfigError, EditError, AudioError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from editx_jax.checkpoint import CheckpointError
-    from editx_jax.pipeline import EditXError
     try:
         args.func(args)
     except (EditXError, EditError, AudioError, ConfigError, CheckpointError, FileNotFoundError) as e:

@@ -22,8 +22,12 @@ import argparse
 import os
 import sys
 
+import jax
+from jax.experimental import multihost_utils
+
 from editx_jax.cli import check_output_dir
 from editx_jax.config import ConfigError, add_config_args, load_config
+from editx_jax.convert.llm import export_llm
 from editx_jax.train import loop, runs
 
 # One line per algorithm: its wiring file's setup(cfg, ...) -> loop.Run (train/runs/<algo>.py).
@@ -41,7 +45,6 @@ def init_distributed(args) -> None:
     address = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not address:
         return
-    import jax
     num = args.num_processes if args.num_processes is not None else int(os.environ.get("JAX_NUM_PROCESSES", "1"))
     pid = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "0"))
     # A process that stops sending heartbeats (killed, hung host) is declared dead after this long, and
@@ -86,10 +89,6 @@ def main(argv=None) -> int:
         if args.export:
             state = result["state"]
             result = {"state": state.get("policy", state)}
-            import jax
-            from jax.experimental import multihost_utils
-
-            from editx_jax.convert.llm import export_llm
             params = jax.tree_util.tree_map(
                 lambda x: jax.device_get(multihost_utils.process_allgather(x, tiled=True))
                 if jax.process_count() > 1 else jax.device_get(x), result["state"]["params"])

@@ -28,6 +28,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from editx_jax.benchmarking import peak_memory_bytes, timed  # noqa: E402
+from editx_jax.decoder.flow import (FlowConfig, FlowModel, abstract_params, cfg_velocity, cosine_t_span,  # noqa: E402
+                                    solve_euler)
+from editx_jax.decoder.hift import HiFTConfig, abstract_params as hift_abstract, draw_nsf_noise, hift_inference  # noqa: E402
+from editx_jax.decoder.token2wav import _encode  # noqa: E402
 from editx_jax.random_init import random_params  # noqa: E402
 
 
@@ -40,10 +44,6 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per shape (the median is kept)")
     args = ap.parse_args(argv)
-
-    from editx_jax.decoder.flow import FlowConfig, FlowModel, abstract_params, cfg_velocity, cosine_t_span, solve_euler
-    from editx_jax.decoder.hift import HiFTConfig, abstract_params as hift_abstract, draw_nsf_noise, hift_inference
-    from editx_jax.decoder.token2wav import _encode
 
     cfg = FlowConfig()
     cfg = dataclasses.replace(cfg, estimator=dataclasses.replace(cfg.estimator, dtype=args.dtype))

@@ -22,6 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
 
 from editx_jax.benchmarking import peak_memory_bytes, tree_bytes  # noqa: E402
 from editx_jax.config import add_config_args, load_config  # noqa: E402
@@ -59,7 +60,6 @@ def main(argv=None):
     params_bytes = tree_bytes(model._llm_weights)
     print(f"random model built in {time.perf_counter() - t:.1f} s; LLM params {params_bytes / 2**30:.2f} GiB")
 
-    import soundfile as sf
     base, sr = sf.read(DEMO_CLIP, dtype="float32")
     reps = int(np.ceil(args.seconds * sr / len(base)))
     clip = np.tile(base, reps)[:int(args.seconds * sr)]

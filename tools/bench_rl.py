@@ -15,7 +15,18 @@ the mean of the remaining iterations.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+
+import jax
+import numpy as np
+
+from editx_jax import sharding
+from editx_jax.config import ConfigError, GRPOConfig, PPOConfig, load_config
+from editx_jax.models import llm
+from editx_jax.models import reward as rm
+from editx_jax.train import grpo, ppo, rollout
+from editx_jax.train import state as st
 
 MID = ["llm.vocab_size=74752", "llm.hidden_size=512", "llm.intermediate_size=1408", "llm.num_heads=8",
        "llm.num_groups=2", "llm.num_layers=4", "llm.max_seq_len=4096"]
@@ -37,18 +48,6 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--algos", nargs="*", default=["ppo", "grpo"])
     args = p.parse_args(argv)
-    import dataclasses
-
-    import jax
-    import numpy as np
-
-    from editx_jax import sharding
-    from editx_jax.config import ConfigError, GRPOConfig, PPOConfig, load_config
-    from editx_jax.models import llm
-    from editx_jax.models import reward as rm
-    from editx_jax.train import grpo, ppo, rollout
-    from editx_jax.train import state as st
-
     overrides = args.overrides if args.overrides is not None else (MID if args.config.endswith("sft_tiny.yaml") else [])
     try:
         cfg = load_config(args.config, overrides)

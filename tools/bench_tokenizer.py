@@ -15,6 +15,7 @@ faster than real time) overall and per stream, and each stream's useful FLOP/s a
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
@@ -23,11 +24,18 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+
+from editx_jax.benchmarking import copy_bandwidth, matmul_flops, peak_memory_bytes  # noqa: E402
+from editx_jax.codes import interleave_ids  # noqa: E402
+from editx_jax.tokenizer import s3tokenizer as s3  # noqa: E402
+from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig, _logmel  # noqa: E402
+from editx_jax.tokenizer.vq02 import vq02_codes_from_features, vq02_features  # noqa: E402
 
 
 def default_files() -> list[pathlib.Path]:
-    import soundfile as sf
     audio = ROOT / "tests" / "audio"
     files = sorted(p for p in audio.glob("*.wav") if 5.0 <= sf.info(str(p)).duration <= 10.0)
     if not files:
@@ -53,7 +61,6 @@ def vq02_flops(cfg, chunk_lens) -> float:
 
 def vq06_flops(cfg, waves) -> float:
     """FLOPs of the S3 encoder and VQ over the official 30 s pieces (no padding counted)."""
-    from editx_jax.tokenizer import s3tokenizer as s3
     d = cfg.n_audio_state
     total = 0.0
     for wave in waves:
@@ -69,11 +76,6 @@ def vq06_flops(cfg, waves) -> float:
 
 def run_once(tok, files) -> dict:
     """One end-to-end pass over `files`, timed per stage (each stage waits for its results)."""
-    from editx_jax.tokenizer import codebook as cb
-    from editx_jax.tokenizer import s3tokenizer as s3
-    from editx_jax.tokenizer.audio_tokenizer import _logmel
-    from editx_jax.tokenizer.vq02 import vq02_codes_from_features, vq02_features
-    import functools
     cfg = tok.config
     t0 = time.perf_counter()
     waves = [tok.load(f) for f in files]
@@ -85,7 +87,7 @@ def run_once(tok, files) -> dict:
     vq06 = s3.tokenize_waveforms(tok.s3_params, waves, cfg.s3, batch_size=cfg.vq06_batch,
                                  logmel_fn=functools.partial(_logmel, config=cfg.whisper_mel))
     t3 = time.perf_counter()
-    ids = [cb.interleave_ids(a, b) for a, b in zip(vq02, vq06)]
+    ids = [interleave_ids(a, b) for a, b in zip(vq02, vq06)]
     t4 = time.perf_counter()
     return {"pre": t1 - t0, "vq02": t2 - t1, "vq06": t3 - t2, "total": t4 - t0,
             "tokens": sum(i.size for i in ids), "vq02_flops": vq02_flops(cfg.paraformer, lens),
@@ -99,12 +101,6 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per batch size (the median is kept)")
     parser.add_argument("--tiny", action="store_true", help="tiny encoders instead of the released sizes")
     args = parser.parse_args(argv)
-
-    import jax
-    import soundfile as sf
-
-    from editx_jax.benchmarking import copy_bandwidth, matmul_flops, peak_memory_bytes
-    from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
 
     files = args.files or default_files()
     config = AudioTokenizerConfig.tiny() if args.tiny else AudioTokenizerConfig()

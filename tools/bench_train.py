@@ -15,6 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+import numpy as np
+
+from editx_jax import sharding
+from editx_jax.benchmarking import peak_memory_bytes, timed
+from editx_jax.config import ConfigError, load_config
+from editx_jax.data.dataset import to_global
+from editx_jax.train import sft
+from editx_jax.train import state as st
+
 MID = ["llm.vocab_size=74752", "llm.hidden_size=512", "llm.intermediate_size=1408", "llm.num_heads=8",
        "llm.num_groups=2", "llm.num_layers=4"]
 
@@ -30,16 +40,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (0: not printed)")
     args = p.parse_args(argv)
-    import jax
-    import numpy as np
-
-    from editx_jax import sharding
-    from editx_jax.benchmarking import peak_memory_bytes, timed
-    from editx_jax.config import ConfigError, load_config
-    from editx_jax.data.dataset import to_global
-    from editx_jax.train import sft
-    from editx_jax.train import state as st
-
     overrides = args.overrides if args.overrides is not None else (MID if args.config.endswith("sft_tiny.yaml") else [])
     try:
         cfg = load_config(args.config, overrides)

@@ -21,37 +21,38 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's editx_jax
 
+from editx_jax.config import ConfigError  # noqa: E402
+from editx_jax.convert.decoder import convert_decoder, export_decoder  # noqa: E402
+from editx_jax.convert.editx import convert_editx  # noqa: E402
+from editx_jax.convert.keymap import ConversionError  # noqa: E402
+from editx_jax.convert.llm import convert_llm, export_llm  # noqa: E402
+from editx_jax.convert.tokenizer import convert_tokenizer  # noqa: E402
+
 
 def _llm(src, dst, progress=True, dtype=None, quantize=None, float_embeddings=False):
-    from editx_jax.convert.llm import convert_llm
     return convert_llm(src, dst, dtype=dtype or "bfloat16", progress=progress, quantize=quantize,
                        float_embeddings=float_embeddings)
 
 
 def _export_llm(src, dst, progress=True, dtype=None):
-    from editx_jax.convert.llm import export_llm
     return export_llm(src, None, dst, dtype=dtype, progress=progress)
 
 
 def _decoder(src, dst, progress=True, dtype=None, bigvgan=None):
-    from editx_jax.convert.decoder import convert_decoder
     return convert_decoder(src, dst, bigvgan=bigvgan, progress=progress, dtype=dtype)
 
 
 def _export_decoder(src, dst, progress=True, dtype=None):
-    from editx_jax.convert.decoder import export_decoder
     if dtype not in (None, "float32"):
         raise ValueError(f"export-decoder writes float32 (the decoder's dtype), got --dtype {dtype}")
     return export_decoder(src, dst)
 
 
 def _tokenizer(src, dst, progress=True, dtype=None):
-    from editx_jax.convert.tokenizer import convert_tokenizer
     return convert_tokenizer(src, dst, progress=progress, dtype=dtype)
 
 
 def _editx(src, dst, progress=True, dtype=None, tokenizer=None, quantize=None, float_embeddings=False):
-    from editx_jax.convert.editx import convert_editx
     return convert_editx(src, dst, tokenizer, progress=progress, dtype=dtype, quantize=quantize,
                          float_embeddings=float_embeddings)
 
@@ -106,8 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     function, _ = SUBCOMMANDS[args.command]
-    from editx_jax.config import ConfigError
-    from editx_jax.convert.keymap import ConversionError
     try:
         extra = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
                  for flag, _ in EXTRA_OPTIONS.get(args.command, [])}

@@ -80,9 +80,9 @@ def plot(run_dir, out_dir=None, metrics=None) -> list[pathlib.Path]:
     if metrics:
         series = {k: v for k, v in series.items() if k.split("/", 1)[1] in metrics}
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415  (optional: without it the plots are written as plain PNGs)
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415  (as above; after use("Agg"))
     except ImportError:
         plt = None
     written = []

@@ -25,6 +25,15 @@ import json
 import pathlib
 import sys
 
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
+
+from editx_jax.config import load_config
+from editx_jax.data import dataset, jsonl
+from editx_jax.data.tfds_builder import build_tfds
+from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer
+
+
 def tokenize_manifest(manifest, out, tokenizer, batch: int = 8, progress: bool = True) -> dict:
     """Manifest (audio paths) -> upstream JSONL (audio token ids), appending and resumable."""
     manifest, out = pathlib.Path(manifest), pathlib.Path(out)
@@ -36,7 +45,6 @@ def tokenize_manifest(manifest, out, tokenizer, batch: int = 8, progress: bool =
                 done.add(json.loads(line).get("_index"))
     todo = [i for i in range(len(rows)) if i not in done]
     failed = []
-    from tqdm import tqdm
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="tokenize", disable=not progress)
     with out.open("a") as f:
         for s in range(0, len(todo), batch):
@@ -62,10 +70,6 @@ def tokenize_manifest(manifest, out, tokenizer, batch: int = 8, progress: bool =
 
 def write_shards(jsonl_path, prefix, cfg, num_shards: int = 1, tokenizer=None) -> dict:
     """Upstream JSONL -> ArrayRecord shards of encoded examples (round-robin over shards)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from editx_jax.data import dataset, jsonl
-
     tok = tokenizer or jsonl.load_text_tokenizer(cfg.data.text_tokenizer)
     examples, report = jsonl.read_examples(jsonl_path, tok, cfg.data, cfg.llm.vocab_size)
     if not examples:  # an empty shard would only fail later, in training, far from its cause
@@ -107,18 +111,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "tokenize":
-            from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer
             info = tokenize_manifest(args.manifest, args.out, AudioTokenizer.from_pretrained(args.tokenizer),
                                      args.batch)
             print(f"{info['written']} records written to {args.out}; {len(info['failed'])} failed")
             for line, why in info["failed"]:
                 print(f"  {args.manifest}:{line}: {why}")
         elif args.command == "tfds":
-            from editx_jax.config import load_config
-            from editx_jax.data.tfds_builder import build_tfds
             print(build_tfds(load_config(args.config, args.overrides), args.data_dir, args.train, args.validation))
         else:
-            from editx_jax.config import load_config
             info = write_shards(args.jsonl, args.prefix, load_config(args.config, args.overrides), args.num_shards)
             print(info["report"].summary())
             print(f"{info['examples']} examples in {len(info['paths'])} shard(s): {info['paths'][0]} ...")

@@ -23,7 +23,15 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from editx_jax.cli import UsageError, check_output_file
+from tqdm import tqdm  # noqa: E402
+
+from editx_jax.audio.io import AudioError  # noqa: E402
+from editx_jax.checkpoint import is_checkpoint  # noqa: E402
+from editx_jax.cli import UsageError, check_output_file  # noqa: E402
+from editx_jax.config import ConfigError  # noqa: E402
+from editx_jax.convert.keymap import ConversionError  # noqa: E402
+from editx_jax.convert.tokenizer import tokenizer_from_released  # noqa: E402
+from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_tokenizer(args):
-    from editx_jax.checkpoint import is_checkpoint
-    from editx_jax.convert.tokenizer import tokenizer_from_released
-    from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
     if args.random_tiny:
         return AudioTokenizer.random(AudioTokenizerConfig.tiny())
     model = pathlib.Path(args.model)
@@ -67,21 +72,17 @@ def main(argv=None) -> int:
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    from editx_jax.config import ConfigError
-    from editx_jax.convert.keymap import ConversionError
     try:
         tokenizer = load_tokenizer(args)
     except (ConversionError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
-    from editx_jax.audio.io import AudioError
 
     tmp = pathlib.Path(args.out).with_name(f".{pathlib.Path(args.out).name}.tmp") if args.out else None
     out = open(tmp, "w") if tmp else sys.stdout
     failed = written = 0
     bar = None
     if not args.quiet and len(args.files) > 1:
-        from tqdm import tqdm
         bar = tqdm(total=len(args.files), unit="file", desc="tokenize", file=sys.stderr)
     try:
         for start in range(0, len(args.files), args.batch):
