@@ -12,16 +12,23 @@ from __future__ import annotations
 import pathlib
 import sys
 import types
+import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pytest
+import yaml
+
+from editx_jax.convert import paraformer as cp
+from editx_jax.tokenizer.audio_tokenizer import AudioTokenizerConfig
+from editx_jax.tokenizer.paraformer import random_params
 
 
 def import_pypi_s3tokenizer():
     """(torch, s3tokenizer.model), skipping the test when they are not installed."""
     torch = pytest.importorskip("torch")
     try:
-        import torchaudio  # noqa: F401
+        import torchaudio  # noqa: F401, PLC0415  (optional, and only to satisfy s3tokenizer's import)
     except ImportError:  # s3tokenizer.utils imports it only for load_audio, which is not used here
         sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
     model = pytest.importorskip("s3tokenizer.model")
@@ -61,7 +68,6 @@ def export_s3_onnx(path: pathlib.Path, ref_cfg: dict, seed: int = 1234, frames: 
         mel = (np.random.default_rng(seed).standard_normal((1, ref_cfg["n_mels"], frames)) * 0.5).astype(np.float32)
     mel = torch.from_numpy(np.asarray(mel, np.float32))
     mel_len = torch.tensor([mel.shape[-1]], dtype=torch.int32)
-    import warnings
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(Exported(tok).eval(), (mel, mel_len), str(path), input_names=["feats", "feats_length"],
@@ -88,12 +94,7 @@ def write_step_audio_tokenizer(root: pathlib.Path, seed: int = 0, s3_cfg: dict |
     and a small S3 tokenizer; the front ends are the real ones. The legacy exporter traces the
     padding mask with a constant length, so onnxruntime runs the ONNX file on `onnx_frames` mel
     frames only."""
-    import torch
-    import yaml
-
-    from editx_jax.convert import paraformer as cp
-    from editx_jax.tokenizer.audio_tokenizer import AudioTokenizerConfig
-    from editx_jax.tokenizer.paraformer import random_params
+    import torch  # noqa: PLC0415  (torch is optional: the convert extra)
 
     cfg = AudioTokenizerConfig.tiny().paraformer
     folder = root / cp.PARAFORMER_SUBDIR
@@ -129,11 +130,9 @@ def write_step_audio_tokenizer(root: pathlib.Path, seed: int = 0, s3_cfg: dict |
 
 def torch_campplus(config):
     """A minimal torch CAM++ with 3D-Speaker / funasr state_dict names (test-only reference)."""
-    from collections import OrderedDict
-
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
+    import torch  # noqa: PLC0415  (torch is optional: the convert extra)
+    import torch.nn.functional as F  # noqa: PLC0415  (as above)
+    from torch import nn  # noqa: PLC0415  (as above)
 
     def bn_relu(c):
         return nn.Sequential(OrderedDict([("batchnorm", nn.BatchNorm1d(c)), ("relu", nn.ReLU())]))
@@ -252,7 +251,7 @@ def torch_campplus(config):
 
 def export_campplus_onnx(model, feat, path):
     """`campplus.onnx` the way the release was made: the legacy exporter, which folds conv+BN pairs."""
-    import torch
+    import torch  # noqa: PLC0415  (torch is optional: the convert extra)
     with torch.no_grad():
         torch.onnx.export(model, (torch.from_numpy(feat),), str(path), dynamo=False, input_names=["feat"],
                           output_names=["embedding"], opset_version=17)

@@ -12,13 +12,17 @@ import pytest
 import soundfile as sf
 
 from editx_jax.audio.io import MIN_AUDIO_SECONDS
+from editx_jax.checkpoint import CheckpointError
+from editx_jax.config import load_config
+from editx_jax.decoder.token2wav import Decoder
+from editx_jax.pipeline import EditX
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
+import infer
 import prepare_data
 import tokenize_audio
-
 import train
 
 
@@ -154,12 +158,6 @@ def test_prepare_data_refuses_an_empty_data_file(tmp_path, capsys):
 
 def test_a_misshapen_decoder_tensor_is_one_line(clips, capsys):
     """The decoder load checks every name and shape (the check the LLM and tokenizer loads use)."""
-    import infer
-    from editx_jax.checkpoint import CheckpointError
-    from editx_jax.config import load_config
-    from editx_jax.decoder.token2wav import Decoder
-    from editx_jax.pipeline import EditX
-
     model = clips.parent / "model"
     EditX.random(load_config(ROOT / "configs/tiny.yaml")).save(model)
     good = Decoder.from_pretrained(model / "decoder")

@@ -8,9 +8,18 @@ import numpy as np
 import pytest
 
 from conftest import AUDIO, ROOT
+from reference_models import write_step_audio_tokenizer
+from test_convert_llm import hf_config, random_state, write_release
+from test_token2wav import SMALL_HIFT, _write_released_folder, small_flow_config
+
 from editx_jax.config import LLMConfig
 from editx_jax.convert.editx import convert_editx
+from editx_jax.decoder import flow, hift
+from editx_jax.decoder.token2wav import Decoder
+from editx_jax.pipeline import EditX
+from editx_jax.random_init import random_params
 from editx_jax.text.prompts import build_edit_ids
+from editx_jax.text.tiny import train_layout_model
 from editx_jax.text.tokenizer import TextTokenizer
 
 # architecture.md §1.6: the released file's keys (its chat_template shortened); no add_bos_token key
@@ -23,16 +32,6 @@ LLM = LLMConfig(vocab_size=74752, hidden_size=32, intermediate_size=64, num_head
 
 @pytest.mark.slow
 def test_convert_editx_then_edit(tmp_path):
-    from reference_models import write_step_audio_tokenizer
-    from test_convert_llm import hf_config, random_state, write_release
-    from test_token2wav import _write_released_folder, small_flow_config, SMALL_HIFT
-
-    from editx_jax.decoder import flow, hift
-    from editx_jax.decoder.token2wav import Decoder
-    from editx_jax.pipeline import EditX
-    from editx_jax.random_init import random_params
-    from editx_jax.text.tiny import train_layout_model
-
     editx = write_release(tmp_path / "Step-Audio-EditX", random_state(LLM), hf_config(LLM))
     (editx / "tokenizer.model").write_bytes(train_layout_model())
     (editx / "tokenizer_config.json").write_text(json.dumps(RELEASED_TOKENIZER_CONFIG))

@@ -17,6 +17,8 @@ from editx_jax.decoder.token2wav import Decoder
 from editx_jax.random_init import random_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import convert as convert_cli  # noqa: E402  (tools/convert.py, the CLI under test)
 SMALL_BIGVGAN = bigvgan.BigVGANConfig(upsample_initial_channel=32, upsample_rates=(8, 6, 10),
                                       upsample_kernel_sizes=(16, 12, 20))
 
@@ -50,11 +52,6 @@ def test_export_decoder_cli_round_trip(tmp_path):
                       random_params(hift.abstract_params(cfg.hift), 2, kernel_scale=0.3), cfg.hift,
                       random_params(campplus.abstract_params(cfg.campplus), 3), cfg.campplus, cfg.token2wav)
     decoder.save(tmp_path / "ckpt")
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import convert as convert_cli
-    finally:
-        sys.path.pop(0)
     assert convert_cli.main(["export-decoder", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--quiet"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["flow.pt", "hift.pt"]
     flow_sd = torch.load(tmp_path / "out" / "flow.pt", weights_only=True)

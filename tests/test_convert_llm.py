@@ -18,6 +18,7 @@ from editx_jax.config import ConfigError, LLMConfig, load_config
 from editx_jax.convert import keymap
 from editx_jax.convert.llm import (RULES, check_plan, convert_llm, export_llm, llm_config_from_hf, llm_config_to_hf,
                                    source_shapes)
+from editx_jax.convert.sources import SafetensorsSource
 from editx_jax.models import llm
 from editx_jax.tree import flatten
 
@@ -180,7 +181,7 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
 
     # the names and dtypes load as a PyTorch state dict
     torch = pytest.importorskip("torch")
-    from safetensors.torch import load_file as torch_load
+    from safetensors.torch import load_file as torch_load  # noqa: PLC0415  (needs torch, which is optional)
     sd = torch_load(str(tmp_path / "out" / "model-00001.safetensors"))
     assert set(sd) == set(state)
     assert {t.dtype for t in sd.values()} == {torch.bfloat16 if dtype == "bfloat16" else torch.float32}
@@ -395,7 +396,6 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_source_rejects_ambiguous_shards(tmp_path):
-    from editx_jax.convert.sources import SafetensorsSource
     state = random_state()
     src = write_release(tmp_path / "src", state, hf_config(), index=True)
     index_path = src / "model.safetensors.index.json"

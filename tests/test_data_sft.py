@@ -1,15 +1,23 @@
 """Upstream JSONL -> token ids and loss masks; malformed records; the Grain pipeline."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
-from _sft_corpus import make_records, write_jsonl
+from _sft_corpus import TINY_LLM, make_records, write_jsonl
+from conftest import ROOT
 
-from editx_jax.config import ConfigError, DataConfig
-from editx_jax.data import dataset, jsonl
+from editx_jax.config import ConfigError, DataConfig, load_config
+from editx_jax.data import dataset, jsonl, tfds_builder
 from editx_jax.text import prompts
+from editx_jax.text.prompts import chat_template
+from editx_jax.text.tiny import train_layout_model
+from editx_jax.text.tokenizer import TextTokenizer
+
+sys.path.insert(0, str(ROOT / "tools"))
+import prepare_data  # noqa: E402  (tools/prepare_data.py)
 
 TOK = jsonl.ByteTokenizer()
 V = 74752
@@ -151,12 +159,6 @@ def test_eval_batches_cover_every_example_once():
 
 
 def test_array_record_shards_round_trip(tmp_path):
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tools"))
-    import prepare_data
-    from editx_jax.config import load_config
-    from _sft_corpus import TINY_LLM
-
     cfg = load_config(None, TINY_LLM + ["data.max_length=256"])
     path = write_jsonl(tmp_path / "d.jsonl", make_records(10, 0) + [{"bad": 1}])
     info = prepare_data.write_shards(path, tmp_path / "shards" / "train", cfg, num_shards=3)
@@ -171,10 +173,6 @@ def test_array_record_shards_round_trip(tmp_path):
 
 
 def test_tokenize_manifest_resumes_and_reports_failures(tmp_path):
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tools"))
-    import prepare_data
-
     class FakeTokenizer:  # the AudioTokenizer.tokenize contract, without running the model
         calls = 0
 
@@ -200,11 +198,6 @@ def test_tokenize_manifest_resumes_and_reports_failures(tmp_path):
 
 
 def test_tfds_builder_reads_back_the_same_examples(tmp_path):
-    from _sft_corpus import TINY_LLM
-
-    from editx_jax.config import load_config
-    from editx_jax.data import tfds_builder
-
     cfg = load_config(None, TINY_LLM + ["data.max_length=256"])
     path = write_jsonl(tmp_path / "d.jsonl", make_records(6, 0))
     tfds_builder.build_tfds(cfg, tmp_path / "tfds", train=path)
@@ -218,10 +211,6 @@ def test_tfds_builder_reads_back_the_same_examples(tmp_path):
 def test_real_tokenizer_gives_the_training_chat_template(tmp_path):
     """With a SentencePiece model of the released layout, a record's ids are the chat template string
     tokenised once (TRL's path), with the completion appended as ids."""
-    from editx_jax.text.prompts import chat_template
-    from editx_jax.text.tiny import train_layout_model
-    from editx_jax.text.tokenizer import TextTokenizer
-
     tok = TextTokenizer(train_layout_model())
     ex = jsonl.encode_record(record(), tok, DataConfig(), V)
     instr = prompts.training_edit_instruction("emotion", "happy", " Hello there ")

@@ -14,8 +14,9 @@ from editx_jax.convert.flow import dit_config_from_reference
 from editx_jax.convert.keymap import ConversionError
 from editx_jax.decoder.dit import DiTConfig
 from editx_jax.decoder.embedding import DualCodebookConfig
-from editx_jax.decoder.flow import (FlowConfig, FlowInputError, cfg_velocity, cosine_t_span, inference,
-                                    init_params, noise_from_key, solve_euler, stretch_prompt_mel)
+from editx_jax.decoder.flow import (FlowConfig, FlowInputError, _inference, abstract_params, cfg_velocity,
+                                    cosine_t_span, inference, init_params, noise_from_key, solve_euler,
+                                    stretch_prompt_mel)
 from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
 from editx_jax.parity import Fixture, check_fixture
 from editx_jax.tree import flatten
@@ -268,7 +269,6 @@ def test_dit_rules_cover_each_block_tensor_once():
 
 def test_released_size_inference_shapes():
     """The whole jitted ODE at the released sizes traces to the right shape (no weights allocated)."""
-    from editx_jax.decoder.flow import _inference, abstract_params
     config = FlowConfig()
     lp, lg = 12, 15
     frames = 2 * (lp + lg)

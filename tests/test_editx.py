@@ -1,17 +1,25 @@
 """End to end on tiny random weights (configs/tiny.yaml): wav in, wav out, through the CLI too."""
 
 import dataclasses
+import hashlib
 import math
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import soundfile as sf
 
 from conftest import AUDIO, ROOT
-from editx_jax.config import load_config
-from editx_jax.pipeline import EditX, EditXError, Request
+from test_text import ref_clone, ref_edit  # tts.py's assembly written out from the strings (architecture.md §1.8)
+
+from editx_jax import sharding
+from editx_jax.config import MeshConfig, load_config
+from editx_jax.pipeline import EditX, EditXError, Request, pcm16_round_trip
+
+sys.path.insert(0, str(ROOT))
+import infer  # noqa: E402  (infer.py at the repository root)
 
 CLIP = str(AUDIO / "speed_prompt.wav")  # 24 kHz
 CLIP16 = str(AUDIO / "espeak_en_16k_a.wav")
@@ -107,10 +115,6 @@ def test_model_folder_round_trip(model, tmp_path):
 def test_model_folder_with_dtype_and_mesh(model, tmp_path):
     """from_pretrained honours LLM overrides and places the params over a mesh (restored straight to
     the devices); the sharded edit equals the one-device edit."""
-    import jax
-
-    from editx_jax import sharding
-    from editx_jax.config import MeshConfig
     folder = model.save(tmp_path / "model")
     f32 = EditX.from_pretrained(folder, llm_overrides={"param_dtype": "float32", "dtype": "float32"})
     leaf = f32.llm_params["layers"]["mlp"]["up_proj"]["kernel"]
@@ -186,8 +190,6 @@ class Spy:
 
 
 def test_paralinguistic_round_two_takes_the_tagged_text(model, monkeypatch):
-    from test_text import ref_edit  # tts.py's assembly written out from the strings (architecture.md §1.8)
-
     spy = Spy(model, monkeypatch)
     tagged = "hello [Laughter] there"
     model.edit(CLIP16, "hello there", "paralinguistic", new_text=tagged, n_iter=2, seed=3)
@@ -203,10 +205,6 @@ def test_paralinguistic_round_two_takes_the_tagged_text(model, monkeypatch):
 
 
 def test_clone_name_hashes_every_channel_as_read(model, monkeypatch, tmp_path):
-    import hashlib
-
-    from test_text import ref_clone
-
     rng = np.random.default_rng(0)
     mono, _ = sf.read(CLIP16, dtype="float32")
     stereo = np.stack([mono, 0.5 * mono + 0.01 * rng.standard_normal(mono.size).astype(np.float32)], axis=1)
@@ -243,8 +241,6 @@ def test_stray_ids_left_to_the_decoder_rule(model, monkeypatch):
 
 
 def test_pcm16_round_trip_equals_a_wav_write_and_read(tmp_path):
-    from editx_jax.pipeline import pcm16_round_trip
-
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.uniform(-1.3, 1.3, 50000), rng.normal(0, 1e-4, 5000),
                         (rng.integers(-32768, 32768, 5000) + 0.5) / 32768,
@@ -284,8 +280,6 @@ def test_refusals_stay_one_line(model):
 def test_bfloat16_weights_held_as_bits_save_unchanged(tmp_path):
     """A bfloat16 model generates from its layer kernels' bits (models/llm.py `to_scan_storage`);
     users see, save and reload the bfloat16 weights bit for bit."""
-    import jax
-
     cfg = load_config(ROOT / "configs/tiny.yaml", ["generation.max_new_tokens=8", "llm.param_dtype=bfloat16",
                                                    "llm.dtype=bfloat16"])
     model = EditX.random(cfg, seed=1)
@@ -304,9 +298,6 @@ def test_explicit_new_tokens_over_max_length_refused_default_capped(model):
     """prompt + an explicitly asked max_new_tokens > max_length: one EditXError line after tokenizing
     (and infer.py's early bound never exceeds the real count); the default (max_new_tokens =
     max_length) is capped to the room instead."""
-    sys.path.insert(0, str(ROOT))
-    import infer
-
     n_ids = int(model.audio_tokenizer.tokenize([CLIP16])[0].ids.size)
     wave, sr = sf.read(CLIP16, dtype="float32")
     assert 0 < infer.audio_ids_lower_bound(wave, sr) <= n_ids

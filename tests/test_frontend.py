@@ -5,6 +5,7 @@ import math
 import jax
 import numpy as np
 import pytest
+import soundfile as sf
 
 from conftest import AUDIO, fixture_dirs
 
@@ -154,7 +155,6 @@ def test_online_equals_offline_except_tail(n):
 
 
 def test_online_tail_quirk_on_real_audio():
-    import soundfile as sf
     wave, _ = sf.read(AUDIO / "espeak_en_16k_b.wav", dtype="float32")
     feats, lens = features.wav_frontend_online(wave)
     assert len(wave) % 3840 == 826 and lens == [4] * 17

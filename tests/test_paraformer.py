@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from conftest import FIXTURES, fixture_dirs
 from reference_models import write_am_mvn
 
@@ -14,6 +15,7 @@ from editx_jax.parity import Fixture, check_fixture
 from editx_jax.tokenizer.codebook import nearest_centroid, quantize_vq02
 from editx_jax.tokenizer.paraformer import (ParaformerEncoderConfig, StreamError, encode_stream,
                                             random_params, window_plan)
+from editx_jax.tree import flatten
 
 ENCODER_FIXTURE = FIXTURES / "paraformer_encoder"
 
@@ -174,7 +176,6 @@ def test_released_config_constants():
     assert (cfg.head_dim, cfg.overlap_frames, cfg.cache_frames, cfg.fsmn_padding) == (128, 5, 16, (5, 5))
     assert cfg.input_scale == pytest.approx(22.627417)
     leaves = convert_paraformer.abstract_params(cfg)
-    from editx_jax.tree import flatten
     n_tensors = sum(leaf.shape[0] if path.startswith("encoders/") else 1
                     for path, leaf in flatten(leaves).items())
     assert n_tensors == 652
@@ -184,8 +185,7 @@ def test_released_config_constants():
 
 
 def _fake_tokenizer_root(tmp_path, extra=None, drop=None):
-    import torch
-    import yaml
+    import torch  # noqa: PLC0415  (torch is optional: the convert extra)
     fx = Fixture.load(ENCODER_FIXTURE)
     root = tmp_path / "Step-Audio-Tokenizer"
     folder = root / convert_paraformer.PARAFORMER_SUBDIR
@@ -237,7 +237,7 @@ def test_converter_missing_tensor_named(tmp_path):
 
 
 def test_converter_wrong_shape_and_extra_tensor(tmp_path):
-    import torch
+    import torch  # noqa: PLC0415  (torch is optional: the convert extra)
     root, _, _ = _fake_tokenizer_root(tmp_path, extra={"encoder.encoders.0.norm1.weight": torch.zeros(63)})
     with pytest.raises(ConversionError, match=r"encoder.encoders.0.norm1.weight.*\[63\].*\[64\]"):
         convert_paraformer.load_step_audio_tokenizer(root)

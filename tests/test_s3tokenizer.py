@@ -1,7 +1,9 @@
 """The vq06 stream: S3 tokenizer v1 25 Hz encoder + VQ, its 30 s chunking and its converters."""
 
 import dataclasses
+import re
 
+import jax
 import numpy as np
 import pytest
 from conftest import fixture_dirs
@@ -11,8 +13,8 @@ from editx_jax.config import ConfigError
 from editx_jax.convert.keymap import ConversionError
 from editx_jax.convert.s3tokenizer import from_onnx, from_state_dict, s3tokenizer_config_from_reference
 from editx_jax.parity import Fixture, check_fixture
-from editx_jax.tokenizer.s3tokenizer import (S3InputError, S3TokenizerConfig, init_params, split_chunks,
-                                             tokenize, tokenize_waveforms)
+from editx_jax.tokenizer.s3tokenizer import (S3InputError, S3TokenizerConfig, abstract_params, init_params,
+                                             split_chunks, tokenize, tokenize_waveforms)
 
 S3_FIXTURES = fixture_dirs("s3tokenizer_v1")
 SMALL = S3TokenizerConfig(n_audio_ctx=768, n_audio_state=32, n_audio_head=4, n_audio_layer=2, codebook_size=64)
@@ -174,7 +176,7 @@ def test_onnx_bad_files(tmp_path):
 @pytest.fixture(scope="module")
 def exported_onnx(tmp_path_factory):
     """A small random PyPI S3Tokenizer (25 Hz v1), exported to ONNX with the legacy exporter."""
-    import torch
+    import torch  # noqa: PLC0415  (torch is optional: the convert extra)
     ref_cfg = dict(n_mels=128, n_audio_ctx=128, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
                    n_codebook_size=256)
     mel = (np.random.default_rng(7).standard_normal((1, 128, 301)) * 0.5).astype(np.float32)
@@ -189,7 +191,6 @@ def exported_onnx(tmp_path_factory):
 
 
 def test_onnx_converter_matches_state_dict_and_torch(exported_onnx):
-    import jax
     path, state, config, mel, mel_len, want = exported_onnx
     from_pt = from_state_dict(state, config)
     from_ox = from_onnx(path, config)
@@ -215,8 +216,8 @@ def test_onnx_converter_matches_onnxruntime(exported_onnx):
 
 
 def test_onnx_unrecognised_initializer(exported_onnx, tmp_path):
-    import onnx
-    from onnx import numpy_helper
+    import onnx  # noqa: PLC0415  (onnx is optional: the convert extra)
+    from onnx import numpy_helper  # noqa: PLC0415  (as above)
     path, _, config, *_ = exported_onnx
     model = onnx.load(str(path))
     model.graph.initializer.append(numpy_helper.from_array(np.ones((3, 3), np.float32), "onnx::Stray_1"))
@@ -228,8 +229,6 @@ def test_onnx_unrecognised_initializer(exported_onnx, tmp_path):
 
 def test_released_sizes_shapes():
     """One full 30 s piece at the released sizes gives 750 codes (shape-only: no weights computed)."""
-    import jax
-    from editx_jax.tokenizer.s3tokenizer import abstract_params
     cfg = S3TokenizerConfig()
     params = abstract_params(cfg)
     assert params["encoder"]["blocks"]["fc1"]["kernel"].shape == (6, 1280, 5120)
@@ -258,10 +257,7 @@ def test_onnx_official_naming(exported_onnx, tmp_path):
     """The released file names conv, LayerNorm and position tensors (`encoders.conv1.weight`, ...) and
     has no `/encoder` scope (`/blocks.0/attn/query/MatMul`, `/quantizer/rq/model/layers.0/_codebook/MatMul`).
     Rewrite our export that way: the converter must give the same params."""
-    import re
-
-    import jax
-    import onnx
+    import onnx  # noqa: PLC0415  (onnx is optional: the convert extra)
     path, state, config, *_ = exported_onnx
     model = onnx.load(str(path))
     graph = model.graph

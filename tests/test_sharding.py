@@ -6,6 +6,7 @@ import pytest
 
 from editx_jax import sharding
 from editx_jax.config import GenerationConfig, LLMConfig, MeshConfig
+from editx_jax.generate import decode
 from editx_jax.generate.decode import generate
 from editx_jax.models import llm
 
@@ -66,7 +67,6 @@ def test_sharded_generate_equals_one_device(shape):
     the params and the returned cache laid out as the rules say."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices")
-    from editx_jax.generate import decode
     mesh = sharding.make_mesh(MeshConfig(*shape))
     params = llm.init_params(TINY, jax.random.key(1))
     placed = sharding.shard_tree(params, sharding.logical_to_sharding(llm.param_logical_axes(TINY), mesh))

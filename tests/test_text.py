@@ -15,6 +15,8 @@ import pathlib
 
 import numpy as np
 import pytest
+import sentencepiece as spm
+import soundfile as sf
 
 from conftest import AUDIO
 
@@ -146,8 +148,6 @@ def test_layout(tok):
 
 
 def test_encode_follows_hf_non_legacy_rules(tok, model_bytes):
-    import sentencepiece as spm
-
     piece = tok.piece_to_id
     nl = piece("<0x0A>")
     # Stock SentencePiece adds the dummy "▁" to plain ASCII: the pieces of "▁assistant", found independently.
@@ -366,7 +366,6 @@ def test_clone_speaker_id():
     want = hashlib.sha256(b"x" + short.reshape(-1).tobytes()).hexdigest()
     assert prompts.clone_speaker_id("x", short) == "clone_" + want[:16]
     wav_path = sorted(pathlib.Path(AUDIO).glob("*.wav"))[0]
-    import soundfile as sf
     data, _ = sf.read(wav_path, dtype="float32", always_2d=True)
     assert prompts.clone_speaker_id_from_file("t", str(wav_path)) == prompts.clone_speaker_id("t", data.T)
 

@@ -2,21 +2,22 @@
 the released-folder converter and the checkpoint round trip, and the tokenize_audio CLI."""
 
 import json
-import pathlib
+import shutil
 import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 from conftest import AUDIO, ROOT
+from reference_models import write_step_audio_tokenizer
 
 from editx_jax.audio import features
 from editx_jax.audio import io as audio_io
 from editx_jax.audio.io import AudioError
+from editx_jax.codes import get_audio_tokens, interleave_ids, num_groups, split_ids
 from editx_jax.config import ConfigError
 from editx_jax.convert.keymap import ConversionError
 from editx_jax.convert.tokenizer import convert_tokenizer, tokenizer_from_released
-from editx_jax.codes import get_audio_tokens, interleave_ids, num_groups, split_ids
 from editx_jax.tokenizer import codebook as cb
 from editx_jax.tokenizer import paraformer as pf
 from editx_jax.tokenizer import s3tokenizer as s3
@@ -24,6 +25,8 @@ from editx_jax.tokenizer.audio_tokenizer import AudioTokenizer, AudioTokenizerCo
 from editx_jax.tokenizer.vq02 import context_start, min_dependency, vq02_features
 
 sys.path.insert(0, str(ROOT / "tools"))
+import convert  # noqa: E402  (tools/convert.py)
+import tokenize_audio  # noqa: E402  (tools/tokenize_audio.py)
 
 CLIPS = ["espeak_en_16k_a.wav", "speed_prompt.wav", "whisper_prompt.wav", "fear_zh_female_prompt.wav"]  # 16/24/48 kHz
 
@@ -215,7 +218,6 @@ def test_config_and_params_validation(tok):
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory, tok):
-    from reference_models import write_step_audio_tokenizer
     frames = tok.load(AUDIO / CLIPS[0]).size // 160  # the ONNX export runs on this mel length only
     return write_step_audio_tokenizer(tmp_path_factory.mktemp("released") / "Step-Audio-Tokenizer",
                                       onnx_frames=frames)
@@ -249,7 +251,6 @@ def test_convert_round_trip_and_onnxruntime(released, tmp_path):
 
 
 def test_convert_errors(released, tmp_path):
-    import shutil
     broken = tmp_path / "broken"
     shutil.copytree(released, broken)
     (broken / "speech_tokenizer_v1.onnx").unlink()
@@ -265,7 +266,6 @@ def test_convert_errors(released, tmp_path):
 
 
 def test_tokenize_audio_cli(tmp_path, capsys):
-    import tokenize_audio
     bad = tmp_path / "bad.wav"
     bad.write_text("not audio")
     out = tmp_path / "out.jsonl"
@@ -282,7 +282,6 @@ def test_tokenize_audio_cli(tmp_path, capsys):
 
 
 def test_convert_cli(released, tmp_path, capsys):
-    import convert
     if "tokenizer" not in convert.SUBCOMMANDS:
         pytest.skip("tools/convert.py has no tokenizer subcommand yet")
     assert convert.main(["tokenizer", str(released), str(tmp_path / "ckpt"), "--quiet"]) == 0

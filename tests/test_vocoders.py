@@ -167,7 +167,7 @@ def test_conv_transpose_matches_torch():
 @pytest.mark.parametrize("kind", ["conv", "conv_transpose"])
 def test_weight_norm_fold_matches_torch(kind):
     torch = pytest.importorskip("torch")
-    from torch.nn.utils.parametrizations import weight_norm
+    from torch.nn.utils.parametrizations import weight_norm  # noqa: PLC0415  (torch is optional: the convert extra)
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(5, 7, 3) if kind == "conv" else torch.nn.ConvTranspose1d(5, 7, 4, 2)
     conv = weight_norm(conv)  # dim 0: per output channel for Conv1d, per *input* channel for the transpose
