@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import AUDIO, FIXTURES
+from editx_jax.codes import AudioTokenError
 from editx_jax.convert.campplus import campplus_config_from_reference
 from editx_jax.decoder import bigvgan as bigvgan_mod
 from editx_jax.decoder import flow as flow_mod
@@ -26,7 +27,6 @@ from editx_jax.decoder.tokens import Token2WavError, bf16_round, reshape_values
 from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
 from editx_jax.parity import Fixture, compare
 from editx_jax.random_init import random_params
-from editx_jax.tokenizer.codebook import AudioTokenError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OFFSET = 65536

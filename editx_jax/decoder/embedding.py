@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from editx_jax.codes import AudioTokenError, checked_codes
 from editx_jax.config.decoder import DualCodebookConfig
-from editx_jax.tokenizer.codebook import AudioTokenError, checked_codes
 from editx_jax.vocab import AUDIO_TOKENS, GROUP, VQ02_CODES
 
 PAD_ID = VQ02_CODES  # 1024: the vq02 slot of every third frame

@@ -15,8 +15,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from editx_jax.codes import AudioTokenError
 from editx_jax.decoder.embedding import group_pairs
-from editx_jax.tokenizer.codebook import AudioTokenError
 from editx_jax.vocab import AUDIO_ID_OFFSET, AUDIO_TOKENS
 
 

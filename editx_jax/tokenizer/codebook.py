@@ -1,10 +1,5 @@
-"""vq02 nearest-centroid assignment (architecture.md §2.1.4).
-
-The interleave of the two code streams and its inverse live in `editx_jax.codes` (the ground floor,
-so the decoder reads codes without importing the tokenizer); they are re-exported here for the callers
-that still import them from this module (decoder/embedding.py, decoder/token2wav.py,
-tests/test_token2wav.py) until those switch to `editx_jax.codes`.
-"""
+"""vq02 nearest-centroid assignment (architecture.md §2.1.4). The interleave of the two code streams
+and its inverse live in `editx_jax.codes`, on the ground floor, where the decoder reads them too."""
 
 from __future__ import annotations
 
@@ -12,13 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editx_jax.codes import (VQ02_ID_OFFSET, VQ06_ID_OFFSET, AudioTokenError, checked_codes, get_audio_tokens,
-                             interleave_codes, interleave_ids, merge_vq0206_to_token_str, num_groups, split_ids)
-
-__all__ = ["nearest_centroid", "quantize_vq02",
-           # re-exported from editx_jax.codes (see the module doc)
-           "VQ02_ID_OFFSET", "VQ06_ID_OFFSET", "AudioTokenError", "checked_codes", "get_audio_tokens",
-           "interleave_codes", "interleave_ids", "merge_vq0206_to_token_str", "num_groups", "split_ids"]
+from editx_jax.codes import AudioTokenError
 
 
 # ------------------------------------------------------------------ nearest centroid
