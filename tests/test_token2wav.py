@@ -11,21 +11,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import AUDIO, FIXTURES
+from reference_models import export_campplus_onnx, torch_campplus
+
+from editx_jax.audio.io import prepare_clip
 from editx_jax.codes import AudioTokenError
-from editx_jax.convert.campplus import campplus_config_from_reference
+from editx_jax.config import ConfigError
+from editx_jax.convert.bigvgan import rules
+from editx_jax.convert.campplus import campplus_config_from_reference, from_state_dict
+from editx_jax.convert.flow import export_flow
+from editx_jax.convert.hift import to_state_dict
+from editx_jax.convert.keymap import export
 from editx_jax.decoder import bigvgan as bigvgan_mod
+from editx_jax.decoder import campplus, mel
 from editx_jax.decoder import flow as flow_mod
 from editx_jax.decoder import hift as hift_mod
 from editx_jax.decoder import stream as stream_mod
+from editx_jax.decoder.bigvgan import BigVGANConfig, abstract_params
+from editx_jax.decoder.campplus import embed_feats
 from editx_jax.decoder.dit import DiTConfig
-from editx_jax.decoder.embedding import DualCodebookConfig
+from editx_jax.decoder.embedding import DualCodebookConfig, DualCodebookEmbedding, reshape_tokens
 from editx_jax.decoder.stream import Token2WavStream
-from editx_jax.decoder.token2wav import Decoder, Token2WavConfig, flow_batch
+from editx_jax.decoder.token2wav import Decoder, Token2WavConfig, _encode, flow_batch
 from editx_jax.decoder.tokens import Token2WavError, bf16_round, reshape_values
 from editx_jax.decoder.upsample_encoder import UpsampleEncoderConfig
+from editx_jax.layers.activations import kaiser_sinc_filter
 from editx_jax.parity import Fixture, compare
+from editx_jax.parity.runners.decoder_token2wav import run_token2wav, run_token2wav_hift
 from editx_jax.random_init import random_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,7 +86,6 @@ def prompt(seed: int = 0, n_ids: int = 20):
 
 @pytest.mark.parametrize("name", ["token2wav", "token2wav_hift"])
 def test_parity(name):
-    from editx_jax.parity.runners.decoder_token2wav import run_token2wav, run_token2wav_hift
     fx = Fixture.load(FIXTURES / name)
     got = (run_token2wav if name == "token2wav" else run_token2wav_hift)(fx)
     ok, max_abs, _, detail = compare(fx.outputs(), got, float(fx.manifest["atol"]), float(fx.manifest["rtol"]))
@@ -124,7 +135,6 @@ def official_reshape(mix_seq: list[int]) -> list[list[int]]:
 
 
 def test_reshape_takes_a_batch_and_any_length():
-    from editx_jax.decoder.embedding import reshape_tokens
     rng = np.random.default_rng(0)
     for n in range(0, 12):
         batch = np.stack([ids(n, s) - OFFSET for s in range(3)]) if n else np.zeros((3, 0), np.int64)
@@ -142,7 +152,6 @@ def test_reshape_takes_a_batch_and_any_length():
 def test_embedding_takes_what_the_official_module_takes(small_decoder):
     """DualCodebookEmbedding.forward: token (b, t, 2) -> cat(E[token[..., 0]], E[token[..., 1]]); any
     leading dims, a single frame included."""
-    from editx_jax.decoder.embedding import DualCodebookEmbedding
     cfg = small_decoder.flow_config.embedding
     params = small_decoder.flow_params["input_embedding"]
     table = np.asarray(params["embedding"]["embedding"])
@@ -217,7 +226,6 @@ def test_masking_matters(small_decoder):
 
 
 def test_bigvgan_vocoder_and_shapes():
-    from editx_jax.decoder.bigvgan import BigVGANConfig, abstract_params
     cfg = small_flow_config(1)
     fp = random_params(flow_mod.abstract_params(cfg), 4)
     vc = BigVGANConfig(upsample_initial_channel=32, upsample_rates=(8, 6, 10), upsample_kernel_sizes=(16, 12, 20))
@@ -272,7 +280,6 @@ def test_bad_input(small_decoder):
         small_decoder.token2wav([ids(5), ids(5)], p_ids, p_mel, np.stack([emb] * 3))
     with pytest.raises(Token2WavError, match="noise must be"):
         small_decoder.token2wav(ids(5), p_ids, p_mel, emb, noise=np.zeros((1, 3, 80), np.float32))
-    from editx_jax.config import ConfigError
     with pytest.raises(ConfigError, match="token2wav.vocoder"):
         Token2WavConfig(vocoder="griffinlim")
     with pytest.raises(ConfigError, match="chunk_size_list"):
@@ -293,7 +300,6 @@ def test_stream_chunk_functions_equal_offline_modules(small_decoder):
     rng = np.random.default_rng(0)
     pairs = reshape_values(ids(20, 4) - OFFSET).astype(np.int32)[None]
     emb = rng.normal(size=(1, 192)).astype(np.float32)
-    from editx_jax.decoder.token2wav import _encode
     model = flow_mod.FlowModel(cfg)
     mu_ref, spks, _ = model.apply({"params": p}, pairs, np.array([pairs.shape[1]]), emb, method=_encode)
     x_emb = model.apply({"params": p}, pairs, method=lambda m, q: m.input_embedding(q))
@@ -388,9 +394,6 @@ def test_stream_versus_offline(small_decoder):
 
 
 def test_prompt_features_bf16_rounding():
-    from editx_jax.audio.io import prepare_clip
-    from editx_jax.convert.campplus import from_state_dict
-    from editx_jax.decoder import mel
     fx = Fixture.load(FIXTURES / "campplus")
     cam_cfg = campplus_config_from_reference(fx.config)
     dec = Decoder(None, small_flow_config(), None, SMALL_HIFT, from_state_dict(fx.weights(), cam_cfg), cam_cfg)
@@ -494,10 +497,6 @@ def _write_released_folder(root: pathlib.Path, small_decoder) -> dict:
     campplus.onnx (exported from a small torch CAM++), cosyvoice.yaml."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from reference_models import export_campplus_onnx, torch_campplus
-    from editx_jax.convert.flow import export_flow
-    from editx_jax.convert.hift import to_state_dict
-    from editx_jax.decoder import campplus
 
     root.mkdir()
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in export_flow(small_decoder.flow_params)},
@@ -538,7 +537,6 @@ def test_convert_decoder_folder(small_decoder, tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(dec.vocoder_params),
                     jax.tree_util.tree_leaves(small_decoder.vocoder_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)  # weight norm round trip
-    from editx_jax.decoder.campplus import embed_feats
     np.testing.assert_allclose(np.asarray(embed_feats(dec.campplus_params, made["feat"], dec.campplus_config)),
                                made["emb"], atol=1e-4, rtol=1e-4)
     p_ids, p_mel, emb = prompt()
@@ -547,10 +545,6 @@ def test_convert_decoder_folder(small_decoder, tmp_path):
 
     # a BigVGAN checkpoint instead of hift.pt; config.json beside it gives the sizes
     torch = pytest.importorskip("torch")
-    from editx_jax.decoder.bigvgan import BigVGANConfig, abstract_params
-    from editx_jax.convert.bigvgan import rules
-    from editx_jax.convert.keymap import export
-    from editx_jax.layers.activations import kaiser_sinc_filter
     vc = BigVGANConfig(upsample_initial_channel=32, upsample_rates=(8, 6, 10), upsample_kernel_sizes=(16, 12, 20))
     vp = random_params(abstract_params(vc), 9)
     sd = {k: torch.from_numpy(np.array(v)) for k, v in export(vp, rules(vc))}
@@ -577,7 +571,7 @@ def test_convert_decoder_folder(small_decoder, tmp_path):
 def _convert_cli():
     sys.path.insert(0, str(ROOT / "tools"))
     try:
-        import convert as convert_cli
+        import convert as convert_cli  # noqa: PLC0415  (tools/convert.py, importable only once tools/ is on the path)
     finally:
         sys.path.pop(0)
     return convert_cli

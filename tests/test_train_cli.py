@@ -14,7 +14,13 @@ from editx_jax.models import llm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+import prepare_data  # noqa: E402  (tools/prepare_data.py, importable once tools/ is on the path)
+import pytest  # noqa: E402
 import train  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from editx_jax.train import loop, runs
 
 
 def _args(tmp_path, out, *extra, data=None):
@@ -27,9 +33,6 @@ def _args(tmp_path, out, *extra, data=None):
 
 def test_init_from_checkpoint_and_export(tmp_path):
     """Also trains from prepared ArrayRecord shards (tools/prepare_data.py shards)."""
-    from safetensors import safe_open
-    sys.path.insert(0, str(ROOT / "tools"))
-    import prepare_data
     full = load_config(ROOT / "configs/sft_tiny.yaml", TINY_LLM + ["data.max_length=256"])
     prepare_data.write_shards(write_jsonl(tmp_path / "d.jsonl", make_records(16, 0)), tmp_path / "shards" / "t",
                               full, num_shards=2)
@@ -63,9 +66,6 @@ def test_bad_mesh_and_bad_init_from_are_clear_errors(tmp_path, capsys):
 
 
 def test_batches_with_ids_outside_the_vocabulary_are_refused():
-    import pytest
-
-    from editx_jax.train import loop, runs
     ok = {"tokens": np.array([[[5, 511]]]), "targets": np.array([[[511, 3]]])}
     runs.sft.check_ids(ok, 512)
     with pytest.raises(loop.RunError, match="outside the vocabulary"):

@@ -4,14 +4,28 @@ import jax
 import numpy as np
 import pytest
 from _rl_corpus import TINY, make_pairs
+from test_token2wav import SMALL_HIFT, small_flow_config
 
 from editx_jax import sharding
-from editx_jax.config import (ConfigError, DataConfig, DPOConfig, GRPOConfig, LLMConfig, MeshConfig,
-                              OptimizerConfig, PPOConfig, RewardConfig, load_config)
+from editx_jax.config import (
+    ConfigError,
+    DataConfig,
+    DPOConfig,
+    GRPOConfig,
+    LLMConfig,
+    MeshConfig,
+    OptimizerConfig,
+    PPOConfig,
+    RewardConfig,
+    load_config,
+)
 from editx_jax.data import pairs
 from editx_jax.data.jsonl import RecordError, WordHashTokenizer
+from editx_jax.decoder import flow, hift
+from editx_jax.decoder.token2wav import Decoder
 from editx_jax.models import llm
 from editx_jax.models import reward as rm
+from editx_jax.random_init import random_params
 from editx_jax.train import batches, dpo, grpo, logprobs, losses, ppo, reward, rollout, token_rewards
 from editx_jax.train import state as st
 from editx_jax.train.jit import sharded_step
@@ -162,13 +176,6 @@ def test_bad_input_is_a_clear_error():
 
 
 def test_audio_reward_decodes_in_process_and_scores_each_completion():
-    from test_token2wav import SMALL_HIFT, small_flow_config
-
-    from editx_jax.decoder import flow, hift
-    from editx_jax.decoder.token2wav import Decoder
-    from editx_jax.random_init import random_params
-    from editx_jax.train import rollout
-
     cfg = small_flow_config()
     decoder = Decoder(random_params(flow.abstract_params(cfg), 1), cfg,
                       random_params(hift.abstract_params(SMALL_HIFT), 3, kernel_scale=0.3), SMALL_HIFT)

@@ -15,8 +15,16 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _rl_corpus import edit, make_pairs, make_prompts, prompt_ids  # noqa: E402
 
+from editx_jax.config import load_config  # noqa: E402
+from editx_jax.data.dataset import epoch_indices  # noqa: E402
+from editx_jax.data.jsonl import RecordError  # noqa: E402
+from editx_jax.data.records import read_prompt_records  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+import plot_metrics  # noqa: E402  (tools/plot_metrics.py, importable once tools/ is on the path)
+import train  # noqa: E402
 
 # the two full CLI chains take 12-40 s each on 2 cores (8 fake devices: every step and the sampler compile sharded)
 slow = pytest.mark.slow
@@ -44,7 +52,6 @@ def write_synthetic(folder, n_train=4096, n_eval=128) -> dict:
 
 
 def _main(algo, data, out, *extra, steps=2, flags=()):
-    import train
     train_file, eval_file = (data["pairs_train"], data["pairs_eval"]) if algo in ("reward", "dpo") else \
         (data["prompts_train"], data["prompts_eval"])
     sets = [f"data.train={train_file}", f"data.eval={eval_file}", f"train.output_dir={out}", f"train.steps={steps}",
@@ -72,8 +79,6 @@ def _check_run(out, algo, want_train, want_eval):
     assert [r["step"] for r in eval_rows] == [0, 2] and want_eval in eval_rows[-1], (algo, eval_rows)
     assert (pathlib.Path(out) / "checkpoints" / "2").is_dir()
     assert json.loads((pathlib.Path(out) / "run_config.json").read_text())["algo"] == algo
-    sys.path.insert(0, str(ROOT / "tools"))
-    import plot_metrics
     pngs = plot_metrics.plot(out)
     assert any(p.name == f"eval_{want_eval.replace('/', '_')}.png" for p in pngs)
 
@@ -125,10 +130,6 @@ def test_rl_cli_bad_input_is_a_clear_error(data, tmp_path, capsys):
 
 
 def test_epoch_indices_and_prompt_records(tmp_path):
-    from editx_jax.config import load_config
-    from editx_jax.data.jsonl import RecordError
-    from editx_jax.data.dataset import epoch_indices
-    from editx_jax.data.records import read_prompt_records
     seen = np.concatenate([epoch_indices(10, 4, s, 0) for s in range(5)])
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # each once an epoch
     assert (epoch_indices(10, 4, 3, 0) == epoch_indices(10, 4, 3, 0)).all()  # a resume finds its place

@@ -11,11 +11,18 @@ import pytest
 from _rl_corpus import TINY, edit, in_band_reward, make_pairs, make_prompts, prompt_ids
 
 from editx_jax import sharding
-from editx_jax.config import (DPOConfig, GenerationConfig, GRPOConfig, MeshConfig, OptimizerConfig, PPOConfig,
-                              RewardConfig)
+from editx_jax.config import (
+    DPOConfig,
+    GenerationConfig,
+    GRPOConfig,
+    MeshConfig,
+    OptimizerConfig,
+    PPOConfig,
+    RewardConfig,
+)
 from editx_jax.models import llm
 from editx_jax.models import reward as rm
-from editx_jax.train import dpo, grpo, ppo, reward
+from editx_jax.train import dpo, grpo, ppo, reward, rollout
 from editx_jax.train import state as st
 
 pytestmark = pytest.mark.slow
@@ -112,7 +119,6 @@ def test_ppo_raises_held_out_reward_within_the_kl_bound():
     held = [prompt_ids(*p) for p in make_prompts(32, 5)]
 
     def held_out_reward(params, key):
-        from editx_jax.train import rollout
         rows, comps = rollout.sample_completions(params, TINY, gen, held, key)
         return float(np.mean(in_band_reward(rows, comps, None)))
 

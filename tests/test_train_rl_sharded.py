@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from _rl_corpus import TINY, edit, make_prompts, prompt_ids
 
+import train
 from editx_jax import sharding
 from editx_jax.config import Config, GenerationConfig, MeshConfig, OptimizerConfig, RewardConfig
 from editx_jax.generate import decode
@@ -140,7 +141,6 @@ def test_sampler_runs_with_rule_table_shardings(monkeypatch):
 def test_reward_model_of_other_sizes_is_one_clear_line(tmp_path, capsys):
     """--reward-model whose hidden size (or vocabulary) is not the policy's: one line naming the key,
     exit 1, before any compilation, nothing written."""
-    import train
 
     bad = dataclasses.replace(TINY, hidden_size=48)
     _reward_run(tmp_path / "rm", bad)

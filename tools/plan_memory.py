@@ -52,13 +52,13 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices} " + \
             os.environ.get("XLA_FLAGS", "")
         os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
+    import jax  # noqa: PLC0415  (after --devices sets XLA_FLAGS)
 
-    from editx_jax import sharding
-    from editx_jax.config import ConfigError, MeshConfig, load_config
-    from editx_jax.data.dataset import BATCH_KEYS
-    from editx_jax.train import sft
-    from editx_jax.train import state as st
+    from editx_jax import sharding  # noqa: PLC0415  (after --devices sets XLA_FLAGS)
+    from editx_jax.config import ConfigError, MeshConfig, load_config  # noqa: PLC0415  (after --devices sets XLA_FLAGS)
+    from editx_jax.data.dataset import BATCH_KEYS  # noqa: PLC0415  (after --devices sets XLA_FLAGS)
+    from editx_jax.train import sft  # noqa: PLC0415  (after --devices sets XLA_FLAGS)
+    from editx_jax.train import state as st  # noqa: PLC0415  (after --devices sets XLA_FLAGS)
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -137,12 +137,12 @@ TEXT_IDS = 100
 def plan_inference(cfg, mesh, batches, clip_seconds) -> int:
     """Compile prefill and decode as `generate` sizes them (abstract shapes, nothing allocated) and
     print per-device bytes: params, KV cache, and each phase's temporaries."""
-    import jax
-    import jax.numpy as jnp
+    import jax  # noqa: PLC0415  (after --devices sets XLA_FLAGS)
+    import jax.numpy as jnp  # noqa: PLC0415  (after --devices sets XLA_FLAGS)
 
-    from editx_jax import sharding
-    from editx_jax.generate import decode as dec
-    from editx_jax.models import llm
+    from editx_jax import sharding  # noqa: PLC0415  (after --devices sets XLA_FLAGS)
+    from editx_jax.generate import decode as dec  # noqa: PLC0415  (after --devices sets XLA_FLAGS)
+    from editx_jax.models import llm  # noqa: PLC0415  (after --devices sets XLA_FLAGS)
 
     c, gen = cfg.llm, cfg.generation
     single = mesh.size == 1
