@@ -81,7 +81,7 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
     shards = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch shards: every process holds shards / pc
     if tc.batch_size % tc.grad_accum or micro_rows % shards:
         raise RunError(f"train.batch_size {tc.batch_size} / grad_accum {tc.grad_accum} = "
-                       f"{tc.batch_size / tc.grad_accum:g} rows per micro-batch must be whole and divide over "
+                       f"{tc.batch_size / tc.grad_accum:g} rows per micro-batch: they must be whole and must divide over "
                        f"data x fsdp = {shards} devices ({pc} processes)")
     resuming = resume and has_checkpoint(cfg)
     if init_from and not resume:
