@@ -1,6 +1,6 @@
 """Step1 prefill / decode speed on this machine, against its own memory-bandwidth roofline.
 
-    python tools/bench_llm.py --config configs/llm_300m.yaml --batch 1 --prompt-len 512 --new-tokens 128
+    python tools/bench_llm.py --config configs/llm_mid.yaml --batch 1 --prompt-len 512 --new-tokens 128
     python tools/bench_llm.py --config configs/llm_mid.yaml --quantize int8   # float, then int8, same run
 
 Prints compile times, prefill and decode tokens/s, peak memory, and decode speed as a fraction of
@@ -32,7 +32,7 @@ from editx_jax.models.quantize import check_quantize, quantize_params  # noqa: E
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(parser, default="configs/llm_300m.yaml")
+    add_config_args(parser, default="configs/llm_mid.yaml")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)

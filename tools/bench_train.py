@@ -1,6 +1,6 @@
 """Speed of the SFT step: tokens/s, step time, and model FLOPs utilisation from XLA's FLOP count.
 
-    python tools/bench_train.py                                   # mid-size config on CPU
+    python tools/bench_train.py                                   # performance.md's SFT step: LLM mid, 2 x 512
     python tools/bench_train.py --config configs/sft_step_audio_editx.yaml --batch 8 --seq 1536 \\
         --peak-tflops 989                                         # 3.5B on one H200 (bf16 dense peak)
 
@@ -25,22 +25,18 @@ from editx_jax.data.dataset import to_global
 from editx_jax.train import sft
 from editx_jax.train import state as st
 
-MID = ["llm.vocab_size=74752", "llm.hidden_size=512", "llm.intermediate_size=1408", "llm.num_heads=8",
-       "llm.num_groups=2", "llm.num_layers=4"]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/sft_tiny.yaml")
+    p.add_argument("--config", default="configs/llm_mid.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=None, metavar="KEY=VALUE",
-                   help="overrides (default for sft_tiny: a mid-size model, see MID)")
-    p.add_argument("--batch", type=int, default=8)
+                   help="config overrides, e.g. llm.num_layers=4")
+    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (0: not printed)")
     args = p.parse_args(argv)
-    overrides = args.overrides if args.overrides is not None else (MID if args.config.endswith("sft_tiny.yaml") else [])
+    overrides = args.overrides or []
     try:
         cfg = load_config(args.config, overrides)
         mesh = sharding.make_mesh(cfg.mesh)
