@@ -30,6 +30,7 @@ from editx_jax.text.prompts import (
     chat_template_ids,
     training_edit_instruction,
 )
+from editx_jax.vocab import EOT_ID
 
 UNIT = 5  # tokens per 2:3 audio unit
 
@@ -76,7 +77,7 @@ def record_to_pair(record: dict, tok, data: DataConfig, dpo: DPOConfig, vocab_si
         chosen = _audio_ids(record, "target_vq02vq06", data, vocab_size).tolist()
         use_field = dpo.use_rejected_field and record.get("rejected_vq02vq06") is not None
         rejected = (_audio_ids(record, "rejected_vq02vq06", data, vocab_size) if use_field else src).tolist()
-        eos = [jsonl.EOT] if dpo.append_eos else []
+        eos = [EOT_ID] if dpo.append_eos else []
         prompt = prompt_ids(record, tok, src, speaker_fn)
         truncated = False
         if dpo.truncation == "source_audio" and len(prompt) > dpo.max_prompt_length:
