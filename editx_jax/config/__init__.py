@@ -18,7 +18,7 @@ from typing import Any
 
 from editx_jax.config.audio import (FBANK_WINDOWS, TOKENIZER_SAMPLE_RATE, AudioTokenizerConfig, FbankConfig,
                                     ParaformerEncoderConfig, S3TokenizerConfig, WhisperMelConfig)
-from editx_jax.config.base import (DTYPES, MATMUL_PRECISIONS, PRECISIONS, REMAT_POLICIES, ConfigError,
+from editx_jax.config.base import (DTYPES, MATMUL_PRECISIONS, REMAT_POLICIES, ConfigError,
                                    apply_overrides, check_matmul_precision, deep_merge, from_dict, read_preset,
                                    to_dict)
 from editx_jax.config.decoder import (BIGVGAN_CONTEXT, VOCODERS, BigVGANConfig, CAMPPlusConfig, DiTConfig,
@@ -35,7 +35,7 @@ __all__ = [
     "ConfigError", "DPOConfig", "DPO_TRUNCATION", "DTYPES", "DataConfig", "DiTConfig", "DualCodebookConfig",
     "EditXConfig", "FBANK_WINDOWS", "FbankConfig", "FlowConfig", "GRPOConfig", "GRPO_REWARDS",
     "GenerationConfig", "HiFTConfig", "LLMConfig", "LOSS_NORMS", "MATMUL_PRECISIONS", "MelConfig", "MeshConfig", "QUANTIZE",
-    "OVERLONG", "OptimizerConfig", "PPOConfig", "PRECISIONS", "ParaformerEncoderConfig", "READOUTS",
+    "OVERLONG", "OptimizerConfig", "PPOConfig", "ParaformerEncoderConfig", "READOUTS",
     "REMAT_POLICIES", "RewardConfig", "S3TokenizerConfig", "SCHEDULES", "TOKENIZER_SAMPLE_RATE",
     "Token2WavConfig", "TrainConfig", "UpsampleEncoderConfig", "VOCODERS", "WhisperMelConfig",
     "add_config_args", "apply_overrides", "check_matmul_precision", "deep_merge", "from_dict", "load_config",

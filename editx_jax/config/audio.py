@@ -6,10 +6,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import numpy as np
 
-from editx_jax.config.base import PRECISIONS, ConfigError, check_matmul_precision
+from editx_jax.config.base import ConfigError, check_matmul_precision
 from editx_jax.vocab import VQ02_CODES, VQ06_CODES
 
 TOKENIZER_SAMPLE_RATE = 16000  # both tokenizer streams read 16 kHz audio
@@ -214,8 +213,9 @@ class S3TokenizerConfig:
         return self.n_audio_state // self.n_audio_head
 
     @property
-    def precision(self) -> jax.lax.Precision:
-        return PRECISIONS[self.matmul_precision]
+    def precision(self) -> str:
+        """The matmul precision by name, which jax's matmuls and convolutions take as it is."""
+        return self.matmul_precision
 
     def token_lengths(self, mel_len):
         """Frames after the conv stem: (T-1)//s1 + 1, then (T1-1)//2 + 1 (0 stays 0)."""

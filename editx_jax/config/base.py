@@ -11,7 +11,6 @@ import json
 import pathlib
 import typing
 
-import jax
 import yaml
 
 
@@ -22,7 +21,6 @@ class ConfigError(ValueError):
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "minimal")
 MATMUL_PRECISIONS = ("default", "high", "highest")  # jax.lax.Precision names, for *.matmul_precision
-PRECISIONS = {name: jax.lax.Precision[name.upper()] for name in MATMUL_PRECISIONS}
 
 
 def _is_pow2(n: int) -> bool:

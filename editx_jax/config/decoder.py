@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 
-from editx_jax.config.base import DTYPES, PRECISIONS, ConfigError, as_tuples, check_matmul_precision
+from editx_jax.config.base import DTYPES, MATMUL_PRECISIONS, ConfigError, as_tuples, check_matmul_precision
 
 VOCODERS = ("hift", "bigvgan")
 BIGVGAN_CONTEXT = 3  # mel frames reflect-padded on each side before BigVGAN (its conv_pre has no padding)
@@ -84,8 +83,9 @@ class UpsampleEncoderConfig:
         return self.output_size // self.attention_heads
 
     @property
-    def precision(self) -> jax.lax.Precision:
-        return PRECISIONS[self.matmul_precision]
+    def precision(self) -> str:
+        """The matmul precision by name, which jax's matmuls and convolutions take as it is."""
+        return self.matmul_precision
 
     def output_lengths(self, lengths):
         return lengths * self.up_stride
@@ -230,8 +230,8 @@ class HiFTConfig:
                               f"{self.istft_n_fft}")
         if not 0 < self.audio_limit:
             raise ConfigError(f"hift.audio_limit: must be positive, got {self.audio_limit}")
-        if self.matmul_precision not in PRECISIONS:
-            raise ConfigError(f"hift.matmul_precision: one of {sorted(PRECISIONS)}, got {self.matmul_precision!r}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ConfigError(f"hift.matmul_precision: one of {sorted(MATMUL_PRECISIONS)}, got {self.matmul_precision!r}")
 
     @property
     def hop(self) -> int:
@@ -304,8 +304,8 @@ class BigVGANConfig:
             raise ConfigError(f"bigvgan.activation: 'snake' or 'snakebeta', got {self.activation!r}")
         if not 0 <= self.conv_pre_padding <= CONV_PRE_KERNEL // 2:
             raise ConfigError(f"bigvgan.conv_pre_padding: between 0 and 3, got {self.conv_pre_padding}")
-        if self.matmul_precision not in PRECISIONS:
-            raise ConfigError(f"bigvgan.matmul_precision: one of {sorted(PRECISIONS)}, got {self.matmul_precision!r}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ConfigError(f"bigvgan.matmul_precision: one of {sorted(MATMUL_PRECISIONS)}, got {self.matmul_precision!r}")
 
     @property
     def hop(self) -> int:

@@ -1,4 +1,8 @@
-"""Matmul precision names (config fields) -> jax.lax.Precision. The table is defined with the config
-checks that validate those names (config/base.py) and re-exported here for the layers."""
+"""Matmul precision names (config fields, validated by config/base.py) -> jax.lax.Precision. The table
+lives here, not in config/, so that reading a config never imports jax."""
 
-from editx_jax.config.base import PRECISIONS  # noqa: F401  (re-exported)
+import jax
+
+from editx_jax.config.base import MATMUL_PRECISIONS
+
+PRECISIONS = {name: jax.lax.Precision[name.upper()] for name in MATMUL_PRECISIONS}
