@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 
 import jax
@@ -29,6 +30,7 @@ from editx_jax.cli import check_output_dir
 from editx_jax.config import ConfigError, add_config_args, load_config
 from editx_jax.convert.llm import export_llm
 from editx_jax.train import loop, runs
+from editx_jax.train.peers import PeerWatchdog
 
 # One line per algorithm: its wiring file's setup(cfg, ...) -> loop.Run (train/runs/<algo>.py).
 RUNS = {
@@ -40,18 +42,28 @@ RUNS = {
 }
 
 
-def init_distributed(args) -> None:
-    """`jax.distributed.initialize` when a coordinator is given (flag or environment)."""
+def init_distributed(args, out_dir: str) -> PeerWatchdog | None:
+    """`jax.distributed.initialize` when a coordinator is given (flag or environment), and the
+    watchdog that ends this process with one clear line when another one dies."""
     address = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not address:
-        return
+        return None
     num = args.num_processes if args.num_processes is not None else int(os.environ.get("JAX_NUM_PROCESSES", "1"))
     pid = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "0"))
     # A process that stops sending heartbeats (killed, hung host) is declared dead after this long, and
-    # the coordination service then ends the others with an error instead of leaving them in a collective.
+    # the coordination service then aborts the others instead of leaving them in a collective; our
+    # watchdog reports it first, after half of it, with which process and where to resume.
     jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
                                heartbeat_timeout_seconds=args.heartbeat_timeout)
     print(f"process {jax.process_index()} of {jax.process_count()} (jax.distributed via {address})", flush=True)
+    return PeerWatchdog(args.heartbeat_timeout / 2, lambda: resume_hint(pathlib.Path(out_dir))).start()
+
+
+def resume_hint(out: pathlib.Path) -> str:
+    step = loop.latest_step(out / "checkpoints")
+    if step is None:
+        return f"no checkpoint in {out} yet: the run must start again"
+    return f"the run can be resumed with --resume from {out} (last complete checkpoint: step {step})"
 
 
 def main(argv=None) -> int:
@@ -72,9 +84,11 @@ def main(argv=None) -> int:
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--heartbeat-timeout", type=int, default=100, metavar="SECONDS",
-                        help="multi-host: end the job when a process is silent this long (default 100)")
+                        help="multi-host: a process silent for half this long is reported dead and the others "
+                        "exit; the coordination service aborts them after all of it (default 100)")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
+    watchdog, finished = None, False
     try:
         cfg = load_config(args.config, overrides)
         check_output_dir(cfg.train.output_dir, "train.output_dir")  # before any model loads
@@ -82,7 +96,7 @@ def main(argv=None) -> int:
             check_output_dir(args.export, "--export")
         if args.export and args.algo == "reward":
             raise ValueError("--export writes a policy; a reward model has no released format")
-        init_distributed(args)
+        watchdog = init_distributed(args, cfg.train.output_dir)
         run = RUNS[args.algo](cfg, resume=args.resume, init_from=args.init_from, reward_fns=args.reward_fn,
                               reward_model=args.reward_model)
         result = loop.run(cfg, run, resume=args.resume)
@@ -95,10 +109,16 @@ def main(argv=None) -> int:
             if jax.process_index() == 0:
                 info = export_llm(params, cfg.llm, args.export, dtype="bfloat16")
                 print(f"exported {info['tensors']} tensors to {info['dst']}")
+        finished = True
         return 0
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if watchdog:
+            # Finished: the others may still be exporting and must not take our silence for death.
+            # Failed: go silent, so that they report us instead of waiting in a collective.
+            watchdog.stop(finished=finished)
 
 
 if __name__ == "__main__":

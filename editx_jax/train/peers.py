@@ -1,0 +1,82 @@
+"""Multi-host liveness: a thread in every process that notices a dead or silent peer and ends this
+process with one clear line (which process, where to resume) instead of leaving it in a collective.
+
+JAX's coordination service also ends the job when a process stops sending heartbeats, but from a C++
+thread with a fatal log and SIGABRT, after the whole `heartbeat_timeout`; its missed-heartbeat hook
+cannot be set from Python in jax 0.10 (the status does not convert: std::bad_cast). So the processes
+keep their own heartbeat in the service's key-value store and declare a peer dead after half that
+timeout, before the service would abort them. A process that finished its work says so (`stop`), so
+that peers still exporting or saving do not mistake its silence for death."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+# The distributed client lives only in jax's private state (orbax and multihost_utils read it there too).
+from jax._src import distributed
+
+PREFIX = "editx/peers"
+
+
+class PeerWatchdog:
+    """Heartbeat every `interval` seconds; a peer whose count has not moved for `stale_after` seconds
+    (or a coordination service that no longer answers: process 0 is gone) ends this process with
+    `error: ...` and exit status 1. `resume_hint()` says where the run can be resumed from."""
+
+    def __init__(self, stale_after: float, resume_hint: Callable[[], str], *, interval: float = 1.0):
+        state = distributed.global_state
+        self.client, self.me, self.count = state.client, state.process_id, state.num_processes
+        self.stale_after, self.interval, self.resume_hint = stale_after, interval, resume_hint
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="peer-watchdog", daemon=True)
+
+    def start(self) -> PeerWatchdog:
+        self._thread.start()
+        return self
+
+    def stop(self, *, finished: bool) -> None:
+        """Stop beating and watching. `finished`: tell the others not to expect our heartbeat any more;
+        otherwise they report this process as stopped after `stale_after`."""
+        self._stop.set()
+        self._thread.join()
+        if not finished:
+            return
+        try:
+            self.client.key_value_set(f"{PREFIX}/done/{self.me}", "1", allow_overwrite=True)
+        except Exception:  # noqa: BLE001  (the service may already be gone; nothing is waiting on us then)
+            pass
+
+    def _watch(self) -> None:
+        start = time.monotonic()
+        beat, seen = 0, {peer: (None, start) for peer in range(self.count)}  # peer -> (last count, since when)
+        while not self._stop.wait(self.interval if beat else 0):
+            try:
+                self.client.key_value_set(f"{PREFIX}/alive/{self.me}", str(beat), allow_overwrite=True)
+                alive = dict(self.client.key_value_dir_get(f"{PREFIX}/alive/"))
+                done = dict(self.client.key_value_dir_get(f"{PREFIX}/done/"))
+            except Exception as e:  # noqa: BLE001  (any failure to reach the service means process 0 is gone)
+                if not self._stop.is_set():
+                    self._fail(0, f"the coordination service no longer answers: {str(e).splitlines()[0]}")
+                return
+            beat += 1
+            now = time.monotonic()
+            for peer in range(self.count):
+                if peer == self.me or f"{PREFIX}/done/{peer}" in done:
+                    continue
+                count = alive.get(f"{PREFIX}/alive/{peer}")
+                if count != seen[peer][0]:
+                    seen[peer] = (count, now)
+                elif now - seen[peer][1] > self.stale_after and not self._stop.is_set():
+                    self._fail(peer, f"no heartbeat for over {self.stale_after:g} s")
+
+    def _fail(self, peer: int, why: str) -> None:
+        sys.stdout.flush()
+        print(f"error: process {peer} of {self.count} stopped responding ({why}); {self.resume_hint()}",
+              file=sys.stderr, flush=True)
+        # Straight out: a normal exit would run jax.distributed's shutdown barrier, which waits for the
+        # dead peer; the main thread may be stuck in a collective that never completes.
+        os._exit(1)
