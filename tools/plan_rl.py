@@ -61,7 +61,9 @@ def _phases(cfg, algo: str, mesh, rows: int, seq: int, minibatches: int, accum: 
     c, tx = cfg.llm, st.make_optimizer(cfg.optimizer, cfg.train.steps)
     sh = st.llm_state_shardings(c, tx, mesh)
     policy = st.abstract_llm_state(c, tx, sh)
-    ref = st.with_shardings(llm.abstract_params(st.master_config(c)), sh["params"])
+    # PPO's frozen roles are stored as ppo.frozen_dtype (what runs/ppo.py places); DPO's and GRPO's float32
+    ref = st.frozen(llm.abstract_params(st.master_config(c)), sh["params"],
+                    cfg.ppo.frozen_dtype if algo == "ppo" else "float32")
     roles = {"policy state": _bytes(policy), "reference": _bytes(ref)}
     rep = sharding.replicated(mesh)
     if algo == "dpo":
@@ -95,6 +97,12 @@ def _phases(cfg, algo: str, mesh, rows: int, seq: int, minibatches: int, accum: 
     }, roles
 
 
+def _reward_model(cfg, mesh):
+    mcfg = st.master_config(cfg.llm)
+    return st.frozen(rm.abstract_params(mcfg), sharding.logical_to_sharding(rm.param_logical_axes(mcfg), mesh),
+                     cfg.ppo.frozen_dtype)
+
+
 def _peak(step, args, resident: int) -> tuple[float, float]:
     """(peak GiB, temporaries GiB) of one phase per device."""
     mem = step.lower(*args).compile().memory_analysis()
@@ -123,8 +131,11 @@ def plan(cfg, algo: str, targets) -> int:
         print(f"\n{name}: mesh data 1 x fsdp {n_dev} x tensor 1; budget {budget:.1f} GiB "
               f"({HEADROOM:.0%} of {capacity / GiB:.1f})")
         header = None
-        for remat in dict.fromkeys((c.remat_policy, "full")):
-            run_cfg = dataclasses.replace(cfg, llm=dataclasses.replace(c, remat_policy=remat))
+        # PPO also tries its frozen roles (reference, reward model) in bfloat16 storage (ppo.frozen_dtype)
+        frozen = dict.fromkeys((cfg.ppo.frozen_dtype, "bfloat16") if algo == "ppo" else (cfg.ppo.frozen_dtype,))
+        for frozen_dtype, remat in ((f, r) for f in frozen for r in dict.fromkeys((c.remat_policy, "full"))):
+            run_cfg = dataclasses.replace(cfg, llm=dataclasses.replace(c, remat_policy=remat),
+                                          ppo=dataclasses.replace(cfg.ppo, frozen_dtype=frozen_dtype))
             fitted = False
             for micro_rows in (16, 8, 4, 2, 1):
                 if micro_rows > grad_rows or micro_rows % n_dev or (algo == "dpo" and micro_rows % 2):
@@ -132,20 +143,24 @@ def plan(cfg, algo: str, targets) -> int:
                 accum = grad_rows // micro_rows
                 phases, roles = _phases(run_cfg, algo, mesh, rows, seq, minibatches, accum, micro_rows)
                 resident = sum(roles.values())
-                if header is None:
-                    header = list(phases)
+                if header != (list(phases), roles):
+                    header = (list(phases), roles)
                     print("resident: " + ", ".join(f"{k} {v / GiB:.1f}" for k, v in roles.items())
                           + f"; rollout KV cache (bf16, {rows} x {seq}) "
                           f"{_kv_cache(c, rows, seq, n_dev):.2f}" * (algo != "dpo"))
+                    if algo == "ppo":  # the reward here is a --reward-fn; a --reward-model stays resident too
+                        print(f"  (a --reward-model as the reward would add {_bytes(_reward_model(run_cfg, mesh)) / GiB:.1f}"
+                              " resident, not counted here)")
                     print(f"{'remat':>32} {'grad_accum':>10} {'micro_batch':>11} "
-                          + " ".join(f"{h[:24]:>24}" for h in header) + "  fits")
+                          + " ".join(f"{h[:24]:>24}" for h in header[0]) + "  fits")
                 peaks = [_peak(step, args, resident) for step, args in phases.values()]
                 worst = max(p for p, _ in peaks)
                 fits = worst <= budget
                 print(f"{remat:>32} {accum:>10} {micro_rows:>11} "
                       + " ".join(f"{f'{p:.1f} (tmp {t:.1f})':>24}" for p, t in peaks) + f"  {'yes' if fits else 'no'}")
                 if fits:
-                    best[target] = (remat, accum, micro_rows, n_dev, worst)
+                    best[target] = (remat, accum, micro_rows, n_dev, worst,
+                                    f" --set ppo.frozen_dtype={frozen_dtype}" * (algo == "ppo"))
                     fitted = True
                     break
             if fitted:
@@ -155,9 +170,10 @@ def plan(cfg, algo: str, targets) -> int:
     print("\nconfig that fits (the largest micro-batch):")
     for target in targets:
         if target in best:
-            remat, accum, micro_rows, n_dev, worst = best[target]
+            remat, accum, micro_rows, n_dev, worst, frozen_set = best[target]
             print(f"  {target}: --set {BATCH_SETS[algo]} --set mesh.fsdp={n_dev} --set llm.remat_policy={remat} "
-                  f"--set train.grad_accum={accum} --set train.micro_batch={micro_rows}   (peak {worst:.1f} GiB)")
+                  f"--set train.grad_accum={accum} --set train.micro_batch={micro_rows}{frozen_set}   "
+                  f"(peak {worst:.1f} GiB)")
         else:
             print(f"  {target}: none")
     return 0

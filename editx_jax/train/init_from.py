@@ -19,7 +19,7 @@ from editx_jax.config import Config
 from editx_jax.models import llm
 from editx_jax.models import reward as rm
 from editx_jax.train.loop import RunError
-from editx_jax.train.state import check_shapes, master_config, with_shardings
+from editx_jax.train.state import check_shapes, frozen, master_config, with_shardings
 
 
 def is_run_dir(path) -> bool:
@@ -127,12 +127,12 @@ def check_reward_model(path, cfg: Config) -> None:
                        "share the policy's vocabulary and sizes to score its tokens")
 
 
-def load_reward_params(path, cfg: Config, mesh=None):
-    """A reward model's float32 params from a reward run folder (`--algo reward` output), read straight
-    into the rules table's shardings on `mesh` (default: cfg.mesh over all devices); no host copy."""
+def load_reward_params(path, cfg: Config, mesh=None, dtype: str = "float32"):
+    """A reward model's params (as `dtype`: Orbax casts while reading) from a reward run folder
+    (`--algo reward` output), read straight into the rules table's shardings on `mesh` (default:
+    cfg.mesh over all devices); no host copy."""
     check_reward_model(path, cfg)
     mesh = mesh or sharding.make_mesh(cfg.mesh)
     mcfg = master_config(cfg.llm)
-    target = with_shardings(rm.abstract_params(mcfg),
-                            sharding.logical_to_sharding(rm.param_logical_axes(mcfg), mesh))
+    target = frozen(rm.abstract_params(mcfg), sharding.logical_to_sharding(rm.param_logical_axes(mcfg), mesh), dtype)
     return _restore_params(path, target, "--reward-model")

@@ -86,6 +86,15 @@ def with_shardings(abstract, shardings):
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def frozen(params, shardings, dtype: str):
+    """A frozen role's params (a reference: no optimizer) in storage `dtype`, placed in `shardings`;
+    abstract leaves (a resume's restore target) retyped. The cast runs in one jit on the devices."""
+    dtype = jnp.dtype(dtype)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
+        return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s), params, shardings)
+    return jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x.astype(dtype), t), out_shardings=shardings)(params)
+
+
 def create_state(params, tx, shardings: dict) -> dict:
     """A train state (float32 master weights, fresh AdamW) around `params`, placed in `shardings`."""
     mesh = jax.tree_util.tree_leaves(shardings["params"])[0].mesh

@@ -45,12 +45,12 @@ def setup(cfg: Config, *, resume: bool = False, init_from: str | None = None, lo
                         m.shape["data"] * m.shape["fsdp"], "a minibatch (train.batch_size / ppo.minibatches)")
     check_run_folder(cfg, resume, "ppo")
     data = rollouts.read_prompts(cfg, tokenizer, log)
-    fns = rollouts.reward_fns("ppo", cfg, reward_fns, reward_model, mesh)
+    fns = rollouts.reward_fns("ppo", cfg, reward_fns, reward_model, mesh, cfg.ppo.frozen_dtype)
     fresh = not (resume and has_checkpoint(cfg))
     policy = load_policy_params(init_from, cfg, log, mesh) if fresh else None
     tx = train_state.make_optimizer(cfg.optimizer, tc.steps)
     sh = train_state.llm_state_shardings(cfg.llm, tx, mesh)
-    pol_state, ref = rollouts.policy_and_ref(cfg, policy, tx, sh)
+    pol_state, ref = rollouts.policy_and_ref(cfg, policy, tx, sh, cfg.ppo.frozen_dtype)
     vtx = train_state.make_optimizer(cfg.optimizer, tc.steps)
     vsh = reward.shardings(cfg.llm, vtx, value_mesh or mesh)
     if fresh:

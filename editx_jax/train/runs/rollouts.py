@@ -10,7 +10,6 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from editx_jax import sharding
 from editx_jax.config import Config, GenerationConfig
 from editx_jax.data.dataset import epoch_indices
 from editx_jax.data.records import read_prompt_records
@@ -27,14 +26,14 @@ def check_rows(mesh, rows: int, what: str) -> None:
         raise RunError(f"{what}: {rows} rows per step must divide over data x fsdp = {shards} devices")
 
 
-def reward_fns(algo: str, cfg: Config, specs, reward_model, mesh=None) -> list:
+def reward_fns(algo: str, cfg: Config, specs, reward_model, mesh=None, dtype: str = "float32") -> list:
     """GRPO: grpo.rewards unless --reward-fn / --reward-model are given; PPO: those flags (one needed).
     A reward model is checked against the policy first (before anything is read or compiled), then
-    read straight into its shardings on `mesh` (the policy's) and scored there."""
+    read straight into its shardings on `mesh` (the policy's), stored as `dtype`, and scored there."""
     fns = list(specs or [])
     if reward_model:
         check_reward_model(reward_model, cfg)
-        params = load_reward_params(reward_model, cfg, mesh)
+        params = load_reward_params(reward_model, cfg, mesh, dtype)
         fns.append(rollout.reward_model_fn(params, cfg.llm, cfg.reward, cfg.llm, cfg.llm.pad_id, mesh=mesh,
                                            micro_batch=cfg.train.micro_batch))
     if not fns and algo == "grpo":
@@ -65,13 +64,13 @@ def read_prompts(cfg: Config, tokenizer, log) -> Prompts:
     return Prompts(prompts, records, held)
 
 
-def policy_and_ref(cfg: Config, policy, tx, sh: dict) -> tuple:
-    """The policy train state and the frozen reference params from host `policy` params; sharded
-    abstract leaves when resuming (policy None: the loop restores into them)."""
+def policy_and_ref(cfg: Config, policy, tx, sh: dict, ref_dtype: str = "float32") -> tuple:
+    """The policy train state and the frozen reference params (stored as `ref_dtype`) from `policy`
+    params; sharded abstract leaves when resuming (policy None: the loop restores into them)."""
     if policy is not None:
-        return train_state.create_state(policy, tx, sh), sharding.place(policy, sh["params"])
+        return train_state.create_state(policy, tx, sh), train_state.frozen(policy, sh["params"], ref_dtype)
     abstract = llm.abstract_params(train_state.master_config(cfg.llm))
-    return train_state.abstract_llm_state(cfg.llm, tx, sh), train_state.with_shardings(abstract, sh["params"])
+    return train_state.abstract_llm_state(cfg.llm, tx, sh), train_state.frozen(abstract, sh["params"], ref_dtype)
 
 
 def held_out_eval(cfg: Config, data: Prompts, gen: GenerationConfig, fns, weights) -> Callable | None:
