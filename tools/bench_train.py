@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     print(f"model FLOPs/step {flops:.4g} ({flops / dt / 1e12:.3f} TFLOP/s achieved); XLA count "
           f"{xla_flops:.4g} (one layer of one micro-batch: loop bodies count once)")
     peak, source = peak_flops(args.peak_tflops, cfg.llm.dtype)
-    print(f"MFU {flops / dt / (len(mesh.devices.flat) * peak) * 100:.1f} % (peak {peak / 1e12:.1f} TFLOP/s per "
+    print(f"MFU {flops / dt / (len(mesh.devices.flat) * peak) * 100:.1f} % (peak {peak / 1e12:.3g} TFLOP/s per "
           f"device, {source})")
     kind, peak = peak_memory_bytes()
     print(f"{kind}: {peak / 2**30:.2f} GiB")
