@@ -296,9 +296,12 @@ class Decoder:
                 or noise.shape[2] != cfg.output_size:
             raise Token2WavError(f"noise must be (1, >= {2 * width}, {cfg.output_size}) (channels-last), got "
                                  f"{list(noise.shape)}")
-        batch = _pad_rows((pairs, lengths, embeddings[active], cond), self._rows(len(active)))
-        x = flow_batch(self.flow_params, *batch, _pad_rows(noise[:, :2 * width], len(batch[0]))
-                       if noise.shape[0] > 1 else noise[:, :2 * width], cfg, self.config.n_timesteps, self.mesh)
+        rows = self._rows(len(active))
+        noise = noise[:, :2 * width]
+        if noise.shape[0] > 1:  # one noise per item: idle rows take row 0's
+            noise = _pad_rows(noise, rows)
+        x = flow_batch(self.flow_params, *_pad_rows((pairs, lengths, embeddings[active], cond), rows), noise, cfg,
+                       self.config.n_timesteps, self.mesh)
         x = np.asarray(x)
         for row, i in enumerate(active):
             start = 2 * len(prompt_pairs[i])
