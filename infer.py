@@ -129,7 +129,7 @@ def _load_model(args):
                                       **{**sections.get("generation", {}), **overrides})
     else:
         config = load_config(args.config, args.overrides + [f"generation.{k}={v}" for k, v in overrides.items()])
-        model = EditX.random(config, seed=args.seed)
+        model = EditX.random(config, seed=args.seed, mesh=args.mesh_obj)
     print(f"model ready in {time.perf_counter() - t:.1f} s")
     return model
 
@@ -213,7 +213,7 @@ def build_parser() -> OneLineParser:
         p.add_argument("--top-k", type=int)
         p.add_argument("--max-new-tokens", type=int)
         p.add_argument("--dtype", help="LLM weights and compute: float32 or bfloat16 (default: the model's)")
-        p.add_argument("--mesh", help="devices for the LLM, e.g. data=2,tensor=4 (axes data, fsdp, tensor; "
+        p.add_argument("--mesh", help="devices for the LLM and the decoder, e.g. data=2,tensor=4 (axes data, fsdp, tensor; "
                                       "default: the --config's mesh section)")
 
     p = sub.add_parser("clone", help="speak new text in the voice of a prompt clip")

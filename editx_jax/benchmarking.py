@@ -52,6 +52,22 @@ def matmul_flops(n: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
     return 2 * n ** 3 / best_seconds(lambda: mm(a, a), repeats)
 
 
+# Datasheet peaks per device, found by a substring of jax's `device_kind`: (dense bf16 FLOP/s,
+# HBM bytes/s). "NVIDIA H100 80GB HBM3" is the SXM part; the PCIe H100 is slower and not listed.
+DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
+    ("H100 80GB HBM3", 989e12, 3.35e12),
+    ("H100 SXM", 989e12, 3.35e12),
+    ("H200", 989e12, 4.8e12),
+)
+
+
+def device_peaks(device=None) -> tuple[float, float] | None:
+    """(bf16 FLOP/s, HBM bytes/s) of `device` (default: the first) from DEVICE_PEAKS; None for a
+    device not listed (a CPU: measure it instead with `matmul_flops` / `copy_bandwidth`)."""
+    kind = (device or jax.devices()[0]).device_kind
+    return next(((f, b) for name, f, b in DEVICE_PEAKS if name in kind), None)
+
+
 def peak_memory_bytes() -> tuple[str, int]:
     """(what was measured, bytes): the first device's peak bytes in use when the backend reports it
     (GPU, TPU), else this process's peak resident set size (CPU, where the arrays live in RAM)."""

@@ -75,10 +75,13 @@ class Request:
 
 
 class EditX:
-    mesh = None  # the LLM's device mesh, when from_pretrained(mesh=...) placed it over one
-
-    def __init__(self, config: Config, llm_params, text_tokenizer, audio_tokenizer, decoder):
+    def __init__(self, config: Config, llm_params, text_tokenizer, audio_tokenizer, decoder, mesh=None):
+        """mesh: generate and run token2wav sharded over it by the rules table (the LLM params
+        should already be placed by `param_logical_axes`; the decoder's are placed here)."""
         self.config = config
+        self.mesh = mesh
+        if mesh is not None:
+            decoder.shard(mesh)
         # On the device once: numpy leaves would be copied again on every jitted call (7 GB each at
         # the released size); the host copies are dropped when the caller lets them go. bfloat16
         # layer kernels are held as their bits (`to_scan_storage`, converted in place in the
@@ -106,7 +109,7 @@ class EditX:
 
         llm_overrides: LLM config fields, e.g. {"dtype": "float32", "param_dtype": "float32"} (a
         different param_dtype is cast while restoring). mesh: place the LLM's params by the rules
-        table over this mesh, and generate sharded. The params are restored straight onto the
+        table over this mesh, and generate and decode sharded. The params are restored straight onto the
         device(s), with no second host copy."""
         folder = pathlib.Path(folder)
         if not folder.is_dir():
@@ -134,20 +137,21 @@ class EditX:
         config = dataclasses.replace(config, llm=llm_config, tokenizer=audio_tokenizer.config,
                                      flow=decoder.flow_config, token2wav=decoder.config,
                                      campplus=decoder.campplus_config or config.campplus, **vocoder)
-        model = cls(config, llm_params, text_tokenizer, audio_tokenizer, decoder)
-        model.mesh = mesh
-        return model
+        return cls(config, llm_params, text_tokenizer, audio_tokenizer, decoder, mesh)
 
     @classmethod
-    def random(cls, config: Config, seed: int = 0) -> "EditX":
+    def random(cls, config: Config, seed: int = 0, mesh=None) -> "EditX":
         """Random weights at the sizes of `config` (e.g. configs/tiny.yaml), with a small trained
-        text tokenizer of the released id layout. Produces noise: for demos and tests only."""
+        text tokenizer of the released id layout. Produces noise: for demos and tests only.
+        mesh: as in `from_pretrained`."""
         vocoder = vocoders.get(config.token2wav.vocoder)
         voc_config = getattr(config, vocoder.name)  # the vocoder's config section bears its name
         float_llm = dataclasses.replace(config.llm, quantize="none")
         llm_params = random_params(llm.abstract_params(float_llm), seed, kernel_scale=1.0)
         # int8 (llm.quantize): the random float weights quantized in place, one leaf at a time
         llm_params, _ = quantize_params(llm_params, float_llm, config.llm.quantize, config.llm.quantize_embeddings)
+        if mesh is not None:
+            llm_params = sharding.place(llm_params, sharding.logical_to_sharding(param_logical_axes(config.llm), mesh))
         decoder = Decoder(random_params(flow.abstract_params(config.flow), seed + 1), config.flow,
                           # small vocoder kernels keep a random vocoder (HiFT) out of its chaotic regime
                           random_params(vocoder.module.abstract_params(voc_config), seed + 2, kernel_scale=0.3),
@@ -155,7 +159,7 @@ class EditX:
                           random_params(campplus.abstract_params(config.campplus), seed + 3), config.campplus,
                           config.token2wav)
         return cls(config, llm_params, TextTokenizer(train_layout_model()),
-                   AudioTokenizer.random(config.tokenizer, seed=seed + 4), decoder)
+                   AudioTokenizer.random(config.tokenizer, seed=seed + 4), decoder, mesh)
 
     def save(self, folder) -> pathlib.Path:
         """Write the model folder `from_pretrained` reads."""

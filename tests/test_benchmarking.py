@@ -1,6 +1,11 @@
 """The machine measurements the benchmark tools share (small sizes: this only checks they work)."""
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
+from conftest import ROOT
 
 from editx_jax import benchmarking
 
@@ -14,3 +19,32 @@ def test_measurements_are_positive_and_sane():
     assert out.shape == (8, 2) and float(out[0, 0]) == 4.0 and seconds >= 0
     assert benchmarking.best_seconds(lambda: jnp.ones(3) + 1, repeats=3) >= 0
     assert benchmarking.tree_bytes({"a": jnp.ones((2, 3)), "b": [jnp.ones(4, jnp.bfloat16)]}) == 24 + 8
+
+
+class _Device:
+    def __init__(self, kind):
+        self.device_kind = kind
+
+
+def test_device_peaks_by_kind():
+    assert benchmarking.device_peaks(_Device("NVIDIA H100 80GB HBM3")) == (989e12, 3.35e12)
+    assert benchmarking.device_peaks(_Device("NVIDIA H200")) == (989e12, 4.8e12)
+    assert benchmarking.device_peaks(_Device("NVIDIA H100 PCIe")) is None  # a slower part: not guessed
+    assert benchmarking.device_peaks(_Device("cpu")) is None
+
+
+def test_device_check_tools_import_no_optional_packages():
+    """tools/device_check.sh runs on a bare jax + flax + optax image: what its steps import must not
+    pull librosa, grain or tensorflow_datasets."""
+    code = (
+        "import runpy, sys, importlib\n"
+        "for tool in ('tools/bench_llm.py', 'tools/bench_decoder.py', 'tools/bench_train.py'):\n"
+        "    runpy.run_path(tool, run_name='imported')\n"
+        "from editx_jax.parity import gate\n"
+        "for target in gate.RUNNERS.values():\n"
+        "    importlib.import_module(target.split(':')[0])\n"
+        "print(sorted({'librosa', 'grain', 'tensorflow_datasets'} & set(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

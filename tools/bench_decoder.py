@@ -2,6 +2,7 @@
 
     python tools/bench_decoder.py                         # 5 s and 20 s of speech, batch 1 and 8
     python tools/bench_decoder.py --seconds 5 --batch 1 --dtype bfloat16
+    python tools/bench_decoder.py --config configs/tiny.yaml --seconds 1 --batch 1   # toy sizes (smoke)
 
 Prints seconds per stage (encoder, ODE, vocoder) as the median of `--repeats` timed calls after one
 warm-up call per shape; compile time is reported separately (the warm-up call minus the median call),
@@ -28,15 +29,16 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from editx_jax.benchmarking import peak_memory_bytes, timed  # noqa: E402
-from editx_jax.decoder.flow import (FlowConfig, FlowModel, abstract_params, cfg_velocity, cosine_t_span,  # noqa: E402
-                                    solve_euler)
-from editx_jax.decoder.hift import HiFTConfig, abstract_params as hift_abstract, draw_nsf_noise, hift_inference  # noqa: E402
+from editx_jax.config import add_config_args, load_config  # noqa: E402
+from editx_jax.decoder.flow import FlowModel, abstract_params, cfg_velocity, cosine_t_span, solve_euler  # noqa: E402
+from editx_jax.decoder.hift import abstract_params as hift_abstract, draw_nsf_noise, hift_inference  # noqa: E402
 from editx_jax.decoder.token2wav import _encode  # noqa: E402
 from editx_jax.random_init import random_params  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_args(ap)  # the flow: and hift: sections (default: the released sizes)
     ap.add_argument("--seconds", type=float, nargs="+", default=[5.0, 20.0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-seconds", type=float, default=3.0)
@@ -45,9 +47,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per shape (the median is kept)")
     args = ap.parse_args(argv)
 
-    cfg = FlowConfig()
-    cfg = dataclasses.replace(cfg, estimator=dataclasses.replace(cfg.estimator, dtype=args.dtype))
-    hcfg = HiFTConfig()
+    config = load_config(args.config, args.overrides)
+    cfg = dataclasses.replace(config.flow, estimator=dataclasses.replace(config.flow.estimator, dtype=args.dtype))
+    hcfg = config.hift
     print(f"devices: {jax.devices()}  flow: DiT {cfg.estimator.depth}x{cfg.estimator.hidden_size} ({args.dtype}), "
           f"encoder {cfg.encoder.num_blocks}+{cfg.encoder.num_up_blocks}x{cfg.encoder.output_size}; "
           f"HiFT base {hcfg.base_channels}; {args.steps} steps", flush=True)

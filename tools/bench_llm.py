@@ -6,6 +6,8 @@
 Prints compile times, prefill and decode tokens/s, peak memory, and decode speed as a fraction of
 the roofline: each decode step must read every weight (one embedding row) and the whole KV cache once, so its floor is
 (param bytes + cache bytes) / copy bandwidth, with the bandwidth measured here in the same run.
+On a device with a datasheet peak (editx_jax/benchmarking.py DEVICE_PEAKS: H100, H200) the bytes
+read per second are also given as a percent of its HBM bandwidth. The weights are drawn on the device.
 Random weights; the numbers are about speed, not output.
 """
 
@@ -23,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from editx_jax.benchmarking import copy_bandwidth, peak_memory_bytes, timed, tree_bytes  # noqa: E402
+from editx_jax.benchmarking import copy_bandwidth, device_peaks, peak_memory_bytes, timed, tree_bytes  # noqa: E402
 from editx_jax.config import add_config_args, load_config  # noqa: E402
 from editx_jax.generate.decode import bucket, decode_jit, initial_state, prefill_jit  # noqa: E402
 from editx_jax.models import llm  # noqa: E402
@@ -111,6 +113,10 @@ def bench(params, cfg, gen, args) -> float:
     print(f"memory bandwidth (measured copy): {bandwidth / 1e9:.1f} GB/s; bytes read per decode step: "
           f"{bytes_per_step / 1e9:.3f} GB -> roofline {roofline * 1e3:.2f} ms/step")
     print(f"decode speed = {roofline / step_time:.1%} of the memory-bandwidth roofline")
+    peaks = device_peaks()
+    if peaks is not None:
+        print(f"decode reads {bytes_per_step / step_time / 1e9:.0f} GB/s = {bytes_per_step / step_time / peaks[1]:.1%} "
+              f"of HBM peak ({peaks[1] / 1e12:.2f} TB/s, {jax.devices()[0].device_kind})")
     print(f"{kind}: {peak / 2**30:.2f} GiB")
     return b * steps / t_decode
 

@@ -1,29 +1,33 @@
 """Speed of the SFT step: tokens/s, step time, and model FLOPs utilisation from XLA's FLOP count.
 
     python tools/bench_train.py                                   # performance.md's SFT step: LLM mid, 2 x 512
-    python tools/bench_train.py --config configs/sft_step_audio_editx.yaml --batch 8 --seq 1536 \\
-        --peak-tflops 989                                         # 3.5B on one H200 (bf16 dense peak)
+    python tools/bench_train.py --config configs/sft_step_audio_editx.yaml --batch 8 --seq 1536   # 3.5B
 
 Random tokens, full loss mask, packed rows of one example each; the state is created on the devices
 (no checkpoint needed). MFU = model FLOPs per step (`sft.model_flops_per_token`: 6 x matmul params +
-attention, the PaLM convention) / step time / (devices x peak). XLA's own count is printed too, but
+attention, the PaLM convention) / step time / (devices x peak). The peak is `--peak-tflops`, else the
+device's bf16 datasheet figure (editx_jax/benchmarking.py DEVICE_PEAKS: H100, H200), else (a CPU) a
+matmul measured here in the model's compute dtype. XLA's own count is printed too, but
 it counts a loop body once, so for the scanned layers it is one layer's worth.
+Imports no data pipeline (grain) or audio code: it runs on a bare jax + flax + optax image.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
-import jax
-import numpy as np
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository, not an installed copy
 
-from editx_jax import sharding
-from editx_jax.benchmarking import peak_memory_bytes, timed
-from editx_jax.config import ConfigError, load_config
-from editx_jax.data.dataset import to_global
-from editx_jax.train import sft
-from editx_jax.train import state as st
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from editx_jax import sharding  # noqa: E402
+from editx_jax.benchmarking import device_peaks, matmul_flops, peak_memory_bytes, timed  # noqa: E402
+from editx_jax.config import ConfigError, load_config  # noqa: E402
+from editx_jax.train import sft  # noqa: E402
+from editx_jax.train import state as st  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -34,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (0: not printed)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="per-device peak for MFU (0: the device's datasheet bf16 peak, or measured on a CPU)")
     args = p.parse_args(argv)
     overrides = args.overrides or []
     try:
@@ -54,7 +59,8 @@ def main(argv=None) -> int:
              "weights": np.ones(shape, np.float32),
              "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), shape).copy(),
              "segment_ids": np.ones(shape, np.int32)}
-    gbatch = to_global(batch, mesh)
+    # one process: the host batch straight onto its [grad_accum, rows, length] sharding, rows over data x fsdp
+    gbatch = jax.device_put(batch, sharding.batch_sharding(mesh, ndim=3, axis=1))
     compiled = step.lower(state, gbatch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -74,11 +80,22 @@ def main(argv=None) -> int:
           f"{tokens / dt:,.0f} tokens/s, loss {float(m['loss']):.3f}")
     print(f"model FLOPs/step {flops:.4g} ({flops / dt / 1e12:.3f} TFLOP/s achieved); XLA count "
           f"{xla_flops:.4g} (one layer of one micro-batch: loop bodies count once)")
-    if args.peak_tflops:
-        print(f"MFU {flops / dt / (len(mesh.devices.flat) * args.peak_tflops * 1e12) * 100:.1f} %")
+    peak, source = peak_flops(args.peak_tflops, cfg.llm.dtype)
+    print(f"MFU {flops / dt / (len(mesh.devices.flat) * peak) * 100:.1f} % (peak {peak / 1e12:.3g} TFLOP/s per "
+          f"device, {source})")
     kind, peak = peak_memory_bytes()
     print(f"{kind}: {peak / 2**30:.2f} GiB")
     return 0
+
+
+def peak_flops(given_tflops: float, dtype: str) -> tuple[float, str]:
+    """(per-device peak FLOP/s for MFU, where it comes from)."""
+    if given_tflops:
+        return given_tflops * 1e12, "--peak-tflops"
+    peaks = device_peaks()
+    if peaks is not None:
+        return peaks[0], f"bf16 dense datasheet, {jax.devices()[0].device_kind}"
+    return matmul_flops(dtype=dtype), f"a {dtype} matmul measured now"
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import math
 import pathlib
 import warnings
 
-import librosa
 import numpy as np
 import soundfile as sf
 
@@ -126,6 +125,8 @@ def _read_soundfile(path, max_seconds):
 
 
 def _read_librosa(path, max_seconds):
+    import librosa  # noqa: PLC0415  (optional: only this fallback decoder needs it; GPU images lack it)
+
     try:
         with warnings.catch_warnings():  # librosa warns on every fallback; the error below says enough
             warnings.simplefilter("ignore")

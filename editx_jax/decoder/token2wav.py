@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from editx_jax import sharding
 from editx_jax.audio.io import Clip, resample
 from editx_jax.checkpoint import CheckpointError, load_params, read_config, read_meta, save_params
 from editx_jax.config import ConfigError, from_dict
@@ -74,9 +75,7 @@ def _encode(module: FlowModel, pairs, lengths, embedding):
     return module.encoder_proj(h), spks, mel_valid[:, 0, :]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "n_timesteps"))
-def flow_batch(params, pairs, lengths, embedding, cond, noise, config: FlowConfig, n_timesteps: int):
-    """The flow on a padded batch: pairs (B, L, 2), lengths (B,) -> x at t = 1 (B, 2L, 80), all frames."""
+def _flow(params, pairs, lengths, embedding, cond, noise, *, config: FlowConfig, n_timesteps: int):
     model = FlowModel(config)
     variables = {"params": params}
     mu, spks, valid = model.apply(variables, pairs, lengths, embedding, method=_encode)
@@ -87,6 +86,48 @@ def flow_batch(params, pairs, lengths, embedding, cond, noise, config: FlowConfi
         return cfg_velocity(est, x, valid, mu, t, spks, cond, config.inference_cfg_rate)
 
     return solve_euler(velocity, z, cosine_t_span(n_timesteps))
+
+
+@functools.cache
+def flow_jit(config: FlowConfig, n_timesteps: int, mesh):
+    """The jitted flow `(params, pairs, lengths, embedding, cond, noise) -> x`. With a mesh, the
+    shardings come from the rules table: items over data x fsdp (`activation_batch`); the params
+    name no logical axes, so they stay whole on every device, like the ODE noise all items share."""
+    fn = functools.partial(_flow, config=config, n_timesteps=n_timesteps)
+    if mesh is None:
+        return jax.jit(fn)
+    rows, whole = functools.partial(sharding.batch_sharding, mesh), sharding.replicated(mesh)
+    return jax.jit(fn, in_shardings=(whole, rows(3), rows(1), rows(2), rows(3), whole), out_shardings=rows(3))
+
+
+def flow_batch(params, pairs, lengths, embedding, cond, noise, config: FlowConfig, n_timesteps: int, mesh=None):
+    """The flow on a padded batch: pairs (B, L, 2), lengths (B,) -> x at t = 1 (B, 2L, 80), all frames.
+    With `mesh`, B must be a multiple of its data x fsdp size."""
+    return flow_jit(config, n_timesteps, mesh)(params, pairs, lengths, embedding, cond, noise)
+
+
+@functools.cache
+def vocoder_jit(vocoder: vocoders.Vocoder, config, mesh):
+    """`vocoder.inference(params, mel_bct, config, draws)` jitted with the rules table's shardings:
+    items over data x fsdp (mels, NSF draws, speech), params whole. Without a mesh, the vocoder's own jit."""
+    fn = functools.partial(_vocoder_inference, vocoder, config)
+    if mesh is None:
+        return fn
+    rows = functools.partial(sharding.batch_sharding, mesh)
+    return jax.jit(fn, in_shardings=(sharding.replicated(mesh), rows(3), rows(1)), out_shardings=rows(2))
+
+
+def _vocoder_inference(vocoder, config, params, mel_bct, draws):
+    return vocoder.inference(params, mel_bct, config, draws)
+
+
+def _pad_rows(tree, rows: int):
+    """Repeat row 0 of every leaf up to `rows` rows: idle items that fill a batch up to the mesh's
+    data x fsdp size (each item is computed on its own, so they change nothing and are dropped)."""
+    def pad(a):
+        a = jnp.asarray(a)
+        return a if a.shape[0] == rows else jnp.concatenate([a, jnp.repeat(a[:1], rows - a.shape[0], 0)])
+    return jax.tree_util.tree_map(pad, tree)
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -130,6 +171,21 @@ class Decoder:
         self.campplus_params = campplus_params
         self.campplus_config = campplus_config or (CAMPPlusConfig() if campplus_params is not None else None)
         self.config, self.mel_config = config, mel_config
+        self.mesh = None
+
+    def shard(self, mesh) -> "Decoder":
+        """Run token2wav over `mesh` (jitted with the rules table's shardings, `flow_jit` and
+        `vocoder_jit`): items split over data x fsdp, the flow and vocoder params placed whole on every
+        device (they carry no logical axis names; the released ones are a few hundred MB)."""
+        whole = sharding.replicated(mesh)
+        self.flow_params = jax.device_put(self.flow_params, whole)
+        self.vocoder_params = jax.device_put(self.vocoder_params, whole)
+        self.mesh = mesh
+        return self
+
+    def _rows(self, n: int) -> int:
+        """Batch rows for n items: a multiple of the mesh's data x fsdp size (n without a mesh)."""
+        return n if self.mesh is None else n + -n % (self.mesh.shape["data"] * self.mesh.shape["fsdp"])
 
     # ------------------------------------------------------------------ checkpoint folders
 
@@ -240,8 +296,12 @@ class Decoder:
                 or noise.shape[2] != cfg.output_size:
             raise Token2WavError(f"noise must be (1, >= {2 * width}, {cfg.output_size}) (channels-last), got "
                                  f"{list(noise.shape)}")
-        x = flow_batch(self.flow_params, jnp.asarray(pairs), jnp.asarray(lengths), jnp.asarray(embeddings[active]),
-                       jnp.asarray(cond), noise[:, :2 * width], cfg, self.config.n_timesteps)
+        rows = self._rows(len(active))
+        noise = noise[:, :2 * width]
+        if noise.shape[0] > 1:  # one noise per item: idle rows take row 0's
+            noise = _pad_rows(noise, rows)
+        x = flow_batch(self.flow_params, *_pad_rows((pairs, lengths, embeddings[active], cond), rows), noise, cfg,
+                       self.config.n_timesteps, self.mesh)
         x = np.asarray(x)
         for row, i in enumerate(active):
             start = 2 * len(prompt_pairs[i])
@@ -266,12 +326,14 @@ class Decoder:
         for frames, items in groups.items():
             if frames <= vocoder.context:  # torch refuses a reflect pad this long too
                 raise Token2WavError(f"{vocoder.title} needs more than {vocoder.context} mel frames, got {frames}")
-            mel_bct = vocoder.pad(np.stack([mels[i] for i in items]).transpose(0, 2, 1))
+            rows = self._rows(len(items))
+            mel_bct = _pad_rows(vocoder.pad(np.stack([mels[i] for i in items]).transpose(0, 2, 1)), rows)
             draws = nsf_noise
             if vocoder.nsf is not None and draws is None:
                 one = vocoder.nsf.draw(key, 1, frames, self.vocoder_config)
-                draws = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (len(items),) + a.shape[1:]), one)
-            wave = np.asarray(vocoder.inference(self.vocoder_params, mel_bct, self.vocoder_config, draws))
+                draws = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (rows,) + a.shape[1:]), one)
+            draws = _pad_rows(draws, rows)
+            wave = np.asarray(vocoder_jit(vocoder, self.vocoder_config, self.mesh)(self.vocoder_params, mel_bct, draws))
             for row, i in enumerate(items):
                 out[i] = wave[row]
         return out
