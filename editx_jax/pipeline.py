@@ -44,7 +44,7 @@ from editx_jax.decoder import campplus, flow, vocoders
 from editx_jax.decoder.token2wav import Decoder
 from editx_jax.generate.decode import PromptTooLongError, check_room, generate
 from editx_jax.models import llm
-from editx_jax.models.llm import from_scan_storage, param_logical_axes, to_scan_storage
+from editx_jax.models.llm import param_logical_axes, split_layers, stack_layers
 from editx_jax.models.quantize import quantize_params
 from editx_jax.random_init import random_params
 from editx_jax.text import prompts
@@ -83,10 +83,10 @@ class EditX:
         if mesh is not None:
             decoder.shard(mesh)
         # On the device once: numpy leaves would be copied again on every jitted call (7 GB each at
-        # the released size); the host copies are dropped when the caller lets them go. bfloat16
-        # layer kernels are held as their bits (`to_scan_storage`, converted in place in the
-        # given tree, one leaf at a time), so generation slices them with no whole-stack copy.
-        self._llm_weights = jax.device_put(to_scan_storage(llm_params))
+        # the released size); the host copies are dropped when the caller lets them go. Held in
+        # the inference form (one tree per layer, `split_layers`, done in place in the given tree
+        # one leaf at a time), which generation reads without slicing the layer stacks.
+        self._llm_weights = jax.device_put(split_layers(llm_params))
         self.text_tokenizer = text_tokenizer
         self.audio_tokenizer = audio_tokenizer
         self.decoder = decoder
@@ -94,9 +94,9 @@ class EditX:
 
     @property
     def llm_params(self) -> dict:
-        """The LLM's params in their float dtypes (a copy of the bfloat16 layer kernels, which the
-        model holds as bits for generation)."""
-        return from_scan_storage(self._llm_weights)
+        """The LLM's params in the stored form (layers stacked: a copy of the layer weights, which
+        the model holds one tree per layer for generation)."""
+        return stack_layers(self._llm_weights)
 
     # ------------------------------------------------------------------ construction
 
@@ -165,7 +165,7 @@ class EditX:
         """Write the model folder `from_pretrained` reads."""
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_llm(folder / "llm", from_scan_storage(jax.tree_util.tree_map(np.asarray, self._llm_weights)),
+        save_llm(folder / "llm", stack_layers(self._llm_weights, host=True),
                  self.config.llm)
         self.audio_tokenizer.save(folder / "audio_tokenizer")
         self.decoder.save(folder / "decoder")

@@ -43,12 +43,9 @@ LLM_RULES: tuple[tuple[str, object], ...] = (
     ("norm", None),
 )
 
-# KV cache arrays of models/llm.py: k, v [L, B, S, G, D] and slot positions [B, S].
-CACHE_AXES = {
-    "k": ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"),
-    "v": ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"),
-    "pos": ("cache_batch", "cache_length"),
-}
+# KV cache arrays of models/llm.py: per layer k, v [B, S, G, D]; slot positions [B, S].
+CACHE_KV_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
+CACHE_POS_AXES = ("cache_batch", "cache_length")
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
@@ -63,8 +60,11 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules=LLM_RULES):
     return nn.logical_to_mesh_sharding(logical_tree, mesh, list(rules))
 
 
-def cache_shardings(mesh: Mesh, rules=LLM_RULES) -> dict:
-    return {k: NamedSharding(mesh, nn.logical_to_mesh_axes(v, list(rules))) for k, v in CACHE_AXES.items()}
+def cache_shardings(mesh: Mesh, num_layers: int, rules=LLM_RULES) -> dict:
+    """The shardings of `models.llm.init_cache(cfg, ...)`'s tree (`num_layers` k and v buffers)."""
+    kv = NamedSharding(mesh, nn.logical_to_mesh_axes(CACHE_KV_AXES, list(rules)))
+    return {"k": (kv,) * num_layers, "v": (kv,) * num_layers,
+            "pos": NamedSharding(mesh, nn.logical_to_mesh_axes(CACHE_POS_AXES, list(rules)))}
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:

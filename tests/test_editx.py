@@ -278,12 +278,12 @@ def test_refusals_stay_one_line(model):
 
 
 def test_bfloat16_weights_held_as_bits_save_unchanged(tmp_path):
-    """A bfloat16 model generates from its layer kernels' bits (models/llm.py `to_scan_storage`);
-    users see, save and reload the bfloat16 weights bit for bit."""
+    """A bfloat16 model generates from its kernels' bits, one tree per layer (models/llm.py
+    `split_layers`); users see, save and reload the bfloat16 weights bit for bit."""
     cfg = load_config(ROOT / "configs/tiny.yaml", ["generation.max_new_tokens=8", "llm.param_dtype=bfloat16",
                                                    "llm.dtype=bfloat16"])
     model = EditX.random(cfg, seed=1)
-    assert model._llm_weights["layers"]["mlp"]["up_proj"]["kernel"].dtype == np.uint16
+    assert model._llm_weights["layers"][0]["mlp"]["up_proj"]["kernel"].dtype == np.uint16
     kernel = model.llm_params["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.dtype == jax.numpy.bfloat16
     again = EditX.from_pretrained(model.save(tmp_path / "model"))

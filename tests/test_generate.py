@@ -156,36 +156,45 @@ def test_sample_honours_temperature_and_top_k():
 BF16 = dataclasses.replace(CFG, param_dtype="bfloat16", dtype="bfloat16")
 
 
-def test_scan_storage_is_invisible_and_bit_exact():
-    """bfloat16 layer kernels held as uint16 bits: the same ids and logits as the float tree, and the
-    float tree back bit for bit (numpy views and device leaves alike)."""
+def test_inference_form_is_invisible_and_bit_exact():
+    """The inference form (one tree per layer): the same ids and logits as the stacked tree, and
+    the stacked tree back bit for bit (numpy leaves split into views, device leaves alike)."""
     floats = llm.init_params(BF16, jax.random.key(3))
     kernel = np.asarray(floats["layers"]["mlp"]["up_proj"]["kernel"])
-    stored = llm.to_scan_storage(jax.tree_util.tree_map(lambda x: x, floats))
-    assert stored["layers"]["mlp"]["up_proj"]["kernel"].dtype == np.uint16
-    assert stored["layers"]["input_norm"]["scale"].dtype == jnp.bfloat16  # [L, E]: sliced as is
-    assert stored["embed"]["embedding"].dtype == jnp.bfloat16
+    split = llm.split_layers(dict(floats))
+    assert isinstance(split["layers"], tuple) and len(split["layers"]) == BF16.num_layers
+    assert split["layers"][1]["mlp"]["up_proj"]["kernel"].shape == kernel.shape[1:]
+    assert "layers" in floats and not isinstance(floats["layers"], tuple)  # the caller's stacks untouched
     prompts = prompts_of([7, 12])
     a = generate(floats, BF16, GREEDY, prompts, return_logits=True)
-    b = generate(stored, BF16, GREEDY, prompts, return_logits=True)
+    b = generate(split, BF16, GREEDY, prompts, return_logits=True)
     assert a.tokens == b.tokens
     np.testing.assert_array_equal(a.logits, b.logits)
-    back = llm.from_scan_storage(stored)["layers"]["mlp"]["up_proj"]["kernel"]
+    back = llm.stack_layers(split)["layers"]["mlp"]["up_proj"]["kernel"]
     assert back.dtype == jnp.bfloat16 and np.array_equal(np.asarray(back).view(np.uint16), kernel.view(np.uint16))
-    host = llm.to_scan_storage(jax.tree_util.tree_map(np.asarray, floats))
-    assert np.shares_memory(host["layers"]["mlp"]["up_proj"]["kernel"], llm.from_scan_storage(host)["layers"]["mlp"]
-                            ["up_proj"]["kernel"])
+    host = jax.tree_util.tree_map(np.asarray, floats)
+    stack = host["layers"]["mlp"]["up_proj"]["kernel"]
+    assert np.shares_memory(llm.split_layers(host)["layers"][1]["mlp"]["up_proj"]["kernel"], stack)
 
 
-def test_scan_storage_keeps_one_layer_of_temporaries():
-    """XLA:CPU converts a bfloat16 stack it dynamic-slices to float32 as a whole (2x the stack) and
-    materialises a bitcast of a bfloat16 argument (1x): from the storage form, prefill and decode
-    hold about one layer's float32 copy (here 1/8 of the stack's bytes)."""
+def test_inference_form_keeps_one_layer_of_temporaries():
+    """bfloat16 weights are widened to float32 a layer at a time: prefill and decode hold about one
+    layer's float32 copy (here 1/8 of the stack's bytes), never the whole stack's (XLA could hoist
+    the loop-invariant widening out of the decode loop; it must not)."""
     cfg = LLMConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_heads=4, num_groups=2,
-                    num_layers=8, max_seq_len=512, param_dtype="bfloat16", dtype="bfloat16")
-    params = llm.to_scan_storage(llm.abstract_params(cfg))
-    stack = sum(x.size * 2 for x in jax.tree_util.tree_leaves(params["layers"]) if x.dtype == np.uint16)
+                    num_layers=8, max_seq_len=512, param_dtype="bfloat16", dtype="float32")
+    params = llm.split_layers(llm.abstract_params(cfg))
+    stack = sum(x.size * 2 for layer in params["layers"] for x in jax.tree_util.tree_leaves(layer) if x.ndim > 1)
     cache = jax.eval_shape(lambda: llm.init_cache(cfg, 1, 64))
     ids = jax.ShapeDtypeStruct((1, 32), jnp.int32)
     temp = decode.prefill_jit(cfg, None).lower(params, ids, ids, cache).compile().memory_analysis().temp_size_in_bytes
+    assert temp < stack / 2, (temp, stack)
+    state = jax.eval_shape(lambda: decode.initial_state(cfg, llm.init_cache(cfg, 1, 64), jnp.zeros((1, 512)),
+                                                        jnp.zeros((1, 4), jnp.int32), jnp.ones((1,), jnp.int32),
+                                                        jnp.ones((1,), jnp.int32), 16))
+    rows = jax.ShapeDtypeStruct((1,), jnp.int32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
+    temp = decode.decode_jit(cfg, GREEDY, None).lower(params, state, keys, rows, scalar,
+                                                      scalar).compile().memory_analysis().temp_size_in_bytes
     assert temp < stack / 2, (temp, stack)

@@ -79,8 +79,10 @@ def test_sharded_generate_equals_one_device(shape):
     assert tuple(q.sharding.spec) == (None, "fsdp", "tensor", None) and sharding.split_factor(q) == tensor
     # The cache the jitted prefill returns: rows over data, kv heads over tensor.
     cache = llm.init_cache(TINY, 8, 32)
-    cache = sharding.shard_tree(cache, sharding.cache_shardings(mesh))
+    cache = sharding.shard_tree(cache, sharding.cache_shardings(mesh, TINY.num_layers))
     tokens = jax.device_put(np.asarray([p[:3] for p in prompts], np.int32), sharding.batch_sharding(mesh))
-    _, cache = decode.prefill(placed, TINY, tokens, tokens * 0, cache, mesh=mesh)
-    assert tuple(cache["k"].sharding.spec)[:4] == (None, ("data", "fsdp"), None, "tensor")
-    assert sharding.split_factor(cache["k"]) == data * tensor
+    split = llm.split_layers(dict(placed))
+    assert tuple(split["layers"][0]["attn"]["q_proj"]["kernel"].sharding.spec) == ("fsdp", "tensor", None)
+    _, cache = decode.prefill(split, TINY, tokens, tokens * 0, cache, mesh=mesh)
+    assert tuple(cache["k"][0].sharding.spec)[:3] == (("data", "fsdp"), None, "tensor")
+    assert sharding.split_factor(cache["k"][0]) == data * tensor

@@ -55,12 +55,12 @@ def main(argv=None):
           f"new {args.new_tokens}")
     floats = llm.init_params(cfg, jax.random.key(0))
     host = jax.tree_util.tree_map(np.asarray, floats) if quantize != "none" else None
-    speed = {"float": bench(llm.to_scan_storage(floats), cfg, gen, args)}  # the form EditX holds
+    speed = {"float": bench(llm.split_layers(floats), cfg, gen, args)}  # the form EditX holds
     del floats
     if quantize != "none":
         params, qcfg = quantize_params(host, cfg, quantize)
         print(f"-- {quantize}: params {tree_bytes(params) / 2**20:.1f} MiB")
-        speed[quantize] = bench(jax.device_put(params), qcfg, gen, args)
+        speed[quantize] = bench(llm.split_layers(jax.device_put(params)), qcfg, gen, args)
         print(f"decode {quantize} / float: {speed[quantize] / speed['float']:.2f}x")
 
 

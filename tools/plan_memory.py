@@ -152,7 +152,7 @@ def plan_inference(cfg, mesh, batches, clip_seconds) -> int:
         shardings = sharding.logical_to_sharding(llm.param_logical_axes(c), mesh)
         params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                         params, shardings)
-    params = llm.to_scan_storage(params)  # the form EditX holds (bfloat16 layer kernels as bits)
+    params = llm.split_layers(params)  # the form EditX holds (one tree per layer)
     limit = min(gen.max_length, c.max_seq_len)
     print(f"LLM {c.num_params / 1e9:.2f}B, weights {c.param_dtype}, compute {c.dtype}; mesh {dict(mesh.shape)}; "
           f"max_length {gen.max_length}, max_new_tokens {gen.max_new_tokens}; GiB per device")

@@ -23,13 +23,7 @@ import numpy as np
 from editx_jax import sharding
 from editx_jax.config import GenerationConfig, LLMConfig
 from editx_jax.generate.sampling import sample
-from editx_jax.models.llm import (
-    Step1,
-    as_scan_bits,
-    check_token_ids,
-    init_cache,
-    param_logical_axes,
-)
+from editx_jax.models.llm import cached_forward, check_token_ids, inference_logical_axes, init_cache, split_layers
 
 
 class PromptTooLongError(ValueError):
@@ -99,15 +93,11 @@ def initial_state(cfg: LLMConfig, cache, last_logits, recent, lengths, budget, r
 def _prefill(params, tokens, positions, cache, *, cfg: LLMConfig):
     # The cache is empty: attention reads the prompt's own keys, and only the last position's
     # logits are computed (the only ones sampled from).
-    logits, cache = Step1(cfg, prefill=True).apply({"params": as_scan_bits(params)}, tokens, positions, cache=cache,
-                                                   cache_index=0, last_only=True)
-    return logits[:, -1].astype(jnp.float32), cache
+    return cached_forward(params, cfg, tokens, positions, cache, 0, prefill=True)
 
 
 def _decode(params, state: DecodeState, row_keys, budget, start, max_steps, *, cfg: LLMConfig,
             gen: GenerationConfig) -> DecodeState:
-    model = Step1(cfg)
-    params = as_scan_bits(params)
     slots = state.cache["pos"].shape[1]
     keep_logits = state.logit_buf.shape[1] > 0
 
@@ -133,18 +123,17 @@ def _decode(params, state: DecodeState, row_keys, budget, start, max_steps, *, c
         # past the last column, new tokens go to the first ones, which are left padding for every
         # row still running, since a row's prompt plus its budget fits in the cache (see `generate`).
         column = (start + s.step) % slots
-        logits, cache = model.apply({"params": params}, token[:, None], position, cache=s.cache,
-                                    cache_index=column)
-        return DecodeState(step=s.step + 1, cache=cache, logits=logits[:, -1].astype(jnp.float32), recent=recent,
+        logits, cache = cached_forward(params, cfg, token[:, None], position, s.cache, column)
+        return DecodeState(step=s.step + 1, cache=cache, logits=logits, recent=recent,
                            lengths=s.lengths + active, done=done, count=count, out=out, logit_buf=logit_buf)
 
     return jax.lax.while_loop(cond, body, state)
 
 
-def _state_shardings(mesh) -> DecodeState:
+def _state_shardings(mesh, cfg: LLMConfig) -> DecodeState:
     """Batch-major fields split over data x fsdp, the cache by the LLM rules, the step replicated."""
     rows = functools.partial(sharding.batch_sharding, mesh)
-    return DecodeState(step=sharding.replicated(mesh), cache=sharding.cache_shardings(mesh), logits=rows(2),
+    return DecodeState(step=sharding.replicated(mesh), cache=sharding.cache_shardings(mesh, cfg.num_layers), logits=rows(2),
                        recent=rows(2), lengths=rows(1), done=rows(1), count=rows(1), out=rows(2), logit_buf=rows(3))
 
 
@@ -155,8 +144,8 @@ def prefill_jit(cfg: LLMConfig, mesh):
     fn = functools.partial(_prefill, cfg=cfg)
     if mesh is None:
         return jax.jit(fn, donate_argnums=(3,))
-    params = sharding.logical_to_sharding(param_logical_axes(cfg), mesh)
-    batch, cache = sharding.batch_sharding(mesh), sharding.cache_shardings(mesh)
+    params = sharding.logical_to_sharding(inference_logical_axes(cfg), mesh)
+    batch, cache = sharding.batch_sharding(mesh), sharding.cache_shardings(mesh, cfg.num_layers)
     return jax.jit(fn, in_shardings=(params, batch, batch, cache), out_shardings=(batch, cache),
                    donate_argnums=(3,))
 
@@ -168,9 +157,9 @@ def decode_jit(cfg: LLMConfig, gen: GenerationConfig, mesh):
     fn = functools.partial(_decode, cfg=cfg, gen=gen)
     if mesh is None:
         return jax.jit(fn, donate_argnums=(1,))
-    params = sharding.logical_to_sharding(param_logical_axes(cfg), mesh)
+    params = sharding.logical_to_sharding(inference_logical_axes(cfg), mesh)
     rows, scalar = sharding.batch_sharding(mesh, 1), sharding.replicated(mesh)
-    state = _state_shardings(mesh)
+    state = _state_shardings(mesh, cfg)
     return jax.jit(fn, in_shardings=(params, state, rows, rows, scalar, scalar), out_shardings=state,
                    donate_argnums=(1,))
 
@@ -180,7 +169,7 @@ def prefill(params, cfg: LLMConfig, tokens, positions, cache, mesh=None):
     if mesh is not None:
         batch = sharding.batch_sharding(mesh)
         tokens, positions = jax.device_put((tokens, positions), (batch, batch))
-        cache = jax.device_put(cache, sharding.cache_shardings(mesh), donate=True)
+        cache = jax.device_put(cache, sharding.cache_shardings(mesh, cfg.num_layers), donate=True)
     with _rules(mesh):
         return prefill_jit(cfg, mesh)(params, tokens, positions, cache)
 
@@ -198,7 +187,7 @@ def decode(params, cfg: LLMConfig, gen: GenerationConfig, state: DecodeState, *,
     row_keys, budget = jnp.asarray(row_keys), jnp.asarray(budget)
     if mesh is not None:  # small host-made fields onto their shardings (the cache is already there)
         rows = sharding.batch_sharding(mesh, 1)
-        state, row_keys, budget = jax.device_put((state, row_keys, budget), (_state_shardings(mesh), rows, rows))
+        state, row_keys, budget = jax.device_put((state, row_keys, budget), (_state_shardings(mesh, cfg), rows, rows))
     with _rules(mesh):
         return decode_jit(cfg, gen, mesh)(params, state, row_keys, budget, jnp.int32(start), jnp.int32(max_steps))
 
@@ -237,7 +226,10 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
     with `row_keys=[k]` reproduces its row exactly when given the same k). With `mesh`, prefill and
     decode run with the shardings of the LLM rules table: rows over data x fsdp (the batch is padded
     with idle rows to a multiple of it), heads and MLP over tensor, weights over fsdp; params should
-    already be placed (`sharding.logical_to_sharding(param_logical_axes(cfg), mesh)`).
+    already be placed (`sharding.logical_to_sharding(inference_logical_axes(cfg), mesh)`).
+
+    params: best in the inference form (`models.llm.split_layers`, what `EditX` holds); stacked
+    params (training's form) are split here, a copy of the layer weights for the call.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -273,6 +265,8 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
         tail = p[-window:]
         recent[i, window - len(tail):] = tail
 
+    if not isinstance(params["layers"], tuple):
+        params = split_layers(dict(params))
     cache = init_cache(cfg, len(prompts), cache_len)
     last_logits, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache, mesh=mesh)
     state = initial_state(cfg, cache, last_logits, recent, lengths, budget, room, return_logits)

@@ -30,7 +30,7 @@ class Projection(nn.Module):
         init = nn.initializers.zeros if self.quantized else nn.initializers.normal(self.std)
         kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
                             shape, jnp.int8 if self.quantized else self.param_dtype)
-        if kernel.dtype == jnp.uint16:  # bfloat16 bits (see models/llm.py `as_scan_bits`)
+        if kernel.dtype == jnp.uint16:  # bfloat16 bits (models/llm.py: the inference form)
             kernel = jax.lax.bitcast_convert_type(kernel, jnp.bfloat16)
         contract = (tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim)))
         if not self.quantized:

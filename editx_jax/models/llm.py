@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from editx_jax import tree
 from editx_jax.config import LLMConfig
 from editx_jax.layers.attention import EMPTY_POSITION, alibi_attention
 from editx_jax.layers.linear import Projection
@@ -62,7 +63,7 @@ class Attention(nn.Module):
     prefill: bool = False  # the cache is empty before this call: attend over this call's keys only
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache, layer, cache_positions, cache_index):
+    def __call__(self, x, positions, segment_ids, cache=None, cache_positions=None, cache_index=None):
         cfg = self.cfg
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         std = cfg.hidden_size ** -0.5
@@ -76,21 +77,16 @@ class Attention(nn.Module):
             k_all, v_all, k_pos = k, v, positions
             new_cache = None
         else:
-            # Write this call's k/v (grouped, not expanded) into this layer's rows of the whole
-            # carried cache at columns [cache_index, cache_index + T): an in-place update of T
-            # slots, never a rewrite of the cache.
-            k = k.astype(cache["k"].dtype)
-            v = v.astype(cache["v"].dtype)
-            start = (layer, jnp.int32(0), cache_index, jnp.int32(0), jnp.int32(0))
-            new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None], start),
-                         "v": jax.lax.dynamic_update_slice(cache["v"], v[None], start)}
+            # This layer's own cache buffers [B, S, G, D]: this call's k/v (grouped, not expanded)
+            # are written in place at columns [cache_index, cache_index + T).
+            new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
+                                                                   cache_index, axis=1)
+                         for name, new in (("k", k), ("v", v))}
             if self.prefill:
                 # Every other slot is empty (invisible): the prompt's own keys are all there is.
                 k_all, v_all, k_pos = k, v, positions
             else:
-                k_all = jax.lax.dynamic_index_in_dim(new_cache["k"], layer, 0, keepdims=False)
-                v_all = jax.lax.dynamic_index_in_dim(new_cache["v"], layer, 0, keepdims=False)
-                k_pos = cache_positions
+                k_all, v_all, k_pos = new_cache["k"], new_cache["v"], cache_positions
             segment_ids = None
         out = alibi_attention(q, k_all.astype(dtype), v_all, positions, k_pos, segment_ids, segment_ids,
                               dtype=dtype)
@@ -117,27 +113,33 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One layer under `nn.scan`: the carry is (x, cache), `layer` (this layer's index) is scanned.
+    """One layer: `(x, positions, segment_ids, cache, cache_positions, cache_index) -> (x, cache)`.
 
-    The whole KV cache rides in the carry and each layer updates its own rows in place, so the scan
-    holds one cache, not an input stack plus an output stack."""
+    Training stacks it with `nn.scan` (x is the carry, the rest broadcast, no cache); generation
+    applies it layer by layer with that layer's own cache (`cached_forward`)."""
 
     cfg: LLMConfig
     prefill: bool = False
 
     @nn.compact
-    def __call__(self, carry, layer, positions, cache_positions, segment_ids, cache_index):
+    def __call__(self, x, positions, segment_ids=None, cache=None, cache_positions=None, cache_index=None):
         cfg = self.cfg
-        x, cache = carry
-        norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=jnp_dtype(cfg.dtype),
-                                 param_dtype=jnp_dtype(cfg.param_dtype))
-        attn_out, cache = Attention(cfg, self.prefill, name="attn")(norm(name="input_norm")(x), positions,
-                                                                    segment_ids, cache, layer, cache_positions,
+        attn_out, cache = Attention(cfg, self.prefill, name="attn")(_norm(cfg, "input_norm")(x), positions,
+                                                                    segment_ids, cache, cache_positions,
                                                                     cache_index)
         x = x + attn_out
-        x = x + MLP(cfg, name="mlp")(norm(name="post_attention_norm")(x))
+        x = x + MLP(cfg, name="mlp")(_norm(cfg, "post_attention_norm")(x))
         x = nn.with_logical_constraint(x, ACT)
-        return (x, cache), None
+        return x, cache
+
+
+def _norm(cfg: LLMConfig, name: str) -> RMSNorm:
+    return RMSNorm(eps=cfg.rms_norm_eps, dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype), name=name)
+
+
+def _lm_head(cfg: LLMConfig) -> Projection:
+    return Projection((cfg.vocab_size,), ("embed", "vocab"), std=cfg.hidden_size ** -0.5, dtype=jnp_dtype(cfg.dtype),
+                      param_dtype=jnp_dtype(cfg.param_dtype), quantized=quantizes_embeddings(cfg), name="lm_head")
 
 
 class TokenEmbedding(nn.Module):
@@ -157,6 +159,8 @@ class TokenEmbedding(nn.Module):
                            jnp.int8 if quantized else jnp_dtype(cfg.param_dtype))
         table = nn.with_logical_constraint(table, (None, None))
         rows = jnp.take(table, tokens, axis=0)
+        if rows.dtype == jnp.uint16:  # bfloat16 bits (the inference form): gathered, then seen as bfloat16
+            rows = jax.lax.bitcast_convert_type(rows, jnp.bfloat16)
         if quantized:  # int8 rows, one float32 scale per row (token)
             scale = self.param("embedding_scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed_vocab", None)),
                                (cfg.vocab_size, 1), jnp.float32)
@@ -165,62 +169,30 @@ class TokenEmbedding(nn.Module):
 
 
 class Step1(nn.Module):
-    """Step1ForCausalLM. `__call__(tokens, positions, ...)` returns (logits, new_cache).
+    """Step1ForCausalLM without a cache (training, scoring): `__call__(tokens, positions, ...)`
+    returns the logits [B, T, V]. Generation runs the same layers through `cached_forward`.
 
     tokens, positions: [B, T] int32 (positions are absolute, -1 marks padding).
     segment_ids: [B, T] for packed training (attention stays inside a segment); None otherwise.
-    cache: None for a plain forward; else a dict from `init_cache` and `cache_index` (scalar) where
-    this call's T tokens are written. Cache positions must be set by the caller (see generate/).
-    prefill: the cache holds nothing yet, so attention reads this call's keys only (not the cache).
-    last_only: logits of the last position only ([B, 1, V]), the one a prefill keeps.
     """
 
     cfg: LLMConfig
-    prefill: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions, segment_ids=None, cache=None, cache_index=None,
-                 return_hidden: bool = False, last_only: bool = False):
+    def __call__(self, tokens, positions, segment_ids=None, return_hidden: bool = False):
         cfg = self.cfg
-        dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         x = nn.with_logical_constraint(TokenEmbedding(cfg, name="embed")(tokens), ACT)
-
         layer = DecoderLayer
         if cfg.remat_policy != "none":
             layer = nn.remat(layer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-        layer_caches, cache_positions = None, None
-        if cache is not None:
-            layer_caches = {"k": cache["k"], "v": cache["v"]}
-            cache_index = jnp.asarray(cache_index, jnp.int32)
-            # Positions of every cache slot after this call's write, shared by all layers.
-            cache_positions = jax.lax.dynamic_update_slice_in_dim(
-                cache["pos"], positions.astype(cache["pos"].dtype), cache_index, axis=1)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        (x, new_layer_caches), _ = stack(cfg, self.prefill, name="layers")(
-            (x, layer_caches), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions, cache_positions,
-            segment_ids, cache_index)
-        if last_only:
-            x = x[:, -1:]
-        x = RMSNorm(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
+                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = stack(cfg, name="layers")(x, positions, segment_ids)
+        x = _norm(cfg, "final_norm")(x)
         if return_hidden:
             return x
-        logits = Projection((cfg.vocab_size,), ("embed", "vocab"), std=cfg.hidden_size ** -0.5, dtype=dtype,
-                            param_dtype=pdtype, quantized=quantizes_embeddings(cfg), name="lm_head")(x)
-        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        new_cache = None
-        if cache is not None:
-            new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"], "pos": cache_positions}
-        return logits, new_cache
-
-
-def init_cache(cfg: LLMConfig, batch: int, length: int, dtype=None) -> dict:
-    """An empty KV cache: grouped k/v [L, B, S, G, D] and slot positions [B, S] (all empty)."""
-    dtype = jnp_dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, length, cfg.num_groups, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "pos": jnp.full((batch, length), EMPTY_POSITION, jnp.int32)}
+        return nn.with_logical_constraint(_lm_head(cfg)(x), ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def _boxed_abstract_params(cfg: LLMConfig):
@@ -245,67 +217,146 @@ def init_params(cfg: LLMConfig, key) -> dict:
     return nn.meta.unbox(Step1(cfg).init(key, tokens, tokens)["params"])
 
 
-def _is_scan_float(x) -> bool:
-    """A stacked bfloat16 layer kernel ([L, ...], ndim > 2): the leaves held as bits (see below)."""
-    return x.dtype == jnp.bfloat16 and len(x.shape) > 2
+# ------------------------------------------------------------------ generation (the inference form)
+#
+# Generation holds the weights in an inference form: the layers as one tree per layer
+# (`params["layers"]` a tuple), run unrolled, each with its own KV cache buffers; bfloat16 kernels
+# and the embedding table as their uint16 bits. Why, on XLA:CPU:
+#  * a layer scan slices its weights out of the [L, ...] stacks on every step, and a dynamic slice
+#    is copied before a dot reads it: decode, which reads every weight once per token, ran several
+#    times slower that way (and a bfloat16 stack was widened to float32 whole);
+#  * bfloat16 weights are widened to float32 for the dots; as loop-invariant values that widening
+#    would be hoisted out of the decode loop (a float32 copy of every weight), and so would a
+#    bitcast of them. Held as bits, the weights are tied to the step's data first (`_after`), so
+#    each is widened where it is used, one layer's copy at a time.
 
 
-def as_scan_bits(params):
-    """The stacked bfloat16 layer kernels as their uint16 bits, inside a jit (leaves already stored
-    as bits pass through; other dtypes too).
-
-    XLA:CPU has no bfloat16 dynamic-slice: it converts the whole [L, ...] stack to float32 before the
-    layer scan slices it, a float32 copy of every layer at once (12.8 GiB at the released size). On
-    uint16 the scan slices one layer and `Projection` reinterprets it as bfloat16 inside the loop, so
-    only one layer's working copy exists at a time. No numeric change. A bfloat16 argument still
-    costs one uint16 copy of the stack at the jit boundary (6.5 GiB): hold the params in the storage
-    form of `to_scan_storage` to avoid it.
-    """
-    def bits(x):
-        return jax.lax.bitcast_convert_type(x, jnp.uint16) if _is_scan_float(x) else x
-    return {**params, "layers": jax.tree_util.tree_map(bits, params["layers"])}
-
-
-@jax.jit
-def _to_bits(x):
-    return jax.lax.bitcast_convert_type(x, jnp.uint16)
-
-
-@jax.jit
-def _to_bfloat16(x):
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16)
-
-
-def to_scan_storage(params: dict) -> dict:
-    """Hold the stacked bfloat16 layer kernels as uint16 bits, the form the jitted prefill/decode
-    slice without any whole-stack copy (see `as_scan_bits`). IN PLACE: each leaf of `params` is
-    replaced as it is converted, so at most one extra leaf exists at a time (a numpy leaf becomes a
-    free view; a device leaf one bitcast copy, sharding kept; an abstract leaf its uint16 struct).
-    Returns `params`. Only inference holds this form: `from_scan_storage` gives the float tree back
-    (export, training, anything that reads the weights)."""
-    def walk(tree):
-        for name, leaf in tree.items():
-            if isinstance(leaf, dict):
-                walk(leaf)
-            elif _is_scan_float(leaf):
-                if isinstance(leaf, np.ndarray):
-                    tree[name] = leaf.view(np.uint16)
-                elif isinstance(leaf, jax.ShapeDtypeStruct):
-                    tree[name] = jax.ShapeDtypeStruct(leaf.shape, jnp.uint16, sharding=leaf.sharding)
-                else:
-                    tree[name] = _to_bits(leaf)
-    walk(params["layers"])
+def split_layers(params: dict) -> dict:
+    """The inference form of a params tree (see above). IN PLACE, one leaf at a time: numpy leaves
+    become free views; a device leaf is sliced / bitcast on its devices, sharding kept, and dropped
+    when nothing else holds it. Returns `params`. A tree already in this form comes back as it is."""
+    if isinstance(params["layers"], tuple):
+        return params
+    for name in ("embed", "lm_head"):
+        params[name] = {key: _as_bits(leaf) for key, leaf in params[name].items()}
+    flat = tree.flatten(params.pop("layers"))
+    names = list(flat)
+    pieces = {name: [_as_bits(p) for p in _unstack(flat.pop(name))] for name in names}  # each stack freed once sliced
+    params["layers"] = tuple(tree.unflatten({name: pieces[name][i] for name in names})
+                             for i in range(len(pieces[names[0]])))
     return params
 
 
-def from_scan_storage(params: dict) -> dict:
-    """The float params tree of a `to_scan_storage` tree (a new tree; numpy leaves are free views,
-    device leaves one bitcast copy each). Other trees come back unchanged."""
-    def floats(x):
-        if x.dtype != jnp.uint16:
-            return x
-        return x.view(jnp.bfloat16) if isinstance(x, np.ndarray) else _to_bfloat16(x)
-    return {**params, "layers": jax.tree_util.tree_map(floats, params["layers"])}
+def stack_layers(params: dict, host: bool = False) -> dict:
+    """The stored/training form of an inference-form tree: a new tree, the layers stacked again and
+    the bits seen as bfloat16 (a copy of the layer weights; `host`: as numpy, a leaf at a time)."""
+    if not isinstance(params["layers"], tuple):
+        return params
+    flats = [tree.flatten(layer) for layer in params["layers"]]
+
+    def stack(pieces):
+        if host or isinstance(pieces[0], np.ndarray):
+            return _as_floats(np.stack([np.asarray(p) for p in pieces]))
+        return _as_floats(jnp.stack(pieces))
+    out = {**params, "layers": tree.unflatten({name: stack([f[name] for f in flats]) for name in flats[0]})}
+    for name in ("embed", "lm_head"):
+        out[name] = {key: _as_floats(np.asarray(leaf) if host else leaf) for key, leaf in params[name].items()}
+    return out
+
+
+def _as_bits(x):
+    """A bfloat16 kernel (ndim >= 2) as its uint16 bits; anything else unchanged."""
+    if x.dtype != jnp.bfloat16 or len(x.shape) < 2:
+        return x
+    if isinstance(x, np.ndarray):
+        return x.view(np.uint16)
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.uint16, sharding=x.sharding)
+    return _bitcast_jit(jnp.uint16)(x)
+
+
+def _as_floats(x):
+    if x.dtype != jnp.uint16:
+        return x
+    return x.view(jnp.bfloat16) if isinstance(x, np.ndarray) else _bitcast_jit(jnp.bfloat16)(x)
+
+
+@functools.cache
+def _bitcast_jit(dtype):
+    return jax.jit(lambda x: jax.lax.bitcast_convert_type(x, dtype))
+
+
+def inference_logical_axes(cfg: LLMConfig):
+    """`param_logical_axes` for the inference form (each layer's leaves without the `layers` axis)."""
+    axes = param_logical_axes(cfg)
+    layer = jax.tree_util.tree_map(lambda spec: jax.sharding.PartitionSpec(*spec[1:]), axes["layers"],
+                                   is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return {**axes, "layers": (layer,) * cfg.num_layers}
+
+
+def _unstack(leaf) -> list:
+    if isinstance(leaf, np.ndarray):
+        return list(leaf)
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        piece = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=_drop_first_axis(leaf.sharding))
+        return [piece] * leaf.shape[0]
+    return list(_unstack_jit(_drop_first_axis(leaf.sharding), leaf.shape[0])(leaf))
+
+
+def _drop_first_axis(sharding):
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return sharding
+
+
+@functools.cache
+def _unstack_jit(sharding, n: int):
+    return jax.jit(lambda x: tuple(x[i] for i in range(n)), out_shardings=None if sharding is None else (sharding,) * n)
+
+
+def _after(x, weights):
+    """`weights` unchanged, as values XLA can only compute once `x` exists: integer kernels (bfloat16
+    bits, int8) get a zero computed from `x` added (the top bit of a word whose top bit was cleared:
+    no pass folds it), which is exact and fuses into their widening. Without it XLA:CPU hoists the
+    widening of every layer out of the decode loop or schedules it up front (an optimization barrier
+    does not stop it: XLA:CPU drops them before scheduling)."""
+    word = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.int32)
+    zero = jax.lax.shift_right_logical(word & 0x7FFFFFFF, 31)
+    return jax.tree_util.tree_map(
+        lambda w: w + zero.astype(w.dtype) if jnp.issubdtype(w.dtype, jnp.integer) and w.ndim >= 2 else w, weights)
+
+
+def init_cache(cfg: LLMConfig, batch: int, length: int, dtype=None) -> dict:
+    """An empty KV cache: per layer grouped k and v [B, S, G, D], slot positions [B, S] (all empty)."""
+    dtype = jnp_dtype(dtype or cfg.dtype)
+    shape = (batch, length, cfg.num_groups, cfg.head_dim)
+    return {"k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            "pos": jnp.full((batch, length), EMPTY_POSITION, jnp.int32)}
+
+
+def cached_forward(params: dict, cfg: LLMConfig, tokens, positions, cache: dict, cache_index, prefill: bool = False):
+    """The model over `tokens` [B, T] with the KV cache: writes their k/v at columns
+    [cache_index, cache_index + T) and returns (float32 logits of the last position [B, V], new cache).
+
+    params: the inference form (`split_layers`). The cache's slot positions are updated from
+    `positions` (padding -1, never visible). prefill: the cache holds nothing yet, so attention reads
+    this call's keys only.
+    """
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    cache_positions = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions.astype(cache["pos"].dtype),
+                                                          cache_index, axis=1)
+    x = nn.with_logical_constraint(TokenEmbedding(cfg).apply({"params": params["embed"]}, tokens), ACT)
+    layer = DecoderLayer(cfg, prefill)
+    ks, vs = [], []
+    for weights, k, v in zip(params["layers"], cache["k"], cache["v"]):
+        weights = _after(x, weights)
+        x, new = layer.apply({"params": weights}, x, positions, None, {"k": k, "v": v}, cache_positions, cache_index)
+        ks.append(new["k"])
+        vs.append(new["v"])
+    x = _norm(cfg, "final_norm").apply({"params": params["final_norm"]}, x[:, -1:])
+    logits = _lm_head(cfg).apply({"params": _after(x, params["lm_head"])}, x)
+    return logits[:, 0].astype(jnp.float32), {"k": tuple(ks), "v": tuple(vs), "pos": cache_positions}
 
 
 def check_token_ids(tokens, cfg: LLMConfig) -> None:
@@ -322,5 +373,4 @@ def forward(params, cfg: LLMConfig, tokens, positions=None, segment_ids=None):
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, _ = Step1(cfg).apply({"params": params}, tokens, positions, segment_ids)
-    return logits
+    return Step1(cfg).apply({"params": params}, tokens, positions, segment_ids)

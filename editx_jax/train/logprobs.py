@@ -11,7 +11,7 @@ from editx_jax.train import losses
 
 def token_logps(params, cfg: LLMConfig, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
     """log pi(target) per position [N, T] (float32), and the entropy per position when asked."""
-    logits, _ = Step1(cfg).apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
+    logits = Step1(cfg).apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
     logp = losses.token_log_probs(logits, batch["targets"], temperature)
     if with_entropy:
         return logp, losses.token_entropy(logits, temperature)

@@ -30,7 +30,7 @@ MICRO_BATCH_AXIS = 1  # batches are [grad_accum, rows, length]: the rows split o
 
 def token_nll(params, cfg: LLMConfig, micro: dict):
     """Per-token NLL and argmax-correctness [B, T] of one micro-batch (float32)."""
-    logits, _ = Step1(cfg).apply({"params": params}, micro["tokens"], micro["positions"], micro["segment_ids"])
+    logits = Step1(cfg).apply({"params": params}, micro["tokens"], micro["positions"], micro["segment_ids"])
     logits = logits.astype(jnp.float32)
     target_logit = jnp.take_along_axis(logits, micro["targets"][..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
