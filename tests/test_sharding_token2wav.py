@@ -87,5 +87,5 @@ def test_editx_shards_its_decoder():
     model = EditX.random(TINY, mesh=mesh)
     assert model.mesh is mesh and model.decoder.mesh is mesh
     assert model.decoder.flow_params["encoder_proj"]["kernel"].sharding.is_fully_replicated
-    q = model._llm_weights["layers"]["attn"]["q_proj"]["kernel"]
+    q = model._llm_weights["layers"][0]["attn"]["q_proj"]["kernel"]  # the inference form: one tree per layer
     assert sharding.split_factor(q) == 2
