@@ -12,7 +12,7 @@ from editx_jax.convert.flow import (DIT_RULES, convert_dit, convert_flow, expect
                                     flow_config_from_reference, flow_rules)
 from editx_jax.convert.flow import dit_config_from_reference
 from editx_jax.convert.keymap import ConversionError
-from editx_jax.decoder.dit import DiTConfig
+from editx_jax.decoder.dit import DiT, DiTConfig, estimator
 from editx_jax.decoder.embedding import DualCodebookConfig
 from editx_jax.decoder.flow import (FlowConfig, FlowInputError, _inference, abstract_params, cfg_velocity,
                                     cosine_t_span, inference, init_params, noise_from_key, solve_euler,
@@ -277,3 +277,19 @@ def test_released_size_inference_shapes():
                          sds((1, lp + lg, 2), jnp.int32), sds((1, 192), jnp.float32),
                          sds((1, frames, 80), jnp.float32), sds((1, frames, 80), jnp.float32))
     assert out.shape == (1, frames, 80) and out.dtype == jnp.float32
+
+
+def test_unrolled_estimator_equals_the_scanned_dit():
+    """`dit.estimator` (blocks sliced once, unrolled: the fast path of the ODE) is the `DiT` module's
+    layer scan up to float32 rounding (XLA fuses the two programs differently), padding mask included."""
+    config = DiTConfig(hidden_size=32, depth=3, num_heads=2, head_dim=16)
+    params = DiT(config).init(jax.random.key(0), jnp.zeros((1, 4, 80)), jnp.ones((1, 4), bool),
+                              jnp.zeros((1, 4, 80)), jnp.zeros((1,)), jnp.zeros((1, 80)), jnp.zeros((1, 4, 80)))["params"]
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), params)
+    rng = np.random.default_rng(0)
+    x, mu, cond = (jnp.asarray(rng.standard_normal((2, 9, 80)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(np.arange(9)[None, :] < np.array([[9], [6]]))
+    args = (x, mask, mu, jnp.asarray([0.2, 0.7]), jnp.asarray(rng.standard_normal((2, 80)), jnp.float32), cond)
+    scanned = jax.jit(lambda p: DiT(config).apply({"params": p}, *args))(params)
+    unrolled = jax.jit(lambda p: estimator(params=p, config=config)(*args))(params)
+    np.testing.assert_allclose(np.asarray(unrolled), np.asarray(scanned), rtol=1e-5, atol=2e-6)

@@ -28,12 +28,21 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from editx_jax.benchmarking import peak_memory_bytes, timed  # noqa: E402
+from editx_jax.benchmarking import matmul_flops, peak_memory_bytes, timed  # noqa: E402
 from editx_jax.config import add_config_args, load_config  # noqa: E402
+from editx_jax.decoder.dit import estimator  # noqa: E402
 from editx_jax.decoder.flow import FlowModel, abstract_params, cfg_velocity, cosine_t_span, solve_euler  # noqa: E402
 from editx_jax.decoder.hift import abstract_params as hift_abstract, draw_nsf_noise, hift_inference  # noqa: E402
 from editx_jax.decoder.token2wav import _encode  # noqa: E402
 from editx_jax.random_init import random_params  # noqa: E402
+
+
+def dit_flops(config, frames: int, batch: int) -> float:
+    """Matmul FLOPs of one DiT pass over `batch` rows of `frames` frames (projections, the k=3 convs,
+    attention scores and values; norms, activations and the per-row adaLN are left out)."""
+    d, inner, mlp = config.hidden_size, config.attn_inner, config.mlp_hidden
+    per_block = 2 * frames * (3 * d * inner + inner * d + 2 * 3 * d * d + 2 * d * mlp) + 4 * frames * frames * inner
+    return batch * (2 * frames * (config.in_channels * d + d * config.out_channels) + config.depth * per_block)
 
 
 def main(argv=None):
@@ -61,10 +70,14 @@ def main(argv=None):
 
     @functools.partial(jax.jit, static_argnames=("steps",))
     def ode(p, mu, spks, valid, cond, z, steps):
+        est = estimator(p["estimator"], cfg.estimator)  # as flow/token2wav: blocks sliced once, outside the loop
+
         def velocity(x, t):
-            est = lambda *a: model.apply({"params": p}, *a, method=FlowModel.estimate)  # noqa: E731
             return cfg_velocity(est, x, valid, mu, t, spks, cond, cfg.inference_cfg_rate)
         return solve_euler(velocity, z, cosine_t_span(steps))
+
+    gemm = matmul_flops()
+    print(f"machine: float32 GEMM {gemm / 1e9:.0f} GFLOP/s (measured now; other load lowers it)", flush=True)
 
     rows = []
     rng = np.random.default_rng(0)
@@ -97,10 +110,12 @@ def main(argv=None):
             total = float(np.median(runs.sum(axis=1)))
             audio = batch * 2 * lg * 480 / 24000
             load = (load0 + os.getloadavg()[0]) / 2
+            ode_gflops = args.steps * dit_flops(cfg.estimator, 2 * length, 2 * batch) / med[1] / 1e9
             rows.append((seconds, batch, first - total, *med, total, total / audio, load))
             print(f"{seconds:5.1f} s  batch {batch:2d}  compile {first - total:6.1f} s | median of {len(runs)}: "
                   f"encoder {med[0]:7.2f} s  ODE {med[1]:7.2f} s  vocoder {med[2]:7.2f} s  total {total:7.2f} s  "
-                  f"RTF {total / audio:6.3f}  (load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
+                  f"RTF {total / audio:6.3f}  ODE {ode_gflops:5.0f} GFLOP/s = {100e9 * ode_gflops / gemm:3.0f} % of GEMM  "
+                  f"(load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
     kind, peak = peak_memory_bytes()
     print(f"{kind}: {peak / 2**30:.2f} GiB")
     return rows

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from editx_jax.config.decoder import FlowConfig
-from editx_jax.decoder.dit import DiT
+from editx_jax.decoder.dit import DiT, estimator
 from editx_jax.decoder.embedding import DualCodebookEmbedding
 from editx_jax.decoder.upsample_encoder import UpsampleConformerEncoderV2
 
@@ -155,12 +155,10 @@ def _inference(params, pairs, embedding, cond, noise, config: FlowConfig, n_time
     frames = mu.shape[1]
     mask = jnp.ones((mu.shape[0], frames), bool)
     z = noise[:, :frames].astype(jnp.float32) * config.temperature
-
-    def estimator(*args):
-        return model.apply(variables, *args, method=FlowModel.estimate)
+    est = estimator(params["estimator"], config.estimator)  # blocks sliced once, outside the loop
 
     def velocity(x, t):
-        return cfg_velocity(estimator, x, mask, mu, t, spks, cond, config.inference_cfg_rate)
+        return cfg_velocity(est, x, mask, mu, t, spks, cond, config.inference_cfg_rate)
 
     return solve_euler(velocity, z, cosine_t_span(n_timesteps))
 

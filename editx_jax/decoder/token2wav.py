@@ -51,7 +51,7 @@ from editx_jax.audio.io import Clip, resample
 from editx_jax.checkpoint import CheckpointError, load_params, read_config, read_meta, save_params
 from editx_jax.config import ConfigError, from_dict
 from editx_jax.config.decoder import Token2WavConfig
-from editx_jax.decoder import campplus, flow, vocoders
+from editx_jax.decoder import campplus, dit, flow, vocoders
 from editx_jax.decoder.campplus import CAMPPlusConfig, speaker_embedding
 from editx_jax.decoder.embedding import dual_frames
 from editx_jax.decoder.flow import (FlowConfig, FlowModel, cfg_velocity, cosine_t_span, noise_from_key,
@@ -80,9 +80,9 @@ def _flow(params, pairs, lengths, embedding, cond, noise, *, config: FlowConfig,
     variables = {"params": params}
     mu, spks, valid = model.apply(variables, pairs, lengths, embedding, method=_encode)
     z = jnp.broadcast_to(noise[:, :mu.shape[1]], mu.shape).astype(jnp.float32) * config.temperature
+    est = dit.estimator(params["estimator"], config.estimator)  # blocks sliced once, outside the loop
 
     def velocity(x, t):
-        est = lambda *a: model.apply(variables, *a, method=FlowModel.estimate)  # noqa: E731
         return cfg_velocity(est, x, valid, mu, t, spks, cond, config.inference_cfg_rate)
 
     return solve_euler(velocity, z, cosine_t_span(n_timesteps))
