@@ -43,9 +43,8 @@ from editx_jax.config.editx import EditXConfig  # noqa: F401  (re-exported from 
 from editx_jax.decoder import campplus, flow, vocoders
 from editx_jax.decoder.token2wav import Decoder
 from editx_jax.generate.decode import PromptTooLongError, check_room, generate
-from editx_jax.models import llm
 from editx_jax.models.llm import from_scan_storage, param_logical_axes, to_scan_storage
-from editx_jax.models.quantize import quantize_params
+from editx_jax.models.quantize import random_quantized_params
 from editx_jax.random_init import random_params
 from editx_jax.text import prompts
 from editx_jax.text.tiny import train_layout_model
@@ -144,10 +143,8 @@ class EditX:
         text tokenizer of the released id layout. Produces noise: for demos and tests only."""
         vocoder = vocoders.get(config.token2wav.vocoder)
         voc_config = getattr(config, vocoder.name)  # the vocoder's config section bears its name
-        float_llm = dataclasses.replace(config.llm, quantize="none")
-        llm_params = random_params(llm.abstract_params(float_llm), seed, kernel_scale=1.0)
-        # int8 (llm.quantize): the random float weights quantized in place, one leaf at a time
-        llm_params, _ = quantize_params(llm_params, float_llm, config.llm.quantize, config.llm.quantize_embeddings)
+        # int8 (llm.quantize): each random float leaf quantized as it is drawn, never the whole float tree
+        llm_params, _ = random_quantized_params(config.llm, seed, config.llm.quantize, config.llm.quantize_embeddings)
         decoder = Decoder(random_params(flow.abstract_params(config.flow), seed + 1), config.flow,
                           # small vocoder kernels keep a random vocoder (HiFT) out of its chaotic regime
                           random_params(vocoder.module.abstract_params(voc_config), seed + 2, kernel_scale=0.3),
