@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import FIXTURES, ROOT
@@ -15,6 +16,7 @@ from safetensors.numpy import load_file
 from editx_jax import checkpoint, sharding
 from editx_jax.config import GenerationConfig, LLMConfig, MeshConfig, load_config
 from editx_jax.generate.decode import generate
+from editx_jax.layers.linear import Projection
 from editx_jax.models import llm
 from editx_jax.models import quantize as qz
 from editx_jax.pipeline import EditX
@@ -140,3 +142,17 @@ def test_int8_model_folder_restores_int8_leaves_only(tmp_path, monkeypatch):
     weights = flatten(model._llm_weights)
     assert all(weights[k].dtype == np.int8 for k in kernels)
     assert {weights[k].dtype for k in weights if k.endswith("_scale")} == {np.dtype(np.float32)}
+
+
+def test_int8_projection_on_cpu_widens_to_float32_with_the_same_numbers():
+    """On CPU the int8 kernel is widened straight to float32 (XLA:CPU's int8 -> bfloat16 convert is
+    a slow scalar routine): bit for bit the bfloat16 contraction it replaces."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 5, 64)), jnp.bfloat16)
+    proj = Projection((4, 8), ("embed", "heads", "kv"), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, quantized=True)
+    q, s = qz.quantize_array(rng.standard_normal((64, 4, 8)), (0,))
+    got = proj.apply({"params": {"kernel": q, "kernel_scale": s}}, x)
+    y = jax.lax.dot_general(x, jnp.asarray(q).astype(jnp.bfloat16), (((2,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    want = (y * s.reshape(4, 8)).astype(jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16 and np.array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
