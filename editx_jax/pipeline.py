@@ -43,9 +43,8 @@ from editx_jax.config.editx import EditXConfig  # noqa: F401  (re-exported from 
 from editx_jax.decoder import campplus, flow, vocoders
 from editx_jax.decoder.token2wav import Decoder
 from editx_jax.generate.decode import PromptTooLongError, check_room, generate
-from editx_jax.models import llm
 from editx_jax.models.llm import param_logical_axes, split_layers, stack_layers
-from editx_jax.models.quantize import quantize_params
+from editx_jax.models.quantize import random_quantized_params
 from editx_jax.random_init import random_params
 from editx_jax.text import prompts
 from editx_jax.text.tiny import train_layout_model
@@ -146,10 +145,8 @@ class EditX:
         mesh: as in `from_pretrained`."""
         vocoder = vocoders.get(config.token2wav.vocoder)
         voc_config = getattr(config, vocoder.name)  # the vocoder's config section bears its name
-        float_llm = dataclasses.replace(config.llm, quantize="none")
-        llm_params = random_params(llm.abstract_params(float_llm), seed, kernel_scale=1.0)
-        # int8 (llm.quantize): the random float weights quantized in place, one leaf at a time
-        llm_params, _ = quantize_params(llm_params, float_llm, config.llm.quantize, config.llm.quantize_embeddings)
+        # int8 (llm.quantize): each random float leaf quantized as it is drawn, never the whole float tree
+        llm_params, _ = random_quantized_params(config.llm, seed, config.llm.quantize, config.llm.quantize_embeddings)
         if mesh is not None:
             llm_params = sharding.place(llm_params, sharding.logical_to_sharding(param_logical_axes(config.llm), mesh))
         decoder = Decoder(random_params(flow.abstract_params(config.flow), seed + 1), config.flow,

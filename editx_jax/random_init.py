@@ -29,31 +29,51 @@ def kernel_fan_in(path, shape: tuple) -> int:
     return shape[-2]
 
 
-def random_params(abstract, seed: int, kernel_scale: float = 1.0) -> dict:
+def random_leaves(abstract, seed: int, kernel_scale: float = 1.0):
+    """(key path, abstract leaf, parts) per leaf of `abstract`, in tree order. `parts` yields
+    (index, values in the leaf's dtype) such that `leaf[index] = values` fills the leaf: the whole
+    leaf (index `...`) below rank 3, else one [L]-slice at a time (index i), so a consumer holds one
+    slice's float32 working copy, not the whole stack (3.2 GB at the released size). All leaves
+    share one generator: consume each leaf's parts fully, in order, before the next leaf."""
     rng = np.random.default_rng(seed)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        yield path, leaf, _parts(rng, path, leaf, kernel_scale)
 
-    def draw(path, leaf):
-        name = str(path[-1].key) if hasattr(path[-1], "key") else ""
-        shape = tuple(leaf.shape)
 
-        def part(sub_shape):
-            x = rng.standard_normal(size=sub_shape, dtype=np.float32)
-            if name == "scale":
-                x = 1 + 0.1 * x
-            elif name == "kernel" and len(shape) >= 2:
-                x *= kernel_scale / np.sqrt(kernel_fan_in(path, shape))
-            elif name != "embedding":
-                x *= 0.1
-            return x
+def _parts(rng, path, leaf, kernel_scale: float):
+    name = str(path[-1].key) if hasattr(path[-1], "key") else ""
+    shape = tuple(leaf.shape)
 
-        if len(shape) < 3:
-            return jax.device_put(part(shape).astype(leaf.dtype, copy=False))
-        # A stacked [L, ...] leaf slice by slice (the same draws in the same order): its float32
-        # working copy is one slice, not the whole stack (3.2 GB at the released size).
-        out = np.empty(shape, leaf.dtype)
-        for i in range(shape[0]):
-            out[i] = part(shape[1:])
-        return jax.device_put(out)
+    def part(sub_shape):
+        x = rng.standard_normal(size=sub_shape, dtype=np.float32)
+        if name == "scale":
+            x = 1 + 0.1 * x
+        elif name == "kernel" and len(shape) >= 2:
+            x *= kernel_scale / np.sqrt(kernel_fan_in(path, shape))
+        elif name != "embedding":
+            x *= 0.1
+        return x.astype(leaf.dtype, copy=False)
 
-    return jax.tree_util.tree_unflatten(treedef, [draw(path, leaf) for path, leaf in flat])
+    if len(shape) < 3:
+        yield ..., part(shape)
+        return
+    for i in range(shape[0]):
+        yield i, part(shape[1:])
+
+
+def assemble(leaf, parts) -> np.ndarray:
+    """The numpy array of one leaf from its `parts` (see `random_leaves`)."""
+    out = None
+    for index, values in parts:
+        if index is ...:
+            return values
+        if out is None:
+            out = np.empty(leaf.shape, leaf.dtype)
+        out[index] = values
+    return out
+
+
+def random_params(abstract, seed: int, kernel_scale: float = 1.0) -> dict:
+    treedef = jax.tree_util.tree_structure(abstract)
+    leaves = [jax.device_put(assemble(leaf, parts)) for _, leaf, parts in random_leaves(abstract, seed, kernel_scale)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,21 +1,27 @@
 """int8 weight-only LLM (models/quantize.py): round-trip bound, greedy agreement with float, sharded
 equals one device, and the converter's --quantize."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import FIXTURES, ROOT
 from safetensors.numpy import load_file
 
 from editx_jax import checkpoint, sharding
-from editx_jax.config import GenerationConfig, LLMConfig, MeshConfig
+from editx_jax.config import GenerationConfig, LLMConfig, MeshConfig, load_config
 from editx_jax.generate.decode import generate
+from editx_jax.layers.linear import Projection
 from editx_jax.models import llm
 from editx_jax.models import quantize as qz
+from editx_jax.pipeline import EditX
+from editx_jax.random_init import random_params
+from editx_jax.tree import flatten
 from test_convert_llm import write_release
 
 GREEDY = GenerationConfig(greedy=True, max_new_tokens=32, max_length=512, repetition_window=0, drop_last=False,
@@ -96,3 +102,57 @@ def test_sharded_int8_equals_one_device(shape):
     gen = GenerationConfig(greedy=True, max_new_tokens=5, max_length=64, repetition_window=0, min_prompt_bucket=16)
     want = generate(params, qcfg, gen, prompts).tokens
     assert generate(placed, qcfg, gen, prompts, mesh=mesh).tokens == want
+
+
+@pytest.mark.parametrize("param_dtype", ["bfloat16", "float32"])
+def test_random_int8_is_quantized_as_drawn_with_the_same_numbers(param_dtype):
+    """random_quantized_params (each leaf quantized as it is drawn, a stacked kernel slice by slice:
+    EditX.random's int8 path) gives bit for bit what quantizing the whole random float tree gives."""
+    cfg = dataclasses.replace(TINY, num_layers=3, num_groups=2, param_dtype=param_dtype)
+    for embeddings in (True, False):
+        want, _ = qz.quantize_params(random_params(llm.abstract_params(cfg), 7), cfg, "int8", embeddings)
+        got, qcfg = qz.random_quantized_params(cfg, 7, "int8", embeddings)
+        assert qcfg.quantize == "int8" and qcfg.quantize_embeddings == embeddings
+        want, got = jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves_with_path(got)
+        assert [p for p, _ in got] == [p for p, _ in want]
+        for (path, a), (_, b) in zip(want, got):
+            assert isinstance(b, jax.Array) and b.dtype == a.dtype and np.array_equal(np.asarray(a), np.asarray(b)), path
+        kinds = {jax.tree_util.keystr(p): x.dtype for p, x in got}
+        assert kinds["['layers']['mlp']['up_proj']['kernel']"] == np.int8
+        assert kinds["['embed']['embedding']"] == (np.int8 if embeddings else np.dtype(param_dtype))
+
+
+def test_int8_model_folder_restores_int8_leaves_only(tmp_path, monkeypatch):
+    """An int8 EditX folder loads its int8 kernels as int8: every leaf restored is asked for in its
+    stored int8/float32-scale dtype (never a float kernel to quantize afterwards)."""
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["generation.max_new_tokens=4", "llm.quantize=int8"])
+    folder = EditX.random(cfg, seed=3).save(tmp_path / "m")
+    asked = {}
+    restore = checkpoint._restore_in_batches
+
+    def spy(path, target):
+        if path.parent.name == "llm":
+            asked.update({k: x.dtype for k, x in flatten(target).items()})
+        return restore(path, target)
+
+    monkeypatch.setattr(checkpoint, "_restore_in_batches", spy)
+    model = EditX.from_pretrained(folder)
+    kernels = [k for k in asked if k.endswith(("kernel", "embedding"))]
+    assert kernels and all(asked[k] == np.int8 for k in kernels)
+    weights = flatten(model.llm_params)  # the stored form (the model holds one tree per layer)
+    assert all(weights[k].dtype == np.int8 for k in kernels)
+    assert {weights[k].dtype for k in weights if k.endswith("_scale")} == {np.dtype(np.float32)}
+
+
+def test_int8_projection_on_cpu_widens_to_float32_with_the_same_numbers():
+    """On CPU the int8 kernel is widened straight to float32 (XLA:CPU's int8 -> bfloat16 convert is
+    a slow scalar routine): bit for bit the bfloat16 contraction it replaces."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 5, 64)), jnp.bfloat16)
+    proj = Projection((4, 8), ("embed", "heads", "kv"), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, quantized=True)
+    q, s = qz.quantize_array(rng.standard_normal((64, 4, 8)), (0,))
+    got = proj.apply({"params": {"kernel": q, "kernel_scale": s}}, x)
+    y = jax.lax.dot_general(x, jnp.asarray(q).astype(jnp.bfloat16), (((2,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    want = (y * s.reshape(4, 8)).astype(jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16 and np.array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
