@@ -119,10 +119,11 @@ def wait_quiet(max_wait: float | None = None, need: int = 3) -> float:
 
 def guarded_runs(fn: Callable[[], object], n: int, max_attempts: int | None = None) -> tuple[list, dict]:
     """Call fn() until `n` calls ran while others used < FOREIGN_MAX_CORES (waiting for quiet after
-    a loaded one), at most 2n + 2 calls. Returns (the clean calls' results, or the loaded ones when
-    none was clean; a dict of what the guard saw)."""
+    a loaded one), at most m n + 2 calls (m: env GUARD_ATTEMPTS_MULT, default 2). Returns (the clean
+    calls' results, or the loaded ones when none was clean; a dict of what the guard saw)."""
     clean, loaded, waited = [], [], 0.0
-    for _ in range(max_attempts or 2 * n + 2):
+    max_attempts = max_attempts or int(os.environ.get("GUARD_ATTEMPTS_MULT", "2")) * n + 2
+    for _ in range(max_attempts):
         if len(clean) >= n:
             break
         with LoadGuard() as g:

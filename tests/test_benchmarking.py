@@ -1,5 +1,7 @@
 """The machine measurements the benchmark tools share (small sizes: this only checks they work)."""
 
+import json
+
 import jax.numpy as jnp
 
 from editx_jax import benchmarking
@@ -14,3 +16,26 @@ def test_measurements_are_positive_and_sane():
     assert out.shape == (8, 2) and float(out[0, 0]) == 4.0 and seconds >= 0
     assert benchmarking.best_seconds(lambda: jnp.ones(3) + 1, repeats=3) >= 0
     assert benchmarking.tree_bytes({"a": jnp.ones((2, 3)), "b": [jnp.ones(4, jnp.bfloat16)]}) == 24 + 8
+
+
+def test_guarded_runs_and_the_json_writer(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAIT_IDLE_MAX", "0")  # never wait for a quiet machine in a test
+    calls = []
+    results, info = benchmarking.guarded_runs(lambda: calls.append(1) or len(calls), 2)
+    assert 2 <= len(calls) <= 6 and info["clean_runs"] + info["discarded_runs"] == len(calls)
+    kept = info["clean_runs"] or info["discarded_runs"]  # the clean calls, or the loaded ones if none was
+    assert len(results) == kept == len(info["foreign_cores"]) and set(results) <= set(range(1, len(calls) + 1))
+    monkeypatch.setenv("GUARD_ATTEMPTS_MULT", "0")  # at most 0 * n + 2 calls, as the official scripts
+    calls.clear()
+    benchmarking.guarded_runs(lambda: calls.append(1), 5)
+    assert len(calls) == 2
+    monkeypatch.delenv("BENCH_OUT", raising=False)
+    assert benchmarking.results_path(None, "llm") is None
+    assert benchmarking.results_path("x.json", "llm").name == "x.json"
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    monkeypatch.setenv("BENCH_TAG", "run1")
+    path = benchmarking.results_path(None, "llm")
+    assert path == tmp_path / "results_llm_run1.json"  # the official scripts' naming
+    benchmarking.write_results(path, {"decode_b1": {"decode_tokens_per_s": 1.5}})
+    assert json.loads(path.read_text()) == {"decode_b1": {"decode_tokens_per_s": 1.5}}
+    assert [p.name for p in tmp_path.iterdir()] == ["results_llm_run1.json"]  # no temporary file left
