@@ -5,11 +5,20 @@ for jax's asynchronous results.
 Each speed is the best of a few repeats after one warm-up call (which compiles), so it is the
 machine's capability under the current load, the yardstick a model's measured speed is compared to
 (a roofline or a share of GEMM FLOP/s).
+
+The model timings of the tools are medians of runs made while the rest of the machine was quiet
+(`guarded_runs`), and go to a JSON file with the keys of the official side-by-side scripts
+(shared/bench-official/, read by its make_table.py), so both sides can be tabled the same way.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import resource
+import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -80,3 +89,91 @@ def peak_memory_bytes() -> tuple[str, int]:
 def tree_bytes(tree) -> int:
     """Bytes held by the arrays of a pytree."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+# A timed run during which other processes used this many cores or more is discarded and repeated
+# (after waiting for a quieter machine): the same rule as the official side-by-side scripts.
+FOREIGN_MAX_CORES = 0.25
+
+
+def _busy_seconds() -> float:
+    """CPU seconds all processes have spent busy since boot (/proc/stat, 0.0 where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in f.readline().split()[1:8])
+    except OSError:
+        return 0.0
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadGuard:
+    """Context manager: how many cores other processes kept busy meanwhile (`foreign_cores`; machine
+    busy time minus this process's own CPU time, all its threads, over the wall time)."""
+
+    def __enter__(self):
+        self._busy, self._own, self._t = _busy_seconds(), sum(os.times()[:2]), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self._t
+        own = sum(os.times()[:2]) - self._own
+        self.foreign_cores = max(0.0, _busy_seconds() - self._busy - own) / max(self.wall, 1e-9)
+        return False
+
+
+def wait_quiet(max_wait: float | None = None, need: int = 3) -> float:
+    """Wait until others use < 0.15 cores for `need` 1 s windows in a row, at most `max_wait` s (env
+    WAIT_IDLE_MAX, default 300). Returns the seconds waited."""
+    max_wait = float(os.environ.get("WAIT_IDLE_MAX", "300")) if max_wait is None else max_wait
+    start, quiet = time.perf_counter(), 0
+    while quiet < need and time.perf_counter() - start < max_wait:
+        with LoadGuard() as g:
+            time.sleep(1.0)
+        quiet = quiet + 1 if g.foreign_cores < 0.15 else 0
+    return time.perf_counter() - start
+
+
+def guarded_runs(fn: Callable[[], object], n: int, max_attempts: int | None = None) -> tuple[list, dict]:
+    """Call fn() until `n` calls ran while others used < FOREIGN_MAX_CORES (waiting for quiet after
+    a loaded one), at most m n + 2 calls (m: env GUARD_ATTEMPTS_MULT, default 2). Returns (the clean
+    calls' results, or the loaded ones when none was clean; a dict of what the guard saw)."""
+    clean, loaded, waited = [], [], 0.0
+    max_attempts = max_attempts or int(os.environ.get("GUARD_ATTEMPTS_MULT", "2")) * n + 2
+    for _ in range(max_attempts):
+        if len(clean) >= n:
+            break
+        with LoadGuard() as g:
+            out = fn()
+        (clean if g.foreign_cores < FOREIGN_MAX_CORES else loaded).append((out, round(g.foreign_cores, 3)))
+        if g.foreign_cores >= FOREIGN_MAX_CORES:
+            waited += wait_quiet()
+    use = clean or loaded
+    return [o for o, _ in use], {"clean_runs": len(clean), "discarded_runs": len(loaded),
+                                 "waited_for_idle_s": round(waited, 1), "foreign_cores": [c for _, c in use]}
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def results_path(json_arg: str | None, name: str) -> pathlib.Path | None:
+    """Where a tool writes its JSON: `--json PATH`, else $BENCH_OUT/results_<name>[_$BENCH_TAG].json
+    (the official scripts' naming), else nowhere (None)."""
+    if json_arg:
+        return pathlib.Path(json_arg)
+    if os.environ.get("BENCH_OUT"):
+        tag = os.environ.get("BENCH_TAG", "")
+        return pathlib.Path(os.environ["BENCH_OUT"]) / f"results_{name}{'_' + tag if tag else ''}.json"
+    return None
+
+
+def write_results(path: pathlib.Path | None, results: dict) -> None:
+    """Write `results` as JSON to `path` atomically (a temporary file renamed over it); None: nothing."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}")

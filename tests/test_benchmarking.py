@@ -1,5 +1,6 @@
 """The machine measurements the benchmark tools share (small sizes: this only checks they work)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -48,3 +49,24 @@ def test_device_check_tools_import_no_optional_packages():
                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+def test_guarded_runs_and_the_json_writer(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAIT_IDLE_MAX", "0")  # never wait for a quiet machine in a test
+    calls = []
+    results, info = benchmarking.guarded_runs(lambda: calls.append(1) or len(calls), 2)
+    assert 2 <= len(calls) <= 6 and info["clean_runs"] + info["discarded_runs"] == len(calls)
+    kept = info["clean_runs"] or info["discarded_runs"]  # the clean calls, or the loaded ones if none was
+    assert len(results) == kept == len(info["foreign_cores"]) and set(results) <= set(range(1, len(calls) + 1))
+    monkeypatch.setenv("GUARD_ATTEMPTS_MULT", "0")  # at most 0 * n + 2 calls, as the official scripts
+    calls.clear()
+    benchmarking.guarded_runs(lambda: calls.append(1), 5)
+    assert len(calls) == 2
+    monkeypatch.delenv("BENCH_OUT", raising=False)
+    assert benchmarking.results_path(None, "llm") is None
+    assert benchmarking.results_path("x.json", "llm").name == "x.json"
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    monkeypatch.setenv("BENCH_TAG", "run1")
+    path = benchmarking.results_path(None, "llm")
+    assert path == tmp_path / "results_llm_run1.json"  # the official scripts' naming
+    benchmarking.write_results(path, {"decode_b1": {"decode_tokens_per_s": 1.5}})
+    assert json.loads(path.read_text()) == {"decode_b1": {"decode_tokens_per_s": 1.5}}
+    assert [p.name for p in tmp_path.iterdir()] == ["results_llm_run1.json"]  # no temporary file left

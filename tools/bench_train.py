@@ -10,11 +10,18 @@ device's bf16 datasheet figure (editx_jax/benchmarking.py DEVICE_PEAKS: H100, H2
 matmul measured here in the model's compute dtype. XLA's own count is printed too, but
 it counts a loop body once, so for the scanned layers it is one layer's worth.
 Imports no data pipeline (grain) or audio code: it runs on a bare jax + flax + optax image.
+
+The step time is the median of steps run while the rest of the machine was quiet
+(`benchmarking.guarded_runs`); `--json PATH` (or env BENCH_OUT) also writes the figures with the keys of
+shared/bench-official/bench_train.py (the official step: 2 x 512 tokens of LLM mid, AdamW). Ours is one
+jitted step (forward, backward, AdamW with the SFT preset's gradient clipping), so it has no split into
+forward / backward / optimizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -24,7 +31,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from editx_jax import sharding  # noqa: E402
-from editx_jax.benchmarking import device_peaks, matmul_flops, peak_memory_bytes, timed  # noqa: E402
+from editx_jax.benchmarking import (device_peaks, guarded_runs, matmul_flops, median, peak_memory_bytes,  # noqa: E402
+                                    results_path, timed, wait_quiet, write_results)
 from editx_jax.config import ConfigError, load_config  # noqa: E402
 from editx_jax.train import sft  # noqa: E402
 from editx_jax.train import state as st  # noqa: E402
@@ -37,9 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="timed steps (the median is kept)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="per-device peak for MFU (0: the device's datasheet bf16 peak, or measured on a CPU)")
+    p.add_argument("--json", help="write the figures here (default: $BENCH_OUT/results_train.json if set)")
     args = p.parse_args(argv)
     overrides = args.overrides or []
     try:
@@ -66,18 +75,22 @@ def main(argv=None) -> int:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", 0.0)) * len(mesh.devices.flat)  # cost analysis is per device
     flops = sft.model_flops_per_token(cfg.llm, args.seq) * args.batch * args.seq
+    waited = wait_quiet()
     (state, m), first = timed(step, state, gbatch)
-    times = []
-    for _ in range(args.steps):
-        (state, m), seconds = timed(step, state, gbatch)
-        times.append(seconds)
-    dt = float(np.median(times))
+    carry = {"state": state}
+
+    def one_step():
+        (carry["state"], metrics), seconds = timed(step, carry["state"], gbatch)
+        return seconds, float(metrics["loss"])
+
+    runs, info = guarded_runs(one_step, args.steps)
+    dt = median(t for t, _ in runs)
     tokens = args.batch * args.seq
     n_params = cfg.llm.num_params
     print(f"model {n_params / 1e6:.1f}M params ({cfg.llm.dtype} compute), {len(mesh.devices.flat)} "
           f"{jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}")
     print(f"batch {args.batch} x {args.seq} tokens: step {dt * 1e3:.1f} ms (first {first:.2f} s), "
-          f"{tokens / dt:,.0f} tokens/s, loss {float(m['loss']):.3f}")
+          f"{tokens / dt:,.0f} tokens/s, loss {runs[-1][1]:.3f} (median of {len(runs)} steps)")
     print(f"model FLOPs/step {flops:.4g} ({flops / dt / 1e12:.3f} TFLOP/s achieved); XLA count "
           f"{xla_flops:.4g} (one layer of one micro-batch: loop bodies count once)")
     peak, source = peak_flops(args.peak_tflops, cfg.llm.dtype)
@@ -85,6 +98,13 @@ def main(argv=None) -> int:
           f"device, {source})")
     kind, peak = peak_memory_bytes()
     print(f"{kind}: {peak / 2**30:.2f} GiB")
+    write_results(results_path(args.json, "train"), {
+        "harness": "editx_jax tools/bench_train.py", "config": args.config, "overrides": overrides,
+        "n_params": n_params, "batch": args.batch, "seq": args.seq, "grad_accum": args.grad_accum,
+        "optimizer": dataclasses.asdict(cfg.optimizer), "waited_for_idle_at_start_s": round(waited, 1),
+        "first_step_s": first, "timed_runs": len(runs), "guard": info, "median_s": {"step_s": dt},
+        "tokens_per_s": tokens / dt, "runs": [{"step_s": t, "loss": loss} for t, loss in runs],
+        "model_flops_per_step": flops, "achieved_TFLOPs": flops / dt / 1e12, "peak_memory_GiB": peak / 2**30})
     return 0
 
 

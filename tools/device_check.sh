@@ -31,7 +31,7 @@ PY=${PYTHON:-python}
 
 if [ "$MODE" = cpu ]; then
   export JAX_PLATFORMS=cpu
-  LLM=(--config configs/tiny_llm.yaml --prompt-len 16 --new-tokens 8 --repeats 1)
+  LLM=(--config configs/tiny_llm.yaml --prompt-len 16 --new-tokens 24 --repeats 1 --prefill-repeats 1)
   DEC=(--config configs/tiny.yaml --seconds 1 --batch 1 --prompt-seconds 0.5 --repeats 1)
   TRAIN=(--config configs/sft_tiny.yaml --batch 2 --seq 32 --steps 2)
   PARITY=(tests/fixtures/dual_codebook_interleave tests/fixtures/step1_llm)
@@ -91,10 +91,10 @@ summary() {
       echo "$(grep -c '^PASS' "$log") pass, $(grep -c '^FAIL' "$log") fail, $(grep -c '^SKIP' "$log") skip" ;;
     llm_b*)
       local tps pct
-      tps=$(sed -n 's/^decode: *\([0-9.,]*\) tokens\/s.*/\1 tok\/s/p' "$log")
+      tps=$(sed -n 's/^decode batch [0-9]*: *\([0-9.,]*\) tokens\/s.*/\1 tok\/s/p' "$log")
       pct=$(sed -n 's/.*= \([0-9.]*%\) of HBM peak.*/\1 of HBM peak/p' "$log")
       [ -z "$pct" ] && pct=$(sed -n 's/^decode speed = \([0-9.]*%\) of the memory-bandwidth roofline/\1 of measured copy roofline/p' "$log")
-      echo "decode $tps, $pct; $(sed -n 's/^compile: //p' "$log" | sed 's/prefill/compile prefill/')" ;;
+      echo "decode $tps, $pct; $(sed -n 's/^batch [0-9]*: compile + first run: //p' "$log" | sed 's/prefill/compile + first run: prefill/')" ;;
     decoder_*)
       sed -n 's/^ *\([0-9.]*\) s  batch *\([0-9]*\) *compile *\([0-9.]*\) s.*RTF *\([0-9.]*\).*/\1 s b\2 RTF \4 (compile \3 s)/p' "$log" \
         | paste -sd ';' - | sed 's/;/; /g' ;;
