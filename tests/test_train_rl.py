@@ -30,7 +30,10 @@ from editx_jax.train import batches, dpo, grpo, logprobs, losses, ppo, reward, r
 from editx_jax.train import state as st
 from editx_jax.train.jit import sharded_step
 
-OPT = OptimizerConfig(learning_rate=1e-3, warmup_ratio=0.0)
+# eps 1e-6, not 1e-8: Adam's first step moves a weight by lr * g / (|g| + eps), so with eps 1e-8 a gradient
+# entry that cancels to ~1e-7 (where the 1- and 8-device sums round differently) moves by a noticeably different
+# fraction of lr on the two meshes; the comparisons are about the sharded maths, not that amplification.
+OPT = OptimizerConfig(learning_rate=1e-3, warmup_ratio=0.0, eps=1e-6)
 
 
 def _both_meshes():
