@@ -165,6 +165,10 @@ def test_inference_form_is_invisible_and_bit_exact():
     assert isinstance(split["layers"], tuple) and len(split["layers"]) == BF16.num_layers
     assert split["layers"][1]["mlp"]["up_proj"]["kernel"].shape == kernel.shape[1:]
     assert "layers" in floats and not isinstance(floats["layers"], tuple)  # the caller's stacks untouched
+    # on one CPU device the layer slices are the stack's own memory (splitting allocates nothing)
+    stack_kernel = floats["layers"]["mlp"]["up_proj"]["kernel"]
+    piece = split["layers"][1]["mlp"]["up_proj"]["kernel"]
+    assert piece.unsafe_buffer_pointer() == stack_kernel.unsafe_buffer_pointer() + piece.nbytes
     prompts = prompts_of([7, 12])
     a = generate(floats, BF16, GREEDY, prompts, return_logits=True)
     b = generate(split, BF16, GREEDY, prompts, return_logits=True)

@@ -241,7 +241,7 @@ def split_layers(params: dict) -> dict:
         params[name] = {key: _as_bits(leaf) for key, leaf in params[name].items()}
     flat = tree.flatten(params.pop("layers"))
     names = list(flat)
-    pieces = {name: [_as_bits(p) for p in _unstack(flat.pop(name))] for name in names}  # each stack freed once sliced
+    pieces = {name: _layer_pieces(flat.pop(name)) for name in names}  # each stack freed once sliced
     params["layers"] = tuple(tree.unflatten({name: pieces[name][i] for name in names})
                              for i in range(len(pieces[names[0]])))
     return params
@@ -264,6 +264,20 @@ def stack_layers(params: dict, host: bool = False) -> dict:
     return out
 
 
+def _layer_pieces(leaf) -> list:
+    """The layer slices of a stacked leaf, bfloat16 kernels as bits. On one CPU device the slices are
+    views of the stack's own buffer (numpy views put back without a copy), so splitting costs no
+    memory; elsewhere they are sliced on the devices (the stack and its slices exist together once)."""
+    if isinstance(leaf, jax.Array) and _on_one_cpu(leaf):
+        return [jax.device_put(_as_bits(piece)) for piece in np.asarray(leaf)]
+    return [_as_bits(piece) for piece in _unstack(leaf)]
+
+
+def _on_one_cpu(x: jax.Array) -> bool:
+    devices = x.devices()
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
 def _as_bits(x):
     """A bfloat16 kernel (ndim >= 2) as its uint16 bits; anything else unchanged."""
     if x.dtype != jnp.bfloat16 or len(x.shape) < 2:
@@ -272,6 +286,8 @@ def _as_bits(x):
         return x.view(np.uint16)
     if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(x.shape, jnp.uint16, sharding=x.sharding)
+    if _on_one_cpu(x):  # a view of the same buffer, no copy
+        return jax.device_put(np.asarray(x).view(np.uint16))
     return _bitcast_jit(jnp.uint16)(x)
 
 
