@@ -241,7 +241,7 @@ def split_layers(params: dict) -> dict:
         params[name] = {key: _as_bits(leaf) for key, leaf in params[name].items()}
     flat = tree.flatten(params.pop("layers"))
     names = list(flat)
-    pieces = {name: _layer_pieces(flat.pop(name)) for name in names}  # each stack freed once sliced
+    pieces = {name: [_as_bits(p) for p in _unstack(flat.pop(name))] for name in names}  # each stack freed once sliced
     params["layers"] = tuple(tree.unflatten({name: pieces[name][i] for name in names})
                              for i in range(len(pieces[names[0]])))
     return params
@@ -262,15 +262,6 @@ def stack_layers(params: dict, host: bool = False) -> dict:
     for name in ("embed", "lm_head"):
         out[name] = {key: _as_floats(np.asarray(leaf) if host else leaf) for key, leaf in params[name].items()}
     return out
-
-
-def _layer_pieces(leaf) -> list:
-    """The layer slices of a stacked leaf, bfloat16 kernels as bits. On one CPU device the slices are
-    views of the stack's own buffer (numpy views put back without a copy), so splitting costs no
-    memory; elsewhere they are sliced on the devices (the stack and its slices exist together once)."""
-    if isinstance(leaf, jax.Array) and _on_one_cpu(leaf):
-        return [jax.device_put(_as_bits(piece)) for piece in np.asarray(leaf)]
-    return [_as_bits(piece) for piece in _unstack(leaf)]
 
 
 def _on_one_cpu(x: jax.Array) -> bool:
@@ -311,8 +302,13 @@ def inference_logical_axes(cfg: LLMConfig):
 
 
 def _unstack(leaf) -> list:
+    """The layer slices of a stacked leaf. On one CPU device they are views of the stack's own buffer
+    (numpy views put back without a copy), so splitting costs no memory; elsewhere they are sliced on
+    the devices (the stack and its slices exist together once)."""
     if isinstance(leaf, np.ndarray):
         return list(leaf)
+    if isinstance(leaf, jax.Array) and _on_one_cpu(leaf):
+        return [jax.device_put(piece) for piece in np.asarray(leaf)]
     if isinstance(leaf, jax.ShapeDtypeStruct):
         piece = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=_drop_first_axis(leaf.sharding))
         return [piece] * leaf.shape[0]
