@@ -86,6 +86,29 @@ def peak_memory_bytes() -> tuple[str, int]:
     return "host peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Start a new host peak-RSS window (Linux: VmHWM is reset by writing 5 to clear_refs); False
+    where the kernel does not allow it, and `window_peak_rss` then reports the process's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss() -> int:
+    """Peak resident bytes since the last `reset_peak_rss` (VmHWM), else since the process began."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def tree_bytes(tree) -> int:
     """Bytes held by the arrays of a pytree."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))

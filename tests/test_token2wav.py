@@ -295,7 +295,8 @@ def test_bad_input(small_decoder):
 
 
 def test_stream_chunk_functions_equal_offline_modules(small_decoder):
-    """With empty caches, the chunk encoder and chunk ODE are the offline encoder and ODE."""
+    """With empty caches, the chunk encoder and chunk ODE are the offline encoder and ODE, whatever
+    padding follows the real frames."""
     cfg, p = small_decoder.flow_config, small_decoder.flow_params
     rng = np.random.default_rng(0)
     pairs = reshape_values(ids(20, 4) - OFFSET).astype(np.int32)[None]
@@ -304,20 +305,37 @@ def test_stream_chunk_functions_equal_offline_modules(small_decoder):
     mu_ref, spks, _ = model.apply({"params": p}, pairs, np.array([pairs.shape[1]]), emb, method=_encode)
     x_emb = model.apply({"params": p}, pairs, method=lambda m, q: m.input_embedding(q))
     n = pairs.shape[1]
-    for cap in (n, stream_mod.cache_capacity(n) + 32):  # exact and zero-padded K/V buffers
-        e = lambda layers, c: jnp.zeros((layers, 1, c, 4, 8))  # noqa: E731
-        mu, *_ = stream_mod.encoder_chunk(p, x_emb, jnp.zeros((1, 2, 32)), jnp.zeros((1, 4, 32)), e(6, cap),
-                                          e(6, cap), e(4, 2 * cap), e(4, 2 * cap), 0, cfg, True)
-        np.testing.assert_allclose(mu, mu_ref, atol=2e-5, rtol=1e-5)
-    t = mu.shape[1]
+    e = lambda layers, c: jnp.zeros((layers, 1, c, 4, 8))  # noqa: E731
+    for pad, cap in ((0, n), (0, stream_mod.cache_capacity(n) + 32), (7, n + 7)):  # exact / padded buffers and input
+        x_in = jnp.pad(x_emb, ((0, 0), (0, pad), (0, 0)), constant_values=3.0)  # padding is never read
+        mu, *_ = stream_mod.encoder_chunk(p, x_in, jnp.zeros((1, 2, 32)), jnp.zeros((1, 4, 32)), e(6, cap),
+                                          e(6, cap), e(4, 2 * cap), e(4, 2 * cap), 0, n, n, cfg)
+        assert mu.shape[1] == 2 * (n + pad)
+        np.testing.assert_allclose(mu[:, :2 * n], mu_ref, atol=2e-5, rtol=1e-5)
+    t = mu_ref.shape[1]
     noise = jax.random.normal(jax.random.key(5), (1, t, 80))
     cond = jnp.zeros((1, t, 80)).at[:, :6].set(1.0)
     ref = flow_batch(p, pairs, np.array([pairs.shape[1]], np.int32), emb, cond, noise, cfg, 10)
     conv = jnp.zeros((10, 2, 2, 2, 64))
-    kv = jnp.zeros((10, 2, 2, 0, 4, 16))
-    out, *caches = stream_mod.dit_chunk_ode(p, noise, mu_ref, spks, cond, conv, conv, kv, kv, cfg, 10)
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
-    assert caches[2].shape == (10, 2, 2, t, 4, 16)
+    kv = lambda f: jnp.zeros((10, 2, 2, f, 4, 16))  # noqa: E731
+    for pad in (0, 5):
+        padded = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0)), constant_values=2.0)  # noqa: E731
+        out, *caches = stream_mod.dit_chunk_ode(p, padded(noise), padded(mu_ref), spks, padded(cond), t, conv, conv,
+                                                kv(0), kv(0), 0, kv(4), kv(4), 0, cfg, 10)
+        np.testing.assert_allclose(out[:, :t], ref, atol=2e-5, rtol=1e-5)
+        assert caches[2].shape == (10, 2, 2, t + pad, 4, 16)
+
+
+def test_cut_window_keeps_what_the_reference_cache_cut_keeps():
+    """The reference puts each chunk's K/V (in time order) in front of its cache and keeps the first
+    W frames: with W = 5, window [a0 a1] and a chunk [b0 b1 b2 b3] (3 real) -> [b0 b1 b2 a0 a1]."""
+    def frames(values):
+        return jnp.asarray(np.asarray(values, np.float32)[None, None, None, :, None, None])
+    window = frames([10, 11, 0, 0, 0])
+    out = stream_mod.cut_window(window, frames([20, 21, 22, 99]), 3, 2)
+    np.testing.assert_array_equal(np.asarray(out).ravel(), [20, 21, 22, 10, 11])
+    out = stream_mod.cut_window(window, frames([20, 21, 22, 23, 24, 25, 99]), 6, 2)  # a long chunk: its first 5
+    np.testing.assert_array_equal(np.asarray(out).ravel(), [20, 21, 22, 23, 24])
 
 
 def _stream_decoder(small_decoder, **cfg):
@@ -327,18 +345,26 @@ def _stream_decoder(small_decoder, **cfg):
 
 
 def test_stream_compiles_a_bounded_number_of_times(small_decoder):
-    """The encoder K/V cache grows with every chunk; its power-of-two buffers keep the jitted shapes
-    repeating: 11 chunks compile the encoder for the setup, the 2 chunk sizes, the last chunk and
-    the capacity steps only (it compiled once per chunk before), and the DiT until its cache cut."""
+    """Chunks are padded to fixed shapes: 11 chunks compile the encoder for the setup and once per
+    K/V capacity (power-of-two buffers: O(log N)), the DiT for the setup and once per chunk size,
+    whatever the cache cut does; a second stream whose prompt falls in the same bucket compiles
+    nothing new."""
     dec = _stream_decoder(small_decoder)
     p_ids, p_mel, emb = prompt()
     enc0, dit0 = stream_mod.encoder_chunk._cache_size(), stream_mod.dit_chunk_ode._cache_size()
     st = Token2WavStream(dec, p_ids, p_mel, emb)
     speech = np.concatenate([st.push(ids(152, 9)[:-1]), st.push(ids(152, 9)[-1:], last=True)])
     assert len(st.mels) == 11 and speech.shape == (480 * 2 * 3 * 31,)
-    assert st.caches[0][2].shape[2] == 128 >= st.encoder_frames  # 24 prompt + 93 generated frames
-    assert stream_mod.encoder_chunk._cache_size() - enc0 <= 5
-    assert stream_mod.dit_chunk_ode._cache_size() - dit0 <= 4
+    assert st.encoder_caches[2].shape[2] == 128 >= st.encoder_frames  # 12 prompt + 93 generated frames
+    assert stream_mod.encoder_chunk._cache_size() - enc0 <= 3  # setup, chunks at capacity 64 and 128
+    assert stream_mod.dit_chunk_ode._cache_size() - dit0 <= 3  # setup, 6- and 9-pair chunks (the last fits 9)
+    enc1, dit1 = stream_mod.encoder_chunk._cache_size(), stream_mod.dit_chunk_ode._cache_size()
+    p_ids2, p_mel2, emb2 = prompt(seed=3, n_ids=30)  # 18 prompt pairs instead of 12: the same bucket
+    st2 = Token2WavStream(dec, p_ids2, p_mel2, emb2)
+    st2.push(ids(100, 4)[:-1])
+    st2.push(ids(100, 4)[-1:], last=True)
+    assert len(st2.mels) == 7
+    assert stream_mod.encoder_chunk._cache_size() == enc1 and stream_mod.dit_chunk_ode._cache_size() == dit1
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ Prints seconds per stage (tokenize, generate, decode) and the real-time factor (
 second of output audio) for a warm run, after a first run that compiles. Random weights never stop
 at EOS, so the LLM writes exactly --new-tokens tokens (default: as many as the clip has, about
 41.7 per second, like an edit that keeps the length). Ends with the process's peak memory against the
-LLM's params bytes (the issue-10 budget: at most the params plus 5 GB).
+LLM's params bytes (the issue-10 budget: at most the params plus 5 GB), and, on Linux, the host
+peak RSS inside each stage of both runs (tokenize, speaker prompt, generate, token2wav), to show
+which stage sets the peak.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-from editx_jax.benchmarking import peak_memory_bytes, tree_bytes  # noqa: E402
+from editx_jax.benchmarking import peak_memory_bytes, reset_peak_rss, tree_bytes, window_peak_rss  # noqa: E402
 from editx_jax.config import add_config_args, load_config  # noqa: E402
 from editx_jax.models.quantize import check_quantize  # noqa: E402
 from editx_jax.pipeline import EditX  # noqa: E402
@@ -64,7 +66,9 @@ def main(argv=None):
     reps = int(np.ceil(args.seconds * sr / len(base)))
     clip = np.tile(base, reps)[:int(args.seconds * sr)]
 
+    stage_peaks = watch_stage_peaks(model)
     for label in ("first run (compiles)", "warm run"):
+        stage_peaks.clear()
         t = time.perf_counter()
         wave, out_sr = model.edit(clip, "the weather is nice today", "emotion", "happy", sample_rate=sr)
         total = time.perf_counter() - t
@@ -73,9 +77,30 @@ def main(argv=None):
         print(f"{label}: total {total:.2f} s for {out_seconds:.2f} s of output (RTF {total / out_seconds:.3f})")
         for stage, seconds in timings.items():
             print(f"  {stage:9s} {seconds:8.2f} s   RTF {seconds / out_seconds:.3f}")
+        if stage_peaks:
+            print("  host peak RSS inside each stage, over the LLM params: " + ", ".join(
+                f"{stage} +{(peak - params_bytes) / 2**30:.2f}" for stage, peak in stage_peaks.items()) + " GiB")
     kind, peak = peak_memory_bytes()
     print(f"{kind}: {peak / 2**30:.2f} GiB = LLM params {params_bytes / 2**30:.2f} GiB + "
           f"{(peak - params_bytes) / 2**30:.2f} GiB (budget: params + 5 GB = {(params_bytes + 5e9) / 2**30:.2f} GiB)")
+
+
+def watch_stage_peaks(model) -> dict:
+    """Wrap the model's stages so each call records the host peak RSS inside it; returns the dict
+    they fill ({stage: bytes}), empty where the peak can't be reset per stage (not Linux)."""
+    peaks: dict[str, int] = {}
+    if not reset_peak_rss():
+        return peaks
+    stages = ((model.audio_tokenizer, "tokenize", "tokenize"), (model.decoder, "prompt_features", "speaker prompt"),
+              (model, "_generate", "generate"), (model.decoder, "token2wav", "token2wav"))
+    for owner, name, stage in stages:
+        def watched(*args, _call=getattr(owner, name), _stage=stage, **kwargs):
+            reset_peak_rss()
+            out = _call(*args, **kwargs)
+            peaks[_stage] = max(peaks.get(_stage, 0), window_peak_rss())
+            return out
+        setattr(owner, name, watched)
+    return peaks
 
 
 if __name__ == "__main__":

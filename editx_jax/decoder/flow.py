@@ -80,11 +80,11 @@ def solve_euler(velocity, x0, t_span):
     return x
 
 
-def noise_from_key(key, batch: int, frames: int, channels: int) -> jax.Array:
-    """(batch, frames, channels) standard normal noise; frame j comes from fold_in(key, j), so the
-    noise of a frame is the same whatever the total length."""
+def noise_from_key(key, batch: int, frames: int, channels: int, offset=0) -> jax.Array:
+    """(batch, frames, channels) standard normal noise of frames offset ... offset + frames - 1; frame
+    j comes from fold_in(key, j), so the noise of a frame is the same whatever the total length."""
     per_frame = jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), (batch, channels)))
-    return jnp.swapaxes(per_frame(jnp.arange(frames)), 0, 1)
+    return jnp.swapaxes(per_frame(offset + jnp.arange(frames)), 0, 1)
 
 
 def stretch_prompt_mel(prompt_feat, frames: int) -> np.ndarray:

@@ -35,10 +35,16 @@ id at a time (the reference's intended use, one call per generated id) or all at
 chunks. Unlike the reference, which handles at most one chunk per call, `push` handles every chunk
 that is ready, and a final call with fewer than 5 ids in total still produces audio.
 
-Each chunk is jitted per shape. The encoder's K/V cache grows with every chunk (as in the reference),
-so it lives in zero-padded buffers of power-of-two capacity with the valid length passed as a traced
-int: a stream compiles the encoder once per (chunk size, capacity), O(log N) for N chunks. The DiT
-cache is cut to a fixed size, so its chunk shapes repeat once the cut is reached.
+A stream compiles a bounded set of shapes, not one per chunk. Every chunk's pairs are zero-padded to the largest
+chunk (+ look-ahead) and the setup's to a multiple of PROMPT_BUCKET pairs, with the real counts
+passed as traced ints. The encoder's K/V cache grows with every chunk (as in the reference), so it
+lives in zero-padded buffers of power-of-two capacity: the encoder compiles once for the setup and
+once per capacity, O(log N) for N chunks. The DiT runs each chunk size's mel frames (a last chunk
+padded up to the smallest size that holds it) against fixed-size prompt and window K/V buffers with
+masks, so it compiles once for the setup and once per chunk size, whatever the cache cut has done,
+and a stream whose prompt falls in the same bucket compiles nothing new. The vocoder cannot be
+padded (HiFT and BigVGAN see both sides), so it compiles per distinct chunk length: each chunk size
+and the last chunk's.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from editx_jax.vocab import AUDIO_ID_OFFSET, GROUP
 
 _HI = jax.lax.Precision.HIGHEST
 LOOKAHEAD_IDS = 5  # the reference's _mixed_len(pre_lookahead_len = 3) = (3 // 3) * 5
+PROMPT_BUCKET = 32  # pair frames: the setup pads the prompt to a multiple of this
 
 
 def mixed_len(frames: int) -> int:
@@ -96,12 +103,13 @@ def _layer(tree, i):
 # ------------------------------------------------------------------------------- encoder chunk
 
 
-def _rel_attention(p, x, k_buf, v_buf, start, heads):
+def _rel_attention(p, x, k_buf, v_buf, start, valid, heads):
     """ESPnet rel-pos attention of chunk x (1, T, D) over [cache, chunk]; returns (out, k_buf, v_buf).
 
-    k_buf / v_buf (1, C, H, dk) are fixed-capacity buffers whose first `start` frames hold the cache
-    (`start` is traced): the chunk's K/V are written at [start, start + T) and keys at or after
-    start + T are masked, so every chunk of a stream reuses one compiled shape per capacity.
+    k_buf / v_buf (1, C, H, dk) are fixed-capacity buffers whose first `start` frames hold the cache:
+    the chunk's K/V are written at [start, start + T) and keys at or after start + `valid` (the
+    chunk's real frames; the rest of T is padding) are masked. `start` and `valid` are traced, so
+    every chunk of a stream reuses one compiled shape per capacity.
     """
     b, t, d = x.shape
     dk = d // heads
@@ -119,17 +127,17 @@ def _rel_attention(p, x, k_buf, v_buf, start, heads):
     keys = jnp.arange(cap)[None, :]
     index = jnp.clip((cap - 1) - (start + jnp.arange(t)[:, None]) + keys, 0, cap + t - 2)
     bd = jnp.take_along_axis(bd, jnp.broadcast_to(index, bd.shape[:2] + index.shape), axis=-1)
-    scores = jnp.where(keys < start + t, (ac + bd) / math.sqrt(dk), -jnp.inf)
+    scores = jnp.where(keys < start + valid, (ac + bd) / math.sqrt(dk), -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhts,bshd->bthd", probs, v, precision=_HI).reshape(b, t, d)
     return _dense(p["linear_out"], out), k, v
 
 
-def _conformer_chunk(stack, x, k_cache, v_cache, start, heads, eps):
+def _conformer_chunk(stack, x, k_cache, v_cache, start, valid, heads, eps):
     """The stacked conformer layers on a chunk, with per-layer K/V buffers (L, 1, C, H, dk)."""
     def body(h, layer):
         p, kc, vc = layer
-        att, k, v = _rel_attention(p["self_attn"], _layer_norm(h, eps, p["norm_mha"]), kc, vc, start, heads)
+        att, k, v = _rel_attention(p["self_attn"], _layer_norm(h, eps, p["norm_mha"]), kc, vc, start, valid, heads)
         h = h + att
         y = _layer_norm(h, eps, p["norm_ff"])
         h = h + _dense(p["feed_forward"]["w_2"], jax.nn.silu(_dense(p["feed_forward"]["w_1"], y)))
@@ -144,35 +152,39 @@ def cache_capacity(frames: int) -> int:
     return max(64, 1 << max(0, frames - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("config", "last"))
-def encoder_chunk(params, emb, cnn1, cnn2, k1, v1, k2, v2, cached, config: FlowConfig, last: bool):
-    """`UpsampleConformerEncoderV2.forward_chunk` + `encoder_proj`.
+@functools.partial(jax.jit, static_argnames=("config",))
+def encoder_chunk(params, emb, cnn1, cnn2, k1, v1, k2, v2, cached, n_in, n_out, config: FlowConfig):
+    """`UpsampleConformerEncoderV2.forward_chunk` + `encoder_proj` on a zero-padded chunk.
 
-    emb (1, T, D): the dual-codebook embedding of the chunk's pairs (look-ahead included);
+    emb (1, S, D): the dual-codebook embedding of the chunk's pairs (look-ahead included), of which
+    the first `n_in` are real and the rest padding; `n_out` of them come out: n_in - 3 (the look-ahead
+    conv consumes 3), or n_in for the last chunk, whose look-ahead is zeros as in the offline encoder.
     cnn1 (1, 2, D) / cnn2 (1, 2 stride, D): conv caches (zeros at the start); k1/v1 (L1, 1, C, H, dk),
     k2/v2 (L2, 1, stride C, H, dk): conformer K/V buffers whose first `cached` (stride x `cached`)
-    frames are valid; C >= cached + the chunk's output frames (`cache_capacity`). `cached` is a
-    traced int, so chunks of one size share a compilation. Returns mu (1, 2 (T - 3), 80) (2 T if
-    last) and the new caches (the chunk's K/V written after the valid frames).
+    frames are valid; C >= cached + S (`cache_capacity`). `cached`, `n_in` and `n_out` are traced,
+    so every chunk padded to one S shares a compilation. Returns mu (1, stride S, 80), valid for its
+    first stride x n_out frames, and the new caches (the chunk's K/V written after the valid frames).
     """
     cfg = config.encoder
     p = params["encoder"]
-    d, heads, look = cfg.output_size, cfg.attention_heads, cfg.pre_lookahead_len
+    d, heads, look, stride = cfg.output_size, cfg.attention_heads, cfg.pre_lookahead_len, cfg.up_stride
     x = _layer_norm(_dense(p["embed"]["linear"], emb), cfg.embed_eps, p["embed"]["norm"]) * math.sqrt(d)
-    if last:
-        x = jnp.pad(x, ((0, 0), (0, look), (0, 0)))
+    s = x.shape[1]
+    # zeros past the real frames: the last chunk's look-ahead padding, and nothing else reads them
+    x = jnp.pad(jnp.where(jnp.arange(s)[:, None] < n_in, x, 0.0), ((0, 0), (0, look), (0, 0)))
     # pre-lookahead: conv1 reads `look` frames ahead (no padding), conv2 reads 2 cached frames behind
     y = jax.nn.leaky_relu(_conv_valid(p["pre_lookahead_layer"]["conv1"], x), 0.01)
-    new_cnn1 = y[:, -2:]
+    new_cnn1 = jax.lax.dynamic_slice_in_dim(y, n_out - 2, 2, axis=1)
     y = _conv_valid(p["pre_lookahead_layer"]["conv2"], jnp.concatenate([cnn1, y], axis=1))
-    x = x[:, :x.shape[1] - look] + y
-    x, (k1, v1) = _conformer_chunk(p["encoders"], x, k1, v1, cached, heads, cfg.layer_eps)
-    # upsample: nearest x stride, 2 stride cached frames in front, conv k = 2 stride + 1
+    x = x[:, :s] + y
+    x, (k1, v1) = _conformer_chunk(p["encoders"], x, k1, v1, cached, n_out, heads, cfg.layer_eps)
+    # upsample: nearest x stride, 2 stride cached frames in front, conv k = 2 stride + 1 (causal)
     up = jnp.concatenate([cnn2, jnp.repeat(x, cfg.up_scale_factor, axis=1)], axis=1)
-    new_cnn2 = up[:, -cnn2.shape[1]:]
+    new_cnn2 = jax.lax.dynamic_slice_in_dim(up, stride * n_out, cnn2.shape[1], axis=1)
     x = _conv_valid(p["up_layer"]["conv"], up)
     x = _layer_norm(_dense(p["up_embed"]["linear"], x), cfg.embed_eps, p["up_embed"]["norm"]) * math.sqrt(d)
-    x, (k2, v2) = _conformer_chunk(p["up_encoders"], x, k2, v2, cached * cfg.up_stride, heads, cfg.layer_eps)
+    x, (k2, v2) = _conformer_chunk(p["up_encoders"], x, k2, v2, cached * stride, stride * n_out, heads,
+                                   cfg.layer_eps)
     x = _layer_norm(x, cfg.embed_eps, p["after_norm"])
     return _dense(params["encoder_proj"], x), new_cnn1, new_cnn2, k1, v1, k2, v2
 
@@ -191,18 +203,23 @@ def _grow_encoder_caches(caches, frames: int, stride: int):
 # ------------------------------------------------------------------------------- DiT chunk
 
 
-def _causal_conv_chunk(p, x, cache):
-    """CausalConv1d.forward_chunk: cache (B, 2, C) in front; the new cache is the last 2 input frames."""
+def _causal_conv_chunk(p, x, cache, valid):
+    """CausalConv1d.forward_chunk: cache (B, 2, C) in front; the new cache is the last 2 input frames
+    among the chunk's first `valid` (traced) frames; later (padding) frames affect no earlier output."""
     full = jnp.concatenate([cache, x], axis=1)
-    return _conv_valid(p, full), full[:, -cache.shape[1]:]
+    return _conv_valid(p, full), jax.lax.dynamic_slice_in_dim(full, valid, cache.shape[1], axis=1)
 
 
-def _dit_chunk(p, cfg, x, mu, t, spks, cond, conv1_cache, conv2_cache, k_cache, v_cache):
-    """`DiT.forward_chunk` (no mask): one velocity for the chunk and its new caches.
+def _dit_chunk(p, cfg, x, mu, t, spks, cond, valid, conv1_cache, conv2_cache, prompt_k, prompt_v, prompt_valid,
+               recent_k, recent_v, recent_valid):
+    """`DiT.forward_chunk` (no mask): one velocity for the chunk, its K/V and new conv caches.
 
-    x, mu, cond (B, T, 80); t (B,); spks (B, 80); conv caches (depth, B, 2, hidden); K/V caches
-    (depth, B, Tc, H, hd), newest first. Returns (v (B, T, 80), conv1, conv2, k, v) with the new
-    frames' K/V put in front of the cache, as the reference does.
+    x, mu, cond (B, T, 80), of which the first `valid` frames are real; t (B,); spks (B, 80); conv
+    caches (depth, B, 2, hidden). The cached K/V (depth, B, frames, H, hd) are the prompt's (its first
+    `prompt_valid` frames real) and the recent window's (its first `recent_valid` frames real). The
+    DiT has no positions, so keys are a set: the reference's cache order only decides what its cut
+    keeps, which `cut_window` reproduces. Returns (v (B, T, 80), conv1, conv2, k, v) with the
+    chunk's own K/V (depth, B, T, H, hd).
     """
     est = cfg
     b, t_len, _ = x.shape
@@ -210,42 +227,50 @@ def _dit_chunk(p, cfg, x, mu, t, spks, cond, conv1_cache, conv2_cache, k_cache, 
     c = c[:, None, :]
     spks_t = jnp.broadcast_to(spks[:, None, :], (b, t_len, spks.shape[-1]))
     h = _dense(p["in_proj"], jnp.concatenate([x, mu, spks_t, cond], axis=-1))
+    n_prompt, n_recent = prompt_k.shape[2], recent_k.shape[2]
+    key_ok = jnp.concatenate([jnp.arange(t_len) < valid, jnp.arange(n_prompt) < prompt_valid,
+                              jnp.arange(n_recent) < recent_valid])
 
     def block(h, layer):
-        bp, c1, c2, kc, vc = layer
+        bp, c1, c2, pk, pv, rk, rv = layer
         mods = jnp.split(_dense(bp["adaln"], jax.nn.silu(c)), 9, axis=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_conv, scale_conv, gate_conv = mods
         a = modulate(_layer_norm(h, 1e-6), shift_msa, scale_msa)
         heads = lambda y: y.reshape(b, t_len, est.num_heads, est.head_dim)  # noqa: E731
         ap = bp["attn"]
         q = _layer_norm(heads(_dense(ap["to_q"], a)), 1e-5, ap["q_norm"])
-        k = jnp.concatenate([_layer_norm(heads(_dense(ap["to_k"], a)), 1e-5, ap["k_norm"]), kc], axis=1)
-        v = jnp.concatenate([heads(_dense(ap["to_v"], a)), vc], axis=1)
+        k_new = _layer_norm(heads(_dense(ap["to_k"], a)), 1e-5, ap["k_norm"])
+        v_new = heads(_dense(ap["to_v"], a))
+        k = jnp.concatenate([k_new, pk, rk], axis=1)
+        v = jnp.concatenate([v_new, pv, rv], axis=1)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_HI) / math.sqrt(est.head_dim)
+        scores = jnp.where(key_ok, scores, -jnp.inf)
         att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v, precision=_HI)
         h = h + gate_msa * _dense(ap["proj"], att.reshape(b, t_len, -1))
         cp = bp["conv"]
-        y, c1 = _causal_conv_chunk(cp["conv1"], modulate(_layer_norm(h, 1e-6), shift_conv, scale_conv), c1)
-        y, c2 = _causal_conv_chunk(cp["conv2"], mish(_layer_norm(y, 1e-5, cp["norm"])), c2)
+        y, c1 = _causal_conv_chunk(cp["conv1"], modulate(_layer_norm(h, 1e-6), shift_conv, scale_conv), c1, valid)
+        y, c2 = _causal_conv_chunk(cp["conv2"], mish(_layer_norm(y, 1e-5, cp["norm"])), c2, valid)
         h = h + gate_conv * y
         m = modulate(_layer_norm(h, 1e-6), shift_mlp, scale_mlp)
         m = _dense(bp["mlp"]["fc2"], jax.nn.gelu(_dense(bp["mlp"]["fc1"], m), approximate=True))
-        return h + gate_mlp * m, (c1, c2, k, v)
+        return h + gate_mlp * m, (c1, c2, k_new, v_new)
 
-    h, caches = jax.lax.scan(block, h, (p["blocks"], conv1_cache, conv2_cache, k_cache, v_cache))
+    h, caches = jax.lax.scan(block, h, (p["blocks"], conv1_cache, conv2_cache, prompt_k, prompt_v, recent_k, recent_v))
     fp = p["final_layer"]
     shift, scale = jnp.split(_dense(fp["adaln"], jax.nn.silu(c)), 2, axis=-1)
     return (_dense(fp["linear"], modulate(_layer_norm(h, 1e-6), shift, scale)),) + caches
 
 
 @functools.partial(jax.jit, static_argnames=("config", "n_timesteps"))
-def dit_chunk_ode(params, z, mu, spks, cond, conv1, conv2, k_cache, v_cache, config: FlowConfig,
-                  n_timesteps: int):
+def dit_chunk_ode(params, z, mu, spks, cond, valid, conv1, conv2, prompt_k, prompt_v, prompt_valid, recent_k,
+                  recent_v, recent_valid, config: FlowConfig, n_timesteps: int):
     """`CausalConditionalCFM.forward_chunk`: Euler with CFG over one chunk, with per-step caches.
 
-    z, mu, cond (1, T, 80); spks (1, 80); conv caches (steps, depth, 2, 2, hidden); K/V caches
-    (steps, depth, 2, Tc, H, hd) (the CFG batch is [conditional, unconditional]). Returns the mel
-    (1, T, 80) and the new caches (K/V with Tc + T frames).
+    z, mu, cond (1, T, 80), the first `valid` frames real; spks (1, 80); conv caches (steps, depth,
+    2, 2, hidden); K/V caches (steps, depth, 2, frames, H, hd) of the prompt (first `prompt_valid`
+    real) and of the recent window (first `recent_valid` real); the CFG batch is [conditional,
+    unconditional]. The counts are traced: one compilation per (T, prompt frames, window). Returns
+    the mel (1, T, 80), the new conv caches and the chunk's K/V (steps, depth, 2, T, H, hd).
     """
     p = params["estimator"]
     rate = config.inference_cfg_rate
@@ -256,18 +281,35 @@ def dit_chunk_ode(params, z, mu, spks, cond, conv1, conv2, k_cache, v_cache, con
 
     def step(carry, per_step):
         x, t, dt, k = carry
-        c1, c2, kc, vc = per_step
-        v, c1, c2, kn, vn = _dit_chunk(p, config.estimator, jnp.concatenate([x, x], axis=0), mu_in,
-                                       jnp.full((2,), t, jnp.float32), spks_in, cond_in, c1, c2, kc, vc)
+        v, *caches = _dit_chunk(p, config.estimator, jnp.concatenate([x, x], axis=0), mu_in,
+                                jnp.full((2,), t, jnp.float32), spks_in, cond_in, valid, *per_step[:4],
+                                prompt_valid, *per_step[4:], recent_valid)
         v = (1.0 + rate) * v[:1] - rate * v[1:]
         x = x + dt * v
         t = t + dt
         dt = t_span[jnp.minimum(k + 2, n_timesteps)] - t  # same float32 rounding as the offline solver
-        return (x, t, dt, k + 1), (c1, c2, kn, vn)
+        return (x, t, dt, k + 1), tuple(caches)
 
     init = (z.astype(jnp.float32), t_span[0], t_span[1] - t_span[0], 0)
-    (x, _, _, _), caches = jax.lax.scan(step, init, (conv1, conv2, k_cache, v_cache))
+    (x, _, _, _), caches = jax.lax.scan(step, init, (conv1, conv2, prompt_k, prompt_v, recent_k, recent_v))
     return (x,) + caches
+
+
+@jax.jit
+def cut_window(window, new, valid, window_valid):
+    """The reference's DiT cache cut, on the window of non-prompt K/V (steps, depth, 2, W, H, hd)
+    whose first `window_valid` frames are real: after a chunk whose first `valid` frames of `new`
+    are real, the window is the first W frames of [chunk frames in time order, window]. (The
+    reference puts each chunk in front of its cache and keeps the cache's first W frames: the newest
+    chunk first, each chunk's frames in time order.)"""
+    w, t = window.shape[3], new.shape[3]
+    j = jnp.arange(w)
+    index = jnp.where(j < valid, j, t + jnp.clip(j - valid, 0, w - 1))
+    return jnp.take(jnp.concatenate([new, window], axis=3), index, axis=3)
+
+
+# frame j of a chunk starting at `offset` (traced) is noise_from_key's frame offset + j
+_noise_frames = jax.jit(noise_from_key, static_argnames=("batch", "frames", "channels"))
 
 
 # ------------------------------------------------------------------------------- the session
@@ -302,7 +344,10 @@ class Token2WavStream:
         self.vocoder_key = jax.random.key(0) if vocoder_key is None else vocoder_key
         self.buffer: list[int] = []  # audio values not yet sent
         self.chunk_sizes = list(self.cfg.chunk_size_list)
-        self.caches = None
+        self.started = False  # caches filled by `_setup`
+        # the DiT's chunk lengths (mel frames): each chunk size's, and the largest padded chunk's
+        stride, look = self.flow_cfg.encoder.up_stride, self.flow_cfg.encoder.pre_lookahead_len
+        self.dit_lengths = sorted({stride * c for c in self.chunk_sizes} | {stride * (max(self.chunk_sizes) + look)})
         self.done = False
         self.chunk_index = 0
         self.voc_mel = np.zeros((0, self.flow_cfg.output_size), np.float32)
@@ -326,9 +371,9 @@ class Token2WavStream:
             out.append(self.push(ids[:-1]))
             values = values[-1:]
         self.buffer.extend(values)
-        if self.caches is None and (len(self.buffer) >= LOOKAHEAD_IDS or (last and self.buffer)):
+        if not self.started and (len(self.buffer) >= LOOKAHEAD_IDS or (last and self.buffer)):
             self._setup()
-        while self.caches is not None and not last:
+        while self.started and not last:
             chunk = mixed_len(self.chunk_sizes[0])
             if len(self.buffer) < chunk + LOOKAHEAD_IDS:
                 break
@@ -337,7 +382,7 @@ class Token2WavStream:
             if len(self.chunk_sizes) > 1:
                 self.chunk_sizes.pop(0)
         if last:
-            if self.caches is not None:
+            if self.started:
                 out.append(self._chunk(self.buffer, last=True))
             self.buffer = []
             self.done = True
@@ -355,61 +400,85 @@ class Token2WavStream:
         return DualCodebookEmbedding(self.flow_cfg.embedding).apply(
             {"params": self.decoder.flow_params["input_embedding"]}, jnp.asarray(pairs)[None])
 
-    def _noise(self, offset: int, frames: int):
+    def _noise(self, offset: int, frames: int, valid: int):
+        """The ODE noise of frames [offset, offset + frames); only the first `valid` need to exist."""
         if self.noise is not None:
-            if self.noise.shape[1] < offset + frames:
-                raise Token2WavError(f"noise has {self.noise.shape[1]} frames; this chunk needs {offset + frames}")
-            return self.noise[:1, offset:offset + frames]
-        return noise_from_key(self.key, 1, offset + frames, self.flow_cfg.output_size)[:, offset:]
+            if self.noise.shape[1] < offset + valid:
+                raise Token2WavError(f"noise has {self.noise.shape[1]} frames; this chunk needs {offset + valid}")
+            z = self.noise[:1, offset:offset + frames]
+            return jnp.pad(z, ((0, 0), (0, frames - z.shape[1]), (0, 0)))
+        return _noise_frames(self.key, 1, frames, self.flow_cfg.output_size, offset)
 
     def _spks(self):
         norm = np.sqrt(np.sum(np.square(self.embedding), axis=1, keepdims=True))
         p = self.decoder.flow_params["spk_embed_affine_layer"]
         return _dense(p, jnp.asarray(self.embedding / np.maximum(norm, 1e-12)))
 
+    def _encode(self, pairs, padded: int, last: bool):
+        """The encoder on `pairs` zero-padded to `padded` pairs; returns (mu (1, stride x padded, 80),
+        the number of its first frames that are real)."""
+        look, stride = self.flow_cfg.encoder.pre_lookahead_len, self.flow_cfg.encoder.up_stride
+        n_in = len(pairs)
+        n_out = n_in if last else n_in - look
+        pairs = np.pad(pairs, ((0, padded - n_in), (0, 0)))
+        enc = _grow_encoder_caches(self.encoder_caches, self.encoder_frames + padded, stride)
+        mu, *self.encoder_caches = encoder_chunk(self.decoder.flow_params, self._embed(pairs), *enc,
+                                                 self.encoder_frames, n_in, n_out, self.flow_cfg)
+        self.encoder_frames += n_out
+        return mu, stride * n_out
+
     def _setup(self):
-        """`flow.setup_cache` on [prompt pairs, look-ahead pairs]: fills the caches, emits nothing."""
+        """`flow.setup_cache` on [prompt pairs, look-ahead pairs]: fills the caches, emits nothing.
+
+        The prompt is padded to a multiple of PROMPT_BUCKET pairs, so prompts of similar lengths share
+        the compiled encoder and DiT."""
         cfg, enc = self.flow_cfg, self.flow_cfg.encoder
-        lookahead = self._pairs(self.buffer[:LOOKAHEAD_IDS])
-        pairs = np.concatenate([self.prompt_pairs, lookahead], axis=0)
+        pairs = np.concatenate([self.prompt_pairs, self._pairs(self.buffer[:LOOKAHEAD_IDS])], axis=0)
+        padded = -(-len(pairs) // PROMPT_BUCKET) * PROMPT_BUCKET
         d, h = enc.output_size, enc.attention_heads
-        cap = cache_capacity(len(pairs))
+        cap = cache_capacity(padded)
         empty = lambda n, c: jnp.zeros((n, 1, c, h, d // h), jnp.float32)  # noqa: E731
-        mu, *enc_caches = encoder_chunk(self.decoder.flow_params, self._embed(pairs),
-                                        jnp.zeros((1, 2, d)), jnp.zeros((1, 2 * enc.up_stride, d)),
-                                        empty(enc.num_blocks, cap), empty(enc.num_blocks, cap),
-                                        empty(enc.num_up_blocks, enc.up_stride * cap),
-                                        empty(enc.num_up_blocks, enc.up_stride * cap), 0, cfg, False)
-        self.encoder_frames = len(pairs) - enc.pre_lookahead_len  # valid frames in the encoder caches
+        self.encoder_caches = [jnp.zeros((1, 2, d)), jnp.zeros((1, 2 * enc.up_stride, d)),
+                               empty(enc.num_blocks, cap), empty(enc.num_blocks, cap),
+                               empty(enc.num_up_blocks, enc.up_stride * cap),
+                               empty(enc.num_up_blocks, enc.up_stride * cap)]
+        self.encoder_frames = 0  # valid frames in the encoder caches
+        mu, frames = self._encode(pairs, padded, last=False)
         est, n = cfg.estimator, self.cfg.n_timesteps
+        t = mu.shape[1]
         conv = jnp.zeros((n, est.depth, 2, 2, est.hidden_size), jnp.float32)
-        kv = jnp.zeros((n, est.depth, 2, 0, est.num_heads, est.head_dim), jnp.float32)
-        frames = mu.shape[1]
-        _, *dit_caches = dit_chunk_ode(self.decoder.flow_params, self._noise(0, frames), mu, self._spks(),
-                                       jnp.asarray(self.prompt_cond[None, :frames]), conv, conv, kv, kv, cfg, n)
-        self.prompt_frames = frames
-        self.caches = [enc_caches, dit_caches]
+        kv = lambda f: jnp.zeros((n, est.depth, 2, f, est.num_heads, est.head_dim), jnp.float32)  # noqa: E731
+        self.recent_k = self.recent_v = kv(self.cfg.estimator_left_context)
+        cond = np.zeros((1, t, cfg.output_size), np.float32)
+        cond[0, :frames] = self.prompt_cond[:frames]
+        _, conv1, conv2, self.prompt_k, self.prompt_v = dit_chunk_ode(
+            self.decoder.flow_params, self._noise(0, t, frames), mu, self._spks(), jnp.asarray(cond), frames,
+            conv, conv, kv(0), kv(0), 0, self.recent_k, self.recent_v, 0, cfg, n)
+        self.dit_conv = [conv1, conv2]
+        self.prompt_frames, self.recent_frames = frames, 0
+        self.started = True
 
     def _chunk(self, values, last: bool) -> np.ndarray:
-        """`_token2wav_stream`: flow chunk with caches, DiT cache cut, vocoder with overlap."""
+        """`_token2wav_stream`: flow chunk with caches, DiT cache cut, vocoder with overlap.
+
+        Every chunk's pairs are padded to the largest chunk (+ look-ahead), so the encoder compiles
+        once per cache capacity; the DiT runs the chunk size's mel frames (a last chunk padded up to
+        the smallest size that holds it), so it compiles once per chunk size, whatever the cut state."""
         cfg = self.flow_cfg
-        enc_caches, dit_caches = self.caches
-        pairs = self._pairs(values)
-        new_frames = len(pairs) if last else len(pairs) - cfg.encoder.pre_lookahead_len
-        enc_caches = _grow_encoder_caches(enc_caches, self.encoder_frames + new_frames, cfg.encoder.up_stride)
-        mu, *enc_caches = encoder_chunk(self.decoder.flow_params, self._embed(pairs), *enc_caches,
-                                        self.encoder_frames, cfg, last)
-        self.encoder_frames += new_frames
-        offset = dit_caches[2].shape[3]
-        frames = mu.shape[1]
-        mel, *dit_caches = dit_chunk_ode(self.decoder.flow_params, self._noise(offset, frames), mu, self._spks(),
-                                         jnp.zeros_like(mu), *dit_caches, cfg, self.cfg.n_timesteps)
+        look = cfg.encoder.pre_lookahead_len
+        mu, frames = self._encode(self._pairs(values), max(self.cfg.chunk_size_list) + look, last)
+        t = min(f for f in self.dit_lengths if f >= frames)
         keep = self.cfg.estimator_left_context
-        if dit_caches[2].shape[3] > self.prompt_frames + keep:  # newest `keep` frames + the prompt frames
-            dit_caches[2:] = [jnp.concatenate([c[:, :, :, :keep], c[:, :, :, c.shape[3] - self.prompt_frames:]], axis=3)
-                              for c in dit_caches[2:]]
-        self.caches = [enc_caches, dit_caches]
-        mel = np.asarray(mel[0])
+        offset = self.prompt_frames + self.recent_frames  # the reference's DiT cache length
+        mu = mu[:, :t]
+        mel, *self.dit_conv, k_new, v_new = dit_chunk_ode(
+            self.decoder.flow_params, self._noise(offset, t, frames), mu, self._spks(), jnp.zeros_like(mu), frames,
+            *self.dit_conv, self.prompt_k, self.prompt_v, self.prompt_frames, self.recent_k, self.recent_v,
+            self.recent_frames, cfg, self.cfg.n_timesteps)
+        self.recent_k = cut_window(self.recent_k, k_new, frames, self.recent_frames)
+        self.recent_v = cut_window(self.recent_v, v_new, frames, self.recent_frames)
+        self.recent_frames = min(keep, self.recent_frames + frames)
+        mel = np.asarray(mel[0, :frames])
         self.mels.append(mel)
         speech = self._vocode(mel, last)
         self.chunk_index += 1
