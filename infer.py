@@ -149,7 +149,8 @@ def _run(model, requests, args, out_paths):
         print(f"wrote {path} ({len(wave) / sr:.2f} s at {sr} Hz)")
     info = model.last_info
     t = info["timings"]
-    print(f"timing: tokenize {t['tokenize']:.2f} s, generate {t['generate']:.2f} s, decode {t['decode']:.2f} s; "
+    print(f"timing: tokenize {t['tokenize']:.2f} s, generate {t['generate']:.2f} s, decode {t['decode']:.2f} s "
+          f"(of which compiling {info['compile_seconds']:.2f} s); "
           f"{sum(info['generated_tokens'])} tokens generated over {info['rounds']} round(s)")
     if info["stray_ids"]:
         print(f"note: {info['stray_ids']} generated ids were not audio tokens ({info['stray_text_ids']} text ids, "

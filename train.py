@@ -27,6 +27,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from editx_jax.cli import check_output_dir
+from editx_jax.compile_cache import enable_compile_cache
 from editx_jax.config import ConfigError, add_config_args, load_config
 from editx_jax.convert.llm import export_llm
 from editx_jax.train import loop, runs
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
         if args.export and args.algo == "reward":
             raise ValueError("--export writes a policy; a reward model has no released format")
         watchdog = init_distributed(args, cfg.train.output_dir)
+        enable_compile_cache()  # a resumed run loads the step it compiled before
         run = RUNS[args.algo](cfg, resume=args.resume, init_from=args.init_from, reward_fns=args.reward_fn,
                               reward_model=args.reward_model)
         result = loop.run(cfg, run, resume=args.resume)

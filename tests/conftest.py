@@ -10,6 +10,7 @@ _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_COUNT_FLAG}=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("EDITX_JAX_CACHE", "off")  # no persistent compilation cache: tests stay hermetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"  # golden fixtures (tests/fixtures/README.md)

@@ -74,7 +74,8 @@ def main(argv=None):
         total = time.perf_counter() - t
         timings = model.last_info["timings"]
         out_seconds = len(wave) / out_sr
-        print(f"{label}: total {total:.2f} s for {out_seconds:.2f} s of output (RTF {total / out_seconds:.3f})")
+        print(f"{label}: total {total:.2f} s for {out_seconds:.2f} s of output (RTF {total / out_seconds:.3f}), "
+              f"of which compiling {model.last_info['compile_seconds']:.2f} s")
         for stage, seconds in timings.items():
             print(f"  {stage:9s} {seconds:8.2f} s   RTF {seconds / out_seconds:.3f}")
         if stage_peaks:
