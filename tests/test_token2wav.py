@@ -346,7 +346,7 @@ def _stream_decoder(small_decoder, **cfg):
 
 def test_stream_compiles_a_bounded_number_of_times(small_decoder):
     """Chunks are padded to fixed shapes: 11 chunks compile the encoder for the setup and once per
-    K/V capacity (power-of-two buffers: O(log N)), the DiT for the setup and once per chunk size,
+    K/V capacity (one here), the DiT for the setup and once per chunk size,
     whatever the cache cut does; a second stream whose prompt falls in the same bucket compiles
     nothing new."""
     dec = _stream_decoder(small_decoder)
@@ -355,8 +355,9 @@ def test_stream_compiles_a_bounded_number_of_times(small_decoder):
     st = Token2WavStream(dec, p_ids, p_mel, emb)
     speech = np.concatenate([st.push(ids(152, 9)[:-1]), st.push(ids(152, 9)[-1:], last=True)])
     assert len(st.mels) == 11 and speech.shape == (480 * 2 * 3 * 31,)
-    assert st.encoder_caches[2].shape[2] == 128 >= st.encoder_frames  # 12 prompt + 93 generated frames
-    assert stream_mod.encoder_chunk._cache_size() - enc0 <= 3  # setup, chunks at capacity 64 and 128
+    # room for the 32-pair prompt bucket and 8 chunks of 9 + 3 pairs: 128 frames, never grown here
+    assert st.encoder_caches[2].shape[2] == 128 >= st.encoder_frames + 12  # 12 prompt + 93 generated frames
+    assert stream_mod.encoder_chunk._cache_size() - enc0 <= 2  # the setup and the chunks
     assert stream_mod.dit_chunk_ode._cache_size() - dit0 <= 3  # setup, 6- and 9-pair chunks (the last fits 9)
     enc1, dit1 = stream_mod.encoder_chunk._cache_size(), stream_mod.dit_chunk_ode._cache_size()
     p_ids2, p_mel2, emb2 = prompt(seed=3, n_ids=30)  # 18 prompt pairs instead of 12: the same bucket
@@ -365,6 +366,26 @@ def test_stream_compiles_a_bounded_number_of_times(small_decoder):
     st2.push(ids(100, 4)[-1:], last=True)
     assert len(st2.mels) == 7
     assert stream_mod.encoder_chunk._cache_size() == enc1 and stream_mod.dit_chunk_ode._cache_size() == dit1
+
+
+def test_stream_encoder_buffers_grow_without_changing_the_speech(small_decoder, monkeypatch):
+    """Without headroom the encoder K/V buffers start at 64 frames and double mid-stream; the zero
+    padding is masked, so the mels are those of buffers that never grew."""
+    dec = _stream_decoder(small_decoder)
+    p_ids, p_mel, emb = prompt()
+
+    def run():
+        st, gen = Token2WavStream(dec, p_ids, p_mel, emb), ids(152, 9)
+        st.push(gen[:5])  # the setup only
+        capacities = [st.encoder_caches[2].shape[2]]
+        st.push(gen[5:-1])
+        st.push(gen[-1:], last=True)
+        return np.concatenate(st.mels), capacities + [st.encoder_caches[2].shape[2]]
+    roomy, caps = run()
+    monkeypatch.setattr(stream_mod, "HEADROOM_CHUNKS", 0)
+    grown, caps_grown = run()
+    assert caps == [128, 128] and caps_grown == [64, 128]  # 64: the 32-pair prompt bucket, then doubled
+    np.testing.assert_allclose(grown, roomy, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

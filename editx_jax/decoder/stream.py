@@ -38,8 +38,9 @@ that is ready, and a final call with fewer than 5 ids in total still produces au
 A stream compiles a bounded set of shapes, not one per chunk. Every chunk's pairs are zero-padded to the largest
 chunk (+ look-ahead) and the setup's to a multiple of PROMPT_BUCKET pairs, with the real counts
 passed as traced ints. The encoder's K/V cache grows with every chunk (as in the reference), so it
-lives in zero-padded buffers of power-of-two capacity: the encoder compiles once for the setup and
-once per capacity, O(log N) for N chunks. The DiT runs each chunk size's mel frames (a last chunk
+lives in zero-padded buffers of power-of-two capacity, sized at the start for the prompt and
+HEADROOM_CHUNKS largest chunks and doubled when full: the encoder compiles once for the setup and
+once per capacity, and only long streams (O(log N) for N chunks) see a second capacity. The DiT runs each chunk size's mel frames (a last chunk
 padded up to the smallest size that holds it) against fixed-size prompt and window K/V buffers with
 masks, so it compiles once for the setup and once per chunk size, whatever the cache cut has done,
 and a stream whose prompt falls in the same bucket compiles nothing new. The vocoder cannot be
@@ -67,6 +68,7 @@ from editx_jax.vocab import AUDIO_ID_OFFSET, GROUP
 _HI = jax.lax.Precision.HIGHEST
 LOOKAHEAD_IDS = 5  # the reference's _mixed_len(pre_lookahead_len = 3) = (3 // 3) * 5
 PROMPT_BUCKET = 32  # pair frames: the setup pads the prompt to a multiple of this
+HEADROOM_CHUNKS = 8  # the encoder K/V buffers start with room for this many largest chunks
 
 
 def mixed_len(frames: int) -> int:
@@ -436,7 +438,9 @@ class Token2WavStream:
         pairs = np.concatenate([self.prompt_pairs, self._pairs(self.buffer[:LOOKAHEAD_IDS])], axis=0)
         padded = -(-len(pairs) // PROMPT_BUCKET) * PROMPT_BUCKET
         d, h = enc.output_size, enc.attention_heads
-        cap = cache_capacity(padded)
+        # room for the prompt and HEADROOM_CHUNKS of the largest chunks (~15 s at the released sizes)
+        # before the buffers first grow: the encoder's cost is small beside the DiT's, its compiles not
+        cap = cache_capacity(padded + HEADROOM_CHUNKS * (max(self.cfg.chunk_size_list) + enc.pre_lookahead_len))
         empty = lambda n, c: jnp.zeros((n, 1, c, h, d // h), jnp.float32)  # noqa: E731
         self.encoder_caches = [jnp.zeros((1, 2, d)), jnp.zeros((1, 2 * enc.up_stride, d)),
                                empty(enc.num_blocks, cap), empty(enc.num_blocks, cap),
