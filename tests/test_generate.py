@@ -202,3 +202,33 @@ def test_inference_form_keeps_one_layer_of_temporaries():
     temp = decode.decode_jit(cfg, GREEDY, None).lower(params, state, keys, rows, scalar,
                                                       scalar).compile().memory_analysis().temp_size_in_bytes
     assert temp < stack / 2, (temp, stack)
+
+
+def test_long_prompt_prefill_in_query_blocks_equals_the_full_forward():
+    """A prompt longer than PREFILL_QUERY_BLOCK is prefilled in query blocks (a loop) and its logits
+    come from the lm_head in column blocks: the first step's logits are the plain forward's."""
+    cfg = dataclasses.replace(CFG, max_seq_len=2048)
+    gen = dataclasses.replace(GREEDY, max_length=2048, max_new_tokens=2)
+    params = llm.init_params(cfg, jax.random.key(5))
+    prompt = prompts_of([3 * llm.PREFILL_QUERY_BLOCK // 2 + 5], seed=4)[0]  # bucket 1024: 2 query blocks
+    out = generate(params, cfg, gen, [prompt], return_logits=True)
+    full = llm.forward(params, cfg, np.asarray([prompt], np.int32))[0, -1]
+    np.testing.assert_allclose(out.logits[0, 0], full, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_widens_one_lm_head_block_at_a_time():
+    """The lm_head of bfloat16 bits is widened a column block at a time: decode's temporaries stay
+    well under the float32 copy of the whole [E, V] table."""
+    cfg = LLMConfig(vocab_size=32768, hidden_size=256, intermediate_size=512, num_heads=4, num_groups=2, num_layers=2,
+                    max_seq_len=512, param_dtype="bfloat16", dtype="float32")
+    params = llm.split_layers(llm.abstract_params(cfg))
+    head = 4 * cfg.hidden_size * cfg.vocab_size
+    state = jax.eval_shape(lambda: decode.initial_state(cfg, llm.init_cache(cfg, 1, 64), jnp.zeros((1, cfg.vocab_size)),
+                                                        jnp.zeros((1, 4), jnp.int32), jnp.ones((1,), jnp.int32),
+                                                        jnp.ones((1,), jnp.int32), 16))
+    rows = jax.ShapeDtypeStruct((1,), jnp.int32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
+    temp = decode.decode_jit(cfg, GREEDY, None).lower(params, state, keys, rows, scalar,
+                                                      scalar).compile().memory_analysis().temp_size_in_bytes
+    assert temp < head / 2, (temp, head)

@@ -60,7 +60,11 @@ def main(argv=None):
     t = time.perf_counter()
     model = EditX.random(config)
     params_bytes = tree_bytes(model._llm_weights)
-    print(f"random model built in {time.perf_counter() - t:.1f} s; LLM params {params_bytes / 2**30:.2f} GiB")
+    tok, dec = model.audio_tokenizer, model.decoder
+    other_bytes = tree_bytes([tok.paraformer_params, tok.vq02_codebook, tok.s3_params, dec.flow_params,
+                              dec.vocoder_params, dec.campplus_params])
+    print(f"random model built in {time.perf_counter() - t:.1f} s; LLM params {params_bytes / 2**30:.2f} GiB; "
+          f"tokenizer and decoder params {other_bytes / 2**30:.2f} GiB (inside the params + 5 GB budget)")
 
     base, sr = sf.read(DEMO_CLIP, dtype="float32")
     reps = int(np.ceil(args.seconds * sr / len(base)))

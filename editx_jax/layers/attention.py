@@ -10,6 +10,7 @@ as a full L x L table.
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,12 +27,35 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     return np.asarray(slopes, np.float32)
 
 
-def alibi_attention(q, k, v, q_pos, k_pos, q_segment=None, k_segment=None, dtype=jnp.float32):
+def alibi_attention(q, k, v, q_pos, k_pos, q_segment=None, k_segment=None, dtype=jnp.float32,
+                    query_block: int | None = None):
     """Causal sqrt-ALiBi GQA attention.
 
     q: [B, T, H, D]; k, v: [B, S, G, D] (grouped, not expanded); q_pos [B, T], k_pos [B, S] int.
     Query head h reads kv group h // (H // G). Scores, bias and softmax are float32.
     Returns [B, T, H, D] in `dtype`.
+
+    query_block: when T is a larger multiple of it, the queries go through in blocks of this many,
+    one after another (a loop, not unrolled), so the float32 scores held at once are [B, H,
+    query_block, S] instead of [B, H, T, S] (805 MB per layer for a 2048-token prompt at the
+    released size). Each query row is computed as without blocks.
+    """
+    b, t = q.shape[:2]
+    if query_block and t > query_block and t % query_block == 0:
+        def blocks(a):  # [B, T, ...] -> [T / query_block, B, query_block, ...]
+            return jnp.moveaxis(a.reshape(b, t // query_block, query_block, *a.shape[2:]), 1, 0)
+        segments = None if q_segment is None else blocks(q_segment)
+
+        def one_block(args):
+            qb, pos, seg = args
+            return _attention(qb, k, v, pos, k_pos, seg, k_segment, dtype)
+        out = jax.lax.map(one_block, (blocks(q), blocks(q_pos), segments))
+        return jnp.moveaxis(out, 0, 1).reshape(q.shape[:3] + (v.shape[-1],))
+    return _attention(q, k, v, q_pos, k_pos, q_segment, k_segment, dtype)
+
+
+def _attention(q, k, v, q_pos, k_pos, q_segment, k_segment, dtype):
+    """`alibi_attention` over all queries at once.
 
     Laid out for the CPU's batched GEMMs: per kv group one [R*T, D] x [D, S] product (the R query
     heads of a group stacked), the mask folded into the bias (one add), and the softmax normalised
