@@ -12,6 +12,7 @@ from editx_jax.convert.flow import (DIT_RULES, convert_dit, convert_flow, expect
                                     flow_config_from_reference, flow_rules)
 from editx_jax.convert.flow import dit_config_from_reference
 from editx_jax.convert.keymap import ConversionError
+from editx_jax.decoder import dit as dit_mod
 from editx_jax.decoder.dit import DiT, DiTConfig, estimator
 from editx_jax.decoder.embedding import DualCodebookConfig
 from editx_jax.decoder.flow import (FlowConfig, FlowInputError, _inference, abstract_params, cfg_velocity,
@@ -293,3 +294,22 @@ def test_unrolled_estimator_equals_the_scanned_dit():
     scanned = jax.jit(lambda p: DiT(config).apply({"params": p}, *args))(params)
     unrolled = jax.jit(lambda p: estimator(params=p, config=config)(*args))(params)
     np.testing.assert_allclose(np.asarray(unrolled), np.asarray(scanned), rtol=1e-5, atol=2e-6)
+
+
+def test_long_inputs_attend_in_query_blocks_with_the_same_result(monkeypatch):
+    """Over QUERY_BLOCK frames the DiT attends in query blocks (padded to equal blocks): the same
+    velocity as all queries at once, padded key frames masked either way."""
+    cfg = DiTConfig(hidden_size=32, depth=2, num_heads=2, head_dim=16)
+    params = DiT(cfg).init(jax.random.key(0), *_dit_inputs(cfg, 4))["params"]
+    inputs = _dit_inputs(cfg, 1100)  # 3 blocks of 367 queries (1 padded row)
+    blocked = estimator(params, cfg)(*inputs)
+    monkeypatch.setattr(dit_mod, "QUERY_BLOCK", 4096)
+    whole = estimator(params, cfg)(*inputs)
+    np.testing.assert_allclose(blocked, whole, atol=1e-5, rtol=1e-5)
+
+
+def _dit_inputs(cfg, t):
+    rng = np.random.default_rng(t)
+    x, mu, cond = (jnp.asarray(rng.standard_normal((2, t, 80)), jnp.float32) for _ in range(3))
+    mask = jnp.ones((2, t), bool).at[1, t - t // 5:].set(False)  # the second row padded at the end
+    return x, mask, mu, jnp.asarray([0.3, 0.7]), jnp.asarray(rng.standard_normal((2, 80)), jnp.float32), cond

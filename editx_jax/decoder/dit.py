@@ -74,6 +74,9 @@ class TimestepEmbedder(nn.Module):
         return nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(nn.silu(h))
 
 
+QUERY_BLOCK = 512  # attention runs queries in blocks of at most this many frames (see Attention)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with per-head q/k LayerNorm and a key-padding mask; not causal."""
 
@@ -91,15 +94,29 @@ class Attention(nn.Module):
             y = nn.Dense(inner, dtype=self.dtype, name=name)(x)
             return y.reshape(b, t, self.num_heads, self.head_dim)
 
-        q = _layer_norm(QK_NORM_EPS, True, "q_norm")(heads("to_q"))
-        k = _layer_norm(QK_NORM_EPS, True, "k_norm")(heads("to_k"))
-        v = heads("to_v")
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(self.dtype), k.astype(self.dtype),
-                            preferred_element_type=jnp.float32) * (1.0 / math.sqrt(self.head_dim))
-        scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype)).reshape(b, t, inner)
-        return nn.Dense(self.hidden_size, dtype=self.dtype, name="proj")(out)
+        q = _layer_norm(QK_NORM_EPS, True, "q_norm")(heads("to_q")).astype(self.dtype)
+        k = _layer_norm(QK_NORM_EPS, True, "k_norm")(heads("to_k")).astype(self.dtype)
+        v = heads("to_v").astype(self.dtype)
+
+        def attend(q):
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (
+                1.0 / math.sqrt(self.head_dim))
+            scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
+            probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+        n = -(-t // QUERY_BLOCK)
+        if n == 1:
+            out = attend(q)
+        else:
+            # the queries in n equal blocks, one after another (a loop): [B, H, block, T] float32
+            # scores at a time, not [B, H, T, T] (1.15 GB per block for a 30 s edit's 3000 frames);
+            # each query row is computed as without blocks, the zero rows padded in are dropped
+            size = -(-t // n)
+            qb = jnp.pad(q, ((0, 0), (0, n * size - t), (0, 0), (0, 0))).reshape(b, n, size, *q.shape[2:])
+            out = jax.lax.map(attend, jnp.moveaxis(qb, 1, 0))
+            out = jnp.moveaxis(out, 0, 1).reshape(b, n * size, *q.shape[2:])[:, :t]
+        return nn.Dense(self.hidden_size, dtype=self.dtype, name="proj")(out.reshape(b, t, inner))
 
 
 class CausalConvBlock(nn.Module):
