@@ -18,6 +18,7 @@ from editx_jax.convert.flow_encoder import upsample_encoder_config_from_referenc
 from editx_jax.convert.keymap import ConversionError, convert
 from editx_jax.decoder.embedding import (DualCodebookConfig, DualCodebookEmbedding, dual_frames,
                                          reshape_tokens)
+from editx_jax.decoder import upsample_encoder
 from editx_jax.decoder.upsample_encoder import (EncoderInputError, UpsampleConformerEncoderV2,
                                                 UpsampleEncoderConfig, encode, rel_position_table, rel_shift)
 from editx_jax.parity import Fixture, check_fixture
@@ -140,6 +141,20 @@ def test_empty_item_stays_finite(encoder_setup):
     config, params = encoder_setup
     out, mask = encode(params, np.ones((2, 6, 32), np.float32), np.array([6, 0]), config)
     assert np.isfinite(np.asarray(out)).all() and not np.asarray(mask)[1].any()
+
+
+def test_long_inputs_attend_in_query_blocks_with_the_same_result(encoder_setup, monkeypatch):
+    """Over QUERY_BLOCK frames the rel-pos attention runs its queries in blocks (padded to equal
+    blocks, each row's relative shift from its absolute index): the same output as all at once,
+    a ragged second item included."""
+    config, params = encoder_setup
+    xs = np.random.default_rng(0).standard_normal((2, 300, 32)).astype(np.float32)  # 600 frames after upsampling
+    lens = np.array([300, 211])
+    blocked, _ = encode(params, xs, lens, config)
+    monkeypatch.setattr(upsample_encoder, "QUERY_BLOCK", 4096)
+    jax.clear_caches()  # trace the jitted encoder again, unblocked
+    whole, _ = encode(params, xs, lens, config)
+    np.testing.assert_allclose(blocked, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_encoder_input_errors(encoder_setup):

@@ -65,11 +65,14 @@ def rel_position_table(length: int, dim: int) -> np.ndarray:
     return np.concatenate([pos[::-1], neg[1:]], axis=0)
 
 
-def rel_shift(bd_raw):
-    """[..., T, 2T-1] scores over relative-table rows -> [..., T, T] with out[i, j] = in[i, (T-1) - i + j]."""
-    t = bd_raw.shape[-2]
-    index = (t - 1) - np.arange(t)[:, None] + np.arange(t)[None, :]
-    index = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (*bd_raw.shape[:-1], t))
+def rel_shift(bd_raw, rows=None):
+    """[..., R, 2T-1] scores over relative-table rows -> [..., R, T] with out[i, j] = in[i, (T-1) - q + j]
+    for the query q = rows[i] (default: rows 0 .. R-1 of R = T queries). Rows past T-1 (padding)
+    read clipped columns."""
+    t = (bd_raw.shape[-1] + 1) // 2
+    rows = np.arange(bd_raw.shape[-2]) if rows is None else rows
+    index = jnp.clip((t - 1) - rows[:, None] + jnp.arange(t)[None, :], 0, 2 * t - 2).astype(jnp.int32)
+    index = jnp.broadcast_to(index, (*bd_raw.shape[:-1], t))
     return jnp.take_along_axis(bd_raw, index, axis=-1)
 
 
@@ -84,6 +87,9 @@ def valid_mask(lengths, t: int):
 def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
     # two-pass variance like torch
     return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+
+
+QUERY_BLOCK = 512  # attention runs queries in blocks of at most this many frames (see RelPositionAttention)
 
 
 class RelPositionAttention(nn.Module):
@@ -105,15 +111,30 @@ class RelPositionAttention(nn.Module):
         init = nn.initializers.normal(0.02)
         pos_bias_u = self.param("pos_bias_u", init, (h, dk), jnp.float32)
         pos_bias_v = self.param("pos_bias_v", init, (h, dk), jnp.float32)
-        ac = jnp.einsum("bthd,bshd->bhts", q + pos_bias_u, k, precision=cfg.precision)
-        bd = jnp.einsum("bthd,rhd->bhtr", q + pos_bias_v, p, precision=cfg.precision)
-        scores = (ac + rel_shift(bd)) / math.sqrt(dk)
         keep = key_valid[:, None, None, :]
-        # Padded keys get exactly zero weight; a finite floor (not -inf) keeps a row with no valid key
-        # finite, and zeroing after the softmax then gives it a zero output, as the reference does.
-        scores = jnp.where(keep, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jnp.where(keep, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", probs, v, precision=cfg.precision)
+
+        def attend(q, rows):
+            ac = jnp.einsum("bthd,bshd->bhts", q + pos_bias_u, k, precision=cfg.precision)
+            bd = jnp.einsum("bthd,rhd->bhtr", q + pos_bias_v, p, precision=cfg.precision)
+            scores = (ac + rel_shift(bd, rows)) / math.sqrt(dk)
+            # Padded keys get exactly zero weight; a finite floor (not -inf) keeps a row with no valid
+            # key finite, and zeroing after the softmax then gives it a zero output, as the reference does.
+            scores = jnp.where(keep, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+            probs = jnp.where(keep, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
+            return jnp.einsum("bhts,bshd->bthd", probs, v, precision=cfg.precision)
+
+        n = -(-t // QUERY_BLOCK)
+        if n == 1:
+            out = attend(q, None)
+        else:
+            # the queries in n equal blocks, one after another (a loop): [B, H, block, 2T-1] float32
+            # position scores at a time, not [B, H, T, 2T-1] (the up-encoder's 1.9 GiB of temporaries
+            # for a 30 s edit's 3000 frames); each row is computed as without blocks
+            size = -(-t // n)
+            qb = jnp.pad(q, ((0, 0), (0, n * size - t), (0, 0), (0, 0))).reshape(b, n, size, h, dk)
+            rows = jnp.arange(n * size).reshape(n, size)
+            out = jax.lax.map(lambda a: attend(*a), (jnp.moveaxis(qb, 1, 0), rows))
+            out = jnp.moveaxis(out, 0, 1).reshape(b, n * size, h, dk)[:, :t]
         return dense(name="linear_out")(out.reshape(b, t, cfg.output_size))
 
 
