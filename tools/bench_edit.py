@@ -1,7 +1,7 @@
 """One edit end to end, per stage, with random weights at the released sizes (by default).
 
     python tools/bench_edit.py [--config configs/step_audio_editx.yaml] [--seconds 5] [--new-tokens N]
-        [--dtype float32|bfloat16] [--quantize int8]
+        [--dtype float32|bfloat16] [--quantize int8] [--runs 1|2]
 
 Prints seconds per stage (tokenize, generate, decode) and the real-time factor (stage seconds per
 second of output audio) for a warm run, after a first run that compiles. Random weights never stop
@@ -41,6 +41,8 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--dtype", help="LLM weights and compute: float32 or bfloat16 (default: the config's)")
     parser.add_argument("--quantize", help="int8: int8 LLM weights (random float weights quantized)")
+    parser.add_argument("--runs", type=int, choices=(1, 2), default=2,
+                        help="2: a first run that compiles, then a warm run; 1: the first run only")
     args = parser.parse_args(argv)
     try:
         quantize = check_quantize(args.quantize)
@@ -71,7 +73,7 @@ def main(argv=None):
     clip = np.tile(base, reps)[:int(args.seconds * sr)]
 
     stage_peaks = watch_stage_peaks(model)
-    for label in ("first run (compiles)", "warm run"):
+    for label in ("first run (compiles)", "warm run")[:args.runs]:
         stage_peaks.clear()
         t = time.perf_counter()
         wave, out_sr = model.edit(clip, "the weather is nice today", "emotion", "happy", sample_rate=sr)
