@@ -379,10 +379,12 @@ def cached_forward(params: dict, cfg: LLMConfig, tokens, positions, cache: dict,
 
 
 def _blocked_logits(cfg: LLMConfig, lm_head: dict, x):
-    """The lm_head in LM_HEAD_BLOCKS column blocks, each widened only once the previous block's
-    logits exist (`_after`): one block's float32 copy at a time (115 MB at the released size)
-    instead of the whole [E, V] table (0.86 GiB). Each logit is the same dot as unblocked."""
-    size = -(-cfg.vocab_size // LM_HEAD_BLOCKS)
+    """An lm_head stored as integers (bfloat16 bits, int8) in LM_HEAD_BLOCKS column blocks, each
+    widened only once the previous block's logits exist (`_after`): one block's float32 copy at a
+    time (115 MB at the released size) instead of the whole [E, V] table (0.86 GiB). Each logit is
+    the same dot as unblocked. A float lm_head is read as it is, in one product."""
+    blocks = LM_HEAD_BLOCKS if jnp.issubdtype(lm_head["kernel"].dtype, jnp.integer) else 1
+    size = -(-cfg.vocab_size // blocks)
     blocks, ready = [], x
     for start in range(0, cfg.vocab_size, size):
         stop = min(start + size, cfg.vocab_size)
