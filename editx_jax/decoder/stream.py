@@ -35,17 +35,17 @@ id at a time (the reference's intended use, one call per generated id) or all at
 chunks. Unlike the reference, which handles at most one chunk per call, `push` handles every chunk
 that is ready, and a final call with fewer than 5 ids in total still produces audio.
 
-A stream compiles a bounded set of shapes, not one per chunk. Every chunk's pairs are zero-padded to the largest
-chunk (+ look-ahead) and the setup's to a multiple of PROMPT_BUCKET pairs, with the real counts
-passed as traced ints. The encoder's K/V cache grows with every chunk (as in the reference), so it
-lives in zero-padded buffers of power-of-two capacity, sized at the start for the prompt and
+A stream compiles a bounded set of shapes, not one per chunk. Every chunk's pairs are zero-padded to
+the largest chunk (+ look-ahead) and the setup's to a multiple of PROMPT_BUCKET pairs, with the real
+counts passed as traced ints. The encoder's K/V cache grows with every chunk (as in the reference),
+so it lives in zero-padded buffers of power-of-two capacity, sized at the start for the prompt and
 HEADROOM_CHUNKS largest chunks and doubled when full: the encoder compiles once for the setup and
-once per capacity, and only long streams (O(log N) for N chunks) see a second capacity. The DiT runs each chunk size's mel frames (a last chunk
-padded up to the smallest size that holds it) against fixed-size prompt and window K/V buffers with
-masks, so it compiles once for the setup and once per chunk size, whatever the cache cut has done,
-and a stream whose prompt falls in the same bucket compiles nothing new. The vocoder cannot be
-padded (HiFT and BigVGAN see both sides), so it compiles per distinct chunk length: each chunk size
-and the last chunk's.
+once per capacity, and only long streams (O(log N) for N chunks) see a second capacity. The DiT runs
+each chunk size's mel frames (a last chunk padded up to the smallest size that holds it) against
+fixed-size prompt and window K/V buffers with masks, so it compiles once for the setup and once per
+chunk size, whatever the cache cut has done, and a stream whose prompt falls in the same bucket
+compiles nothing new. The vocoder cannot be padded (HiFT and BigVGAN see both sides), so it compiles
+per distinct chunk length: each chunk size and the last chunk's.
 """
 
 from __future__ import annotations
