@@ -139,10 +139,19 @@ def _run(model, requests, args, out_paths):
     bar = tqdm(total=n_iter, desc="editing" if requests[0].edit_type != "clone" else "cloning", unit="round",
                file=sys.stderr, disable=not sys.stderr.isatty())
 
+    tokens = tqdm(desc="generating", unit="step", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
     def progress(done, total):
         bar.update(1)
 
-    results = model.run(requests, n_iter=n_iter, seed=args.seed, progress=progress)
+    def token_progress(done, total):  # decode steps of the current round
+        if done < tokens.n:
+            tokens.reset()
+        tokens.total = total
+        tokens.update(done - tokens.n)
+
+    results = model.run(requests, n_iter=n_iter, seed=args.seed, progress=progress, token_progress=token_progress)
+    tokens.close()
     bar.close()
     for (wave, sr), path in zip(results, out_paths):
         write_wav(path, wave, sr)

@@ -194,7 +194,10 @@ class EditX:
 
     # ------------------------------------------------------------------ the work
 
-    def run(self, requests: list[Request], n_iter: int = 1, seed: int = 0, progress=None) -> list:
+    def run(self, requests: list[Request], n_iter: int = 1, seed: int = 0, progress=None,
+            token_progress=None) -> list:
+        """Every request for `n_iter` rounds; `progress(rounds done, n_iter)` after each round and
+        `token_progress(steps done, max steps)` during each round's generation (`generate`'s progress)."""
         if not requests:
             raise EditXError("no requests")
         if n_iter < 1:
@@ -238,7 +241,7 @@ class EditX:
             timings["tokenize"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            gen = self._generate(prompt_ids, row_keys)
+            gen = self._generate(prompt_ids, row_keys, progress=token_progress)
             timings["generate"] += time.perf_counter() - t
 
             t = time.perf_counter()
@@ -267,13 +270,13 @@ class EditX:
                           "rounds": n_iter}
         return [(w.astype(np.float32), sr) for w, sr in waves]
 
-    def _generate(self, prompt_ids: list[list[int]], row_keys) -> list[list[int]]:
+    def _generate(self, prompt_ids: list[list[int]], row_keys, progress=None) -> list[list[int]]:
         try:
             check_room([len(p) for p in prompt_ids], self.config.llm, self.config.generation)
         except PromptTooLongError as e:
             raise EditXError(str(e)) from None
         return generate(self._llm_weights, self.config.llm, self.config.generation, prompt_ids,
-                        row_keys=row_keys, mesh=self.mesh).tokens
+                        row_keys=row_keys, mesh=self.mesh, progress=progress).tokens
 
     def _load(self, r: Request) -> Clip:
         """The request's clip: mono with the 0.6 peak cap of `preprocess_prompt_wav`, and the samples as

@@ -174,7 +174,7 @@ class Spy:
             self.audio_ids = [t.ids for t in out]
             return out
 
-        def spy_generate(prompt_ids, row_keys):
+        def spy_generate(prompt_ids, row_keys, progress=None):
             self.prompts.append([list(p) for p in prompt_ids])
             return generate(prompt_ids, row_keys) if generated is None else [list(generated) for _ in prompt_ids]
 
@@ -302,7 +302,7 @@ def test_explicit_new_tokens_over_max_length_refused_default_capped(model):
     wave, sr = sf.read(CLIP16, dtype="float32")
     assert 0 < infer.audio_ids_lower_bound(wave, sr) <= n_ids
     lengths, real = [], model._generate
-    model._generate = lambda ids, keys: lengths.append(len(ids[0])) or real(ids, keys)
+    model._generate = lambda ids, keys, progress=None: lengths.append(len(ids[0])) or real(ids, keys)
     saved = model.config
     try:
         model.edit(CLIP16, "hello", "emotion", "angry")

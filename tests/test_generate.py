@@ -232,3 +232,16 @@ def test_decode_widens_one_lm_head_block_at_a_time():
     temp = decode.decode_jit(cfg, GREEDY, None).lower(params, state, keys, rows, scalar,
                                                       scalar).compile().memory_analysis().temp_size_in_bytes
     assert temp < head / 2, (temp, head)
+
+
+def test_progress_runs_the_loop_in_legs_with_the_same_tokens(params, monkeypatch):
+    """With a progress callback the decode loop runs PROGRESS_STEPS at a time, resumed where it
+    stopped (no recompile: the step limit is traced): the same tokens and logits as one run."""
+    prompts = prompts_of([5, 11], seed=6)
+    whole = generate(params, CFG, GREEDY, prompts, return_logits=True)
+    monkeypatch.setattr(decode, "PROGRESS_STEPS", 3)
+    calls = []
+    legs = generate(params, CFG, GREEDY, prompts, return_logits=True, progress=lambda *a: calls.append(a))
+    assert calls == [(3, 10), (6, 10), (9, 10), (10, 10)]
+    assert legs.tokens == whole.tokens
+    np.testing.assert_array_equal(legs.logits, whole.logits)

@@ -217,8 +217,11 @@ def cache_length(prompt_len: int, max_steps: int, limit: int, minimum: int) -> i
     return min(bucket(prompt_len + max_steps, minimum), limit)
 
 
+PROGRESS_STEPS = 64  # decode steps between two progress reports (`generate(progress=...)`)
+
+
 def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Sequence[int]], key=None,
-             return_logits: bool = False, mesh=None, row_keys=None) -> GenerateOutput:
+             return_logits: bool = False, mesh=None, row_keys=None, progress=None) -> GenerateOutput:
     """Generate for a batch of prompts (lists of ids).
 
     Each row's tokens equal that prompt's tokens alone: greedy trivially, and sampling because every
@@ -230,6 +233,9 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
 
     params: best in the inference form (`models.llm.split_layers`, what `EditX` holds); stacked
     params (training's form) are split here, a copy of the layer weights for the call.
+    progress: called as progress(steps done, max steps) every PROGRESS_STEPS decode steps. The
+    jitted loop then runs in legs of that many steps (the same compiled loop, resumed: the same
+    tokens), so a long generation shows it is moving.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -270,8 +276,16 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
     cache = init_cache(cfg, len(prompts), cache_len)
     last_logits, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache, mesh=mesh)
     state = initial_state(cfg, cache, last_logits, recent, lengths, budget, room, return_logits)
-    state = decode(params, cfg, gen, state, row_keys=row_keys, budget=budget, start=prompt_len,
-                   max_steps=max_steps, mesh=mesh)
+    leg = max_steps if progress is None else PROGRESS_STEPS
+    while True:
+        # the loop stops at `until` steps or once every row is done; it resumes from state.step
+        until = min(max_steps, int(state.step) + leg)
+        state = decode(params, cfg, gen, state, row_keys=row_keys, budget=budget, start=prompt_len,
+                       max_steps=until, mesh=mesh)
+        if progress is not None:
+            progress(int(state.step), max_steps)
+        if int(state.step) < until or until == max_steps:
+            break
     out, count, steps = np.asarray(state.out), np.asarray(state.count), int(state.step)
     rows = [list(map(int, out[i, :count[i]])) for i in range(n_rows)]
     if gen.drop_last:
