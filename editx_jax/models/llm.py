@@ -383,8 +383,8 @@ def _blocked_logits(cfg: LLMConfig, lm_head: dict, x):
     widened only once the previous block's logits exist (`_after`): one block's float32 copy at a
     time (115 MB at the released size) instead of the whole [E, V] table (0.86 GiB). Each logit is
     the same dot as unblocked. A float lm_head is read as it is, in one product."""
-    blocks = LM_HEAD_BLOCKS if jnp.issubdtype(lm_head["kernel"].dtype, jnp.integer) else 1
-    size = -(-cfg.vocab_size // blocks)
+    n_blocks = LM_HEAD_BLOCKS if jnp.issubdtype(lm_head["kernel"].dtype, jnp.integer) else 1
+    size = -(-cfg.vocab_size // n_blocks)
     blocks, ready = [], x
     for start in range(0, cfg.vocab_size, size):
         stop = min(start + size, cfg.vocab_size)
