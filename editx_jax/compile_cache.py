@@ -20,7 +20,7 @@ import jax
 
 ENV = "EDITX_JAX_CACHE"
 DEFAULT_DIR = pathlib.Path.home() / ".cache" / "editx-jax" / "xla"
-# jax reports each XLA compilation under this event (a cache hit reports the load instead)
+# jax reports each XLA compilation under this event (shorter when the persistent cache supplies it)
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compiled = [0.0]
 
