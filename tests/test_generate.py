@@ -193,15 +193,20 @@ def test_inference_form_keeps_one_layer_of_temporaries():
     ids = jax.ShapeDtypeStruct((1, 32), jnp.int32)
     temp = decode.prefill_jit(cfg, None).lower(params, ids, ids, cache).compile().memory_analysis().temp_size_in_bytes
     assert temp < stack / 2, (temp, stack)
-    state = jax.eval_shape(lambda: decode.initial_state(cfg, llm.init_cache(cfg, 1, 64), jnp.zeros((1, 512)),
+    temp = _decode_temp_bytes(cfg, params)
+    assert temp < stack / 2, (temp, stack)
+
+
+def _decode_temp_bytes(cfg, params) -> int:
+    """Compile-time temporaries of one-row greedy decode over a 64-slot cache (nothing allocated)."""
+    state = jax.eval_shape(lambda: decode.initial_state(cfg, llm.init_cache(cfg, 1, 64), jnp.zeros((1, cfg.vocab_size)),
                                                         jnp.zeros((1, 4), jnp.int32), jnp.ones((1,), jnp.int32),
                                                         jnp.ones((1,), jnp.int32), 16))
     rows = jax.ShapeDtypeStruct((1,), jnp.int32)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
-    temp = decode.decode_jit(cfg, GREEDY, None).lower(params, state, keys, rows, scalar,
+    return decode.decode_jit(cfg, GREEDY, None).lower(params, state, keys, rows, scalar,
                                                       scalar).compile().memory_analysis().temp_size_in_bytes
-    assert temp < stack / 2, (temp, stack)
 
 
 def test_long_prompt_prefill_in_query_blocks_equals_the_full_forward():
@@ -223,14 +228,7 @@ def test_decode_widens_one_lm_head_block_at_a_time():
                     max_seq_len=512, param_dtype="bfloat16", dtype="float32")
     params = llm.split_layers(llm.abstract_params(cfg))
     head = 4 * cfg.hidden_size * cfg.vocab_size
-    state = jax.eval_shape(lambda: decode.initial_state(cfg, llm.init_cache(cfg, 1, 64), jnp.zeros((1, cfg.vocab_size)),
-                                                        jnp.zeros((1, 4), jnp.int32), jnp.ones((1,), jnp.int32),
-                                                        jnp.ones((1,), jnp.int32), 16))
-    rows = jax.ShapeDtypeStruct((1,), jnp.int32)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
-    temp = decode.decode_jit(cfg, GREEDY, None).lower(params, state, keys, rows, scalar,
-                                                      scalar).compile().memory_analysis().temp_size_in_bytes
+    temp = _decode_temp_bytes(cfg, params)
     assert temp < head / 2, (temp, head)
 
 
