@@ -53,6 +53,19 @@ def copy_bandwidth(n_bytes: int = 1 << 27, repeats: int = 5) -> float:
     return 2 * n_bytes / best
 
 
+def read_bandwidth(n_bytes: int = 1 << 28, repeats: int = 7) -> float:
+    """Bytes/s of reading an `n_bytes` float32 matrix once (best of `repeats`): a matrix-vector
+    product over [n_bytes / 4096, 1024], whose output is 1/1024 of its input. The limit of work that
+    only reads, as decode does its weights. On the 2-core CPU of docs/performance.md it is the
+    fastest read XLA has (33-35 GB/s, against 27 for a sum); a copy moves more bytes per second
+    (about 50 GB/s, its read and its write counted) than either reads alone."""
+    matrix = jnp.ones((n_bytes // 4096, 1024), jnp.float32)
+    vector = jnp.ones((1024,), jnp.float32)
+    product = jax.jit(lambda m, v: m @ v)
+    product(matrix, vector).block_until_ready()
+    return n_bytes / best_seconds(lambda: product(matrix, vector), repeats)
+
+
 def matmul_flops(n: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
     """FLOP/s of an n x n x n matmul in `dtype` on the default device (best of `repeats`)."""
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32), dtype)
@@ -72,7 +85,7 @@ DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
 
 def device_peaks(device=None) -> tuple[float, float] | None:
     """(bf16 FLOP/s, HBM bytes/s) of `device` (default: the first) from DEVICE_PEAKS; None for a
-    device not listed (a CPU: measure it instead with `matmul_flops` / `copy_bandwidth`)."""
+    device not listed (a CPU: measure it instead with `matmul_flops` / `read_bandwidth`)."""
     kind = (device or jax.devices()[0]).device_kind
     return next(((f, b) for name, f, b in DEVICE_PEAKS if name in kind), None)
 

@@ -131,6 +131,7 @@ class EditX:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else \
             sharding.logical_to_sharding(param_logical_axes(llm_config), mesh)
         llm_config, llm_params = load_llm(folder / "llm", shardings, **(llm_overrides or {}))
+        llm_params = split_layers(llm_params)  # before the other parts load: its copies' peak stays low
         audio_tokenizer = AudioTokenizer.from_pretrained(folder / "audio_tokenizer")
         decoder = Decoder.from_pretrained(folder / "decoder")
         config = from_dict(Config, settings)
@@ -151,6 +152,7 @@ class EditX:
         llm_params, _ = random_quantized_params(config.llm, seed, config.llm.quantize, config.llm.quantize_embeddings)
         if mesh is not None:
             llm_params = sharding.place(llm_params, sharding.logical_to_sharding(param_logical_axes(config.llm), mesh))
+        llm_params = split_layers(llm_params)  # before the other parts exist: its copies' peak stays low
         decoder = Decoder(random_params(flow.abstract_params(config.flow), seed + 1), config.flow,
                           # small vocoder kernels keep a random vocoder (HiFT) out of its chaotic regime
                           random_params(vocoder.module.abstract_params(voc_config), seed + 2, kernel_scale=0.3),

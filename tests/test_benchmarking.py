@@ -13,6 +13,7 @@ from editx_jax import benchmarking
 
 def test_measurements_are_positive_and_sane():
     assert benchmarking.copy_bandwidth(1 << 20, repeats=2) > 1e6  # > 1 MB/s
+    assert benchmarking.read_bandwidth(1 << 20, repeats=2) > 1e6
     assert benchmarking.matmul_flops(64, repeats=2) > 1e6
     kind, peak = benchmarking.peak_memory_bytes()
     assert kind in ("device peak", "host peak RSS") and peak > 1 << 20

@@ -283,7 +283,7 @@ def test_bfloat16_weights_held_as_bits_save_unchanged(tmp_path):
     cfg = load_config(ROOT / "configs/tiny.yaml", ["generation.max_new_tokens=8", "llm.param_dtype=bfloat16",
                                                    "llm.dtype=bfloat16"])
     model = EditX.random(cfg, seed=1)
-    assert model._llm_weights["layers"][0]["mlp"]["up_proj"]["kernel"].dtype == np.uint16
+    assert model._llm_weights["layers"][0]["mlp"]["up_proj"]["kernel_t"].dtype == np.uint16
     kernel = model.llm_params["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.dtype == jax.numpy.bfloat16
     again = EditX.from_pretrained(model.save(tmp_path / "model"))

@@ -9,6 +9,7 @@ from editx_jax.config import GenerationConfig, LLMConfig
 from editx_jax.generate import decode, sampling
 from editx_jax.generate.decode import PromptTooLongError, from_padded, generate
 from editx_jax.models import llm
+from editx_jax.models.quantize import quantize_params
 
 CFG = LLMConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_heads=6, num_groups=2, num_layers=2,
                 max_seq_len=512)
@@ -158,27 +159,53 @@ BF16 = dataclasses.replace(CFG, param_dtype="bfloat16", dtype="bfloat16")
 
 def test_inference_form_is_invisible_and_bit_exact():
     """The inference form (one tree per layer): the same ids and logits as the stacked tree, and
-    the stacked tree back bit for bit (numpy leaves split into views, device leaves alike)."""
+    the stacked tree back bit for bit. Views (`transpose=False`) are the stacks' own memory; on
+    one CPU the default form holds each layer kernel transposed (`kernel_t`), a copy."""
     floats = llm.init_params(BF16, jax.random.key(3))
     kernel = np.asarray(floats["layers"]["mlp"]["up_proj"]["kernel"])
-    split = llm.split_layers(dict(floats))
-    assert isinstance(split["layers"], tuple) and len(split["layers"]) == BF16.num_layers
-    assert split["layers"][1]["mlp"]["up_proj"]["kernel"].shape == kernel.shape[1:]
+    views = llm.split_layers(dict(floats), transpose=False)
+    assert isinstance(views["layers"], tuple) and len(views["layers"]) == BF16.num_layers
+    assert views["layers"][1]["mlp"]["up_proj"]["kernel"].shape == kernel.shape[1:]
     assert "layers" in floats and not isinstance(floats["layers"], tuple)  # the caller's stacks untouched
     # on one CPU device the layer slices are the stack's own memory (splitting allocates nothing)
     stack_kernel = floats["layers"]["mlp"]["up_proj"]["kernel"]
-    piece = split["layers"][1]["mlp"]["up_proj"]["kernel"]
+    piece = views["layers"][1]["mlp"]["up_proj"]["kernel"]
     assert piece.unsafe_buffer_pointer() == stack_kernel.unsafe_buffer_pointer() + piece.nbytes
     prompts = prompts_of([7, 12])
     a = generate(floats, BF16, GREEDY, prompts, return_logits=True)
-    b = generate(split, BF16, GREEDY, prompts, return_logits=True)
+    b = generate(views, BF16, GREEDY, prompts, return_logits=True)
     assert a.tokens == b.tokens
     np.testing.assert_array_equal(a.logits, b.logits)
-    back = llm.stack_layers(split)["layers"]["mlp"]["up_proj"]["kernel"]
-    assert back.dtype == jnp.bfloat16 and np.array_equal(np.asarray(back).view(np.uint16), kernel.view(np.uint16))
     host = jax.tree_util.tree_map(np.asarray, floats)
     stack = host["layers"]["mlp"]["up_proj"]["kernel"]
-    assert np.shares_memory(llm.split_layers(host)["layers"][1]["mlp"]["up_proj"]["kernel"], stack)
+    assert np.shares_memory(llm.split_layers(host, transpose=False)["layers"][1]["mlp"]["up_proj"]["kernel"], stack)
+
+    transposed = llm.split_layers(dict(floats))
+    layer = transposed["layers"][1]
+    assert "kernel" not in layer["mlp"]["up_proj"]
+    np.testing.assert_array_equal(np.asarray(layer["mlp"]["up_proj"]["kernel_t"]).view(np.uint16),
+                                  kernel[1].T.view(np.uint16))
+    o_proj = np.asarray(floats["layers"]["attn"]["o_proj"]["kernel"])[1]  # [H, D, E]: two input axes
+    np.testing.assert_array_equal(np.asarray(layer["attn"]["o_proj"]["kernel_t"]).view(np.uint16),
+                                  np.moveaxis(o_proj, -1, 0).view(np.uint16))
+    for form in (views, transposed):
+        for host_copy in (False, True):
+            back = llm.stack_layers(form, host=host_copy)
+            for want, got in zip(jax.tree_util.tree_leaves(floats), jax.tree_util.tree_leaves(back)):
+                assert got.dtype == want.dtype and got.shape == want.shape
+                np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+
+
+def test_transposed_kernels_generate_what_the_stacked_tree_does():
+    """float32 and int8 weights: the transposed inference form samples the same ids, and its logits
+    differ from the stacked tree's by float summation order only."""
+    prompts = prompts_of([7, 12])
+    int8, int8_cfg = quantize_params(llm.init_params(CFG, jax.random.key(4)), CFG, "int8")
+    for cfg, params in ((CFG, llm.init_params(CFG, jax.random.key(4))), (int8_cfg, int8)):
+        a = generate(params, cfg, GREEDY, prompts, return_logits=True)
+        b = generate(llm.split_layers(dict(params)), cfg, GREEDY, prompts, return_logits=True)
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_inference_form_keeps_one_layer_of_temporaries():

@@ -93,7 +93,7 @@ summary() {
       local tps pct
       tps=$(sed -n 's/^decode batch [0-9]*: *\([0-9.,]*\) tokens\/s.*/\1 tok\/s/p' "$log")
       pct=$(sed -n 's/.*= \([0-9.]*%\) of HBM peak.*/\1 of HBM peak/p' "$log")
-      [ -z "$pct" ] && pct=$(sed -n 's/^decode speed = \([0-9.]*%\) of the memory-bandwidth roofline/\1 of measured copy roofline/p' "$log")
+      [ -z "$pct" ] && pct=$(sed -n 's/^decode speed = \([0-9.]*%\) of the memory-bandwidth roofline.*/\1 of measured read roofline/p' "$log")
       echo "decode $tps, $pct; $(sed -n 's/^batch [0-9]*: compile + first run: //p' "$log" | tail -1 | sed 's/prefill/compile + first run: prefill/')" ;;
     decoder_*)
       sed -n 's/^ *\([0-9.]*\) s  batch *\([0-9]*\) *compile *\([0-9.]*\) s.*RTF *\([0-9.]*\).*/\1 s b\2 RTF \4 (compile \3 s)/p' "$log" \

@@ -232,7 +232,7 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
     already be placed (`sharding.logical_to_sharding(inference_logical_axes(cfg), mesh)`).
 
     params: best in the inference form (`models.llm.split_layers`, what `EditX` holds); stacked
-    params (training's form) are split here, a copy of the layer weights for the call.
+    params (training's form) are split here into views of the stacks, for the call.
     progress: called as progress(steps done, max steps) every PROGRESS_STEPS decode steps. The
     jitted loop then runs in legs of that many steps (the same compiled loop, resumed: the same
     tokens), so a long generation shows it is moving.
@@ -272,7 +272,7 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
         recent[i, window - len(tail):] = tail
 
     if not isinstance(params["layers"], tuple):
-        params = split_layers(dict(params))
+        params = split_layers(dict(params), transpose=False)  # views: no copy of the weights per call
     cache = init_cache(cfg, len(prompts), cache_len)
     last_logits, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache, mesh=mesh)
     state = initial_state(cfg, cache, last_logits, recent, lengths, budget, room, return_logits)

@@ -1,5 +1,6 @@
 """A bias-free projection over named axes, with logical axis names on its kernel."""
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 class Projection(nn.Module):
     """y = x . kernel, contracting the last `len(in_axes)` dims of x.
 
-    kernel shape is (*in_shape, *out_shape) with logical names `axes` (one per kernel dim).
+    kernel shape is (*in_shape, *out_shape) with logical names `axes` (one per kernel dim); a params
+    tree may hold it as `kernel_t` instead, (*out_shape, *in_shape) (generation's CPU layout).
     Inputs and kernel are cast to `dtype`; the product accumulates in float32 where the backend does.
     """
 
@@ -24,17 +26,29 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        in_shape = x.shape[x.ndim - self.in_ndim:]
-        shape = tuple(in_shape) + tuple(self.out_shape)
-        # int8 weights come from quantizing float ones (models/quantize.py); their init is a placeholder
-        init = nn.initializers.zeros if self.quantized else nn.initializers.normal(self.std)
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
-                            shape, jnp.int8 if self.quantized else self.param_dtype)
+        lead, in_shape = x.shape[:x.ndim - self.in_ndim], x.shape[x.ndim - self.in_ndim:]
+        if self.has_variable("params", "kernel_t"):
+            # The kernel laid out [*out, *in] (models/llm.py `split_layers`, generation on a CPU):
+            # each output is a dot with one contiguous row, which XLA:CPU reads faster one token
+            # at a time than the [*in, *out] layout. As an [N, K] matrix: with several output
+            # axes XLA:CPU would take a slower path.
+            kernel = self.get_variable("params", "kernel_t")
+            kernel = kernel.reshape(-1, math.prod(in_shape))
+            x = x.reshape(lead + (-1,))
+            contract = ((x.ndim - 1,), (1,))
+        else:
+            shape = tuple(in_shape) + tuple(self.out_shape)
+            # int8 weights come from quantizing float ones (models/quantize.py); their init is a placeholder
+            init = nn.initializers.zeros if self.quantized else nn.initializers.normal(self.std)
+            kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
+                                shape, jnp.int8 if self.quantized else self.param_dtype)
+            contract = (tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim)))
         if kernel.dtype == jnp.uint16:  # bfloat16 bits (models/llm.py: the inference form)
             kernel = jax.lax.bitcast_convert_type(kernel, jnp.bfloat16)
-        contract = (tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim)))
+        out_shape = lead + tuple(self.out_shape)
         if not self.quantized:
-            return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+            return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                       (contract, ((), ()))).reshape(out_shape)
         # Scales keep the kernel's rank (1 on the contracted dims), so they shard like its outputs.
         scale_axes = (None,) * self.in_ndim + tuple(self.axes[self.in_ndim:])
         scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, scale_axes),
@@ -47,5 +61,5 @@ class Projection(nn.Module):
         # exact in float32, so on CPU the float32 contraction gives the same numbers, faster.
         compute = jnp.float32 if jax.default_backend() == "cpu" else self.dtype
         y = jax.lax.dot_general(x.astype(self.dtype).astype(compute), kernel.astype(compute), (contract, ((), ())),
-                                preferred_element_type=jnp.float32)
+                                preferred_element_type=jnp.float32).reshape(out_shape)
         return (y * scale.reshape(tuple(self.out_shape))).astype(self.dtype)
