@@ -185,6 +185,8 @@ def test_inference_form_is_invisible_and_bit_exact():
     assert "kernel" not in layer["mlp"]["up_proj"]
     np.testing.assert_array_equal(np.asarray(layer["mlp"]["up_proj"]["kernel_t"]).view(np.uint16),
                                   kernel[1].T.view(np.uint16))
+    np.testing.assert_array_equal(np.asarray(transposed["lm_head"]["kernel_t"]).view(np.uint16),
+                                  np.asarray(floats["lm_head"]["kernel"]).T.view(np.uint16))
     o_proj = np.asarray(floats["layers"]["attn"]["o_proj"]["kernel"])[1]  # [H, D, E]: two input axes
     np.testing.assert_array_equal(np.asarray(layer["attn"]["o_proj"]["kernel_t"]).view(np.uint16),
                                   np.moveaxis(o_proj, -1, 0).view(np.uint16))

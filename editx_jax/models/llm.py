@@ -236,11 +236,11 @@ def init_params(cfg: LLMConfig, key) -> dict:
 #    would be hoisted out of the decode loop (a float32 copy of every weight), and so would a
 #    bitcast of them. Held as bits, the weights are tied to the step's data first (`_after`), so
 #    each is widened where it is used, one layer's copy at a time.
-#  * on a CPU, each layer kernel is held transposed (`kernel_t`, [*out, *in]): a one-token product
-#    then reads each output's weights as one contiguous row. XLA:CPU's matrix-vector product reads
-#    the [*in, *out] layout at 24-28 GB/s here and the transposed one at 30-34 GB/s; a 288M-param
-#    decode step went from 37 to 29 ms. (Only on one CPU device: a mesh keeps the layout its
-#    rules table names.)
+#  * on a CPU, the layer kernels and the lm_head's are held transposed (`kernel_t`, [*out, *in]):
+#    a one-token product then reads each output's weights as one contiguous row. XLA:CPU's
+#    matrix-vector product reads the [*in, *out] layout at 24-33 GB/s here and the transposed one
+#    at 31-42 GB/s; the 288M-param "LLM mid" decode step went from 33 to 28 ms with the layers
+#    transposed. (Only on one CPU device: a mesh keeps the layout its rules table names.)
 
 
 # Layer kernels whose input spans more than their first axis: o_proj reads [heads, head_dim].
@@ -252,13 +252,18 @@ def split_layers(params: dict, transpose: bool = True) -> dict:
     become free views; a device leaf is sliced / bitcast on its devices, sharding kept, and dropped
     when nothing else holds it. Returns `params`. A tree already in this form comes back as it is.
 
-    transpose: layer kernels that live on one CPU (numpy leaves or abstract ones when the default
-    backend is the CPU) become `kernel_t` copies; a stack and its copies exist together once per
-    leaf. False: views only (generate's one-call split of training params)."""
+    transpose: the layer kernels and the lm_head's that live on one CPU (numpy leaves or abstract
+    ones when the default backend is the CPU) become `kernel_t` copies; a stack and its copies
+    exist together once per leaf. False: views only (generate's one-call split of training params)."""
     if isinstance(params["layers"], tuple):
         return params
     for name in ("embed", "lm_head"):
-        params[name] = {key: _as_bits(leaf) for key, leaf in params[name].items()}
+        part = {}
+        for key, leaf in params[name].items():
+            if transpose and (name, key) == ("lm_head", "kernel") and _on_host_cpu(leaf):
+                key, leaf = "kernel_t", _moved(leaf, 1, 1)
+            part[key] = _as_bits(leaf)
+        params[name] = part  # a new dict: the caller's tree keeps its own
     flat = tree.flatten(params.pop("layers"))
     pieces = {}
     for name in list(flat):
@@ -294,7 +299,11 @@ def stack_layers(params: dict, host: bool = False) -> dict:
     out = {**params, "layers": tree.unflatten({name.removesuffix("_t"): stack(name, [f[name] for f in flats])
                                                for name in flats[0]})}
     for name in ("embed", "lm_head"):
-        out[name] = {key: _as_floats(np.asarray(leaf) if host else leaf) for key, leaf in params[name].items()}
+        part = {}
+        for key, leaf in params[name].items():
+            leaf = np.asarray(leaf) if host else leaf
+            part[key.removesuffix("_t")] = _as_floats(_moved(leaf, 1, 1) if key == "kernel_t" else leaf)
+        out[name] = part
     return out
 
 
@@ -430,12 +439,14 @@ def _blocked_logits(cfg: LLMConfig, lm_head: dict, x):
     widened only once the previous block's logits exist (`_after`): one block's float32 copy at a
     time (115 MB at the released size) instead of the whole [E, V] table (0.86 GiB). Each logit is
     the same dot as unblocked. A float lm_head is read as it is, in one product."""
-    n_blocks = LM_HEAD_BLOCKS if jnp.issubdtype(lm_head["kernel"].dtype, jnp.integer) else 1
+    kernel = lm_head.get("kernel_t", lm_head.get("kernel"))
+    n_blocks = LM_HEAD_BLOCKS if jnp.issubdtype(kernel.dtype, jnp.integer) else 1
     size = -(-cfg.vocab_size // n_blocks)
     blocks, ready = [], x
     for start in range(0, cfg.vocab_size, size):
         stop = min(start + size, cfg.vocab_size)
-        weights = {name: leaf[..., start:stop] for name, leaf in lm_head.items()}  # kernel [E, V], scale [1, V]
+        # kernel [E, V] or kernel_t [V, E], scale [1, V]
+        weights = {name: leaf[start:stop] if name == "kernel_t" else leaf[..., start:stop] for name, leaf in lm_head.items()}
         head = Projection((stop - start,), ("embed", "vocab"), dtype=jnp_dtype(cfg.dtype),
                           param_dtype=jnp_dtype(cfg.param_dtype), quantized=quantizes_embeddings(cfg))
         blocks.append(head.apply({"params": _after(ready, weights)}, x))
