@@ -29,6 +29,9 @@ LLM_RULES: tuple[tuple[str, object], ...] = (
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
     ("cache_batch", BATCH),
+    # k/v rows are (sequence, kv group) pairs, batch-major: split over data x fsdp, then tensor, they
+    # land where the sequences (data x fsdp) and the kv heads (tensor) of the activations are.
+    ("cache_rows", (*BATCH, "tensor")),
     ("cache_length", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -43,8 +46,8 @@ LLM_RULES: tuple[tuple[str, object], ...] = (
     ("norm", None),
 )
 
-# KV cache arrays of models/llm.py: per layer k, v [B, S, G, D]; slot positions [B, S].
-CACHE_KV_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
+# KV cache arrays of models/llm.py: per layer k, v [B * G, S, D] (rows batch-major); slot positions [B, S].
+CACHE_KV_AXES = ("cache_rows", "cache_length", "head_dim")
 CACHE_POS_AXES = ("cache_batch", "cache_length")
 
 

@@ -31,9 +31,9 @@ def alibi_attention(q, k, v, q_pos, k_pos, q_segment=None, k_segment=None, dtype
                     query_block: int | None = None):
     """Causal sqrt-ALiBi GQA attention.
 
-    q: [B, T, H, D]; k, v: [B, S, G, D] (grouped, not expanded); q_pos [B, T], k_pos [B, S] int.
-    Query head h reads kv group h // (H // G). Scores, bias and softmax are float32.
-    Returns [B, T, H, D] in `dtype`.
+    q: [B, T, H, D]; k, v: [B * G, S, D] (grouped, not expanded, rows batch-major: `kv_layout`, the
+    KV cache's layout); q_pos [B, T], k_pos [B, S] int. Query head h reads kv group h // (H // G).
+    Scores, bias and softmax are float32. Returns [B, T, H, D] in `dtype`.
 
     query_block: when T is a larger multiple of it, the queries go through in blocks of this many,
     one after another (a loop, not unrolled), so the float32 scores held at once are [B, H,
@@ -54,6 +54,17 @@ def alibi_attention(q, k, v, q_pos, k_pos, q_segment=None, k_segment=None, dtype
     return _attention(q, k, v, q_pos, k_pos, q_segment, k_segment, dtype)
 
 
+def kv_layout(x):
+    """Keys or values [B, S, G, D] as attention reads them (and the KV cache holds them): [B * G, S,
+    D], one row per (sequence, group). Each group's products then read their operand as it lies,
+    with no reshape between a decode step's cache update and its reads: with [B, S, G, D] XLA:CPU
+    copied k and v to a group-major layout in every layer of every step, and with [B, G, S, D] it
+    repeated the in-place update (and copied the cache for it) on both sides of the reshape that
+    drops a batch of one. LLM mid decode at batch 1: 28.5 -> 27.6 ms per step; batch 4: 91.7 -> 85.1."""
+    b, s, g, d = x.shape
+    return jnp.transpose(x, (0, 2, 1, 3)).reshape(b * g, s, d)
+
+
 def _attention(q, k, v, q_pos, k_pos, q_segment, k_segment, dtype):
     """`alibi_attention` over all queries at once.
 
@@ -63,10 +74,10 @@ def _attention(q, k, v, q_pos, k_pos, q_segment, k_segment, dtype):
     an einsum over [B, G, R, T, S] with a separate select and softmax.
     """
     b, t, h, d = q.shape
-    g = k.shape[2]
+    g = k.shape[0] // b
     r = h // g
-    q = jnp.transpose(q.reshape(b, t, g, r, d), (0, 2, 3, 1, 4)).reshape(b, g, r * t, d)
-    scores = jnp.einsum("bgqd,bsgd->bgqs", q, k, preferred_element_type=jnp.float32).reshape(b, g, r, t, -1)
+    q = jnp.transpose(q.reshape(b, t, g, r, d), (0, 2, 3, 1, 4)).reshape(b * g, r * t, d)
+    scores = jnp.einsum("xqd,xsd->xqs", q, k, preferred_element_type=jnp.float32).reshape(b, g, r, t, -1)
     dist = (q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)  # [B, T, S]
     visible = (k_pos[:, None, :] >= 0) & (dist >= 0)
     if q_segment is not None:
@@ -79,7 +90,7 @@ def _attention(q, k, v, q_pos, k_pos, q_segment, k_segment, dtype):
     scores = scores * (1.0 / math.sqrt(d)) + bias
     weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("bgqs,bsgd->bgqd", weights.reshape(b, g, r * t, -1).astype(dtype), v.astype(dtype),
+    out = jnp.einsum("xqs,xsd->xqd", weights.reshape(b * g, r * t, -1).astype(dtype), v.astype(dtype),
                      preferred_element_type=jnp.float32)
     out = out.reshape(b, g, r, t, d) / total
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(dtype)

@@ -27,7 +27,7 @@ import numpy as np
 
 from editx_jax import tree
 from editx_jax.config import LLMConfig
-from editx_jax.layers.attention import EMPTY_POSITION, alibi_attention
+from editx_jax.layers.attention import EMPTY_POSITION, alibi_attention, kv_layout
 from editx_jax.layers.linear import Projection
 from editx_jax.layers.norms import RMSNorm
 
@@ -80,12 +80,13 @@ class Attention(nn.Module):
         k = proj((g, d), ("embed", "kv_heads", "head_dim"), name="k_proj")(x)
         v = proj((g, d), ("embed", "kv_heads", "head_dim"), name="v_proj")(x)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+        k, v = kv_layout(k), kv_layout(v)  # [B * G, T, D]
         if cache is None:
             k_all, v_all, k_pos = k, v, positions
             new_cache = None
         else:
-            # This layer's own cache buffers [B, S, G, D]: this call's k/v (grouped, not expanded)
-            # are written in place at columns [cache_index, cache_index + T).
+            # This layer's own cache buffers [B * G, S, D]: this call's k/v (grouped, not expanded)
+            # are written in place at slots [cache_index, cache_index + T).
             new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
                                                                    cache_index, axis=1)
                          for name, new in (("k", k), ("v", v))}
@@ -402,9 +403,10 @@ def _after(x, weights):
 
 
 def init_cache(cfg: LLMConfig, batch: int, length: int, dtype=None) -> dict:
-    """An empty KV cache: per layer grouped k and v [B, S, G, D], slot positions [B, S] (all empty)."""
+    """An empty KV cache: per layer grouped k and v [B * G, S, D] (`layers.attention.kv_layout`),
+    slot positions [B, S] (all empty)."""
     dtype = jnp_dtype(dtype or cfg.dtype)
-    shape = (batch, length, cfg.num_groups, cfg.head_dim)
+    shape = (batch * cfg.num_groups, length, cfg.head_dim)
     return {"k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             "pos": jnp.full((batch, length), EMPTY_POSITION, jnp.int32)}
