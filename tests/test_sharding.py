@@ -1,8 +1,12 @@
 """Sharded forward and decode on a (data 2, fsdp 2, tensor 2) mesh of 8 fake CPU devices."""
 
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from editx_jax import sharding
 from editx_jax.config import GenerationConfig, LLMConfig, MeshConfig
@@ -86,3 +90,14 @@ def test_sharded_generate_equals_one_device(shape):
     _, cache = decode.prefill(split, TINY, tokens, tokens * 0, cache, mesh=mesh)
     assert tuple(cache["k"][0].sharding.spec)[:1] == (("data", "fsdp", "tensor"),)  # rows [B * G]
     assert sharding.split_factor(cache["k"][0]) == data * tensor
+
+
+def test_plan_memory_inference_pads_a_batch_to_the_mesh(tmp_path):
+    """tools/plan_memory.py --inference plans what generate compiles: one row on a mesh of 2 fsdp
+    devices is padded to 2 rows (generate's idle rows), not refused from inside jax."""
+    out = subprocess.run([sys.executable, "tools/plan_memory.py", "--config", "configs/tiny.yaml", "--inference",
+                          "--devices", "2", "--mesh", "1,2,1", "--batch", "1", "--clip-seconds", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = [line for line in out.stdout.splitlines() if line.strip().startswith("2 ")]
+    assert row and "(1 rows asked, padded with idle rows)" in row[0], out.stdout

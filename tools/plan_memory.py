@@ -158,7 +158,9 @@ def plan_inference(cfg, mesh, batches, clip_seconds) -> int:
           f"max_length {gen.max_length}, max_new_tokens {gen.max_new_tokens}; GiB per device")
     print(f"{'batch':>5} {'clip s':>6} {'prompt':>6} {'cache':>6} {'params':>7} {'cache':>6} {'prefill tmp':>11} "
           f"{'decode tmp':>10} {'peak':>6}")
-    for batch in batches:
+    for asked in batches:
+        # generate pads a batch with idle rows to a multiple of the mesh's data x fsdp: compile that
+        batch = asked + -asked % (mesh.shape["data"] * mesh.shape["fsdp"])
         for seconds in clip_seconds:
             prompt = int(seconds * AUDIO_IDS_PER_SECOND) + TEXT_IDS
             if prompt >= limit:
@@ -186,7 +188,8 @@ def plan_inference(cfg, mesh, batches, clip_seconds) -> int:
             c_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)) / mesh.size
             peak = p_bytes + c_bytes + max(m_pre.temp_size_in_bytes, m_dec.temp_size_in_bytes)
             print(f"{batch:>5} {seconds:>6g} {p_len:>6} {slots:>6} {p_bytes / GiB:>7.2f} {c_bytes / GiB:>6.2f} "
-                  f"{m_pre.temp_size_in_bytes / GiB:>11.2f} {m_dec.temp_size_in_bytes / GiB:>10.2f} {peak / GiB:>6.2f}")
+                  f"{m_pre.temp_size_in_bytes / GiB:>11.2f} {m_dec.temp_size_in_bytes / GiB:>10.2f} {peak / GiB:>6.2f}"
+                  + (f"  ({asked} rows asked, padded with idle rows)" if batch != asked else ""))
     print("params and cache are split evenly in this estimate; XLA:CPU figures (temporaries differ by backend)")
     return 0
 
