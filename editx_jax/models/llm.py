@@ -12,7 +12,7 @@ Params tree (layer axis first under `layers`, stacked by `nn.scan`):
     final_norm/scale                  [E]
     lm_head/kernel                    [E, V]
 
-The KV cache is explicit data, not a Flax collection: `{"k", "v": [L, B, S, G, D], "pos": [B, S]}`
+The KV cache is explicit data, not a Flax collection: `{"k", "v": L x [B * G, S, D], "pos": [B, S]}`
 goes in and the updated cache comes out, so prefill and decode are pure functions.
 """
 
