@@ -262,7 +262,7 @@ def split_layers(params: dict, transpose: bool = True) -> dict:
         part = {}
         for key, leaf in params[name].items():
             if transpose and (name, key) == ("lm_head", "kernel") and _on_host_cpu(leaf):
-                key, leaf = "kernel_t", _moved(leaf, 1, 1)
+                key, leaf = "kernel_t", _transposed(leaf, "lm_head/kernel")
             part[key] = _as_bits(leaf)
         params[name] = part  # a new dict: the caller's tree keeps its own
     flat = tree.flatten(params.pop("layers"))
@@ -271,8 +271,7 @@ def split_layers(params: dict, transpose: bool = True) -> dict:
         leaf = flat.pop(name)
         slices = _unstack(leaf)
         if transpose and name.endswith("/kernel") and _on_host_cpu(leaf):
-            n_in = KERNEL_IN_NDIM.get(name, 1)
-            slices = [_moved(s, n_in, s.ndim - n_in) for s in slices]
+            slices = [_transposed(s, name) for s in slices]
             name += "_t"
         del leaf
         pieces[name] = [_as_bits(s) for s in slices]  # each stack freed once sliced
@@ -291,9 +290,8 @@ def stack_layers(params: dict, host: bool = False) -> dict:
     flats = [tree.flatten(layer) for layer in params["layers"]]
 
     def stack(name, pieces):
-        if name.endswith("/kernel_t"):  # back to [*in, *out]
-            n_out = pieces[0].ndim - KERNEL_IN_NDIM.get(name[:-2], 1)
-            pieces = [_moved(p, n_out, p.ndim - n_out) for p in pieces]
+        if name.endswith("/kernel_t"):
+            pieces = [_untransposed(p, name.removesuffix("_t")) for p in pieces]
         if host or isinstance(pieces[0], np.ndarray):
             return _as_floats(np.stack([np.asarray(p) for p in pieces]))
         return _as_floats(jnp.stack(pieces))
@@ -303,7 +301,7 @@ def stack_layers(params: dict, host: bool = False) -> dict:
         part = {}
         for key, leaf in params[name].items():
             leaf = np.asarray(leaf) if host else leaf
-            part[key.removesuffix("_t")] = _as_floats(_moved(leaf, 1, 1) if key == "kernel_t" else leaf)
+            part[key.removesuffix("_t")] = _as_floats(_untransposed(leaf, "lm_head/kernel") if key == "kernel_t" else leaf)
         out[name] = part
     return out
 
@@ -319,6 +317,18 @@ def _on_host_cpu(x) -> bool:
     if isinstance(x, np.ndarray) or (isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None):
         return jax.default_backend() == "cpu"
     return isinstance(getattr(x, "sharding", None), jax.sharding.SingleDeviceSharding) and _on_one_cpu(x)
+
+
+def _transposed(kernel, name: str):
+    """A kernel [*in, *out] as `kernel_t` [*out, *in] (a copy); `name` finds its input rank."""
+    n_in = KERNEL_IN_NDIM.get(name, 1)
+    return _moved(kernel, n_in, kernel.ndim - n_in)
+
+
+def _untransposed(kernel_t, name: str):
+    """`_transposed` undone: [*out, *in] back to [*in, *out]."""
+    n_out = kernel_t.ndim - KERNEL_IN_NDIM.get(name, 1)
+    return _moved(kernel_t, n_out, kernel_t.ndim - n_out)
 
 
 def _moved(x, n_front: int, n_back: int):
