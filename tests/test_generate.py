@@ -73,6 +73,17 @@ def test_lengths_in_one_bucket_do_not_recompile(params):
     assert [f._cache_size() for f in jitted] == before and min(before) >= 1
 
 
+def test_cache_holds_the_prompt_bucket_plus_the_new_tokens_bucket(params, monkeypatch):
+    slots = []
+    make = decode.init_cache
+    monkeypatch.setattr(decode, "init_cache", lambda cfg, batch, n: slots.append(n) or make(cfg, batch, n))
+    prompt = prompts_of([20], seed=5)[0]  # bucket 32, and 10 new tokens' bucket 16: 48 slots, not 64
+    out = generate(params, CFG, GREEDY, [prompt])
+    assert slots == [48]
+    assert out.tokens[0] == recompute_greedy(params, prompt, 10)
+    assert decode.cache_length(32, 10, 40, 16) == 40  # never past max_length: the ring reuses the padding
+
+
 def test_per_row_stop_on_eos_and_drop_last(params):
     prompts = prompts_of([6, 6], seed=3)
     free = generate(params, CFG, GREEDY, prompts).tokens

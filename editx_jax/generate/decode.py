@@ -211,10 +211,16 @@ def check_room(prompt_lengths: Sequence[int], cfg: LLMConfig, gen: GenerationCon
 
 
 def cache_length(prompt_len: int, max_steps: int, limit: int, minimum: int) -> int:
-    """Cache slots for a left-padded prompt bucket of `prompt_len` plus `max_steps` new tokens: a power
-    of two, never more than `limit` (max_length): the official rule counts prompt plus new tokens,
-    so a row never holds more than `limit` ids; the padding columns are reused (a ring, see `decode`)."""
-    return min(bucket(prompt_len + max_steps, minimum), limit)
+    """Cache slots for a left-padded prompt bucket of `prompt_len` plus `max_steps` new tokens: the
+    prompt bucket plus the new tokens' bucket, never more than `limit` (max_length): the official
+    rule counts prompt plus new tokens, so a row never holds more than `limit` ids; the padding
+    columns are reused (a ring, see `decode`).
+
+    Both terms are already compile keys (the prompt's width, and the new tokens' bucket is the
+    width of `decode`'s output), so this adds no decode shape; rounding the sum up to a power of
+    two instead left up to half the slots empty, and every decode step reads all of them
+    (LLM mid, 512 + 128: 640 slots instead of 1024, 26.7 -> 24.9 ms per step)."""
+    return min(prompt_len + bucket(max_steps, minimum), limit)
 
 
 PROGRESS_STEPS = 64  # decode steps between two progress reports (`generate(progress=...)`)
