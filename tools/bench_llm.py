@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from editx_jax.benchmarking import (copy_bandwidth, device_peaks, guarded_runs, median, peak_memory_bytes,  # noqa: E402
                                     read_bandwidth, results_path, timed, tree_bytes, wait_quiet, write_results)
 from editx_jax.config import add_config_args, load_config  # noqa: E402
-from editx_jax.generate.decode import bucket, cache_length, decode, generate, initial_state, prefill  # noqa: E402
+from editx_jax.generate.decode import decode, generate, initial_state, prefill, widths  # noqa: E402
 from editx_jax.models import llm  # noqa: E402
 from editx_jax.models.quantize import check_quantize, quantize_params  # noqa: E402
 
@@ -90,9 +90,7 @@ def bench(params, cfg, gen, args) -> dict:
     under the official JSON keys (prefill_b1, decode_b<B>)."""
     p, n = args.prompt_len, args.new_tokens
     limit = min(gen.max_length, cfg.max_seq_len)
-    bucketed = min(bucket(p, gen.min_prompt_bucket), limit)  # what `generate` does with a p-token prompt
-    cache_len = cache_length(bucketed, n, limit, gen.min_prompt_bucket)
-    room = min(bucket(n, gen.min_prompt_bucket), cache_len)
+    bucketed, cache_len, room = widths(p, n, limit, gen.min_prompt_bucket)  # what `generate` compiles
     rng = np.random.RandomState(0)
     high = 65536 if cfg.vocab_size > 65536 else cfg.vocab_size
     out = {}

@@ -159,17 +159,14 @@ def plan_inference(cfg, mesh, batches, clip_seconds) -> int:
     print(f"{'batch':>5} {'clip s':>6} {'prompt':>6} {'cache':>6} {'params':>7} {'cache':>6} {'prefill tmp':>11} "
           f"{'decode tmp':>10} {'peak':>6}")
     for asked in batches:
-        # generate pads a batch with idle rows to a multiple of the mesh's data x fsdp: compile that
-        batch = asked + -asked % (mesh.shape["data"] * mesh.shape["fsdp"])
+        batch = asked + dec.idle_rows(asked, mesh)  # what generate compiles
         for seconds in clip_seconds:
             prompt = int(seconds * AUDIO_IDS_PER_SECOND) + TEXT_IDS
             if prompt >= limit:
                 print(f"{batch:>5} {seconds:>6g}  prompt of {prompt} ids leaves no room under max_length {limit}")
                 continue
-            p_len = min(dec.bucket(prompt, gen.min_prompt_bucket), limit)
             steps = min(gen.max_new_tokens, limit - prompt)
-            slots = dec.cache_length(p_len, steps, limit, gen.min_prompt_bucket)
-            room = min(dec.bucket(steps, gen.min_prompt_bucket), slots)
+            p_len, slots, room = dec.widths(prompt, steps, limit, gen.min_prompt_bucket)
             cache = jax.eval_shape(functools.partial(llm.init_cache, c, batch, slots))
             ids = jax.ShapeDtypeStruct((batch, p_len), jnp.int32)
             m_pre = dec.prefill_jit(c, run_mesh).lower(params, ids, ids, cache).compile().memory_analysis()

@@ -223,6 +223,20 @@ def cache_length(prompt_len: int, max_steps: int, limit: int, minimum: int) -> i
     return min(prompt_len + bucket(max_steps, minimum), limit)
 
 
+def widths(longest: int, max_steps: int, limit: int, minimum: int) -> tuple[int, int, int]:
+    """What `generate` compiles for prompts of at most `longest` ids and `max_steps` new tokens:
+    (prompt bucket, cache slots, `out` width), the last bucketed too so that few shapes compile."""
+    prompt_len = min(bucket(longest, minimum), limit)
+    cache_len = cache_length(prompt_len, max_steps, limit, minimum)
+    return prompt_len, cache_len, min(bucket(max_steps, minimum), cache_len)
+
+
+def idle_rows(n_rows: int, mesh) -> int:
+    """Rows `generate` adds (budget 0, done from the start) so that a batch splits over the mesh's
+    data x fsdp."""
+    return 0 if mesh is None else -n_rows % (mesh.shape["data"] * mesh.shape["fsdp"])
+
+
 PROGRESS_STEPS = 64  # decode steps between two progress reports (`generate(progress=...)`)
 
 
@@ -259,15 +273,12 @@ def generate(params, cfg: LLMConfig, gen: GenerationConfig, prompts: Sequence[Se
     elif len(row_keys) != n_rows:
         raise ValueError(f"{len(row_keys)} row keys for {n_rows} prompts")
     prompts = [list(p) for p in prompts]
-    idle = 0
-    if mesh is not None:  # idle rows (budget 0, done from the start) fill the batch up to the mesh
-        idle = -n_rows % (mesh.shape["data"] * mesh.shape["fsdp"])
+    idle = idle_rows(n_rows, mesh)
+    if idle:
         prompts += [prompts[0]] * idle
-        row_keys = jnp.concatenate([row_keys, jnp.repeat(row_keys[:1], idle)]) if idle else row_keys
-    prompt_len = min(bucket(longest, gen.min_prompt_bucket), limit)
+        row_keys = jnp.concatenate([row_keys, jnp.repeat(row_keys[:1], idle)])
     max_steps = min(gen.max_new_tokens, limit - min(len(p) for p in prompts))
-    cache_len = cache_length(prompt_len, max_steps, limit, gen.min_prompt_bucket)
-    room = min(bucket(max_steps, gen.min_prompt_bucket), cache_len)  # `out` width: bucketed, few compiles
+    prompt_len, cache_len, room = widths(longest, max_steps, limit, gen.min_prompt_bucket)
     tokens, positions, lengths = left_pad(prompts, prompt_len, cfg.pad_id)
     budget = np.minimum(gen.max_new_tokens, limit - lengths).astype(np.int32)
     budget[n_rows:] = 0
