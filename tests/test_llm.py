@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from editx_jax.config import LLMConfig
-from editx_jax.layers.attention import alibi_slopes
+from editx_jax.layers.activations import swiglu
+from editx_jax.layers.attention import alibi_attention, alibi_slopes, kv_layout
 from editx_jax.models import llm
 
 TINY = LLMConfig(vocab_size=512, hidden_size=48, intermediate_size=96, num_heads=6, num_groups=2, num_layers=2)
@@ -61,6 +62,43 @@ def test_remat_policies_give_the_same_loss_and_grads(params):
         l, g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg)
         np.testing.assert_allclose(l, ref_l, rtol=1e-5)
         jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), g, ref_g)
+
+
+def test_swiglu_backward_equals_autodiff_of_its_expression():
+    rng = np.random.RandomState(4)
+    gate, up, grad = (jnp.asarray(rng.randn(3, 5, 7).astype(np.float32) * 4) for _ in range(3))
+    out, vjp = jax.vjp(swiglu, gate, up)
+    ref_out, ref_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, gate, up)
+    np.testing.assert_array_equal(out, ref_out)
+    for got, want in zip(vjp(grad), ref_vjp(grad)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_gradients_equal_a_plain_softmax_attention():
+    """alibi_attention's backward (its max shift held constant) against autodiff of the textbook
+    form: expanded heads, a masked softmax (jax.nn.softmax)."""
+    b, t, h, g, d = 2, 9, 4, 2, 8
+    rng = np.random.RandomState(5)
+    q = jnp.asarray(rng.randn(b, t, h, d).astype(np.float32))
+    k, v = (jnp.asarray(rng.randn(b, t, g, d).astype(np.float32)) for _ in range(2))
+    pos = jnp.asarray(np.stack([np.arange(t), np.r_[-1, -1, np.arange(t - 2)]]))  # row 1 left-padded
+    probe = jnp.asarray(rng.randn(b, t, h, d).astype(np.float32))
+
+    def ours(q, k, v):
+        return jnp.sum(alibi_attention(q, kv_layout(k), kv_layout(v), pos, pos) * probe * (pos[..., None, None] >= 0))
+
+    def plain(q, k, v):
+        kh, vh = (jnp.repeat(a, h // g, axis=2) for a in (k, v))
+        dist = (pos[:, :, None] - pos[:, None, :]).astype(jnp.float32)
+        bias = -jnp.asarray(alibi_slopes(h))[None, :, None, None] * jnp.sqrt(jnp.maximum(dist, 0.0))[:, None]
+        scores = jnp.einsum("bthd,bshd->bhts", q, kh) / np.sqrt(d) + bias
+        scores = jnp.where(((dist >= 0) & (pos[:, None, :] >= 0))[:, None], scores, -1e30)
+        out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), vh)
+        return jnp.sum(jnp.where(pos[..., None, None] >= 0, out * probe, 0.0))
+
+    got, want = jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(plain, argnums=(0, 1, 2))(q, k, v)
+    for a, w in zip(got, want):
+        np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5)
 
 
 def test_bfloat16_runs_close_to_float32(params):

@@ -88,7 +88,10 @@ def _attention(q, k, v, q_pos, k_pos, q_segment, k_segment, dtype):
     bias = jnp.where(visible[:, None, None], -slopes[None, :, :, None, None] * jnp.sqrt(jnp.maximum(dist, 0.0))[:, None, None],
                      jnp.finfo(jnp.float32).min)
     scores = scores * (1.0 / math.sqrt(d)) + bias
-    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    # The max only keeps exp in range: out is the same for any shift, so no gradient flows through
+    # it. Without stop_gradient, autodiff keeps the [B, H, T, S] scores of every layer to find where
+    # the max was (a second float32 score tensor per layer, beside the weights, in a layer scan).
+    weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     total = jnp.sum(weights, axis=-1, keepdims=True)
     out = jnp.einsum("xqs,xsd->xqd", weights.reshape(b * g, r * t, -1).astype(dtype), v.astype(dtype),
                      preferred_element_type=jnp.float32)

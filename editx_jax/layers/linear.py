@@ -34,15 +34,20 @@ class Projection(nn.Module):
             # axes XLA:CPU would take a slower path.
             kernel = self.get_variable("params", "kernel_t")
             kernel = kernel.reshape(-1, math.prod(in_shape))
-            x = x.reshape(lead + (-1,))
-            contract = ((x.ndim - 1,), (1,))
+            contract = ((1,), (1,))
         else:
             shape = tuple(in_shape) + tuple(self.out_shape)
             # int8 weights come from quantizing float ones (models/quantize.py); their init is a placeholder
             init = nn.initializers.zeros if self.quantized else nn.initializers.normal(self.std)
             kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
                                 shape, jnp.int8 if self.quantized else self.param_dtype)
-            contract = (tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim)))
+            kernel = kernel.reshape(math.prod(in_shape), -1)
+            contract = ((1,), (0,))
+        # One [tokens, in] x [in, out] product, whatever the leading dims: contracting a [B, T, E]
+        # input directly leaves the weight gradient a contraction over two dims (B and T), which
+        # XLA:CPU lays out with transposing copies of the input and the output gradient. The LLM mid
+        # MLP stack's forward and backward: 5.40 -> 3.96 s for 2 x 512 tokens (the SFT step 12.2 -> 10.4 s).
+        x = x.reshape(-1, math.prod(in_shape))
         if kernel.dtype == jnp.uint16:  # bfloat16 bits (models/llm.py: the inference form)
             kernel = jax.lax.bitcast_convert_type(kernel, jnp.bfloat16)
         out_shape = lead + tuple(self.out_shape)

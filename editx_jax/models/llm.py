@@ -27,6 +27,7 @@ import numpy as np
 
 from editx_jax import tree
 from editx_jax.config import LLMConfig
+from editx_jax.layers.activations import swiglu
 from editx_jax.layers.attention import EMPTY_POSITION, alibi_attention, kv_layout
 from editx_jax.layers.linear import Projection
 from editx_jax.layers.norms import RMSNorm
@@ -115,7 +116,7 @@ class MLP(nn.Module):
         std = cfg.hidden_size ** -0.5
         gate = proj((cfg.intermediate_size,), ("embed", "mlp"), std=std, name="gate_proj")(x)
         up = proj((cfg.intermediate_size,), ("embed", "mlp"), std=std, name="up_proj")(x)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        hidden = nn.with_logical_constraint(swiglu(gate, up), ("activation_batch", "activation_length", "activation_mlp"))
         return proj((cfg.hidden_size,), ("mlp", "embed"), std=cfg.intermediate_size ** -0.5,
                     name="down_proj")(hidden)
 
