@@ -77,7 +77,7 @@ def _attention(q, k, v, q_pos, k_pos, q_segment, k_segment, dtype):
     g = k.shape[0] // b
     r = h // g
     q = jnp.transpose(q.reshape(b, t, g, r, d), (0, 2, 3, 1, 4)).reshape(b * g, r * t, d)
-    scores = jnp.einsum("xqd,xsd->xqs", q, k, preferred_element_type=jnp.float32).reshape(b, g, r, t, -1)
+    scores = jnp.einsum("xqd,xsd->xqs", q, k, preferred_element_type=jnp.float32)
     dist = (q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)  # [B, T, S]
     visible = (k_pos[:, None, :] >= 0) & (dist >= 0)
     if q_segment is not None:
@@ -87,13 +87,14 @@ def _attention(q, k, v, q_pos, k_pos, q_segment, k_segment, dtype):
     # average instead of NaN, and masked keys still get exactly zero weight otherwise.
     bias = jnp.where(visible[:, None, None], -slopes[None, :, :, None, None] * jnp.sqrt(jnp.maximum(dist, 0.0))[:, None, None],
                      jnp.finfo(jnp.float32).min)
-    scores = scores * (1.0 / math.sqrt(d)) + bias
+    # Scores and weights stay [B * G, R * T, S], the product's layout: reshaped to [B, G, R, T, S] for
+    # the softmax, the weights were two arrays to autodiff (one per shape) and a layer scan kept both.
+    scores = scores * (1.0 / math.sqrt(d)) + bias.reshape(scores.shape)
     # The max only keeps exp in range: out is the same for any shift, so no gradient flows through
     # it. Without stop_gradient, autodiff keeps the [B, H, T, S] scores of every layer to find where
     # the max was (a second float32 score tensor per layer, beside the weights, in a layer scan).
     weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("xqs,xsd->xqd", weights.reshape(b * g, r * t, -1).astype(dtype), v.astype(dtype),
-                     preferred_element_type=jnp.float32)
-    out = out.reshape(b, g, r, t, d) / total
+    out = jnp.einsum("xqs,xsd->xqd", weights.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
+    out = (out / total).reshape(b, g, r, t, d)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(dtype)
