@@ -1,7 +1,7 @@
 """The LLM's SwiGLU with a lean backward pass; the vocoders' periodic activations and BigVGAN's
 anti-aliased activation (architecture.md §3.7).
 
-All act on NWC data (batch, time, channels) with one parameter per channel.
+The vocoders' act on NWC data (batch, time, channels) with one parameter per channel.
 
 * Snake (HiFT resblocks, linear-scale alpha):   x + 1/(alpha + 1e-9) * sin(alpha*x)^2
 * SnakeBeta (BigVGAN, log-scale alpha, beta):   x + 1/(exp(beta) + 1e-9) * sin(exp(alpha)*x)^2
