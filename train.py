@@ -57,7 +57,7 @@ def init_distributed(args, out_dir: str) -> PeerWatchdog | None:
     jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
                                heartbeat_timeout_seconds=args.heartbeat_timeout)
     print(f"process {jax.process_index()} of {jax.process_count()} (jax.distributed via {address})", flush=True)
-    return PeerWatchdog(args.heartbeat_timeout / 2, lambda: resume_hint(pathlib.Path(out_dir))).start()
+    return PeerWatchdog.for_this_job(args.heartbeat_timeout / 2, lambda: resume_hint(pathlib.Path(out_dir))).start()
 
 
 def resume_hint(out: pathlib.Path) -> str:
@@ -116,6 +116,10 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if watchdog:  # most often a collective broken by a dead peer: let the watchdog name it
+            watchdog.end_after_error(e)
+        raise
     finally:
         if watchdog:
             # Finished: the others may still be exporting and must not take our silence for death.

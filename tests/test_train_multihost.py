@@ -25,9 +25,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "train.py")]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}  # this checkout's package
 TINY = LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4, num_groups=2, num_layers=2)
-# 101 examples of ~125 tokens, two per packed row of 256: three steps of 16 rows, then the data runs out
+# 517 examples of ~125 tokens, two per packed row of 256: sixteen steps of 16 rows, then the data runs out
 # (under per-process packing, the halves of an odd count would pack into different numbers of rows).
-N_TRAIN, STEPS = 101, 3
+# The kill test kills process 1 after step 2. Fourteen steps that process 0 cannot take alone (about 6 s
+# here) keep the kill inside the run when it lands late: with three steps (1.5 s), a loaded CI machine
+# killed process 1 after process 0 had finished, and the service aborted process 0 in its shutdown barrier.
+N_TRAIN, STEPS = 517, 16
 # seconds: the watchdog reports a silent peer after 20, the coordination service aborts after 40. With
 # 20 (report after 10) the service's abort came first in 2 of 4 runs on this 2-core machine: 16.9 s
 # after the kill the watchdog had still not reported. The margin is for a loaded CI machine.
@@ -133,7 +136,7 @@ def test_two_processes_run_one_epoch_of_packed_data_like_one_process(tmp_path, o
     wall = time.time() - t0
     for i, out in enumerate(outs):
         assert f"process {i} of 2" in out, out[-3000:]  # jax.distributed formed one job of two processes
-    assert "training data exhausted after 3 steps" in outs[0], outs[0][-3000:]
+    assert f"training data exhausted after {STEPS} steps" in outs[0], outs[0][-3000:]
     assert (tmp_path / "export" / "model.safetensors.index.json").exists() or any((tmp_path / "export").glob("*.safetensors"))
     _assert_same_run(_train_rows(tmp_path / "two"), _final_params(tmp_path / "two"), one_process)
     print(f"two-process run: {wall:.1f} s wall")

@@ -6,7 +6,12 @@ thread with a fatal log and SIGABRT, after the whole `heartbeat_timeout`; its mi
 cannot be set from Python in jax 0.10 (the status does not convert: std::bad_cast). So the processes
 keep their own heartbeat in the service's key-value store and declare a peer dead after half that
 timeout, before the service would abort them. A process that finished its work says so (`stop`), so
-that peers still exporting or saving do not mistake its silence for death."""
+that peers still exporting or saving do not mistake its silence for death.
+
+A peer's death often reaches the main thread first, as an error from the collective it was in (gloo
+sees the closed socket at once). `end_after_error` then gives the watchdog time to name the dead peer,
+and keeps this process out of the shutdown barrier, which would wait for that peer until the service
+aborts."""
 
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
+from typing import NoReturn
 
 # The distributed client lives only in jax's private state (orbax and multihost_utils read it there too).
 from jax._src import distributed
@@ -27,12 +34,18 @@ class PeerWatchdog:
     (or a coordination service that no longer answers: process 0 is gone) ends this process with
     `error: ...` and exit status 1. `resume_hint()` says where the run can be resumed from."""
 
-    def __init__(self, stale_after: float, resume_hint: Callable[[], str], *, interval: float = 1.0):
-        state = distributed.global_state
-        self.client, self.me, self.count = state.client, state.process_id, state.num_processes
+    def __init__(self, client, me: int, count: int, stale_after: float, resume_hint: Callable[[], str], *,
+                 interval: float = 1.0):
+        self.client, self.me, self.count = client, me, count  # client: key_value_set / key_value_dir_get
         self.stale_after, self.interval, self.resume_hint = stale_after, interval, resume_hint
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="peer-watchdog", daemon=True)
+
+    @classmethod
+    def for_this_job(cls, stale_after: float, resume_hint: Callable[[], str]) -> PeerWatchdog:
+        """The watchdog of this process of the job `jax.distributed.initialize` formed."""
+        state = distributed.global_state
+        return cls(state.client, state.process_id, state.num_processes, stale_after, resume_hint)
 
     def start(self) -> PeerWatchdog:
         self._thread.start()
@@ -49,6 +62,21 @@ class PeerWatchdog:
             self.client.key_value_set(f"{PREFIX}/done/{self.me}", "1", allow_overwrite=True)
         except Exception:  # noqa: BLE001  (the service may already be gone; nothing is waiting on us then)
             pass
+
+    def end_after_error(self, error: Exception) -> NoReturn:
+        """The main thread stopped on an unexpected error. Wait until a silent peer would have been
+        reported (the watchdog then exits with its line); if every peer still beats, the error is this
+        process's own: print it and exit 1. Either way past jax.distributed's shutdown barrier, which
+        waits for peers that may be waiting for us in a collective."""
+        print(f"process {self.me} of {self.count} stopped on {type(error).__name__}; waiting up to "
+              f"{self.stale_after:g} s to see whether another process died", file=sys.stderr, flush=True)
+        self._thread.join(self.stale_after + 3 * self.interval)
+        self._stop.set()
+        self._thread.join()
+        traceback.print_exception(error)
+        first = (str(error).splitlines() or [""])[0]
+        self._exit(f"error: process {self.me} of {self.count} failed ({type(error).__name__}: {first}); "
+                   f"{self.resume_hint()}")
 
     def _watch(self) -> None:
         start = time.monotonic()
@@ -74,9 +102,12 @@ class PeerWatchdog:
                     self._fail(peer, f"no heartbeat for over {self.stale_after:g} s")
 
     def _fail(self, peer: int, why: str) -> None:
+        self._exit(f"error: process {peer} of {self.count} stopped responding ({why}); {self.resume_hint()}")
+
+    @staticmethod
+    def _exit(line: str) -> NoReturn:
         sys.stdout.flush()
-        print(f"error: process {peer} of {self.count} stopped responding ({why}); {self.resume_hint()}",
-              file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
         # Straight out: a normal exit would run jax.distributed's shutdown barrier, which waits for the
         # dead peer; the main thread may be stuck in a collective that never completes.
         os._exit(1)
