@@ -122,9 +122,11 @@ def main(argv=None) -> int:
         raise
     finally:
         if watchdog:
-            # Finished: the others may still be exporting and must not take our silence for death.
-            # Failed: go silent, so that they report us instead of waiting in a collective.
-            watchdog.stop(finished=finished)
+            if finished:
+                watchdog.finish()
+                jax.distributed.shutdown()  # at once: all processes left finish() alive together
+            else:
+                watchdog.stop()  # go silent: the others report us instead of waiting in a collective
 
 
 if __name__ == "__main__":

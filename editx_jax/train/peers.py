@@ -5,8 +5,8 @@ JAX's coordination service also ends the job when a process stops sending heartb
 thread with a fatal log and SIGABRT, after the whole `heartbeat_timeout`; its missed-heartbeat hook
 cannot be set from Python in jax 0.10 (the status does not convert: std::bad_cast). So the processes
 keep their own heartbeat in the service's key-value store and declare a peer dead after half that
-timeout, before the service would abort them. A process that finished its work says so (`stop`), so
-that peers still exporting or saving do not mistake its silence for death.
+timeout, before the service would abort them. A process that finished its work beats on at a barrier
+until every peer has finished too (`finish`), so that none of them dies unreported after it.
 
 A peer's death often reaches the main thread first, as an error from the collective it was in (gloo
 sees the closed socket at once). `end_after_error` then gives the watchdog time to name the dead peer,
@@ -27,6 +27,7 @@ from typing import NoReturn
 from jax._src import distributed
 
 PREFIX = "editx/peers"
+FINISH_TIMEOUT_MS = 2**31 - 1  # no limit of its own: a dead peer is the watchdog's to report
 
 
 class PeerWatchdog:
@@ -51,17 +52,24 @@ class PeerWatchdog:
         self._thread.start()
         return self
 
-    def stop(self, *, finished: bool) -> None:
-        """Stop beating and watching. `finished`: tell the others not to expect our heartbeat any more;
-        otherwise they report this process as stopped after `stale_after`."""
+    def stop(self) -> None:
+        """Stop beating and watching (this process failed): the others report it after `stale_after`
+        instead of waiting for it in a collective."""
         self._stop.set()
         self._thread.join()
-        if not finished:
-            return
+
+    def finish(self) -> None:
+        """This process's work is done: wait, beating and watching, until every peer's is. A peer that
+        dies first (one still exporting or saving) is reported here, exit 1, instead of in
+        jax.distributed's shutdown barrier, where the service would abort this process; the caller
+        shuts down right after, so that the window left for an unreported death is milliseconds."""
         try:
-            self.client.key_value_set(f"{PREFIX}/done/{self.me}", "1", allow_overwrite=True)
-        except Exception:  # noqa: BLE001  (the service may already be gone; nothing is waiting on us then)
-            pass
+            self.client.wait_at_barrier(f"{PREFIX}/finished", FINISH_TIMEOUT_MS)
+        except Exception as e:  # noqa: BLE001  (process 0's service is gone, or it gave up on a dead peer)
+            self._let_the_watchdog_report()  # which of them, and exit
+            self._exit(f"error: the processes could not finish together ({str(e).splitlines()[0]}); "
+                       f"{self.resume_hint()}")
+        self.stop()
 
     def end_after_error(self, error: Exception) -> NoReturn:
         """The main thread stopped on an unexpected error. Wait until a silent peer would have been
@@ -70,13 +78,16 @@ class PeerWatchdog:
         waits for peers that may be waiting for us in a collective."""
         print(f"process {self.me} of {self.count} stopped on {type(error).__name__}; waiting up to "
               f"{self.stale_after:g} s to see whether another process died", file=sys.stderr, flush=True)
-        self._thread.join(self.stale_after + 3 * self.interval)
-        self._stop.set()
-        self._thread.join()
+        self._let_the_watchdog_report()
+        self.stop()
         traceback.print_exception(error)
         first = (str(error).splitlines() or [""])[0]
         self._exit(f"error: process {self.me} of {self.count} failed ({type(error).__name__}: {first}); "
                    f"{self.resume_hint()}")
+
+    def _let_the_watchdog_report(self) -> None:
+        """Wait until a peer silent since before now would have been reported (the report exits)."""
+        self._thread.join(self.stale_after + 5 * self.interval)
 
     def _watch(self) -> None:
         start = time.monotonic()
@@ -85,7 +96,6 @@ class PeerWatchdog:
             try:
                 self.client.key_value_set(f"{PREFIX}/alive/{self.me}", str(beat), allow_overwrite=True)
                 alive = dict(self.client.key_value_dir_get(f"{PREFIX}/alive/"))
-                done = dict(self.client.key_value_dir_get(f"{PREFIX}/done/"))
             except Exception as e:  # noqa: BLE001  (any failure to reach the service means process 0 is gone)
                 if not self._stop.is_set():
                     self._fail(0, f"the coordination service no longer answers: {str(e).splitlines()[0]}")
@@ -93,7 +103,7 @@ class PeerWatchdog:
             beat += 1
             now = time.monotonic()
             for peer in range(self.count):
-                if peer == self.me or f"{PREFIX}/done/{peer}" in done:
+                if peer == self.me:
                     continue
                 count = alive.get(f"{PREFIX}/alive/{peer}")
                 if count != seen[peer][0]:
