@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
             time.sleep(0.05)
     beater = threading.Thread(target=process_1, daemon=True)
     beater.start()
-    dog = PeerWatchdog(store, 0, 2, 0.5, lambda: "resume from RUN", interval=0.05).start()
+    dog = PeerWatchdog(store, 0, 2, 2.0, lambda: "resume from RUN", interval=0.1).start()
     if main == "finish":
         dog.finish()
         print("finished")
@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent("""
     print("unreachable")
 """)
 
-DEAD = "error: process 1 of 2 stopped responding (no heartbeat for over 0.5 s); resume from RUN"
+DEAD = "error: process 1 of 2 stopped responding (no heartbeat for over 2 s); resume from RUN"
 OWN = "error: process 0 of 2 failed (RuntimeError: Gloo all-reduce failed: Connection reset by peer); resume from RUN"
 
 
