@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:
-        if watchdog:  # most often a collective broken by a dead peer: let the watchdog name it
+        if watchdog:  # often a collective broken by a dead peer: let the watchdog name it
             watchdog.end_after_error(e)
         raise
     finally:

@@ -8,8 +8,8 @@ keep their own heartbeat in the service's key-value store and declare a peer dea
 timeout, before the service would abort them. A process that finished its work beats on at a barrier
 until every peer has finished too (`finish`), so that none of them dies unreported after it.
 
-A peer's death often reaches the main thread first, as an error from the collective it was in (gloo
-sees the closed socket at once). `end_after_error` then gives the watchdog time to name the dead peer,
+A peer's death can reach the main thread first, as an error from the collective it was in (a
+JaxRuntimeError a few seconds after the kill, in our tests). `end_after_error` then gives the watchdog time to name the dead peer,
 and keeps this process out of the shutdown barrier, which would wait for that peer until the service
 aborts."""
 
@@ -37,7 +37,7 @@ class PeerWatchdog:
 
     def __init__(self, client, me: int, count: int, stale_after: float, resume_hint: Callable[[], str], *,
                  interval: float = 1.0):
-        self.client, self.me, self.count = client, me, count  # client: key_value_set / key_value_dir_get
+        self.client, self.me, self.count = client, me, count  # client: jax's key-value and barrier calls
         self.stale_after, self.interval, self.resume_hint = stale_after, interval, resume_hint
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="peer-watchdog", daemon=True)
