@@ -15,6 +15,12 @@ class UsageError(ValueError):
     """A command-line argument that cannot work; the message names it."""
 
 
+def error_line(e: BaseException) -> str:
+    """An exception as one line for an `error: ...` message: its type and the first line of its text."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors (unknown flag, `--temperature abc`, a missing argument) are one
     `error: ...` line with exit status 2, not the usage block; --help still shows everything.

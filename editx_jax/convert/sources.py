@@ -26,6 +26,7 @@ import ml_dtypes  # also registers bfloat16 with numpy, which safetensors needs 
 import numpy as np
 from safetensors import safe_open
 
+from editx_jax.cli import error_line
 from editx_jax.convert.keymap import ConversionError, TensorSource
 
 # Dtype tags of the safetensors header -> numpy dtype names.
@@ -169,11 +170,6 @@ class SafetensorsSource:
 TORCH_WRAPPER_KEYS = ("state_dict", "model", "generator")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
 def load_torch_checkpoint(path: str | os.PathLike) -> Mapping:
     """`torch.load` a checkpoint on CPU, weights only (no pickled code runs), memory-mapped when the
     file is in the zip format (the legacy format cannot be mapped and is read whole). A state_dict
@@ -195,7 +191,7 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Mapping:
                 raise
             obj = load(mmap=False)
     except Exception as e:  # pickle / zip / unsafe-content errors come in many classes
-        raise ConversionError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+        raise ConversionError(f"{path}: not a readable torch checkpoint ({error_line(e)})") from None
     for key in TORCH_WRAPPER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

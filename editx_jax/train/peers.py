@@ -9,9 +9,9 @@ timeout, before the service would abort them. A process that finished its work b
 until every peer has finished too (`finish`), so that none of them dies unreported after it.
 
 A peer's death can reach the main thread first, as an error from the collective it was in (a
-JaxRuntimeError a few seconds after the kill, in our tests). `end_after_error` then gives the watchdog time to name the dead peer,
-and keeps this process out of the shutdown barrier, which would wait for that peer until the service
-aborts."""
+JaxRuntimeError a few seconds after the kill, in our tests). `end_after_error` then gives the
+watchdog time to name the dead peer, and keeps this process out of the shutdown barrier, which
+would wait for that peer until the service aborts."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from typing import NoReturn
 
 # The distributed client lives only in jax's private state (orbax and multihost_utils read it there too).
 from jax._src import distributed
+
+from editx_jax.cli import error_line
 
 PREFIX = "editx/peers"
 FINISH_TIMEOUT_MS = 2**31 - 1  # no limit of its own: a dead peer is the watchdog's to report
@@ -67,7 +69,7 @@ class PeerWatchdog:
             self.client.wait_at_barrier(f"{PREFIX}/finished", FINISH_TIMEOUT_MS)
         except Exception as e:  # noqa: BLE001  (process 0's service is gone, or it gave up on a dead peer)
             self._let_the_watchdog_report()  # which of them, and exit
-            self._exit(f"error: the processes could not finish together ({str(e).splitlines()[0]}); "
+            self._exit(f"error: the processes could not finish together ({error_line(e)}); "
                        f"{self.resume_hint()}")
         self.stop()
 
@@ -81,8 +83,7 @@ class PeerWatchdog:
         self._let_the_watchdog_report()
         self.stop()
         traceback.print_exception(error)
-        first = (str(error).splitlines() or [""])[0]
-        self._exit(f"error: process {self.me} of {self.count} failed ({type(error).__name__}: {first}); "
+        self._exit(f"error: process {self.me} of {self.count} failed ({error_line(error)}); "
                    f"{self.resume_hint()}")
 
     def _let_the_watchdog_report(self) -> None:
@@ -98,7 +99,7 @@ class PeerWatchdog:
                 alive = dict(self.client.key_value_dir_get(f"{PREFIX}/alive/"))
             except Exception as e:  # noqa: BLE001  (any failure to reach the service means process 0 is gone)
                 if not self._stop.is_set():
-                    self._fail(0, f"the coordination service no longer answers: {str(e).splitlines()[0]}")
+                    self._fail(0, f"the coordination service no longer answers: {error_line(e)}")
                 return
             beat += 1
             now = time.monotonic()
